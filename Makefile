@@ -1,0 +1,57 @@
+# biomedvital — targets are result files where there is a result; `make help` lists them.
+PY      ?= python3
+VENV    ?= .venv
+BIN     := $(VENV)/bin
+STAMP   := $(VENV)/.installed
+DEMO    := outputs/demo
+PYTEST_ARGS ?=
+
+.DEFAULT_GOAL := help
+.PHONY: help setup demo test lint format ui bench clean
+
+help:  ## list the targets
+	@grep -E '^[a-zA-Z_/%.-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | expand -t 28
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+setup: $(STAMP)  ## create .venv (when missing) and install the package with its dev tools
+
+demo: $(DEMO)/selected/manifest.json  ## the main job on the embedded demo: train the selector, score, select
+	@echo "selected data: $(DEMO)/selected/selected.json  — see the run with: make ui"
+
+$(DEMO)/selector/checkpoints/last.ckpt: $(STAMP) conf/demo/selector.yaml
+	$(BIN)/python -m biomedvital fit --config conf/demo/selector.yaml
+
+$(DEMO)/selector/scores.jsonl: $(DEMO)/selector/checkpoints/last.ckpt
+	$(BIN)/python -m biomedvital predict --config conf/demo/selector.yaml --ckpt_path $<
+
+$(DEMO)/selected/manifest.json: $(DEMO)/selector/scores.jsonl
+	$(BIN)/python -m biomedvital select --scores $< --candidates data/demo/candidates.jsonl \
+		--out $(DEMO)/selected --top_percent 80
+
+test: $(STAMP)  ## run the test suite (tiny models, CPU; add PYTEST_ARGS="-m slow" for the long checks)
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+lint: $(STAMP)  ## ruff lint and format check
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: $(STAMP)  ## apply ruff formatting and fixes
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
+
+ui: $(STAMP)  ## open the MLflow UI on the project's store (mlruns/mlflow.db)
+	$(BIN)/python -c "import flask" 2>/dev/null || $(BIN)/pip install --quiet -e '.[ui]'
+	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlruns/mlflow.db --port 5000
+
+bench: $(STAMP)  ## run the benchmarks in bench/ (prints ratios against the reference recipe)
+	$(BIN)/python bench/scoring_throughput.py
+	$(BIN)/python bench/w_grid.py
+	$(BIN)/python bench/streaming_memory.py
+
+clean:  ## remove demo outputs (keeps .venv and mlruns)
+	rm -rf outputs data/demo

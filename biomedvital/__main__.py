@@ -1,0 +1,3 @@
+from biomedvital.cli import main
+
+main()

@@ -1,0 +1,75 @@
+"""``python -m biomedvital <verb>``: Trainer verbs through LightningCLI, pipeline verbs through
+jsonargparse, both configured by the same YAML files and overlays."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from importlib import import_module
+
+TRAINER_VERBS = {
+    "fit": "train a model (selector or tuner) from a config",
+    "validate": "run the validation loop of a model",
+    "test": "run the test loop of a model",
+    "predict": "score candidates with a trained selector",
+}
+PIPELINE_VERBS = {
+    "select": ("biomedvital.selection.select:select", "keep the top-scored candidates as LLaVA data"),
+    "demo": ("biomedvital.data.demo:demo", "write the embedded demo pool to a folder"),
+}
+
+
+def _load(spec: str) -> Callable:
+    module, name = spec.split(":")
+    return getattr(import_module(module), name)
+
+
+def _usage() -> str:
+    lines = ["usage: python -m biomedvital <verb> [--config FILE ...] [options]", "", "verbs:"]
+    for verb, text in TRAINER_VERBS.items():
+        lines.append(f"  {verb:<10} {text}")
+    for verb, (_, text) in PIPELINE_VERBS.items():
+        lines.append(f"  {verb:<10} {text}")
+    lines += ["", "python -m biomedvital <verb> --help  shows a verb's options."]
+    return "\n".join(lines)
+
+
+def run_trainer_verb(argv: list[str]) -> None:
+    """LightningCLI with model and data chosen by ``class_path`` in the config."""
+    from lightning.pytorch import LightningDataModule, LightningModule
+    from lightning.pytorch.cli import LightningCLI
+
+    from biomedvital.tracking.callbacks import RecordRun
+
+    LightningCLI(
+        LightningModule,
+        LightningDataModule,
+        subclass_mode_model=True,
+        subclass_mode_data=True,
+        save_config_callback=RecordRun,
+        seed_everything_default=0,
+        trainer_defaults={"logger": {"class_path": "biomedvital.tracking.MLflowLogger"}},
+        args=argv,
+        auto_configure_optimizers=False,
+    )
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(_usage())
+        return
+    verb = argv[0]
+    if verb in TRAINER_VERBS:
+        run_trainer_verb(argv)
+    elif verb in PIPELINE_VERBS:
+        from jsonargparse import auto_cli
+
+        result = auto_cli(_load(PIPELINE_VERBS[verb][0]), args=argv[1:])
+        if isinstance(result, dict):
+            import json
+
+            print(json.dumps(result, indent=2, default=str))
+    else:
+        print(f"unknown verb {verb!r}\n\n{_usage()}", file=sys.stderr)
+        raise SystemExit(2)

@@ -1,0 +1,438 @@
+"""Streaming JSON/JSONL reading with precise errors, and atomic writing.
+
+Records are validated one by one so a bad line is reported with its file, line and field instead of
+failing somewhere downstream; outputs are written to a temporary file and renamed, so a crashed run
+never leaves a half-written file that a later stage would trust.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import secrets
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import IO, Any, TypeVar, overload
+
+from pydantic import BaseModel, ValidationError
+
+from .report import BadRecordError, OnBad, PositionKind, RecordReport
+
+PathLike = str | os.PathLike[str]
+M = TypeVar("M", bound=BaseModel)
+
+_BOM = b"\xef\xbb\xbf"
+_MESSAGE_PREFIXES = ("Value error, ", "Assertion failed, ")
+
+
+# ----------------------------------------------------------------------------- errors
+
+
+def _check_on_bad(on_bad: OnBad, report: RecordReport | None) -> None:
+    if on_bad not in ("raise", "skip"):
+        raise ValueError(f"on_bad must be 'raise' or 'skip', got {on_bad!r}")
+    if on_bad == "skip" and report is None:
+        raise ValueError("on_bad='skip' needs a RecordReport so skipped records are counted")
+
+
+def handle_bad(err: BadRecordError, on_bad: OnBad, report: RecordReport | None) -> None:
+    """Raise ``err`` or count it as skipped, according to ``on_bad``."""
+    if on_bad == "raise" or report is None:
+        raise err
+    report.skip(err)
+
+
+def _json_type(value: Any) -> str:
+    if isinstance(value, list):
+        return "array"
+    if isinstance(value, str):
+        return "string"
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, int | float):
+        return "number"
+    if value is None:
+        return "null"
+    return type(value).__name__
+
+
+def _short(value: Any, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def bad_from_validation(
+    exc: ValidationError,
+    path: PathLike,
+    line: int | None,
+    *,
+    kind: PositionKind = "line",
+    field_prefix: str | None = None,
+) -> BadRecordError:
+    """Turn a pydantic error into a :class:`BadRecordError` naming the field path of the first error."""
+    errors = exc.errors(include_url=False)
+    first = errors[0]
+    loc = tuple(first.get("loc", ()))
+    if field_prefix:
+        loc = (field_prefix, *loc)
+    field = ".".join(str(p) for p in loc) or None
+    msg = str(first.get("msg", "invalid value"))
+    for prefix in _MESSAGE_PREFIXES:
+        if msg.startswith(prefix):
+            msg = msg[len(prefix) :]
+    etype = str(first.get("type", ""))
+    inp = first.get("input")
+    if etype not in ("value_error", "assertion_error", "missing") and isinstance(
+        inp, str | int | float | bool | type(None)
+    ):
+        msg += f" (got {_short(inp)})"
+    if len(errors) > 1:
+        msg += f" [+{len(errors) - 1} more error(s)]"
+    # Group list positions together so categories do not explode per index.
+    cat_field = ".".join("*" if isinstance(p, int) else str(p) for p in loc)
+    if etype == "missing":
+        category = f"missing:{cat_field}"
+    else:
+        category = f"invalid:{cat_field}" if cat_field else "invalid_record"
+    return BadRecordError(path, line, msg, field, kind=kind, category=category)
+
+
+@overload
+def parse_record(
+    obj: Any, model: type[M], path: PathLike, line: int | None, kind: PositionKind = ...
+) -> M: ...
+@overload
+def parse_record(
+    obj: Any, model: None, path: PathLike, line: int | None, kind: PositionKind = ...
+) -> dict[str, Any]: ...
+def parse_record(
+    obj: Any,
+    model: type[BaseModel] | None,
+    path: PathLike,
+    line: int | None,
+    kind: PositionKind = "line",
+) -> BaseModel | dict[str, Any]:
+    """Check that ``obj`` is a JSON object and validate it, raising a located BadRecordError."""
+    if not isinstance(obj, dict):
+        raise BadRecordError(
+            path,
+            line,
+            f"expected a JSON object, got {_json_type(obj)}",
+            kind=kind,
+            category="not_an_object",
+        )
+    if model is None:
+        return obj
+    try:
+        return model.model_validate(obj)
+    except ValidationError as exc:
+        raise bad_from_validation(exc, path, line, kind=kind) from exc
+
+
+# ----------------------------------------------------------------------------- reading
+
+
+def detect_format(path: PathLike) -> str:
+    """Return ``"array"`` when the first non-space character is ``[``, ``"empty"`` for a blank file,
+    else ``"jsonl"``; reads only as far as that character."""
+    with open(path, "rb") as f:
+        first = True
+        while chunk := f.read(4096):
+            if first and chunk.startswith(_BOM):
+                chunk = chunk[len(_BOM) :]
+            first = False
+            stripped = chunk.lstrip()
+            if stripped:
+                return "array" if stripped[:1] == b"[" else "jsonl"
+    return "empty"
+
+
+def iter_jsonl_objects(
+    path: PathLike, *, on_bad: OnBad = "raise", report: RecordReport | None = None
+) -> Iterator[tuple[int, Any]]:
+    """Yield ``(line_number, parsed_json)`` for each non-blank line, one line at a time.
+
+    Undecodable or unparsable lines are raised or skipped per ``on_bad``; the value is not checked
+    to be an object (see :func:`parse_record`).
+    """
+    _check_on_bad(on_bad, report)
+    return _iter_jsonl_objects(path, on_bad, report)
+
+
+def _iter_jsonl_objects(
+    path: PathLike, on_bad: OnBad, report: RecordReport | None
+) -> Iterator[tuple[int, Any]]:
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            if lineno == 1 and raw.startswith(_BOM):
+                raw = raw[len(_BOM) :]
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                handle_bad(
+                    BadRecordError(
+                        path, lineno, f"invalid UTF-8 at byte {e.start}", category="invalid_utf8"
+                    ),
+                    on_bad,
+                    report,
+                )
+                continue
+            text = text.strip()
+            if not text:
+                continue
+            try:
+                obj = json.loads(text)
+            except json.JSONDecodeError as e:
+                handle_bad(
+                    BadRecordError(
+                        path,
+                        lineno,
+                        f"invalid JSON ({e.msg} at column {e.colno})",
+                        category="invalid_json",
+                    ),
+                    on_bad,
+                    report,
+                )
+                continue
+            yield lineno, obj
+
+
+def iter_jsonl(
+    path: PathLike,
+    model: type[BaseModel] | None = None,
+    *,
+    on_bad: OnBad = "raise",
+    report: RecordReport | None = None,
+) -> Iterator[Any]:
+    """Stream records from a JSONL file: model instances if ``model`` is given, else dicts.
+
+    Never holds more than one line in memory, so multi-GB generation outputs can be filtered.
+    Kept records are counted in ``report`` when one is given.
+    """
+    _check_on_bad(on_bad, report)
+    return _iter_jsonl(path, model, on_bad, report)
+
+
+def _iter_jsonl(
+    path: PathLike, model: type[BaseModel] | None, on_bad: OnBad, report: RecordReport | None
+) -> Iterator[Any]:
+    for lineno, obj in _iter_jsonl_objects(path, on_bad, report):
+        try:
+            rec = parse_record(obj, model, path, lineno)
+        except BadRecordError as err:
+            handle_bad(err, on_bad, report)
+            continue
+        if report is not None:
+            report.kept()
+        yield rec
+
+
+def load_json(path: PathLike) -> Any:
+    """Parse a whole JSON document; a broken file raises BadRecordError (it cannot be skipped)."""
+    try:
+        with open(path, encoding="utf-8-sig") as f:
+            return json.load(f)
+    except UnicodeDecodeError as e:
+        raise BadRecordError(
+            path, None, f"invalid UTF-8 at byte {e.start}", category="invalid_utf8"
+        ) from e
+    except json.JSONDecodeError as e:
+        raise BadRecordError(
+            path, e.lineno, f"invalid JSON ({e.msg} at column {e.colno})", category="invalid_json"
+        ) from e
+
+
+def iter_objects(
+    path: PathLike, *, on_bad: OnBad = "raise", report: RecordReport | None = None
+) -> Iterator[tuple[int, PositionKind, Any]]:
+    """Yield ``(position, kind, value)`` from a JSONL file or a JSON array file.
+
+    ``kind`` is ``"line"`` for JSONL (position = line number) and ``"record"`` for arrays
+    (position = 1-based index). Lets loaders with custom logic reuse the error handling.
+    """
+    _check_on_bad(on_bad, report)
+    fmt = detect_format(path)
+    if fmt == "empty":
+        return iter(())
+    if fmt == "jsonl":
+        return ((n, "line", obj) for n, obj in _iter_jsonl_objects(path, on_bad, report))
+    data = load_json(path)
+    if not isinstance(data, list):  # pragma: no cover - detect_format saw '['
+        raise BadRecordError(path, None, "expected a JSON array", category="not_an_array")
+    return ((i, "record", obj) for i, obj in enumerate(data, start=1))
+
+
+def read_records(
+    path: PathLike,
+    model: type[BaseModel] | None = None,
+    *,
+    on_bad: OnBad = "raise",
+    report: RecordReport | None = None,
+) -> list[Any]:
+    """Read all records from JSONL or a JSON array file (as released by LLaVA-Med/BioMed-VITAL).
+
+    In an array, positions in errors are the 1-based element index ("record 12").
+    """
+    out: list[Any] = []
+    for pos, kind, obj in iter_objects(path, on_bad=on_bad, report=report):
+        try:
+            rec = parse_record(obj, model, path, pos, kind)
+        except BadRecordError as err:
+            handle_bad(err, on_bad, report)
+            continue
+        if report is not None:
+            report.kept()
+        out.append(rec)
+    return out
+
+
+def _get_key(rec: Any, key: str) -> Any:
+    if isinstance(rec, dict):
+        return rec.get(key)
+    return getattr(rec, key, None)
+
+
+def check_unique(
+    records: Iterable[Any],
+    key: str,
+    path: PathLike,
+    *,
+    on_bad: OnBad = "raise",
+    report: RecordReport | None = None,
+) -> list[Any]:
+    """Refuse repeated ids (which would silently double-count or overwrite records downstream).
+
+    Positions are 1-based indices in ``records``. Returns the records, minus later duplicates when
+    ``on_bad="skip"`` (each counted in ``report`` as ``duplicate:<key>``). Records whose key is
+    missing/None are not checked.
+    """
+    _check_on_bad(on_bad, report)
+    seen: dict[Any, int] = {}
+    out: list[Any] = []
+    for i, rec in enumerate(records, start=1):
+        value = _get_key(rec, key)
+        if value is not None:
+            if value in seen:
+                err = BadRecordError(
+                    path,
+                    i,
+                    f"duplicate {key} {value!r} (record {i} repeats record {seen[value]})",
+                    key,
+                    kind="record",
+                    category=f"duplicate:{key}",
+                )
+                handle_bad(err, on_bad, report)
+                continue
+            seen[value] = i
+        out.append(rec)
+    return out
+
+
+# ----------------------------------------------------------------------------- writing
+
+
+def _fsync_dir(directory: Path) -> None:
+    # Make the rename itself durable; not possible on every platform, so best effort.
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def atomic_write(path: PathLike, mode: str = "w", *, encoding: str = "utf-8") -> Iterator[IO[Any]]:
+    """Write to a temp file in the same directory, then ``os.replace`` it onto ``path``.
+
+    The output therefore appears complete or not at all; on an exception the temp file is removed
+    and any previous file at ``path`` is left untouched. ``mode`` is ``"w"``/``"wt"`` or ``"wb"``.
+    """
+    if mode not in ("w", "wt", "wb"):
+        raise ValueError(f"atomic_write mode must be 'w', 'wt' or 'wb', got {mode!r}")
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.{secrets.token_hex(6)}.tmp")
+    # os.open with 0o666 lets the umask decide permissions, like a plain open() would.
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
+    try:
+        f = os.fdopen(fd, mode, encoding=None if "b" in mode else encoding)
+    except BaseException:
+        os.close(fd)
+        tmp.unlink(missing_ok=True)
+        raise
+    try:
+        with f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_dir(target.parent)
+
+
+def _json_default(obj: Any) -> Any:
+    if isinstance(obj, BaseModel):
+        return obj.model_dump(mode="json", by_alias=True)
+    if isinstance(obj, os.PathLike):
+        return os.fspath(obj)
+    if isinstance(obj, set | frozenset):
+        return sorted(obj, key=repr)
+    if type(obj).__module__ == "numpy" and hasattr(obj, "tolist"):
+        return obj.tolist()
+    raise TypeError(f"object of type {type(obj).__name__} is not JSON serialisable")
+
+
+def to_jsonable(record: BaseModel | dict[str, Any]) -> dict[str, Any]:
+    """A model as the JSON dict it is written as (aliases such as ``from`` used)."""
+    if isinstance(record, BaseModel):
+        return record.model_dump(mode="json", by_alias=True)
+    return record
+
+
+def write_jsonl(
+    path: PathLike, records: Iterable[BaseModel | dict[str, Any]], *, allow_nan: bool = False
+) -> int:
+    """Atomically write records one per line, streaming from ``records``; returns the count.
+
+    NaN/inf are refused by default because most JSON readers reject them.
+    """
+    n = 0
+    with atomic_write(path, "w") as f:
+        for rec in records:
+            f.write(
+                json.dumps(
+                    to_jsonable(rec), ensure_ascii=False, allow_nan=allow_nan, default=_json_default
+                )
+            )
+            f.write("\n")
+            n += 1
+    return n
+
+
+def write_json(
+    path: PathLike, obj: Any, *, indent: int | None = 2, allow_nan: bool = False
+) -> None:
+    """Atomically write one JSON document (models, paths, sets and numpy values are converted)."""
+    with atomic_write(path, "w") as f:
+        json.dump(
+            obj, f, ensure_ascii=False, indent=indent, allow_nan=allow_nan, default=_json_default
+        )
+        f.write("\n")
+
+
+def sha256_file(path: PathLike, chunk_size: int = 1 << 20) -> str:
+    """Hex SHA-256 of a file, read in chunks so large files do not fill memory."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(chunk_size):
+            h.update(chunk)
+    return h.hexdigest()

@@ -1,0 +1,385 @@
+"""The selector's data: pairs to train on, held-out pairs to validate on, a stream to score."""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from lightning.pytorch import LightningDataModule
+from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
+
+from biomedvital.data.images import ImageRoot, UnsafePathError
+from biomedvital.data.jsonio import check_unique, handle_bad, iter_objects, parse_record, sha256_file
+from biomedvital.data.pool import DemoPool, FilePool, PoolFiles
+from biomedvital.data.records import (
+    Candidate,
+    SourceFigure,
+    read_figures,
+    read_preferences,
+    read_ratings,
+)
+from biomedvital.data.report import BadRecordError, RecordReport
+from biomedvital.selection.batching import Codec, Entry, PairCollate
+from biomedvital.selection.pairs import (
+    CLINICIAN,
+    MODEL,
+    ClinicianSplit,
+    Pair,
+    sample_model_pairs,
+    split_clinician,
+    split_levels,
+)
+from biomedvital.selection.text import TextRecipe, candidate_text
+
+OnBad = Literal["raise", "skip"]
+
+
+class _Pairs(Dataset):
+    def __init__(self, pairs: list[Pair]) -> None:
+        self.pairs = pairs
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def __getitem__(self, i: int) -> Pair:
+        return self.pairs[i]
+
+
+class _Tagged:
+    """Adds the name of the pair set to each batch so metrics know what they measure."""
+
+    def __init__(self, collate: PairCollate, source: str) -> None:
+        self.collate, self.source = collate, source
+
+    def __call__(self, pairs: list[Pair]) -> dict[str, Any]:
+        batch = self.collate(pairs)
+        batch["source"] = self.source
+        return batch
+
+
+class Captions:
+    """Caption and in-text mentions of each source figure, by ``pair_id``."""
+
+    def __init__(self, figures: list[SourceFigure]) -> None:
+        self.by_pair = {f.pair_id: (f.fig_caption, f.mentions_text()) for f in figures}
+
+    def text_of(self, cand: Candidate, recipe: TextRecipe, path: Path, line: int | None) -> str:
+        caption, mentions = "", ""
+        if cand.pair_id is not None and cand.pair_id in self.by_pair:
+            caption, mentions = self.by_pair[cand.pair_id]
+        elif recipe == "paper":
+            raise BadRecordError(
+                path,
+                line,
+                f"candidate {cand.id!r}: its pair_id {cand.pair_id!r} is not among the source "
+                "figures, and the 'paper' text recipe needs the caption and mentions",
+                "pair_id",
+                category="unknown_figure",
+            )
+        return candidate_text(recipe, caption, mentions, cand.qa_pairs())
+
+
+class CandidateStream(IterableDataset):
+    """Streams a candidate file in encoded chunks; workers take alternate chunks.
+
+    Memory stays flat whatever the pool size: only one chunk per worker is held.
+    """
+
+    def __init__(
+        self,
+        path: Path,
+        captions: Captions,
+        recipe: TextRecipe,
+        chunk_size: int,
+        codec: Codec,
+        on_bad: OnBad,
+    ) -> None:
+        self.path, self.captions, self.recipe = path, captions, recipe
+        self.chunk_size, self.codec, self.on_bad = chunk_size, codec, on_bad
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        info = get_worker_info()
+        wid, nw = (info.id, info.num_workers) if info else (0, 1)
+        chunk: list[tuple[int, str, Any]] = []
+        n_chunk = 0
+        for item in iter_objects(self.path, on_bad="raise"):
+            chunk.append(item)
+            if len(chunk) == self.chunk_size:
+                if n_chunk % nw == wid:
+                    yield self._encode(chunk)
+                chunk, n_chunk = [], n_chunk + 1
+        if chunk and n_chunk % nw == wid:
+            yield self._encode(chunk)
+
+    def _encode(self, chunk: list[tuple[int, str, Any]]) -> dict[str, Any]:
+        ids, entries, skipped = [], [], []
+        for pos, kind, obj in chunk:
+            try:
+                cand = parse_record(obj, Candidate, self.path, pos, kind)
+                text = self.captions.text_of(cand, self.recipe, self.path, pos)
+            except BadRecordError as err:
+                if self.on_bad == "raise":
+                    raise
+                skipped.append((err.category or "invalid_record", str(err)))
+                continue
+            ids.append(cand.id)
+            entries.append(Entry(cand.image, text))
+        batch = self.codec.encode(entries)
+        bad = batch.pop("bad_entries")
+        skipped += [("bad_image", f"candidate {ids[i]}: {why}") for i, why in bad.items()]
+        batch["ids"] = ids
+        batch["valid"] = torch.tensor([i not in bad for i in range(len(ids))], dtype=torch.bool)
+        batch["skipped"] = skipped
+        return batch
+
+
+class SelectorDataModule(LightningDataModule):
+    """Pairs for training the selector and a candidate stream for scoring.
+
+    Args:
+        pool: where candidates, ratings, preferences, figures and images come from
+            (``biomedvital.data.pool.FilePool`` or ``DemoPool``).
+        text_recipe: ``paper`` (faithful: caption + mentions + first QA) or ``conversation``.
+        model_pairs: training pairs drawn across rating levels (paper: 30000).
+        val_model_pairs: held-out model pairs for ``val/pair_acc`` (paper: 10000).
+        train_fraction: share of each rating level that feeds training pairs (paper: 0.8).
+        clinician_val_fraction: share of clinician pairs held out to measure alignment.
+        clinician_split: hold out clinician pairs by ``image`` (no figure on both sides) or by
+            ``pair``.
+        batch_size: pairs per training batch (paper: 64).
+        predict_chunk: candidates per scoring batch; images shared inside a chunk are decoded
+            and encoded once.
+        num_workers: DataLoader worker processes (decode and tokenise off the main process).
+        image_cache_size: decoded images each worker keeps (LRU).
+        seed: seed of pair sampling and the clinician split.
+        on_bad_record: ``raise`` on the first bad record (naming file, line and field) or
+            ``skip`` it and count it in the run's report.
+    """
+
+    def __init__(
+        self,
+        pool: FilePool | DemoPool,
+        text_recipe: TextRecipe = "paper",
+        model_pairs: int = 30000,
+        val_model_pairs: int = 10000,
+        train_fraction: float = 0.8,
+        clinician_val_fraction: float = 0.5,
+        clinician_split: ClinicianSplit = "image",
+        batch_size: int = 64,
+        predict_chunk: int = 256,
+        num_workers: int = 2,
+        image_cache_size: int = 256,
+        seed: int = 0,
+        on_bad_record: OnBad = "raise",
+    ) -> None:
+        super().__init__()
+        self.pool = pool
+        self.text_recipe = text_recipe
+        self.model_pairs = model_pairs
+        self.val_model_pairs = val_model_pairs
+        self.train_fraction = train_fraction
+        self.clinician_val_fraction = clinician_val_fraction
+        self.clinician_split = clinician_split
+        self.batch_size = batch_size
+        self.predict_chunk = predict_chunk
+        self.num_workers = num_workers
+        self.image_cache_size = image_cache_size
+        self.seed = seed
+        self.on_bad_record = on_bad_record
+        self.files: PoolFiles | None = None
+        self.report: dict[str, RecordReport] = {}
+        self.entries: list[Entry] = []
+        self.sets: dict[str, list[Pair]] = {}
+        self._codec: Codec | None = None
+
+    # -- Lightning hooks -------------------------------------------------------------------
+
+    def prepare_data(self) -> None:
+        self.pool.prepare()
+
+    def setup(self, stage: str) -> None:
+        self.files = self.pool.prepare()
+        self.root = ImageRoot(self.files.image_root)
+        figures = (
+            read_figures(self.files.figures, on_bad=self.on_bad_record, report=self._rep("figures"))
+            if self.files.figures
+            else []
+        )
+        check_unique(figures, "pair_id", self.files.figures or "figures")
+        self.captions = Captions(figures)
+        if stage in ("fit", "validate", "test") and not self.sets:
+            self._build_pairs()
+
+    def train_dataloader(self) -> DataLoader:
+        return self._pair_loader("train", shuffle=True)
+
+    def val_dataloader(self) -> list[DataLoader]:
+        return [self._pair_loader(name) for name in ("val_model", "val_clinician") if self.sets[name]]
+
+    def test_dataloader(self) -> list[DataLoader]:
+        return self.val_dataloader()
+
+    def predict_dataloader(self) -> DataLoader:
+        assert self.files is not None
+        stream = CandidateStream(
+            self.files.candidates,
+            self.captions,
+            self.text_recipe,
+            self.predict_chunk,
+            self.codec(),
+            self.on_bad_record,
+        )
+        return DataLoader(
+            stream,
+            batch_size=None,
+            num_workers=self.num_workers,
+            persistent_workers=False,
+            collate_fn=_identity,
+        )
+
+    # -- what the run records --------------------------------------------------------------
+
+    def describe(self) -> dict[str, Any]:
+        """Inputs (with hashes), kept/dropped counts and pair counts, for the run's records."""
+        inputs = {}
+        if self.files is not None:
+            for name in ("candidates", "figures", "ratings", "preferences"):
+                p = getattr(self.files, name)
+                if p is not None and Path(p).is_file():
+                    inputs[name] = {"path": str(p), "sha256": sha256_file(p)}
+            inputs["image_root"] = str(self.files.image_root)
+        return {
+            "inputs": inputs,
+            "records": {k: r.as_dict() for k, r in self.report.items()},
+            "pairs": {k: len(v) for k, v in self.sets.items()},
+            "entries": len(self.entries),
+        }
+
+    # -- internals -------------------------------------------------------------------------
+
+    def codec(self) -> Codec:
+        """The backbone's preprocessing, taken from the model being trained or scored."""
+        if self._codec is None:
+            model = self.trainer.lightning_module  # type: ignore[union-attr]
+            self._codec = model.make_codec(
+                self.root,
+                skip_bad_images=self.on_bad_record == "skip",
+                image_cache_size=self.image_cache_size,
+            )
+        return self._codec
+
+    def _rep(self, name: str) -> RecordReport:
+        return self.report.setdefault(name, RecordReport())
+
+    def _pair_loader(self, name: str, shuffle: bool = False) -> DataLoader:
+        return DataLoader(
+            _Pairs(self.sets[name]),
+            batch_size=self.batch_size,
+            shuffle=shuffle,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+            collate_fn=_Tagged(PairCollate(self.entries, self.codec()), name),
+            generator=torch.Generator().manual_seed(self.seed) if shuffle else None,
+        )
+
+    def _entry(self, image: str, text: str, path: Path, line: int | None) -> int:
+        try:
+            self.root.resolve(image)
+        except (UnsafePathError, FileNotFoundError) as err:
+            raise BadRecordError(
+                path, line, str(err), "image", category="bad_image_path"
+            ) from err
+        self.entries.append(Entry(image, text))
+        return len(self.entries) - 1
+
+    def _build_pairs(self) -> None:
+        files = self.files
+        assert files is not None
+        rng = np.random.default_rng(self.seed)
+        on_bad = self.on_bad_record
+
+        scores: dict[str, float] = {}
+        if files.ratings is not None:
+            ratings = read_ratings(files.ratings, on_bad=on_bad, report=self._rep("ratings"))
+            check_unique(ratings, "candidate_id", files.ratings)
+            scores = {r.candidate_id: r.score for r in ratings}
+
+        # candidates with a rating become model-pair entries, in file order
+        rated: list[int] = []
+        rated_scores: list[float] = []
+        seen: set[str] = set()
+        rep = self._rep("candidates")
+        unrated = 0
+        for pos, kind, obj in iter_objects(files.candidates, on_bad=on_bad, report=rep):
+            try:
+                cand = parse_record(obj, Candidate, files.candidates, pos, kind)
+                if cand.id in seen:
+                    raise BadRecordError(
+                        files.candidates, pos, f"duplicate id {cand.id!r}", "id",
+                        kind=kind, category="duplicate_id",
+                    )
+                seen.add(cand.id)
+                if cand.id not in scores:
+                    unrated += 1
+                    continue
+                text = self.captions.text_of(cand, self.text_recipe, files.candidates, pos)
+                rated.append(self._entry(cand.image, text, files.candidates, pos))
+                rated_scores.append(scores[cand.id])
+            except BadRecordError as err:
+                handle_bad(err, on_bad, rep)
+                continue
+            rep.kept()
+        orphans = sorted(set(scores) - seen)
+        if orphans:
+            err = BadRecordError(
+                files.ratings, None,
+                f"{len(orphans)} rating(s) name no candidate, e.g. {orphans[0]!r}",
+                "candidate_id", category="rating_without_candidate",
+            )
+            handle_bad(err, on_bad, self._rep("ratings"))
+        self.report["unrated_candidates"] = RecordReport()
+        self.report["unrated_candidates"].kept(unrated)
+
+        train_levels, val_levels = split_levels(rated_scores, self.train_fraction)
+        as_entry = lambda levels: {k: [rated[i] for i in v] for k, v in levels.items()}  # noqa: E731
+        model_train = sample_model_pairs(as_entry(train_levels), self.model_pairs, rng)
+        model_val = (
+            sample_model_pairs(as_entry(val_levels), self.val_model_pairs, rng)
+            if len(val_levels) >= 2
+            else []
+        )
+
+        clin_pairs: list[Pair] = []
+        groups: list[str] = []
+        if files.preferences is not None:
+            prefs = read_preferences(files.preferences, on_bad=on_bad, report=self._rep("preferences"))
+            for p in prefs:
+                caption, mentions = p.fig_caption, p.mentions_text()
+                if not caption and p.pair_id in self.captions.by_pair:
+                    caption, mentions = self.captions.by_pair[p.pair_id]
+                try:
+                    a = self._entry(p.image, candidate_text(self.text_recipe, caption, mentions, [(p.question, p.preferred)]), files.preferences, None)
+                    b = self._entry(p.image, candidate_text(self.text_recipe, caption, mentions, [(p.question, p.rejected)]), files.preferences, None)
+                except BadRecordError as err:
+                    handle_bad(err, on_bad, self._rep("preferences"))
+                    continue
+                clin_pairs.append(Pair(a, b, CLINICIAN))
+                groups.append(p.image if self.clinician_split == "image" else p.id)
+        c_train, c_val = split_clinician(groups, self.clinician_val_fraction, rng)
+        self.sets = {
+            "train": model_train + [clin_pairs[i] for i in c_train],
+            "val_model": model_val,
+            "val_clinician": [clin_pairs[i] for i in c_val],
+        }
+        self.sets["train_clinician"] = [clin_pairs[i] for i in c_train]
+        if not self.sets["train"]:
+            raise ValueError("no training pairs: give ratings (model pairs) or clinician preferences")
+        _ = (MODEL, Counter)
+
+
+def _identity(x: Any) -> Any:
+    return x

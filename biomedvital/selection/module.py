@@ -1,0 +1,221 @@
+"""The data-selection model: backbone image and text features -> MLP -> a quality score."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from lightning.pytorch import LightningModule
+from torch import nn
+from torchmetrics import MeanMetric
+from torchmetrics.classification import BinaryAUROC, BinaryAveragePrecision
+
+from biomedvital.data.images import ImageRoot
+from biomedvital.selection.backbones import create_backbone
+from biomedvital.selection.batching import Codec
+from biomedvital.selection.cache import EmbeddingCache
+from biomedvital.selection.losses import LossName, pair_loss
+from biomedvital.selection.pairs import CLINICIAN, MODEL
+
+BackboneMode = Literal["finetune", "frozen"]
+
+
+def mlp(in_dim: int, hidden: list[int], dropout: float) -> nn.Sequential:
+    """The paper's head: Linear-ReLU(-Dropout) blocks down to one logit."""
+    layers: list[nn.Module] = []
+    for width in hidden:
+        layers += [nn.Linear(in_dim, width), nn.ReLU()]
+        if dropout > 0:
+            layers.append(nn.Dropout(dropout))
+        in_dim = width
+    layers.append(nn.Linear(in_dim, 1))
+    return nn.Sequential(*layers)
+
+
+class SelectorModule(LightningModule):
+    """Scores (image, text) candidates; trained on preference pairs.
+
+    Args:
+        backbone: ``hf-hub:…`` / ``local-dir:…`` / ``tiny:…`` (see ``backbones.py``). Paper:
+            ``hf-hub:microsoft/BiomedCLIP-PubMedBERT_256-vit_base_patch16_224``.
+        backbone_mode: ``finetune`` (paper: the whole model trains) or ``frozen`` (only the head
+            trains; features come from an on-disk cache keyed by content hash).
+        cache_dir: where the frozen backbone's feature cache lives.
+        head_hidden: hidden widths of the MLP head (paper: 512, 512, 512; input is twice the
+            backbone's embedding size, text features first).
+        dropout: dropout after each hidden layer of the head.
+        loss: ``hinge`` (paper, margin 1 on sigmoid scores) or ``ranknet``.
+        margin: hinge margin.
+        w: weight of a clinician pair in the loss; model pairs weigh 1 (paper's best: 400).
+        lr: learning rate (paper: 1e-5, Adam).
+        head_lr: learning rate of the head when it should differ from the backbone's.
+        weight_decay: Adam(W) weight decay.
+        init_seed: seed of randomly initialised weights (``tiny:`` backbones and the head), so
+            that the same config gives the same model whatever else consumed the RNG.
+    """
+
+    def __init__(
+        self,
+        backbone: str = "tiny:tiny-clip",
+        backbone_mode: BackboneMode = "finetune",
+        cache_dir: str = ".cache/biomedvital/embeddings",
+        head_hidden: list[int] | None = None,
+        dropout: float = 0.2,
+        loss: LossName = "hinge",
+        margin: float = 1.0,
+        w: float = 400.0,
+        lr: float = 1e-5,
+        head_lr: float | None = None,
+        weight_decay: float = 0.0,
+        init_seed: int = 0,
+    ) -> None:
+        super().__init__()
+        if backbone_mode not in ("finetune", "frozen"):
+            raise ValueError(f"backbone_mode must be 'finetune' or 'frozen', got {backbone_mode!r}")
+        if w < 0:
+            raise ValueError(f"w must be >= 0, got {w}")
+        head_hidden = [512, 512, 512] if head_hidden is None else list(head_hidden)
+        self.save_hyperparameters()
+        self._backbone = create_backbone(backbone, seed=init_seed)
+        self.backbone = self._backbone.model
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(init_seed + 1)
+            self.head = mlp(2 * self._backbone.embed_dim, head_hidden, dropout)
+        self.frozen = backbone_mode == "frozen"
+        if self.frozen:
+            self.backbone.requires_grad_(False)
+            self.backbone.eval()
+        self._cache: EmbeddingCache | None = None
+        self._fingerprint: str | None = None
+        self.metrics = nn.ModuleDict()
+        for stage in ("val", "test"):
+            self.metrics[f"{stage}_pair_acc"] = MeanMetric()
+            self.metrics[f"{stage}_align_rate"] = MeanMetric()
+            self.metrics[f"{stage}_align_ties"] = MeanMetric()
+            self.metrics[f"{stage}_auroc"] = BinaryAUROC()
+            self.metrics[f"{stage}_map"] = BinaryAveragePrecision()
+        self.dropped_pairs = 0
+
+    # -- features and scores ---------------------------------------------------------------
+
+    @property
+    def cache(self) -> EmbeddingCache | None:
+        if self.frozen and self._cache is None:
+            self._cache = EmbeddingCache(Path(self.hparams.cache_dir) / "embeddings.sqlite")
+        return self._cache
+
+    def fingerprint(self) -> str:
+        """Backbone weight hash; computed once (a frozen backbone does not change)."""
+        if self._fingerprint is None or not self.frozen:
+            self._fingerprint = self._backbone.fingerprint()
+        return self._fingerprint
+
+    def make_codec(self, root: ImageRoot, **kwargs: Any) -> Codec:
+        """Preprocessing for the data module's workers, matched to this backbone."""
+        return Codec(
+            root,
+            self._backbone.preprocess,
+            self._backbone.tokenizer,
+            self.fingerprint() if self.frozen else "",
+            cache=self.cache,
+            **kwargs,
+        )
+
+    def train(self, mode: bool = True) -> SelectorModule:
+        super().train(mode)
+        if self.frozen:
+            self.backbone.eval()
+        return self
+
+    def _encode(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Normalised image and text features for the batch's unique images and texts."""
+        dim = self._backbone.embed_dim
+        feats = []
+        for kind, keys, rows, inputs, encode in (
+            ("img", batch["image_keys"], batch["pixel_rows"], batch["pixels"], self.backbone.encode_image),
+            ("txt", batch["text_keys"], batch["token_rows"], batch["tokens"], self.backbone.encode_text),
+        ):
+            out = torch.zeros(len(keys), dim, device=self.device)
+            if len(rows):
+                with torch.set_grad_enabled(torch.is_grad_enabled() and not self.frozen):
+                    enc = F.normalize(encode(inputs.to(self.device)).float(), dim=-1)
+                out = out.index_copy(0, rows.to(self.device), enc)
+                if self.frozen and self.cache is not None:
+                    self.cache.put([keys[i] for i in rows.tolist()], enc)
+            if self.frozen:
+                done = set(rows.tolist())
+                rest = [i for i, k in enumerate(keys) if i not in done and k]
+                if rest:
+                    vecs = self.cache.get([keys[i] for i in rest]).to(self.device)
+                    out = out.index_copy(0, torch.tensor(rest, device=self.device), vecs)
+            feats.append(out)
+        return feats[0], feats[1]
+
+    def entry_logits(self, batch: dict[str, Any]) -> torch.Tensor:
+        """One logit per entry of the batch (text features first, as the paper's code)."""
+        img, txt = self._encode(batch)
+        x = torch.cat([txt[batch["entry_text"].to(self.device)], img[batch["entry_image"].to(self.device)]], dim=-1)
+        return self.head(x).squeeze(-1)
+
+    # -- training --------------------------------------------------------------------------
+
+    def _pair_outputs(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        logits = self.entry_logits(batch)
+        la, lb = logits[batch["pair_a"]], logits[batch["pair_b"]]
+        return {"la": la, "lb": lb, "sa": torch.sigmoid(la), "sb": torch.sigmoid(lb)}
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        self.dropped_pairs += batch["dropped_pairs"]
+        out = self._pair_outputs(batch)
+        per_pair = pair_loss(self.hparams.loss, out["sa"], out["sb"], out["la"], out["lb"], self.hparams.margin)
+        kind = batch["kind"].to(self.device)
+        weight = torch.where(kind == CLINICIAN, float(self.hparams.w), 1.0)
+        n = max(len(per_pair), 1)
+        loss = (weight * per_pair).sum() / n
+        self.log("train/loss", loss, prog_bar=True, batch_size=n)
+        for name, k in (("model", MODEL), ("clinician", CLINICIAN)):
+            mask = kind == k
+            if mask.any():
+                self.log(f"train/loss_{name}", per_pair[mask].mean(), batch_size=int(mask.sum()))
+        return loss
+
+    def _eval_step(self, batch: dict[str, Any], stage: str) -> None:
+        out = self._pair_outputs(batch)
+        sa, sb = out["sa"], out["sb"]
+        n = len(sa)
+        if n == 0:
+            return
+        m = self.metrics
+        if batch["source"] == "val_model":
+            m[f"{stage}_pair_acc"].update((sa > sb).float())
+            self.log(f"{stage}/pair_acc", m[f"{stage}_pair_acc"], batch_size=n, add_dataloader_idx=False)
+        else:
+            m[f"{stage}_align_rate"].update((sa > sb).float())
+            m[f"{stage}_align_ties"].update((sa == sb).float())
+            scores = torch.cat([sa, sb])
+            labels = torch.cat([torch.ones(n), torch.zeros(n)]).long().to(self.device)
+            m[f"{stage}_auroc"].update(scores, labels)
+            m[f"{stage}_map"].update(scores, labels)
+            for name in ("align_rate", "align_ties", "auroc", "map"):
+                self.log(f"{stage}/{name}", m[f"{stage}_{name}"], batch_size=n, add_dataloader_idx=False, prog_bar=name == "align_rate")
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._eval_step(batch, "val")
+
+    def test_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._eval_step(batch, "test")
+
+    def predict_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
+        valid = batch["valid"]
+        scores = torch.sigmoid(self.entry_logits(batch)) if len(batch["ids"]) else torch.empty(0)
+        ids = [i for i, ok in zip(batch["ids"], valid.tolist()) if ok]
+        return {"ids": ids, "scores": scores[valid.to(scores.device)].float().cpu(), "skipped": batch["skipped"]}
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        hp = self.hparams
+        groups = [{"params": self.head.parameters(), "lr": hp.head_lr or hp.lr}]
+        if not self.frozen:
+            groups.append({"params": self.backbone.parameters(), "lr": hp.lr})
+        return torch.optim.AdamW(groups, lr=hp.lr, weight_decay=hp.weight_decay)

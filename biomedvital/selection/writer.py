@@ -1,0 +1,103 @@
+"""Writes the selector's scores as they are computed; the file appears only when complete."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch.callbacks import BasePredictionWriter
+
+from biomedvital.data.jsonio import write_json
+
+
+class ScoreWriter(BasePredictionWriter):
+    """Streams ``{"id", "score"}`` lines to a temporary file, renamed into place at the end.
+
+    A manifest beside the output (``<output>.manifest.json``) records the checkpoint, the MLflow
+    run, counts written and skipped (with reasons), and the score histogram.
+
+    Args:
+        output: the scores JSONL to write.
+    """
+
+    def __init__(self, output: str = "outputs/scores.jsonl") -> None:
+        super().__init__(write_interval="batch")
+        self.output = Path(output)
+        self._tmp: Path | None = None
+        self._fh = None
+        self._seen: set[str] = set()
+        self._skipped: Counter[str] = Counter()
+        self._examples: list[str] = []
+        self._hist = [0] * 10
+
+    def on_predict_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if trainer.world_size > 1:
+            raise RuntimeError("ScoreWriter writes from one process; score with devices: 1")
+        self.output.parent.mkdir(parents=True, exist_ok=True)
+        self._tmp = self.output.with_name(f".{self.output.name}.tmp-{os.getpid()}")
+        self._fh = open(self._tmp, "w", encoding="utf-8")
+        self._seen.clear()
+        self._skipped.clear()
+        self._examples.clear()
+        self._hist = [0] * 10
+
+    def write_on_batch_end(
+        self,
+        trainer: Trainer,
+        pl_module: LightningModule,
+        prediction: dict[str, Any],
+        batch_indices: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        assert self._fh is not None
+        for reason, message in prediction["skipped"]:
+            self._skipped[reason] += 1
+            if len(self._examples) < 20:
+                self._examples.append(message)
+        lines = []
+        for cid, score in zip(prediction["ids"], prediction["scores"].tolist()):
+            if cid in self._seen:
+                raise ValueError(f"duplicate candidate id {cid!r} in the scored pool")
+            self._seen.add(cid)
+            self._hist[min(int(score * 10), 9)] += 1
+            lines.append(json.dumps({"id": cid, "score": round(score, 7)}))
+        if lines:
+            self._fh.write("\n".join(lines) + "\n")
+
+    def on_predict_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        assert self._fh is not None and self._tmp is not None
+        self._fh.flush()
+        os.fsync(self._fh.fileno())
+        self._fh.close()
+        self._fh = None
+        dm = trainer.datamodule
+        logger = trainer.logger
+        manifest = {
+            "output": str(self.output),
+            "scored": len(self._seen),
+            "skipped": sum(self._skipped.values()),
+            "skipped_by_reason": dict(self._skipped),
+            "skipped_examples": self._examples,
+            "score_histogram": {f"{i / 10:.1f}-{(i + 1) / 10:.1f}": n for i, n in enumerate(self._hist)},
+            "checkpoint": str(trainer.ckpt_path) if trainer.ckpt_path else None,
+            "mlflow_run_id": getattr(logger, "run_id", None),
+            "inputs": dm.describe()["inputs"] if hasattr(dm, "describe") else {},
+        }
+        os.replace(self._tmp, self.output)
+        write_json(self.output.with_name(self.output.name + ".manifest.json"), manifest)
+        if logger is not None and hasattr(logger, "log_dict"):
+            logger.log_dict(manifest, "scores.manifest.json")
+            logger.log_metrics({"predict/scored": len(self._seen), "predict/skipped": manifest["skipped"]})
+
+    def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
+        if self._fh is not None:
+            self._fh.close()
+            self._fh = None
+        if self._tmp is not None and self._tmp.exists():
+            self._tmp.unlink()

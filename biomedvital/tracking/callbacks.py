@@ -1,0 +1,63 @@
+"""Run records: the resolved config and a self-description, in MLflow and in the output folder."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch.cli import SaveConfigCallback
+
+from biomedvital.data.jsonio import atomic_write, write_json
+from biomedvital.tracking.provenance import git_state
+
+
+class RecordRun(SaveConfigCallback):
+    """Logs the resolved config as an MLflow artifact and writes ``run.json`` + ``config.yaml``
+    into the trainer's ``default_root_dir``.
+
+    Lightning's own ``SaveConfigCallback`` writes into ``trainer.log_dir``, which MLflow does not
+    have; this one stores the config where the run's other artifacts are.
+    """
+
+    def __init__(self, parser: Any, config: Any, **kwargs: Any) -> None:
+        kwargs["save_to_log_dir"] = False
+        super().__init__(parser, config, **kwargs)
+
+    def save_config(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        text = self.parser.dump(self.config, skip_none=False)
+        out = Path(trainer.default_root_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        with atomic_write(out / f"config.{stage}.yaml") as f:
+            f.write(text)
+        logger = trainer.logger
+        if logger is not None and hasattr(logger, "log_text"):
+            logger.log_text(text, f"config.{stage}.yaml")
+        self._stage = stage
+
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._describe(trainer, pl_module, "fit")
+
+    def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if not trainer.training and trainer.state.fn == "validate":
+            self._describe(trainer, pl_module, "validate")
+
+    def on_test_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._describe(trainer, pl_module, "test")
+
+    def _describe(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if not trainer.is_global_zero:
+            return
+        dm = trainer.datamodule
+        record = {
+            "stage": stage,
+            "git": git_state(),
+            "mlflow_run_id": getattr(trainer.logger, "run_id", None),
+            "metrics": {k: float(v) for k, v in trainer.callback_metrics.items()},
+            "data": dm.describe() if hasattr(dm, "describe") else {},
+            "dropped_pairs": getattr(pl_module, "dropped_pairs", 0),
+            "best_checkpoint": getattr(trainer.checkpoint_callback, "best_model_path", None),
+        }
+        write_json(Path(trainer.default_root_dir) / f"run.{stage}.json", record)
+        if trainer.logger is not None and hasattr(trainer.logger, "log_dict"):
+            trainer.logger.log_dict(record, f"run.{stage}.json")

@@ -1,0 +1,120 @@
+"""The project's MLflow store: one sqlite database under ``mlruns/``, one experiment per stage."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from lightning.pytorch.loggers import MLFlowLogger
+
+from biomedvital.tracking.provenance import git_state
+
+DEFAULT_STORE = "mlruns"
+
+
+def tracking_uri(store: str | Path = DEFAULT_STORE) -> str:
+    """The sqlite URI of the store folder (created if missing)."""
+    root = Path(store).resolve()
+    root.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{root / 'mlflow.db'}"
+
+
+def artifact_location(store: str | Path, experiment: str) -> str:
+    """Artifacts of ``experiment`` live beside the database, never in the working directory."""
+    return (Path(store).resolve() / "artifacts" / experiment).as_uri()
+
+
+def run_tags(extra: dict[str, Any] | None = None) -> dict[str, str]:
+    """Lineage tags every run carries: git SHA, dirty flag, plus the caller's (upstream runs...)."""
+    tags = dict(git_state())
+    for key, value in (extra or {}).items():
+        if value is not None:
+            tags[key] = str(value)
+    return tags
+
+
+class MLflowLogger(MLFlowLogger):
+    """Lightning's MLflow logger bound to the project's sqlite store, with provenance tags.
+
+    Args:
+        experiment: the stage the run belongs to (``selection``, ``tuning``, ``evaluation``...).
+        run_name: a readable name shown in the MLflow UI.
+        store: folder holding ``mlflow.db`` and the artifacts.
+        tags: extra tags, e.g. ``upstream_run`` (the run whose outputs this one consumed),
+            ``grid`` and ``cell`` for ablation grids.
+    """
+
+    def __init__(
+        self,
+        experiment: str = "selection",
+        run_name: str | None = None,
+        store: str = DEFAULT_STORE,
+        tags: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(
+            experiment_name=experiment,
+            run_name=run_name,
+            tracking_uri=tracking_uri(store),
+            tags=run_tags(tags),
+            save_dir=None,
+            artifact_location=artifact_location(store, experiment),
+            log_model=False,
+        )
+        self.store = store
+
+    def log_text(self, text: str, artifact_file: str) -> None:
+        """Store ``text`` as an artifact of this run (configs, reports, manifests)."""
+        self.experiment.log_text(self.run_id, text, artifact_file)
+
+    def log_dict(self, obj: dict, artifact_file: str) -> None:
+        """Store a JSON-serialisable dict as an artifact of this run."""
+        self.experiment.log_dict(self.run_id, obj, artifact_file)
+
+
+class PipelineRun:
+    """An MLflow run for a pipeline verb that is not a Trainer method (``select``, ``generate``…).
+
+    Used as a context manager; the run ends FINISHED, or FAILED when the body raises.
+    """
+
+    def __init__(
+        self,
+        experiment: str,
+        run_name: str,
+        store: str | Path = DEFAULT_STORE,
+        tags: dict[str, Any] | None = None,
+    ) -> None:
+        from mlflow.tracking import MlflowClient
+
+        self.client = MlflowClient(tracking_uri=tracking_uri(store))
+        exp = self.client.get_experiment_by_name(experiment)
+        exp_id = (
+            exp.experiment_id
+            if exp is not None
+            else self.client.create_experiment(
+                experiment, artifact_location=artifact_location(store, experiment)
+            )
+        )
+        all_tags = run_tags(tags)
+        all_tags["mlflow.runName"] = run_name
+        self.run_id = self.client.create_run(exp_id, tags=all_tags).info.run_id
+
+    def __enter__(self) -> PipelineRun:
+        return self
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        self.client.set_terminated(self.run_id, "FAILED" if exc_type else "FINISHED")
+
+    def log_params(self, params: dict[str, Any]) -> None:
+        for key, value in params.items():
+            self.client.log_param(self.run_id, key, str(value)[:500])
+
+    def log_metrics(self, metrics: dict[str, float]) -> None:
+        for key, value in metrics.items():
+            self.client.log_metric(self.run_id, key, float(value))
+
+    def log_text(self, text: str, artifact_file: str) -> None:
+        self.client.log_text(self.run_id, text, artifact_file)
+
+    def log_dict(self, obj: dict, artifact_file: str) -> None:
+        self.client.log_dict(self.run_id, obj, artifact_file)
