@@ -25,6 +25,7 @@ class RecordRun(SaveConfigCallback):
         super().__init__(parser, config, **kwargs)
 
     def save_config(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        stage = str(getattr(stage, "value", stage))
         text = self.parser.dump(self.config, skip_none=False)
         out = Path(trainer.default_root_dir)
         out.mkdir(parents=True, exist_ok=True)
@@ -33,7 +34,6 @@ class RecordRun(SaveConfigCallback):
         logger = trainer.logger
         if logger is not None and hasattr(logger, "log_text"):
             logger.log_text(text, f"config.{stage}.yaml")
-        self._stage = stage
 
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._describe(trainer, pl_module, "fit")

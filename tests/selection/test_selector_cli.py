@@ -1,0 +1,160 @@
+"""End to end through ``python -m biomedvital``: fit, predict, select, tracked in MLflow."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from biomedvital.cli import main
+
+
+def _config(tmp: Path, pool: dict[str, Path], **model: object) -> Path:
+    out = tmp / "out"
+    cfg = {
+        "seed_everything": 0,
+        "model": {
+            "class_path": "biomedvital.selection.SelectorModule",
+            "init_args": {
+                "backbone": "tiny:tiny-clip",
+                "head_hidden": [64, 64],
+                "lr": 1e-4,
+                "head_lr": 1e-3,
+                "cache_dir": str(tmp / "cache"),
+                **model,
+            },
+        },
+        "data": {
+            "class_path": "biomedvital.selection.SelectorDataModule",
+            "init_args": {
+                "pool": {
+                    "class_path": "biomedvital.data.pool.FilePool",
+                    "init_args": {k: str(v) for k, v in pool.items()},
+                },
+                "model_pairs": 128,
+                "val_model_pairs": 32,
+                "batch_size": 32,
+                "num_workers": 0,
+            },
+        },
+        "trainer": {
+            "max_epochs": 2,
+            "log_every_n_steps": 1,
+            "accelerator": "cpu",
+            "default_root_dir": str(out),
+            "enable_progress_bar": False,
+            "enable_model_summary": False,
+            "logger": {
+                "class_path": "biomedvital.tracking.MLflowLogger",
+                "init_args": {"store": str(tmp / "mlruns"), "run_name": "t"},
+            },
+            "callbacks": [
+                {
+                    "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+                    "init_args": {"dirpath": str(out / "ckpt"), "save_last": True},
+                },
+                {
+                    "class_path": "biomedvital.selection.ScoreWriter",
+                    "init_args": {"output": str(out / "scores.jsonl")},
+                },
+            ],
+        },
+    }
+    path = tmp / "selector.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def _runs(store: Path):
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{store / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("selection")
+    return client, client.search_runs([exp.experiment_id], order_by=["attributes.start_time ASC"])
+
+
+def test_help_lists_every_verb(capsys: pytest.CaptureFixture[str]) -> None:
+    main(["--help"])
+    out = capsys.readouterr().out
+    for verb in ("fit", "validate", "test", "predict", "select", "demo"):
+        assert f"  {verb} " in out
+
+
+def test_unknown_verb_exits_2() -> None:
+    with pytest.raises(SystemExit) as e:
+        main(["frobnicate"])
+    assert e.value.code == 2
+
+
+def test_fit_predict_select_tracked(tmp_path: Path, pool: dict[str, Path]) -> None:
+    cfg = _config(tmp_path, pool)
+    out = tmp_path / "out"
+    main(["fit", "--config", str(cfg)])
+    assert (out / "ckpt" / "last.ckpt").is_file()
+    run_record = json.loads((out / "run.fit.json").read_text())
+    assert run_record["data"]["pairs"]["train"] > 0
+    assert len(run_record["data"]["inputs"]["candidates"]["sha256"]) == 64
+    assert run_record["git"]["git_sha"]
+
+    client, runs = _runs(tmp_path / "mlruns")
+    assert len(runs) == 1
+    run = runs[0]
+    for key in ("val/pair_acc", "val/align_rate", "val/auroc", "val/map", "train/loss"):
+        assert key in run.data.metrics, key
+    assert "git_sha" in run.data.tags and "git_dirty" in run.data.tags
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"config.fit.yaml", "run.fit.json"} <= artifacts
+
+    main(["predict", "--config", str(cfg), "--ckpt_path", str(out / "ckpt" / "last.ckpt")])
+    scores = [json.loads(line) for line in (out / "scores.jsonl").read_text().splitlines()]
+    n_cands = len(pool["candidates"].read_text().splitlines())
+    assert len(scores) == n_cands
+    assert all(0.0 <= s["score"] <= 1.0 for s in scores)
+    manifest = json.loads((out / "scores.jsonl.manifest.json").read_text())
+    assert manifest["scored"] == n_cands and manifest["skipped"] == 0
+
+    main(
+        [
+            "select",
+            "--scores", str(out / "scores.jsonl"),
+            "--candidates", str(pool["candidates"]),
+            "--out", str(out / "selected"),
+            "--top_percent", "50",
+            "--store", str(tmp_path / "mlruns"),
+        ]
+    )  # fmt: skip
+    selected = json.loads((out / "selected" / "selected.json").read_text())
+    assert len(selected) == n_cands // 2
+    best = sorted(scores, key=lambda s: -s["score"])[: n_cands // 2]
+    assert {c["id"] for c in selected} == {s["id"] for s in best}
+    assert selected[0]["conversations"][0]["from"] == "human"
+    sel_manifest = json.loads((out / "selected" / "manifest.json").read_text())
+    assert sel_manifest["kept"] == n_cands // 2
+    assert sel_manifest["dropped"] == n_cands - n_cands // 2
+    assert sel_manifest["upstream_run"] == manifest["mlflow_run_id"]
+    _, runs = _runs(tmp_path / "mlruns")
+    assert runs[-1].data.tags["upstream_run"] == manifest["mlflow_run_id"]
+
+
+def test_overlay_changes_w(tmp_path: Path, pool: dict[str, Path], capsys) -> None:
+    cfg = _config(tmp_path, pool)
+    overlay = Path(__file__).resolve().parents[2] / "conf" / "ablation" / "w10.yaml"
+    with pytest.raises(SystemExit):
+        main(["fit", "--config", str(cfg), "--config", str(overlay), "--print_config"])
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["model"]["init_args"]["w"] == 10.0
+    assert printed["model"]["init_args"]["backbone"] == "tiny:tiny-clip"
+
+
+def test_same_seed_same_scores(tmp_path: Path, pool: dict[str, Path]) -> None:
+    outputs = []
+    for i in range(2):
+        d = tmp_path / f"run{i}"
+        d.mkdir()
+        cfg = _config(d, pool)
+        main(["fit", "--config", str(cfg)])
+        main(["predict", "--config", str(cfg), "--ckpt_path", str(d / "out" / "ckpt" / "last.ckpt")])
+        outputs.append((d / "out" / "scores.jsonl").read_text())
+    assert outputs[0] == outputs[1]
