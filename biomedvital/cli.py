@@ -14,7 +14,10 @@ TRAINER_VERBS = {
     "predict": "score candidates with a trained selector",
 }
 PIPELINE_VERBS = {
-    "select": ("biomedvital.selection.select:select", "keep the top-scored candidates as LLaVA data"),
+    "select": (
+        "biomedvital.selection.select:select",
+        "keep the top-scored candidates as LLaVA data",
+    ),
     "demo": ("biomedvital.data.demo:demo", "write the embedded demo pool to a folder"),
 }
 

@@ -35,7 +35,9 @@ def _images(dst: Path) -> list[str]:
     return names
 
 
-GOOD = "The lesion shows {f} consistent with the caption's finding in the {o}, measuring about 2 cm."
+GOOD = (
+    "The lesion shows {f} consistent with the caption's finding in the {o}, measuring about 2 cm."
+)
 BAD = "I cannot tell."
 
 
@@ -69,7 +71,9 @@ def write_pool(root: Path, n_per_image: int = 6) -> dict[str, Path]:
                     ],
                 }
             )
-            ratings.append({"candidate_id": cid, "score": 8 + j % 3 if good else j % 3, "judge": "t"})
+            ratings.append(
+                {"candidate_id": cid, "score": 8 + j % 3 if good else j % 3, "judge": "t"}
+            )
         for j in range(3):
             prefs.append(
                 {

@@ -44,6 +44,7 @@ __all__ = [
     "MANIFEST_KIND",
     "QUALITIES",
     "DemoFiles",
+    "demo",
     "load_demo_content",
     "materialize_demo",
     "source_path",
@@ -556,3 +557,28 @@ def materialize_demo(out_dir: str | Path, *, force: bool = False) -> DemoFiles:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return DemoFiles.at(root)
+
+
+def demo(out_dir: str = "data/demo", force: bool = False) -> dict[str, Any]:
+    """Write the embedded demo pool (real images bundled with pydicom and scikit-image).
+
+    Args:
+        out_dir: folder to write; left untouched when it already holds this exact demo.
+        force: rewrite the folder even when it is up to date.
+
+    Returns:
+        The written paths, record counts and content hash.
+    """
+    files = materialize_demo(out_dir, force=force)
+    manifest = json.loads(files.manifest.read_text(encoding="utf-8"))
+    return {
+        "root": str(files.root),
+        "images": str(files.images),
+        "figures": str(files.figures),
+        "candidates": str(files.candidates),
+        "ratings": str(files.ratings),
+        "preferences": str(files.preferences),
+        "manifest": str(files.manifest),
+        "counts": manifest["counts"],
+        "content_hash": manifest["content_hash"],
+    }

@@ -6,6 +6,8 @@
                        ``open_clip_pytorch_model.bin``/``.safetensors``), for offline clusters.
 ``tiny:NAME``         a small architecture from ``model_configs/NAME.json`` with seeded random
                        weights and open_clip's bundled BPE tokenizer: for tests and the demo.
+``open_clip:ARCH``    one of open_clip's built-in architectures (``ViT-B-16``…) with seeded
+                       random weights: full-size compute without a download, for benchmarks.
 
 Behaviour is chosen by the prefix only, never by substrings of a path.
 """
@@ -22,7 +24,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-PREFIXES = ("hf-hub:", "local-dir:", "tiny:")
+PREFIXES = ("hf-hub:", "local-dir:", "tiny:", "open_clip:")
 
 
 @dataclass
@@ -53,7 +55,9 @@ class Backbone:
 def available_tiny() -> list[str]:
     """Names usable after ``tiny:``."""
     folder = resources.files("biomedvital.selection") / "model_configs"
-    return sorted(p.name.removesuffix(".json") for p in folder.iterdir() if p.name.endswith(".json"))
+    return sorted(
+        p.name.removesuffix(".json") for p in folder.iterdir() if p.name.endswith(".json")
+    )
 
 
 def _tiny(name: str, seed: int) -> Backbone:
@@ -73,6 +77,19 @@ def _tiny(name: str, seed: int) -> Backbone:
     return Backbone(f"tiny:{name}", model, preprocess, tokenizer, cfg["embed_dim"])
 
 
+def _random_arch(arch: str, seed: int) -> Backbone:
+    import open_clip
+
+    if arch not in open_clip.list_models():
+        raise ValueError(f"unknown open_clip architecture {arch!r}; see open_clip.list_models()")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model, _, preprocess = open_clip.create_model_and_transforms(arch, pretrained=None)
+    tokenizer = open_clip.get_tokenizer(arch)
+    embed_dim = int(model.text_projection.shape[-1]) if hasattr(model, "text_projection") else 512
+    return Backbone(f"open_clip:{arch}", model, preprocess, tokenizer, embed_dim)
+
+
 def _open_clip(name: str) -> Backbone:
     import open_clip
 
@@ -89,6 +106,8 @@ def create_backbone(name: str, *, seed: int = 0) -> Backbone:
     """Build the backbone that ``name`` designates (see the module docstring for prefixes)."""
     if name.startswith("tiny:"):
         return _tiny(name.removeprefix("tiny:"), seed)
+    if name.startswith("open_clip:"):
+        return _random_arch(name.removeprefix("open_clip:"), seed)
     if name.startswith(("hf-hub:", "local-dir:")):
         return _open_clip(name)
     raise ValueError(

@@ -13,7 +13,13 @@ from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
 
 from biomedvital.data.images import ImageRoot, UnsafePathError
-from biomedvital.data.jsonio import check_unique, handle_bad, iter_objects, parse_record, sha256_file
+from biomedvital.data.jsonio import (
+    check_unique,
+    handle_bad,
+    iter_objects,
+    parse_record,
+    sha256_file,
+)
 from biomedvital.data.pool import DemoPool, FilePool, PoolFiles
 from biomedvital.data.records import (
     Candidate,
@@ -218,7 +224,9 @@ class SelectorDataModule(LightningDataModule):
         return self._pair_loader("train", shuffle=True)
 
     def val_dataloader(self) -> list[DataLoader]:
-        return [self._pair_loader(name) for name in ("val_model", "val_clinician") if self.sets[name]]
+        return [
+            self._pair_loader(name) for name in ("val_model", "val_clinician") if self.sets[name]
+        ]
 
     def test_dataloader(self) -> list[DataLoader]:
         return self.val_dataloader()
@@ -290,9 +298,7 @@ class SelectorDataModule(LightningDataModule):
         try:
             self.root.resolve(image)
         except (UnsafePathError, FileNotFoundError) as err:
-            raise BadRecordError(
-                path, line, str(err), "image", category="bad_image_path"
-            ) from err
+            raise BadRecordError(path, line, str(err), "image", category="bad_image_path") from err
         self.entries.append(Entry(image, text))
         return len(self.entries) - 1
 
@@ -319,8 +325,12 @@ class SelectorDataModule(LightningDataModule):
                 cand = parse_record(obj, Candidate, files.candidates, pos, kind)
                 if cand.id in seen:
                     raise BadRecordError(
-                        files.candidates, pos, f"duplicate id {cand.id!r}", "id",
-                        kind=kind, category="duplicate_id",
+                        files.candidates,
+                        pos,
+                        f"duplicate id {cand.id!r}",
+                        "id",
+                        kind=kind,
+                        category="duplicate_id",
                     )
                 seen.add(cand.id)
                 if cand.id not in scores:
@@ -336,9 +346,11 @@ class SelectorDataModule(LightningDataModule):
         orphans = sorted(set(scores) - seen)
         if orphans:
             err = BadRecordError(
-                files.ratings, None,
+                files.ratings,
+                None,
                 f"{len(orphans)} rating(s) name no candidate, e.g. {orphans[0]!r}",
-                "candidate_id", category="rating_without_candidate",
+                "candidate_id",
+                category="rating_without_candidate",
             )
             handle_bad(err, on_bad, self._rep("ratings"))
         self.report["unrated_candidates"] = RecordReport()
@@ -356,14 +368,30 @@ class SelectorDataModule(LightningDataModule):
         clin_pairs: list[Pair] = []
         groups: list[str] = []
         if files.preferences is not None:
-            prefs = read_preferences(files.preferences, on_bad=on_bad, report=self._rep("preferences"))
+            prefs = read_preferences(
+                files.preferences, on_bad=on_bad, report=self._rep("preferences")
+            )
             for p in prefs:
                 caption, mentions = p.fig_caption, p.mentions_text()
                 if not caption and p.pair_id in self.captions.by_pair:
                     caption, mentions = self.captions.by_pair[p.pair_id]
                 try:
-                    a = self._entry(p.image, candidate_text(self.text_recipe, caption, mentions, [(p.question, p.preferred)]), files.preferences, None)
-                    b = self._entry(p.image, candidate_text(self.text_recipe, caption, mentions, [(p.question, p.rejected)]), files.preferences, None)
+                    a = self._entry(
+                        p.image,
+                        candidate_text(
+                            self.text_recipe, caption, mentions, [(p.question, p.preferred)]
+                        ),
+                        files.preferences,
+                        None,
+                    )
+                    b = self._entry(
+                        p.image,
+                        candidate_text(
+                            self.text_recipe, caption, mentions, [(p.question, p.rejected)]
+                        ),
+                        files.preferences,
+                        None,
+                    )
                 except BadRecordError as err:
                     handle_bad(err, on_bad, self._rep("preferences"))
                     continue
@@ -377,7 +405,9 @@ class SelectorDataModule(LightningDataModule):
         }
         self.sets["train_clinician"] = [clin_pairs[i] for i in c_train]
         if not self.sets["train"]:
-            raise ValueError("no training pairs: give ratings (model pairs) or clinician preferences")
+            raise ValueError(
+                "no training pairs: give ratings (model pairs) or clinician preferences"
+            )
         _ = (MODEL, Counter)
 
 

@@ -134,8 +134,20 @@ class SelectorModule(LightningModule):
         dim = self._backbone.embed_dim
         feats = []
         for kind, keys, rows, inputs, encode in (
-            ("img", batch["image_keys"], batch["pixel_rows"], batch["pixels"], self.backbone.encode_image),
-            ("txt", batch["text_keys"], batch["token_rows"], batch["tokens"], self.backbone.encode_text),
+            (
+                "img",
+                batch["image_keys"],
+                batch["pixel_rows"],
+                batch["pixels"],
+                self.backbone.encode_image,
+            ),
+            (
+                "txt",
+                batch["text_keys"],
+                batch["token_rows"],
+                batch["tokens"],
+                self.backbone.encode_text,
+            ),
         ):
             out = torch.zeros(len(keys), dim, device=self.device)
             if len(rows):
@@ -156,7 +168,10 @@ class SelectorModule(LightningModule):
     def entry_logits(self, batch: dict[str, Any]) -> torch.Tensor:
         """One logit per entry of the batch (text features first, as the paper's code)."""
         img, txt = self._encode(batch)
-        x = torch.cat([txt[batch["entry_text"].to(self.device)], img[batch["entry_image"].to(self.device)]], dim=-1)
+        x = torch.cat(
+            [txt[batch["entry_text"].to(self.device)], img[batch["entry_image"].to(self.device)]],
+            dim=-1,
+        )
         return self.head(x).squeeze(-1)
 
     # -- training --------------------------------------------------------------------------
@@ -169,7 +184,9 @@ class SelectorModule(LightningModule):
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         self.dropped_pairs += batch["dropped_pairs"]
         out = self._pair_outputs(batch)
-        per_pair = pair_loss(self.hparams.loss, out["sa"], out["sb"], out["la"], out["lb"], self.hparams.margin)
+        per_pair = pair_loss(
+            self.hparams.loss, out["sa"], out["sb"], out["la"], out["lb"], self.hparams.margin
+        )
         kind = batch["kind"].to(self.device)
         weight = torch.where(kind == CLINICIAN, float(self.hparams.w), 1.0)
         n = max(len(per_pair), 1)
@@ -183,25 +200,37 @@ class SelectorModule(LightningModule):
 
     def _eval_step(self, batch: dict[str, Any], stage: str) -> None:
         out = self._pair_outputs(batch)
-        sa, sb = out["sa"], out["sb"]
+        # rank by logits: the sigmoid saturates to exactly 1.0 in float32 for confident pairs,
+        # which would turn real orderings into ties (same ranking, no false ties)
+        sa, sb = out["la"], out["lb"]
         n = len(sa)
         if n == 0:
             return
         m = self.metrics
         if batch["source"] == "val_model":
             m[f"{stage}_pair_acc"].update((sa > sb).float())
-            self.log(f"{stage}/pair_acc", m[f"{stage}_pair_acc"], batch_size=n, add_dataloader_idx=False)
+            self.log(
+                f"{stage}/pair_acc", m[f"{stage}_pair_acc"], batch_size=n, add_dataloader_idx=False
+            )
         else:
             m[f"{stage}_align_rate"].update((sa > sb).float())
             m[f"{stage}_align_ties"].update((sa == sb).float())
-            scores = torch.cat([sa, sb])
+            scores = torch.sigmoid(torch.cat([sa, sb]).double())
             labels = torch.cat([torch.ones(n), torch.zeros(n)]).long().to(self.device)
             m[f"{stage}_auroc"].update(scores, labels)
             m[f"{stage}_map"].update(scores, labels)
             for name in ("align_rate", "align_ties", "auroc", "map"):
-                self.log(f"{stage}/{name}", m[f"{stage}_{name}"], batch_size=n, add_dataloader_idx=False, prog_bar=name == "align_rate")
+                self.log(
+                    f"{stage}/{name}",
+                    m[f"{stage}_{name}"],
+                    batch_size=n,
+                    add_dataloader_idx=False,
+                    prog_bar=name == "align_rate",
+                )
 
-    def validation_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> None:
+    def validation_step(
+        self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0
+    ) -> None:
         self._eval_step(batch, "val")
 
     def test_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> None:
@@ -209,9 +238,15 @@ class SelectorModule(LightningModule):
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
         valid = batch["valid"]
-        scores = torch.sigmoid(self.entry_logits(batch)) if len(batch["ids"]) else torch.empty(0)
+        logits = self.entry_logits(batch) if len(batch["ids"]) else torch.empty(0)
+        logits = logits[valid.to(logits.device)].float().cpu()
         ids = [i for i, ok in zip(batch["ids"], valid.tolist()) if ok]
-        return {"ids": ids, "scores": scores[valid.to(scores.device)].float().cpu(), "skipped": batch["skipped"]}
+        return {
+            "ids": ids,
+            "scores": torch.sigmoid(logits),
+            "logits": logits,
+            "skipped": batch["skipped"],
+        }
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         hp = self.hparams

@@ -10,29 +10,61 @@ from typing import Literal
 import numpy as np
 from tqdm import tqdm
 
-from biomedvital.data.jsonio import atomic_write, iter_objects, parse_record, sha256_file, write_json
+from biomedvital.data.jsonio import (
+    atomic_write,
+    iter_objects,
+    parse_record,
+    sha256_file,
+    write_json,
+)
 from biomedvital.data.records import Candidate
 from biomedvital.data.report import BadRecordError, RecordReport
 from biomedvital.tracking.mlflow import DEFAULT_STORE, PipelineRun
 
 
-def _read_scores(path: Path, on_bad: str, report: RecordReport) -> dict[str, float]:
-    scores: dict[str, float] = {}
+def _read_scores(path: Path, on_bad: str, report: RecordReport) -> dict[str, tuple[float, float]]:
+    """``id -> (score, rank key)``; the key is the logit when given (no float32 saturation)."""
+    scores: dict[str, tuple[float, float]] = {}
     for pos, kind, obj in iter_objects(path, on_bad=on_bad, report=report):
         try:
             if not isinstance(obj, dict) or "id" not in obj or "score" not in obj:
-                raise BadRecordError(path, pos, "expected {'id': ..., 'score': ...}", kind=kind, category="invalid_record")
+                raise BadRecordError(
+                    path,
+                    pos,
+                    "expected {'id': ..., 'score': ...}",
+                    kind=kind,
+                    category="invalid_record",
+                )
             cid, score = str(obj["id"]), obj["score"]
-            if not isinstance(score, (int, float)) or isinstance(score, bool) or not math.isfinite(score):
-                raise BadRecordError(path, pos, f"score must be a finite number (got {score!r})", "score", kind=kind, category="invalid:score")
+            if (
+                not isinstance(score, (int, float))
+                or isinstance(score, bool)
+                or not math.isfinite(score)
+            ):
+                raise BadRecordError(
+                    path,
+                    pos,
+                    f"score must be a finite number (got {score!r})",
+                    "score",
+                    kind=kind,
+                    category="invalid:score",
+                )
             if cid in scores:
-                raise BadRecordError(path, pos, f"duplicate id {cid!r}", "id", kind=kind, category="duplicate_id")
+                raise BadRecordError(
+                    path, pos, f"duplicate id {cid!r}", "id", kind=kind, category="duplicate_id"
+                )
         except BadRecordError as err:
             if on_bad == "raise":
                 raise
             report.skip(err)
             continue
-        scores[cid] = float(score)
+        logit = obj.get("logit")
+        key = (
+            float(logit)
+            if isinstance(logit, (int, float)) and math.isfinite(logit)
+            else float(score)
+        )
+        scores[cid] = (float(score), key)
         report.kept()
     return scores
 
@@ -77,31 +109,46 @@ def select(
     score_of = _read_scores(scores, on_bad_record, reports["scores"])
 
     # pass 1: the score of each candidate in file order (floats only: memory stays small)
-    order_scores = []
-    for pos, kind, obj in iter_objects(candidates, on_bad=on_bad_record, report=reports["candidates"]):
+    order_scores, order_keys = [], []
+    for _pos, _kind, obj in iter_objects(
+        candidates, on_bad=on_bad_record, report=reports["candidates"]
+    ):
         cid = str(obj.get("id")) if isinstance(obj, dict) else None
-        order_scores.append(score_of.get(cid, np.nan) if cid is not None else np.nan)
+        reports["candidates"].kept()
+        score, key = score_of.get(cid, (np.nan, np.nan)) if cid is not None else (np.nan, np.nan)
+        order_scores.append(score)
+        order_keys.append(key)
     arr = np.asarray(order_scores, dtype=np.float64)
+    keys = np.asarray(order_keys, dtype=np.float64)
     scored = int(np.isfinite(arr).sum())
     n_keep = top_n if top_n is not None else int(math.ceil(scored * float(top_percent) / 100.0))
     n_keep = min(n_keep, scored)
     keep = np.zeros(len(arr), dtype=bool)
     if n_keep:
-        ranked = np.lexsort((np.arange(len(arr)), -np.nan_to_num(arr, nan=-np.inf)))
+        ranked = np.lexsort((np.arange(len(arr)), -np.nan_to_num(keys, nan=-np.inf)))
         keep[ranked[:n_keep]] = True
     threshold = float(arr[keep].min()) if n_keep else None
 
     # pass 2: stream the kept candidates out
     out.mkdir(parents=True, exist_ok=True)
     written, unscored = 0, int(len(arr) - scored)
-    with atomic_write(out / "selected.json") as f, PipelineRun("selection", "select", store, {"upstream_run": upstream_run}) as run:
+    with (
+        atomic_write(out / "selected.json") as f,
+        PipelineRun("selection", "select", store, {"upstream_run": upstream_run}) as run,
+    ):
         f.write("[\n")
         items = iter_objects(candidates, on_bad=on_bad_record, report=RecordReport())
-        for i, (pos, kind, obj) in enumerate(tqdm(items, total=len(arr), desc="select", unit="cand")):
+        for i, (pos, kind, obj) in enumerate(
+            tqdm(items, total=len(arr), desc="select", unit="cand")
+        ):
             if not keep[i]:
                 continue
             cand = parse_record(obj, Candidate, candidates, pos, kind)
-            f.write(("," if written else "") + json.dumps(cand.model_dump(by_alias=True, exclude_none=True), ensure_ascii=False) + "\n")
+            f.write(
+                ("," if written else "")
+                + json.dumps(cand.model_dump(by_alias=True, exclude_none=True), ensure_ascii=False)
+                + "\n"
+            )
             written += 1
         f.write("]\n")
         hist, edges = np.histogram(arr[np.isfinite(arr)], bins=10, range=(0.0, 1.0))
@@ -112,7 +159,9 @@ def select(
             "threshold": threshold,
             "top_percent": None if top_n is not None else top_percent,
             "top_n": top_n,
-            "score_histogram": {f"{edges[i]:.1f}-{edges[i + 1]:.1f}": int(n) for i, n in enumerate(hist)},
+            "score_histogram": {
+                f"{edges[i]:.1f}-{edges[i + 1]:.1f}": int(n) for i, n in enumerate(hist)
+            },
             "inputs": {
                 "scores": {"path": str(scores), "sha256": sha256_file(scores)},
                 "candidates": {"path": str(candidates), "sha256": sha256_file(candidates)},
@@ -121,8 +170,16 @@ def select(
             "upstream_run": upstream_run,
             "mlflow_run_id": run.run_id,
         }
-        run.log_params({"top_percent": top_percent, "top_n": top_n, "scores": scores, "candidates": candidates})
-        run.log_metrics({"select/kept": written, "select/dropped": scored - written, "select/unscored": unscored})
+        run.log_params(
+            {"top_percent": top_percent, "top_n": top_n, "scores": scores, "candidates": candidates}
+        )
+        run.log_metrics(
+            {
+                "select/kept": written,
+                "select/dropped": scored - written,
+                "select/unscored": unscored,
+            }
+        )
         run.log_dict(manifest, "select.manifest.json")
     write_json(out / "manifest.json", manifest)
     return manifest

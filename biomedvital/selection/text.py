@@ -33,8 +33,6 @@ def candidate_text(
             [caption, mentions, "Question:", _strip_image(question), "Answer:", answer.strip()]
         )
     if recipe == "conversation":
-        body = " ".join(
-            f"Question: {_strip_image(q)} Answer: {a.strip()}" for q, a in turns
-        )
+        body = " ".join(f"Question: {_strip_image(q)} Answer: {a.strip()}" for q, a in turns)
         return " ".join(part for part in (caption, mentions, body) if part)
     raise ValueError(f"unknown text recipe {recipe!r}; use 'paper' or 'conversation'")

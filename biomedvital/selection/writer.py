@@ -15,7 +15,10 @@ from biomedvital.data.jsonio import write_json
 
 
 class ScoreWriter(BasePredictionWriter):
-    """Streams ``{"id", "score"}`` lines to a temporary file, renamed into place at the end.
+    """Streams ``{"id", "score", "logit"}`` lines to a temporary file, renamed into place at the end.
+
+    ``score`` is the sigmoid of ``logit``; the logit is kept because the sigmoid saturates to
+    exactly 1.0 in float32 and ``select`` breaks such ties by it.
 
     A manifest beside the output (``<output>.manifest.json``) records the checkpoint, the MLflow
     run, counts written and skipped (with reasons), and the score histogram.
@@ -61,12 +64,13 @@ class ScoreWriter(BasePredictionWriter):
             if len(self._examples) < 20:
                 self._examples.append(message)
         lines = []
-        for cid, score in zip(prediction["ids"], prediction["scores"].tolist()):
+        scores, logits = prediction["scores"].tolist(), prediction["logits"].tolist()
+        for cid, score, logit in zip(prediction["ids"], scores, logits):
             if cid in self._seen:
                 raise ValueError(f"duplicate candidate id {cid!r} in the scored pool")
             self._seen.add(cid)
             self._hist[min(int(score * 10), 9)] += 1
-            lines.append(json.dumps({"id": cid, "score": round(score, 7)}))
+            lines.append(json.dumps({"id": cid, "score": score, "logit": logit}))
         if lines:
             self._fh.write("\n".join(lines) + "\n")
 
@@ -84,7 +88,9 @@ class ScoreWriter(BasePredictionWriter):
             "skipped": sum(self._skipped.values()),
             "skipped_by_reason": dict(self._skipped),
             "skipped_examples": self._examples,
-            "score_histogram": {f"{i / 10:.1f}-{(i + 1) / 10:.1f}": n for i, n in enumerate(self._hist)},
+            "score_histogram": {
+                f"{i / 10:.1f}-{(i + 1) / 10:.1f}": n for i, n in enumerate(self._hist)
+            },
             "checkpoint": str(trainer.ckpt_path) if trainer.ckpt_path else None,
             "mlflow_run_id": getattr(logger, "run_id", None),
             "inputs": dm.describe()["inputs"] if hasattr(dm, "describe") else {},
@@ -93,9 +99,13 @@ class ScoreWriter(BasePredictionWriter):
         write_json(self.output.with_name(self.output.name + ".manifest.json"), manifest)
         if logger is not None and hasattr(logger, "log_dict"):
             logger.log_dict(manifest, "scores.manifest.json")
-            logger.log_metrics({"predict/scored": len(self._seen), "predict/skipped": manifest["skipped"]})
+            logger.log_metrics(
+                {"predict/scored": len(self._seen), "predict/skipped": manifest["skipped"]}
+            )
 
-    def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
+    def on_exception(
+        self, trainer: Trainer, pl_module: LightningModule, exception: BaseException
+    ) -> None:
         if self._fh is not None:
             self._fh.close()
             self._fh = None

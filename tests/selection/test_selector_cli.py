@@ -155,6 +155,8 @@ def test_same_seed_same_scores(tmp_path: Path, pool: dict[str, Path]) -> None:
         d.mkdir()
         cfg = _config(d, pool)
         main(["fit", "--config", str(cfg)])
-        main(["predict", "--config", str(cfg), "--ckpt_path", str(d / "out" / "ckpt" / "last.ckpt")])
+        main(
+            ["predict", "--config", str(cfg), "--ckpt_path", str(d / "out" / "ckpt" / "last.ckpt")]
+        )
         outputs.append((d / "out" / "scores.jsonl").read_text())
     assert outputs[0] == outputs[1]

@@ -1,0 +1,108 @@
+"""Scoring throughput: the suite's predict path against the released code's recipe.
+
+Reference recipe (as released): images opened inside the forward loop, no DataLoader workers,
+the model left in train mode (dropout on), every candidate re-encodes its image. Suite: eval +
+inference mode, DataLoader workers, each image decoded and encoded once per chunk and reused
+for all its candidates. Same model weights, same candidates; printed as a ratio.
+
+    python bench/scoring_throughput.py [--backbone open_clip:ViT-B-16] [--copies 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+from pathlib import Path
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from _common import REPO, replicate_pool, save, timer
+
+from biomedvital.data.images import ImageRoot
+from biomedvital.data.pool import DemoPool, FilePool
+from biomedvital.data.records import Candidate, read_figures
+from biomedvital.selection import ScoreWriter, SelectorDataModule, SelectorModule
+from biomedvital.selection.text import candidate_text
+
+
+def reference_scores(model: SelectorModule, files, batch_size: int) -> dict[str, float]:
+    """The released scoring loop, re-expressed: decode inside the loop, train mode, no reuse."""
+    bb = model._backbone
+    root = ImageRoot(files.image_root)
+    caps = {f.pair_id: (f.fig_caption, f.mentions_text()) for f in read_figures(files.figures)}
+    cands = [
+        Candidate.model_validate_json(x)
+        for x in files.candidates.read_text().splitlines()
+        if x.strip()
+    ]
+    model.train()  # the released code never calls .eval(): dropout stays on
+    out = {}
+    with torch.no_grad():
+        for i in range(0, len(cands), batch_size):
+            chunk = cands[i : i + batch_size]
+            pixels = torch.stack([bb.preprocess(root.load(c.image)) for c in chunk])
+            texts = [candidate_text("paper", *caps[c.pair_id], c.qa_pairs()) for c in chunk]
+            img = F.normalize(bb.model.encode_image(pixels), dim=-1)
+            txt = F.normalize(bb.model.encode_text(bb.tokenizer(texts)), dim=-1)
+            s = torch.sigmoid(model.head(torch.cat([txt, img], dim=-1)).squeeze(-1))
+            out.update({c.id: float(v) for c, v in zip(chunk, s)})
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--backbone", default="open_clip:ViT-B-16")
+    ap.add_argument("--copies", type=int, default=2, help="demo pool replicated this many times")
+    ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--workers", type=int, default=2)
+    args = ap.parse_args()
+
+    torch.set_num_threads(max(torch.get_num_threads(), 1))
+    demo = DemoPool(str(REPO / "data" / "demo")).prepare()
+    tmp = Path(tempfile.mkdtemp(prefix="bench-scoring-"))
+    pool_dir = replicate_pool(demo.candidates.parent, tmp / "pool", args.copies)
+    files = FilePool(
+        str(pool_dir / "candidates.jsonl"),
+        str(pool_dir / "images"),
+        str(pool_dir / "figures.jsonl"),
+    ).prepare()
+    n = sum(1 for x in files.candidates.read_text().splitlines() if x.strip())
+    n_img = len(list(files.image_root.iterdir()))
+
+    model = SelectorModule(backbone=args.backbone)
+    times: dict[str, float] = {}
+    with timer(times, "reference"):
+        reference_scores(model, files, args.batch_size)
+
+    dm = SelectorDataModule(
+        FilePool(str(files.candidates), str(files.image_root), str(files.figures)),
+        predict_chunk=args.batch_size,
+        num_workers=args.workers,
+    )
+    writer = ScoreWriter(str(tmp / "scores.jsonl"))
+    trainer = L.Trainer(
+        accelerator="cpu", logger=False, callbacks=[writer], enable_progress_bar=False,
+        enable_model_summary=False,
+    )  # fmt: skip
+    with timer(times, "suite"):
+        trainer.predict(model, dm, return_predictions=False)
+    ratio = times["reference"] / times["suite"]
+    result = {
+        "backbone": args.backbone,
+        "candidates": n,
+        "images": n_img,
+        "reference_s": round(times["reference"], 2),
+        "suite_s": round(times["suite"], 2),
+        "reference_cand_per_s": round(n / times["reference"], 2),
+        "suite_cand_per_s": round(n / times["suite"], 2),
+        "speedup": round(ratio, 2),
+        "goal": ">= 3x",
+    }
+    print(json.dumps(result, indent=2))
+    save(f"scoring_throughput-{args.backbone.replace(':', '_')}", result)
+
+
+if __name__ == "__main__":
+    main()
