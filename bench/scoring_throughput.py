@@ -47,7 +47,7 @@ def reference_scores(model: SelectorModule, files, batch_size: int) -> dict[str,
             img = F.normalize(bb.model.encode_image(pixels), dim=-1)
             txt = F.normalize(bb.model.encode_text(bb.tokenizer(texts)), dim=-1)
             s = torch.sigmoid(model.head(torch.cat([txt, img], dim=-1)).squeeze(-1))
-            out.update({c.id: float(v) for c, v in zip(chunk, s)})
+            out.update({c.id: float(v) for c, v in zip(chunk, s, strict=True)})
     return out
 
 

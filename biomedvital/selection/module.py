@@ -133,21 +133,10 @@ class SelectorModule(LightningModule):
         """Normalised image and text features for the batch's unique images and texts."""
         dim = self._backbone.embed_dim
         feats = []
-        for kind, keys, rows, inputs, encode in (
-            (
-                "img",
-                batch["image_keys"],
-                batch["pixel_rows"],
-                batch["pixels"],
-                self.backbone.encode_image,
-            ),
-            (
-                "txt",
-                batch["text_keys"],
-                batch["token_rows"],
-                batch["tokens"],
-                self.backbone.encode_text,
-            ),
+        bb = self.backbone
+        for keys, rows, inputs, encode in (
+            (batch["image_keys"], batch["pixel_rows"], batch["pixels"], bb.encode_image),
+            (batch["text_keys"], batch["token_rows"], batch["tokens"], bb.encode_text),
         ):
             out = torch.zeros(len(keys), dim, device=self.device)
             if len(rows):
@@ -240,7 +229,7 @@ class SelectorModule(LightningModule):
         valid = batch["valid"]
         logits = self.entry_logits(batch) if len(batch["ids"]) else torch.empty(0)
         logits = logits[valid.to(logits.device)].float().cpu()
-        ids = [i for i, ok in zip(batch["ids"], valid.tolist()) if ok]
+        ids = [i for i, ok in zip(batch["ids"], valid.tolist(), strict=True) if ok]
         return {
             "ids": ids,
             "scores": torch.sigmoid(logits),

@@ -42,7 +42,7 @@ class ScoreWriter(BasePredictionWriter):
             raise RuntimeError("ScoreWriter writes from one process; score with devices: 1")
         self.output.parent.mkdir(parents=True, exist_ok=True)
         self._tmp = self.output.with_name(f".{self.output.name}.tmp-{os.getpid()}")
-        self._fh = open(self._tmp, "w", encoding="utf-8")
+        self._fh = open(self._tmp, "w", encoding="utf-8")  # noqa: SIM115 - spans the predict loop
         self._seen.clear()
         self._skipped.clear()
         self._examples.clear()
@@ -65,7 +65,7 @@ class ScoreWriter(BasePredictionWriter):
                 self._examples.append(message)
         lines = []
         scores, logits = prediction["scores"].tolist(), prediction["logits"].tolist()
-        for cid, score, logit in zip(prediction["ids"], scores, logits):
+        for cid, score, logit in zip(prediction["ids"], scores, logits, strict=True):
             if cid in self._seen:
                 raise ValueError(f"duplicate candidate id {cid!r} in the scored pool")
             self._seen.add(cid)

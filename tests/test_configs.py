@@ -1,0 +1,57 @@
+"""Every file in conf/ parses through the CLI (base configs alone, ablations as overlays)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from biomedvital.cli import main
+
+CONF = Path(__file__).resolve().parents[1] / "conf"
+BASES = sorted(p for p in CONF.rglob("*.yaml") if "ablation" not in p.parts)
+OVERLAYS = sorted((CONF / "ablation").glob("*.yaml"))
+
+
+def _print_config(capsys: pytest.CaptureFixture[str], *configs: Path) -> dict:
+    args = ["fit"]
+    for c in configs:
+        args += ["--config", str(c)]
+    with pytest.raises(SystemExit) as e:
+        main([*args, "--print_config"])
+    assert e.value.code in (0, None)
+    return yaml.safe_load(capsys.readouterr().out)
+
+
+def test_conf_has_files() -> None:
+    assert BASES and OVERLAYS
+    assert {p.relative_to(CONF).as_posix() for p in BASES} >= {"demo/selector.yaml", "paper/selector.yaml"}
+
+
+@pytest.mark.parametrize("path", BASES, ids=lambda p: p.relative_to(CONF).as_posix())
+def test_base_config_parses(path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    cfg = _print_config(capsys, path)
+    assert cfg["model"]["class_path"].startswith("biomedvital.")
+    assert cfg["data"]["class_path"].startswith("biomedvital.")
+
+
+@pytest.mark.parametrize("path", OVERLAYS, ids=lambda p: p.name)
+def test_ablation_overlay_parses(path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    base = CONF / "demo" / "selector.yaml"
+    merged = _print_config(capsys, base, path)
+    overlay = yaml.safe_load(path.read_text())
+    for section, body in overlay.items():
+        for key, value in body["init_args"].items():
+            assert merged[section]["init_args"][key] == value, (section, key)
+
+
+def test_paper_config_is_faithful(capsys: pytest.CaptureFixture[str]) -> None:
+    cfg = _print_config(capsys, CONF / "paper" / "selector.yaml")
+    model, data = cfg["model"]["init_args"], cfg["data"]["init_args"]
+    assert model["backbone"] == "hf-hub:microsoft/BiomedCLIP-PubMedBERT_256-vit_base_patch16_224"
+    assert (model["backbone_mode"], model["loss"], model["w"], model["lr"]) == ("finetune", "hinge", 400.0, 1e-5)
+    assert model["head_hidden"] == [512, 512, 512]
+    assert (data["batch_size"], data["model_pairs"], data["val_model_pairs"]) == (64, 30000, 10000)
+    assert data["text_recipe"] == "paper" and cfg["trainer"]["max_epochs"] == 6
+    assert "python -m biomedvital fit --config conf/paper/selector.yaml" in (CONF / "paper" / "selector.yaml").read_text()
