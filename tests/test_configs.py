@@ -26,7 +26,10 @@ def _print_config(capsys: pytest.CaptureFixture[str], *configs: Path) -> dict:
 
 def test_conf_has_files() -> None:
     assert BASES and OVERLAYS
-    assert {p.relative_to(CONF).as_posix() for p in BASES} >= {"demo/selector.yaml", "paper/selector.yaml"}
+    assert {p.relative_to(CONF).as_posix() for p in BASES} >= {
+        "demo/selector.yaml",
+        "paper/selector.yaml",
+    }
 
 
 @pytest.mark.parametrize("path", BASES, ids=lambda p: p.relative_to(CONF).as_posix())
@@ -50,8 +53,16 @@ def test_paper_config_is_faithful(capsys: pytest.CaptureFixture[str]) -> None:
     cfg = _print_config(capsys, CONF / "paper" / "selector.yaml")
     model, data = cfg["model"]["init_args"], cfg["data"]["init_args"]
     assert model["backbone"] == "hf-hub:microsoft/BiomedCLIP-PubMedBERT_256-vit_base_patch16_224"
-    assert (model["backbone_mode"], model["loss"], model["w"], model["lr"]) == ("finetune", "hinge", 400.0, 1e-5)
+    assert (model["backbone_mode"], model["loss"], model["w"], model["lr"]) == (
+        "finetune",
+        "hinge",
+        400.0,
+        1e-5,
+    )
     assert model["head_hidden"] == [512, 512, 512]
     assert (data["batch_size"], data["model_pairs"], data["val_model_pairs"]) == (64, 30000, 10000)
     assert data["text_recipe"] == "paper" and cfg["trainer"]["max_epochs"] == 6
-    assert "python -m biomedvital fit --config conf/paper/selector.yaml" in (CONF / "paper" / "selector.yaml").read_text()
+    assert (
+        "python -m biomedvital fit --config conf/paper/selector.yaml"
+        in (CONF / "paper" / "selector.yaml").read_text()
+    )

@@ -10,7 +10,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 from lightning.pytorch import LightningDataModule
-from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
+from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler, get_worker_info
 
 from biomedvital.data.images import ImageRoot, UnsafePathError
 from biomedvital.data.jsonio import (
@@ -55,6 +55,24 @@ class _Pairs(Dataset):
         return self.pairs[i]
 
 
+class EpochShuffle(Sampler[int]):
+    """A permutation that depends only on (seed, epoch), so a run resumed from a checkpoint
+    sees the same batches as one that never stopped (Lightning calls ``set_epoch``)."""
+
+    def __init__(self, n: int, seed: int) -> None:
+        self.n, self.seed, self.epoch = n, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self) -> Iterator[int]:
+        g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        return iter(torch.randperm(self.n, generator=g).tolist())
+
+
 class _Tagged:
     """Adds the name of the pair set to each batch so metrics know what they measure."""
 
@@ -89,6 +107,23 @@ class Captions:
         return candidate_text(recipe, caption, mentions, cand.qa_pairs())
 
 
+class _Unreadable(RecordReport):
+    """Keeps the unreadable lines a skip-mode read meets, to hand them on in file order."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.errors: list[BadRecordError] = []
+
+    def skip(self, err: BadRecordError) -> None:
+        super().skip(err)
+        self.errors.append(err)
+
+    def drain(self) -> Iterator[tuple[int, str, BadRecordError]]:
+        errors, self.errors = self.errors, []
+        for err in errors:
+            yield (err.line or 0, err.kind, err)
+
+
 class CandidateStream(IterableDataset):
     """Streams a candidate file in encoded chunks; workers take alternate chunks.
 
@@ -112,7 +147,7 @@ class CandidateStream(IterableDataset):
         wid, nw = (info.id, info.num_workers) if info else (0, 1)
         chunk: list[tuple[int, str, Any]] = []
         n_chunk = 0
-        for item in iter_objects(self.path, on_bad="raise"):
+        for item in self._items():
             chunk.append(item)
             if len(chunk) == self.chunk_size:
                 if n_chunk % nw == wid:
@@ -121,9 +156,25 @@ class CandidateStream(IterableDataset):
         if chunk and n_chunk % nw == wid:
             yield self._encode(chunk)
 
+    def _items(self) -> Iterator[tuple[int, str, Any]]:
+        """``(position, kind, value)`` of each record; in skip mode an unreadable line (bad
+        JSON or UTF-8) comes through in its place as its BadRecordError, so that it is counted
+        once, by the worker that owns its chunk."""
+        if self.on_bad == "raise":
+            yield from iter_objects(self.path, on_bad="raise")
+            return
+        unreadable = _Unreadable()
+        for item in iter_objects(self.path, on_bad="skip", report=unreadable):
+            yield from unreadable.drain()
+            yield item
+        yield from unreadable.drain()
+
     def _encode(self, chunk: list[tuple[int, str, Any]]) -> dict[str, Any]:
-        ids, entries, skipped = [], [], []
+        ids, entries, skipped, positions = [], [], [], []
         for pos, kind, obj in chunk:
+            if isinstance(obj, BadRecordError):  # an unreadable line (skip mode only)
+                skipped.append((obj.category, str(obj)))
+                continue
             try:
                 cand = parse_record(obj, Candidate, self.path, pos, kind)
                 text = self.captions.text_of(cand, self.recipe, self.path, pos)
@@ -133,11 +184,14 @@ class CandidateStream(IterableDataset):
                 skipped.append((err.category or "invalid_record", str(err)))
                 continue
             ids.append(cand.id)
+            positions.append((pos, kind))
             entries.append(Entry(cand.image, text))
         batch = self.codec.encode(entries)
         bad = batch.pop("bad_entries")
         skipped += [("bad_image", f"candidate {ids[i]}: {why}") for i, why in bad.items()]
         batch["ids"] = ids
+        batch["positions"] = positions  # where each id is in the file, for the writer's errors
+        batch["file"] = str(self.path)
         batch["valid"] = torch.tensor([i not in bad for i in range(len(ids))], dtype=torch.bool)
         batch["skipped"] = skipped
         return batch
@@ -284,14 +338,14 @@ class SelectorDataModule(LightningDataModule):
         return self.report.setdefault(name, RecordReport())
 
     def _pair_loader(self, name: str, shuffle: bool = False) -> DataLoader:
+        pairs = _Pairs(self.sets[name])
         return DataLoader(
-            _Pairs(self.sets[name]),
+            pairs,
             batch_size=self.batch_size,
-            shuffle=shuffle,
+            sampler=EpochShuffle(len(pairs), self.seed) if shuffle else None,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
             collate_fn=_Tagged(PairCollate(self.entries, self.codec()), name),
-            generator=torch.Generator().manual_seed(self.seed) if shuffle else None,
         )
 
     def _entry(self, image: str, text: str, path: Path, line: int | None) -> int:
@@ -371,6 +425,7 @@ class SelectorDataModule(LightningDataModule):
             prefs = read_preferences(
                 files.preferences, on_bad=on_bad, report=self._rep("preferences")
             )
+            where: dict[str, tuple[int, str]] | None = None  # record positions, read on error
             for p in prefs:
                 caption, mentions = p.fig_caption, p.mentions_text()
                 if not caption and p.pair_id in self.captions.by_pair:
@@ -393,6 +448,17 @@ class SelectorDataModule(LightningDataModule):
                         None,
                     )
                 except BadRecordError as err:
+                    if where is None:
+                        where = _preference_positions(files.preferences)
+                    pos, kind = where.get(p.id) or where.get(p.id.split("#")[0], (None, "line"))
+                    err = BadRecordError(
+                        files.preferences,
+                        pos,
+                        f"preference {p.id!r}: {err.reason}",
+                        err.field,
+                        kind=kind,  # type: ignore[arg-type]
+                        category=err.category,
+                    )
                     handle_bad(err, on_bad, self._rep("preferences"))
                     continue
                 clin_pairs.append(Pair(a, b, CLINICIAN))
@@ -413,3 +479,13 @@ class SelectorDataModule(LightningDataModule):
 
 def _identity(x: Any) -> Any:
     return x
+
+
+def _preference_positions(path: Path) -> dict[str, tuple[int, str]]:
+    """Position of each record of a preferences file by id (pairs expanded from an
+    answer-marks record carry ids ``f"{id}#{i}>{j}"``, found under ``id``)."""
+    where: dict[str, tuple[int, str]] = {}
+    for pos, kind, obj in iter_objects(path, on_bad="skip", report=RecordReport()):
+        if isinstance(obj, dict) and "id" in obj:
+            where.setdefault(str(obj["id"]), (pos, kind))
+    return where

@@ -170,6 +170,11 @@ class SelectorModule(LightningModule):
         la, lb = logits[batch["pair_a"]], logits[batch["pair_b"]]
         return {"la": la, "lb": lb, "sa": torch.sigmoid(la), "sb": torch.sigmoid(lb)}
 
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        # dropout draws from the global RNG, which loaders and hooks also consume in an order
+        # that differs after a restart: seeding per step makes a resumed run continue exactly
+        torch.manual_seed(self.hparams.init_seed * 1_000_003 + self.global_step)
+
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         self.dropped_pairs += batch["dropped_pairs"]
         out = self._pair_outputs(batch)

@@ -12,6 +12,7 @@ from tqdm import tqdm
 
 from biomedvital.data.jsonio import (
     atomic_write,
+    handle_bad,
     iter_objects,
     parse_record,
     sha256_file,
@@ -20,6 +21,7 @@ from biomedvital.data.jsonio import (
 from biomedvital.data.records import Candidate
 from biomedvital.data.report import BadRecordError, RecordReport
 from biomedvital.tracking.mlflow import DEFAULT_STORE, PipelineRun
+from biomedvital.tracking.provenance import git_state
 
 
 def _read_scores(path: Path, on_bad: str, report: RecordReport) -> dict[str, tuple[float, float]]:
@@ -108,16 +110,35 @@ def select(
     reports = {"scores": RecordReport(), "candidates": RecordReport()}
     score_of = _read_scores(scores, on_bad_record, reports["scores"])
 
-    # pass 1: the score of each candidate in file order (floats only: memory stays small)
+    # pass 1: the score of each candidate in file order (floats only: memory stays small);
+    # an invalid or repeated candidate is never kept (raised, or counted in skip mode), so that
+    # pass 2 writes only valid records, each id once
     order_scores, order_keys = [], []
-    for _pos, _kind, obj in iter_objects(
+    seen: set[str] = set()
+    for pos, kind, obj in iter_objects(
         candidates, on_bad=on_bad_record, report=reports["candidates"]
     ):
-        cid = str(obj.get("id")) if isinstance(obj, dict) else None
-        reports["candidates"].kept()
-        score, key = score_of.get(cid, (np.nan, np.nan)) if cid is not None else (np.nan, np.nan)
+        score, key = np.nan, np.nan
+        try:
+            cid = parse_record(obj, Candidate, candidates, pos, kind).id
+            if cid in seen:
+                raise BadRecordError(
+                    candidates,
+                    pos,
+                    f"duplicate id {cid!r}",
+                    "id",
+                    kind=kind,
+                    category="duplicate_id",
+                )
+            seen.add(cid)
+        except BadRecordError as err:
+            handle_bad(err, on_bad_record, reports["candidates"])
+        else:
+            reports["candidates"].kept()
+            score, key = score_of.get(cid, (np.nan, np.nan))
         order_scores.append(score)
         order_keys.append(key)
+    del seen
     arr = np.asarray(order_scores, dtype=np.float64)
     keys = np.asarray(order_keys, dtype=np.float64)
     scored = int(np.isfinite(arr).sum())
@@ -169,6 +190,15 @@ def select(
             "records": {k: r.as_dict() for k, r in reports.items()},
             "upstream_run": upstream_run,
             "mlflow_run_id": run.run_id,
+            "config": {
+                "scores": str(scores),
+                "candidates": str(candidates),
+                "out": str(out),
+                "top_percent": top_percent,
+                "top_n": top_n,
+                "on_bad_record": on_bad_record,
+            },
+            "git": git_state(),
         }
         run.log_params(
             {"top_percent": top_percent, "top_n": top_n, "scores": scores, "candidates": candidates}

@@ -12,6 +12,7 @@ from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import BasePredictionWriter
 
 from biomedvital.data.jsonio import write_json
+from biomedvital.data.report import BadRecordError
 
 
 class ScoreWriter(BasePredictionWriter):
@@ -65,9 +66,26 @@ class ScoreWriter(BasePredictionWriter):
                 self._examples.append(message)
         lines = []
         scores, logits = prediction["scores"].tolist(), prediction["logits"].tolist()
-        for cid, score, logit in zip(prediction["ids"], scores, logits, strict=True):
+        positions = _valid_positions(batch, len(prediction["ids"]))
+        source = batch.get("file", "scored pool") if isinstance(batch, dict) else "scored pool"
+        for cid, score, logit, (pos, kind) in zip(
+            prediction["ids"], scores, logits, positions, strict=True
+        ):
             if cid in self._seen:
-                raise ValueError(f"duplicate candidate id {cid!r} in the scored pool")
+                err = BadRecordError(
+                    source,
+                    pos,
+                    f"duplicate id {cid!r}",
+                    "id",
+                    kind=kind,
+                    category="duplicate_id",
+                )
+                if getattr(trainer.datamodule, "on_bad_record", "raise") != "skip":
+                    raise err
+                self._skipped[err.category] += 1  # the first occurrence keeps its score
+                if len(self._examples) < 20:
+                    self._examples.append(str(err))
+                continue
             self._seen.add(cid)
             self._hist[min(int(score * 10), 9)] += 1
             lines.append(json.dumps({"id": cid, "score": score, "logit": logit}))
@@ -111,3 +129,11 @@ class ScoreWriter(BasePredictionWriter):
             self._fh = None
         if self._tmp is not None and self._tmp.exists():
             self._tmp.unlink()
+
+
+def _valid_positions(batch: Any, n: int) -> list[tuple[int | None, str]]:
+    """File position of each scored id: the stream's positions, less the entries it dropped."""
+    if not isinstance(batch, dict) or "positions" not in batch:
+        return [(None, "line")] * n
+    valid = batch["valid"].tolist()
+    return [p for p, ok in zip(batch["positions"], valid, strict=True) if ok]

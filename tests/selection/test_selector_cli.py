@@ -160,3 +160,22 @@ def test_same_seed_same_scores(tmp_path: Path, pool: dict[str, Path]) -> None:
         )
         outputs.append((d / "out" / "scores.jsonl").read_text())
     assert outputs[0] == outputs[1]
+
+
+def test_resume_from_last(tmp_path: Path, pool: dict[str, Path]) -> None:
+    """``--ckpt_path last`` continues an interrupted run to the same weights as an uninterrupted one."""
+    import torch
+
+    straight, resumed = tmp_path / "a", tmp_path / "b"
+    for d in (straight, resumed):
+        d.mkdir()
+    cfg_a = _config(straight, pool)
+    main(["fit", "--config", str(cfg_a), "--trainer.max_epochs", "2"])
+    cfg_b = _config(resumed, pool)
+    main(["fit", "--config", str(cfg_b), "--trainer.max_epochs", "1"])
+    main(["fit", "--config", str(cfg_b), "--trainer.max_epochs", "2", "--ckpt_path", "last"])
+    a = torch.load(straight / "out" / "ckpt" / "last.ckpt", weights_only=True)
+    b = torch.load(resumed / "out" / "ckpt" / "last.ckpt", weights_only=True)
+    assert a["epoch"] == b["epoch"] == 1
+    for key, value in a["state_dict"].items():
+        torch.testing.assert_close(b["state_dict"][key], value, msg=key)

@@ -1,0 +1,356 @@
+"""Bad input: a clear error naming file, line and field, or a counted skip in the run's report.
+
+Also: a run that fails midway leaves no half-written output behind.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from biomedvital.cli import main
+from biomedvital.data.images import ImageLoadError
+from biomedvital.data.pool import FilePool
+from biomedvital.data.report import BadRecordError
+from biomedvital.selection.datamodule import SelectorDataModule
+from biomedvital.selection.select import select
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def _lines(path: Path) -> list[str]:
+    return path.read_text().splitlines()
+
+
+def _edit(path: Path, line: int, fn: Callable[[dict[str, Any]], Any]) -> None:
+    """Replace the 1-based ``line`` of a JSONL file by ``fn(record)`` (a dict or a raw string)."""
+    rows = _lines(path)
+    new = fn(json.loads(rows[line - 1]))
+    rows[line - 1] = new if isinstance(new, str) else json.dumps(new)
+    path.write_text("\n".join(rows) + "\n")
+
+
+def _set(**fields: Any) -> Callable[[dict[str, Any]], dict[str, Any]]:
+    return lambda rec: {**rec, **fields}
+
+
+def _truncate(rec: dict[str, Any]) -> str:
+    return json.dumps(rec)[:25]
+
+
+def _corrupt_jpeg(pool: dict[str, Path], name: str = "broken.jpg") -> str:
+    data = (pool["image_root"] / "retina.jpg").read_bytes()
+    (pool["image_root"] / name).write_bytes(data[: len(data) // 3])
+    return name
+
+
+def _dm(pool: dict[str, Path], on_bad: str = "raise", **kw: Any) -> SelectorDataModule:
+    return SelectorDataModule(
+        FilePool(**{k: str(v) for k, v in pool.items()}),
+        model_pairs=16,
+        val_model_pairs=4,
+        num_workers=0,
+        on_bad_record=on_bad,  # type: ignore[arg-type]
+        **kw,
+    )
+
+
+def _no_question(rec: dict[str, Any]) -> dict[str, Any]:
+    turns = [{"from": "human", "value": "<image>\n"}, {"from": "gpt", "value": "An answer."}]
+    return {**rec, "conversations": turns}
+
+
+# (file, line, edit, field, skip category) — one bad record each
+CASES: dict[str, tuple[str, int, Callable[[dict[str, Any]], Any], str | None, str]] = {
+    "missing_image": ("candidates", 2, _set(image="nowhere.png"), "image", "bad_image_path"),
+    "escaping_path": ("candidates", 3, _set(image="../outside.png"), "image", "bad_image_path"),
+    "no_qa_turn": ("candidates", 4, _no_question, "conversations", "invalid:conversations"),
+    "no_turns": ("candidates", 4, _set(conversations=[]), "conversations", "invalid:conversations"),
+    "unanswered": (
+        "candidates",
+        4,
+        _set(conversations=[{"from": "human", "value": "<image>\nWhat?"}]),
+        "conversations",
+        "invalid:conversations",
+    ),
+    "rating_not_a_number": ("ratings", 3, _set(score="high"), "score", "invalid:score"),
+    "rating_above_10": ("ratings", 3, _set(score=11), "score", "invalid:score"),
+    "rating_below_0": ("ratings", 5, _set(score=-0.5), "score", "invalid:score"),
+    "rating_bool": ("ratings", 5, _set(score=True), "score", "invalid:score"),
+    "duplicate_id": ("candidates", 5, _set(id="fig0-c3"), "id", "duplicate_id"),
+    "truncated_candidates": ("candidates", 6, _truncate, None, "invalid_json"),
+    "truncated_ratings": ("ratings", 6, _truncate, None, "invalid_json"),
+}
+
+
+def _apply(pool: dict[str, Path], case: str) -> tuple[Path, int, str | None, str]:
+    name, line, edit, field, category = CASES[case]
+    (pool["image_root"].parent / "outside.png").write_bytes(
+        (pool["image_root"] / "cell.png").read_bytes()
+    )  # the escaping path points at a real file
+    _edit(pool[name], line, edit)
+    return pool[name], line, field, category
+
+
+# ----------------------------------------------------------------------------- data module
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_raise_names_file_line_field(pool: dict[str, Path], case: str) -> None:
+    path, line, field, category = _apply(pool, case)
+    dm = _dm(pool)
+    with pytest.raises(BadRecordError) as e:
+        dm.setup("fit")
+    err = e.value
+    assert (err.path, err.line, err.field, err.category) == (str(path), line, field, category)
+    msg = str(err)
+    assert msg.startswith(f"{path}:{line}:")
+    if field:
+        assert f"field '{field}'" in msg
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_skip_is_counted(pool: dict[str, Path], case: str) -> None:
+    n_cands = len(_lines(pool["candidates"]))
+    path, line, _field, category = _apply(pool, case)
+    name = CASES[case][0]
+    dm = _dm(pool, "skip")
+    dm.setup("fit")
+    records = dm.describe()["records"]
+    assert records[name]["skipped_by_reason"] == {category: 1}
+    assert records[name]["examples"][0].startswith(f"{path}:{line}:")
+    if name == "candidates":
+        # the skipped candidate is the only one missing; its rating names no candidate now
+        assert records["candidates"]["kept"] == n_cands - 1
+        if category != "duplicate_id":
+            assert len(dm.entries) == n_cands - 1 + 2 * len(_lines(pool["preferences"]))
+    else:
+        assert records["ratings"]["kept"] == n_cands - 1
+        assert records["unrated_candidates"]["kept"] == 1
+    assert dm.sets["train"] and dm.sets["val_model"]
+
+
+def test_duplicate_id_skip_also_reports_orphan_rating(pool: dict[str, Path]) -> None:
+    _apply(pool, "duplicate_id")
+    dm = _dm(pool, "skip")
+    dm.setup("fit")
+    ratings = dm.describe()["records"]["ratings"]
+    # the duplicate's own rating (fig0-c4) now names no candidate
+    assert ratings["skipped_by_reason"] == {"rating_without_candidate": 1}
+    assert "'fig0-c4'" in ratings["examples"][0]
+
+
+def test_absolute_image_path_refused_even_inside_root(pool: dict[str, Path]) -> None:
+    inside = str((pool["image_root"] / "retina.jpg").resolve())
+    _edit(pool["candidates"], 2, _set(image=inside))
+    with pytest.raises(BadRecordError, match="absolute image path") as e:
+        _dm(pool).setup("fit")
+    assert (e.value.line, e.value.field) == (2, "image")
+    dm = _dm(pool, "skip")
+    dm.setup("fit")
+    assert dm.describe()["records"]["candidates"]["skipped_by_reason"] == {"bad_image_path": 1}
+
+
+def test_bad_preference_image_names_the_file(pool: dict[str, Path]) -> None:
+    _edit(pool["preferences"], 2, _set(image="../outside.png"))
+    with pytest.raises(BadRecordError) as e:
+        _dm(pool).setup("fit")
+    assert e.value.path == str(pool["preferences"]) and e.value.field == "image"
+    assert "fig0-p1" in str(e.value)  # which record, since preferences lose their line
+    dm = _dm(pool, "skip")
+    dm.setup("fit")
+    prefs = dm.describe()["records"]["preferences"]
+    assert prefs["skipped_by_reason"] == {"bad_image_path": 1}
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def _config(tmp: Path, pool: dict[str, Path], on_bad: str, **data: Any) -> tuple[Path, Path]:
+    out = tmp / "out"
+    cfg = {
+        "seed_everything": 0,
+        "model": {
+            "class_path": "biomedvital.selection.SelectorModule",
+            "init_args": {
+                "backbone": "tiny:tiny-clip",
+                "head_hidden": [16],
+                "cache_dir": str(tmp / "cache"),
+            },
+        },
+        "data": {
+            "class_path": "biomedvital.selection.SelectorDataModule",
+            "init_args": {
+                "pool": {
+                    "class_path": "biomedvital.data.pool.FilePool",
+                    "init_args": {k: str(v) for k, v in pool.items()},
+                },
+                "model_pairs": 32,
+                "val_model_pairs": 8,
+                "batch_size": 32,
+                "num_workers": 0,
+                "on_bad_record": on_bad,
+                **data,
+            },
+        },
+        "trainer": {
+            "max_epochs": 1,
+            "accelerator": "cpu",
+            "default_root_dir": str(out),
+            "enable_progress_bar": False,
+            "enable_model_summary": False,
+            "enable_checkpointing": False,
+            "logger": False,
+            "callbacks": [
+                {
+                    "class_path": "biomedvital.selection.ScoreWriter",
+                    "init_args": {"output": str(out / "scores.jsonl")},
+                },
+            ],
+        },
+    }
+    path = tmp / f"selector-{on_bad}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path, out
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """One MLflow store for the module's ``select`` runs (creating one takes seconds)."""
+    return str(tmp_path_factory.mktemp("mlruns"))
+
+
+def test_cli_fit_skip_lists_skips_in_run_record(tmp_path: Path, pool: dict[str, Path]) -> None:
+    _apply(pool, "missing_image")
+    _apply(pool, "rating_not_a_number")
+    _edit(pool["candidates"], 7, _truncate)
+    cfg, out = _config(tmp_path, pool, "skip")
+    main(["fit", "--config", str(cfg)])
+    records = json.loads((out / "run.fit.json").read_text())["data"]["records"]
+    assert records["candidates"]["skipped_by_reason"] == {"bad_image_path": 1, "invalid_json": 1}
+    assert records["ratings"]["skipped_by_reason"] == {
+        "invalid:score": 1,
+        "rating_without_candidate": 1,  # the truncated candidate's rating
+    }
+    assert any(f"{pool['candidates']}:7:" in ex for ex in records["candidates"]["examples"])
+
+
+def test_cli_fit_raise_names_file_line_field(tmp_path: Path, pool: dict[str, Path]) -> None:
+    _apply(pool, "rating_above_10")
+    cfg, out = _config(tmp_path, pool, "raise")
+    with pytest.raises(BadRecordError) as e:
+        main(["fit", "--config", str(cfg)])
+    assert str(e.value).startswith(f"{pool['ratings']}:3: field 'score':")
+    assert "between 0 and 10" in str(e.value)
+    assert not (out / "run.fit.json").exists()
+
+
+def _scores(out: Path) -> dict[str, float]:
+    return {r["id"]: r["score"] for r in map(json.loads, _lines(out / "scores.jsonl")) if r}
+
+
+def test_cli_predict_skip_counts_bad_records(tmp_path: Path, pool: dict[str, Path]) -> None:
+    ids = [json.loads(x)["id"] for x in _lines(pool["candidates"])]
+    broken = _corrupt_jpeg(pool)
+    _edit(pool["candidates"], 2, _set(image=broken))  # corrupt image
+    _edit(pool["candidates"], 5, _set(image="../outside.png"))  # escaping path
+    _edit(pool["candidates"], 9, _no_question)  # no QA turn
+    _edit(pool["candidates"], 13, _truncate)  # truncated line
+    cfg, out = _config(tmp_path, pool, "skip", predict_chunk=4)
+    main(["predict", "--config", str(cfg)])
+    manifest = json.loads((out / "scores.jsonl.manifest.json").read_text())
+    assert manifest["skipped_by_reason"] == {
+        "bad_image": 2,
+        "invalid:conversations": 1,
+        "invalid_json": 1,
+    }
+    assert manifest["skipped"] == 4 and manifest["scored"] == len(ids) - 4
+    examples = "\n".join(manifest["skipped_examples"])
+    assert broken in examples and "outside.png" in examples
+    assert f"{pool['candidates']}:13:" in examples
+    scored = _scores(out)
+    assert set(scored) == set(ids) - {ids[1], ids[4], ids[8], ids[12]}
+
+
+def test_cli_predict_raise_on_corrupt_image_leaves_nothing(
+    tmp_path: Path, pool: dict[str, Path]
+) -> None:
+    n = len(_lines(pool["candidates"]))
+    broken = _corrupt_jpeg(pool)
+    _edit(pool["candidates"], n, _set(image=broken))  # in the last chunk
+    cfg, out = _config(tmp_path, pool, "raise", predict_chunk=3)
+    out.mkdir(parents=True)
+    with pytest.raises(ImageLoadError, match=broken):
+        main(["predict", "--config", str(cfg)])
+    assert sorted(p.name for p in out.iterdir()) == []  # no scores, no temp file, no manifest
+
+
+def test_cli_predict_raise_on_truncated_line(tmp_path: Path, pool: dict[str, Path]) -> None:
+    _edit(pool["candidates"], 10, _truncate)
+    cfg, out = _config(tmp_path, pool, "raise", predict_chunk=4)
+    with pytest.raises(BadRecordError) as e:
+        main(["predict", "--config", str(cfg)])
+    assert str(e.value).startswith(f"{pool['candidates']}:10: invalid JSON")
+    assert not (out / "scores.jsonl").exists()
+    assert not list(out.glob(".scores.jsonl*"))
+
+
+# ----------------------------------------------------------------------------- select
+
+
+def _write_scores(path: Path, pool: dict[str, Path]) -> list[str]:
+    ids = [json.loads(x)["id"] for x in _lines(pool["candidates"])]
+    path.write_text(
+        "".join(
+            json.dumps({"id": c, "score": (i + 1) / (len(ids) + 1)}) + "\n"
+            for i, c in enumerate(ids)
+        )
+    )
+    return ids
+
+
+def test_select_failure_leaves_no_output(tmp_path: Path, pool: dict[str, Path], store: str) -> None:
+    scores = tmp_path / "scores.jsonl"
+    _write_scores(scores, pool)
+    _edit(scores, 4, _set(score="0.9"))
+    out = tmp_path / "selected"
+    with pytest.raises(BadRecordError) as e:
+        select(scores, pool["candidates"], out, top_percent=50, store=store)
+    assert str(e.value).startswith(f"{scores}:4: field 'score':")
+    assert not out.exists() or sorted(p.name for p in out.iterdir()) == []
+
+    # failure while streaming out (a kept candidate is invalid): the temp file is removed
+    _write_scores(scores, pool)
+    n = len(_lines(pool["candidates"]))
+    _edit(pool["candidates"], n, _set(conversations=[]))  # best-scored
+    with pytest.raises(BadRecordError) as e:
+        select(scores, pool["candidates"], out, top_percent=50, store=store)
+    assert (e.value.line, e.value.field) == (n, "conversations")
+    assert not out.exists() or sorted(p.name for p in out.iterdir()) == []
+
+
+def test_select_skip_counts_bad_lines(tmp_path: Path, pool: dict[str, Path], store: str) -> None:
+    scores = tmp_path / "scores.jsonl"
+    ids = _write_scores(scores, pool)
+    _edit(scores, 2, _set(score=None))
+    _edit(scores, 3, _truncate)
+    _edit(scores, 4, _set(id=ids[4]))  # duplicate of line 5
+    manifest = select(
+        scores, pool["candidates"], tmp_path / "sel", top_n=5, on_bad_record="skip", store=store
+    )
+    assert manifest["records"]["scores"]["skipped_by_reason"] == {
+        "duplicate_id": 1,
+        "invalid:score": 1,
+        "invalid_json": 1,
+    }
+    assert manifest["kept"] == 5
+    on_disk = json.loads((tmp_path / "sel" / "manifest.json").read_text())
+    assert on_disk["records"] == manifest["records"]
+    selected = json.loads((tmp_path / "sel" / "selected.json").read_text())
+    assert [c["id"] for c in selected] == ids[-5:]

@@ -1,0 +1,382 @@
+"""Unit tests of the selector's parts, with hand-computed golden values."""
+
+from __future__ import annotations
+
+import math
+import multiprocessing
+import os
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from torch import nn
+
+from biomedvital.data.images import ImageRoot
+from biomedvital.selection.backbones import PREFIXES, available_tiny, create_backbone
+from biomedvital.selection.batching import Entry
+from biomedvital.selection.cache import EmbeddingCache, content_key
+from biomedvital.selection.losses import pair_loss
+from biomedvital.selection.module import SelectorModule, mlp
+from biomedvital.selection.pairs import (
+    MODEL,
+    sample_model_pairs,
+    split_clinician,
+    split_levels,
+)
+from biomedvital.selection.text import candidate_text
+
+REPO = Path(__file__).resolve().parents[2]
+
+# ----------------------------------------------------------------------------- losses
+
+
+def test_hinge_golden() -> None:
+    sa = torch.tensor([0.9, 0.2, 0.5, 0.7])
+    sb = torch.tensor([0.1, 0.6, 0.5, 0.7])
+    junk = torch.full((4,), 123.0)  # hinge must not read the logits
+    got = pair_loss("hinge", sa, sb, junk, -junk, margin=1.0)
+    torch.testing.assert_close(got, torch.tensor([0.2, 1.4, 1.0, 1.0]))
+    # a smaller margin saturates at 0 once the gap exceeds it
+    got = pair_loss("hinge", sa, sb, junk, -junk, margin=0.5)
+    torch.testing.assert_close(got, torch.tensor([0.0, 0.9, 0.5, 0.5]))
+
+
+def test_ranknet_golden() -> None:
+    la = torch.tensor([2.0, 0.0, -1.0])
+    lb = torch.tensor([0.0, 0.0, 1.0])
+    junk = torch.full((3,), 0.5)  # ranknet must not read the sigmoid scores
+    got = pair_loss("ranknet", junk, junk, la, lb, margin=1.0)
+    want = torch.tensor([math.log1p(math.exp(-2.0)), math.log(2.0), math.log1p(math.exp(2.0))])
+    torch.testing.assert_close(got, want)
+
+
+def test_unknown_loss_raises() -> None:
+    x = torch.zeros(1)
+    with pytest.raises(ValueError, match="unknown loss 'hing'"):
+        pair_loss("hing", x, x, x, x)  # type: ignore[arg-type]
+
+
+# ----------------------------------------------------------------------------- pairs
+
+
+def test_split_levels_golden() -> None:
+    scores = [5, 8, 5, 8, 5, 8, 5, 8, 5, 8, 2]
+    train, val = split_levels(scores, 0.8)
+    assert train == {2.0: [10], 5.0: [0, 2, 4, 6], 8.0: [1, 3, 5, 7]}
+    assert val == {5.0: [8], 8.0: [9]}
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_split_levels_first_part_of_each_level(seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    scores = [float(s) for s in rng.integers(0, 11, size=300)]
+    train, val = split_levels(scores, 0.8)
+    by_level: dict[float, list[int]] = defaultdict(list)
+    for i, s in enumerate(scores):
+        by_level[s].append(i)
+    train_items = {i for v in train.values() for i in v}
+    val_items = {i for v in val.values() for i in v}
+    assert not train_items & val_items
+    assert train_items | val_items == set(range(len(scores)))
+    for level, items in by_level.items():
+        cut = round(0.8 * len(items))
+        if len(items) > 1:
+            cut = min(max(cut, 1), len(items) - 1)
+        assert train[level] == items[:cut], level  # a prefix of the level, in file order
+        assert val.get(level, []) == items[cut:], level
+
+
+def test_split_levels_full_train_and_bad_fraction() -> None:
+    train, val = split_levels([1, 1, 2, 2], 1.0)
+    assert train == {1.0: [0, 1], 2.0: [2, 3]} and val == {}
+    for bad in (0.0, 1.5):
+        with pytest.raises(ValueError, match="train_fraction"):
+            split_levels([1, 2], bad)
+
+
+def test_sample_model_pairs_cross_levels_better_first() -> None:
+    levels = {2.0: [10], 5.0: [0, 2, 4], 8.0: [1, 3]}
+    level_of = {i: k for k, v in levels.items() for i in v}
+    pairs = sample_model_pairs(levels, 300, np.random.default_rng(0))
+    assert len(pairs) == 300
+    for p in pairs:
+        assert level_of[p.a] > level_of[p.b], p
+        assert p.kind == MODEL
+    # every combination of two levels is drawn
+    assert {(level_of[p.a], level_of[p.b]) for p in pairs} == {(5.0, 2.0), (8.0, 2.0), (8.0, 5.0)}
+    again = sample_model_pairs(levels, 300, np.random.default_rng(0))
+    other = sample_model_pairs(levels, 300, np.random.default_rng(1))
+    assert pairs == again
+    assert pairs != other
+
+
+def test_sample_model_pairs_needs_two_levels() -> None:
+    rng = np.random.default_rng(0)
+    with pytest.raises(ValueError, match="two or more rating levels"):
+        sample_model_pairs({7.0: [0, 1, 2]}, 5, rng)
+    with pytest.raises(ValueError, match="two or more rating levels"):
+        sample_model_pairs({7.0: [0, 1], 3.0: []}, 5, rng)  # an empty level does not count
+    assert sample_model_pairs({7.0: [0, 1, 2]}, 0, rng) == []
+    assert sample_model_pairs({}, 0, rng) == []
+
+
+def test_split_clinician_whole_groups() -> None:
+    groups = [f"img{i // 3}" for i in range(30)]  # 10 images, 3 pairs each
+    train, val = split_clinician(groups, 0.3, np.random.default_rng(0))
+    assert sorted(train + val) == list(range(30))
+    assert not set(train) & set(val)
+    val_groups = {groups[i] for i in val}
+    train_groups = {groups[i] for i in train}
+    assert not val_groups & train_groups  # whole groups go to one side
+    assert len(val_groups) == 3 and len(val) == 9  # 30 % of the groups
+    assert (train, val) == split_clinician(groups, 0.3, np.random.default_rng(0))
+    others = {tuple(split_clinician(groups, 0.3, np.random.default_rng(s))[1]) for s in range(5)}
+    assert len(others) > 1  # the seed matters
+
+
+def test_split_clinician_edges() -> None:
+    rng = np.random.default_rng(0)
+    assert split_clinician(["a", "a", "b"], 0.0, rng) == ([0, 1, 2], [])
+    # a tiny fraction still holds out one group, a large one keeps one for training
+    train, val = split_clinician(["a", "b", "c"], 0.01, rng)
+    assert len(val) == 1 and len(train) == 2
+    train, val = split_clinician(["a", "b", "c"], 0.99, rng)
+    assert len(val) == 2 and len(train) == 1
+    assert split_clinician([], 0.5, rng) == ([], [])
+    with pytest.raises(ValueError, match="clinician_val_fraction"):
+        split_clinician(["a"], 1.0, rng)
+
+
+# ----------------------------------------------------------------------------- text
+
+CAPTION = "Fig 1: CT of the chest."
+MENTIONS = "As shown in Fig 1, a nodule."
+TURNS = [("<image>\nWhat is shown?", " A nodule. "), ("Where is it?", "Left lower lobe.")]
+
+
+def test_paper_recipe_golden() -> None:
+    got = candidate_text("paper", CAPTION, MENTIONS, TURNS)
+    assert got == (
+        "Fig 1: CT of the chest.As shown in Fig 1, a nodule.Question:What is shown?Answer:A nodule."
+    )
+
+
+def test_conversation_recipe_has_every_turn() -> None:
+    got = candidate_text("conversation", CAPTION, MENTIONS, TURNS)
+    assert got == (
+        "Fig 1: CT of the chest. As shown in Fig 1, a nodule. "
+        "Question: What is shown? Answer: A nodule. "
+        "Question: Where is it? Answer: Left lower lobe."
+    )
+    assert "<image>" not in got
+    # without figure context, no stray leading separator
+    assert candidate_text("conversation", "", "", TURNS[:1]) == (
+        "Question: What is shown? Answer: A nodule."
+    )
+
+
+def test_text_recipe_errors() -> None:
+    for recipe in ("paper", "conversation"):
+        with pytest.raises(ValueError, match="no question-answer turn"):
+            candidate_text(recipe, CAPTION, MENTIONS, [])  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="unknown text recipe"):
+        candidate_text("novel", CAPTION, MENTIONS, TURNS)  # type: ignore[arg-type]
+
+
+# ----------------------------------------------------------------------------- cache
+
+
+def _child_reads(cache: EmbeddingCache, keys: list[str], want: torch.Tensor) -> None:
+    # runs in a forked child: must open its own connection and see the parent's rows
+    got = cache.get(keys)
+    assert torch.equal(got, want)
+    assert cache._pid == os.getpid()
+    cache.put(["from-child"], torch.full((1, want.shape[1]), 7.0))
+
+
+def test_cache_round_trip_and_persistence(tmp_path: Path) -> None:
+    path = tmp_path / "c" / "emb.sqlite"
+    cache = EmbeddingCache(path)
+    vecs = torch.tensor([[1 / 3, -2.5, 1e-8], [3.0, 0.1, -0.7]], dtype=torch.float64)
+    cache.put(["a", "b"], vecs)
+    got = cache.get(["b", "a", "b"])
+    assert got.dtype == torch.float32
+    assert torch.equal(got, vecs.float()[[1, 0, 1]])  # exact float32 values, in key order
+    assert cache.known(["a", "x", "b"]) == {"a", "b"}
+    assert len(cache) == 2
+    with pytest.raises(KeyError, match="missing"):
+        cache.get(["a", "nope"])
+    cache.put(["a"], torch.zeros(1, 3))  # replace
+    assert torch.equal(cache.get(["a"]), torch.zeros(1, 3))
+    cache.close()
+
+    reopened = EmbeddingCache(path)
+    assert torch.equal(reopened.get(["b"]), vecs.float()[[1]])
+    assert reopened.known([]) == set()
+
+
+def test_cache_in_forked_child(tmp_path: Path) -> None:
+    cache = EmbeddingCache(tmp_path / "emb.sqlite")
+    want = torch.randn(3, 4)
+    keys = ["k0", "k1", "k2"]
+    cache.put(keys, want)  # the parent's connection is open across the fork
+    ctx = multiprocessing.get_context("fork")
+    proc = ctx.Process(target=_child_reads, args=(cache, keys, want))
+    proc.start()
+    proc.join(60)
+    assert proc.exitcode == 0
+    # the parent still works after the child, and sees what the child stored
+    assert torch.equal(cache.get(keys), want)
+    assert torch.equal(cache.get(["from-child"]), torch.full((1, 4), 7.0))
+
+
+def test_content_key_separates_kinds_and_backbones() -> None:
+    k = content_key("fp", "img", "abc")
+    assert k == content_key("fp", "img", b"abc")
+    assert k != content_key("fp", "txt", "abc")
+    assert k != content_key("fp2", "img", "abc")
+
+
+# ----------------------------------------------------------------------------- backbones
+
+
+def test_unknown_prefix_names_the_valid_ones() -> None:
+    for name in ("microsoft/BiomedCLIP", "models/hf-hub:x", "TINY:tiny-clip"):
+        with pytest.raises(ValueError) as e:
+            create_backbone(name)
+        for prefix in PREFIXES:
+            assert prefix in str(e.value)
+
+
+def test_local_dir_missing(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="backbone folder not found"):
+        create_backbone(f"local-dir:{tmp_path / 'absent'}")
+
+
+def test_unknown_tiny_lists_available() -> None:
+    assert "tiny-clip" in available_tiny()
+    with pytest.raises(ValueError, match="tiny-clip"):
+        create_backbone("tiny:no-such-model")
+
+
+def test_fingerprint_follows_weights() -> None:
+    a = create_backbone("tiny:tiny-clip", seed=0)
+    b = create_backbone("tiny:tiny-clip", seed=0)
+    c = create_backbone("tiny:tiny-clip", seed=1)
+    assert a.fingerprint() == b.fingerprint()
+    assert a.fingerprint() != c.fingerprint()
+    with torch.no_grad():
+        next(b.model.parameters()).add_(1e-3)
+    assert a.fingerprint() != b.fingerprint()
+
+
+# ----------------------------------------------------------------------------- module
+
+ENTRIES = [
+    Entry("retina.jpg", "alpha text"),
+    Entry("cell.png", "alpha text"),  # same text, other image
+    Entry("retina.jpg", "beta words"),  # same image, other text
+]
+
+
+def _module(tmp_path: Path, **kw: object) -> SelectorModule:
+    kw = {"head_hidden": [16], "dropout": 0.0, "cache_dir": str(tmp_path / "cache"), **kw}
+    return SelectorModule(backbone="tiny:tiny-clip", **kw).eval()  # type: ignore[arg-type]
+
+
+def test_head_reads_text_then_image(tmp_path: Path, pool: dict[str, Path]) -> None:
+    m = _module(tmp_path)
+    dim = m._backbone.embed_dim
+    assert m.head[0].in_features == 2 * dim
+    batch = m.make_codec(ImageRoot(pool["image_root"])).encode(ENTRIES)
+    weight = m.head[0].weight
+    saved = weight.detach().clone()
+    with torch.no_grad():
+        weight[:, dim:] = 0  # image half off: only the text counts
+        text_only = m.entry_logits(batch)
+        weight.copy_(saved)
+        weight[:, :dim] = 0  # text half off: only the image counts
+        image_only = m.entry_logits(batch)
+    assert text_only[0] == text_only[1] and text_only[0] != text_only[2]
+    assert image_only[0] == image_only[2] and image_only[0] != image_only[1]
+
+
+def test_frozen_trains_the_head_only(tmp_path: Path) -> None:
+    frozen = _module(tmp_path, backbone_mode="frozen")
+    assert not [n for n, p in frozen.backbone.named_parameters() if p.requires_grad]
+    held = {id(p) for g in frozen.configure_optimizers().param_groups for p in g["params"]}
+    assert held == {id(p) for p in frozen.head.parameters()}
+    frozen.train()
+    assert frozen.head.training and not frozen.backbone.training
+
+    tuned = _module(tmp_path, backbone_mode="finetune")
+    held = {id(p) for g in tuned.configure_optimizers().param_groups for p in g["params"]}
+    assert held == {id(p) for p in tuned.parameters() if p.requires_grad}
+    assert {id(p) for p in tuned.backbone.parameters()} <= held
+
+
+def _count_encoders(m: SelectorModule, monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
+    calls = {"img": 0, "txt": 0}
+    for kind, name in (("img", "encode_image"), ("txt", "encode_text")):
+        real = getattr(m.backbone, name)
+
+        def counted(x: torch.Tensor, _real=real, _kind=kind) -> torch.Tensor:
+            calls[_kind] += 1
+            return _real(x)
+
+        monkeypatch.setattr(m.backbone, name, counted)
+    return calls
+
+
+def test_frozen_features_come_from_the_cache(
+    tmp_path: Path, pool: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    root = ImageRoot(pool["image_root"])
+    m = _module(tmp_path, backbone_mode="frozen")
+    calls = _count_encoders(m, monkeypatch)
+    codec = m.make_codec(root)
+    with torch.no_grad():
+        first = m.entry_logits(codec.encode(ENTRIES))
+        assert calls == {"img": 1, "txt": 1}
+        batch = codec.encode(ENTRIES)
+        assert len(batch["pixel_rows"]) == 0 and len(batch["token_rows"]) == 0
+        second = m.entry_logits(batch)
+    assert calls == {"img": 1, "txt": 1}
+    torch.testing.assert_close(first, second, rtol=0, atol=1e-6)
+
+    # a new module with the same weights is served from the same cache...
+    same = _module(tmp_path, backbone_mode="frozen")
+    same_calls = _count_encoders(same, monkeypatch)
+    with torch.no_grad():
+        third = same.entry_logits(same.make_codec(root).encode(ENTRIES))
+    assert same_calls == {"img": 0, "txt": 0}
+    torch.testing.assert_close(first, third, rtol=0, atol=1e-6)
+    # ...one with other weights is not
+    other = _module(tmp_path, backbone_mode="frozen", init_seed=5)
+    other_calls = _count_encoders(other, monkeypatch)
+    with torch.no_grad():
+        other.entry_logits(other.make_codec(root).encode(ENTRIES))
+    assert other_calls == {"img": 1, "txt": 1}
+
+
+def test_paper_head_sizes() -> None:
+    cfg = yaml.safe_load((REPO / "conf" / "paper" / "selector.yaml").read_text())
+    args = cfg["model"]["init_args"]
+    biomedclip_embed = 512
+    head = mlp(2 * biomedclip_embed, args["head_hidden"], args["dropout"])
+    linears = [(m.in_features, m.out_features) for m in head if isinstance(m, nn.Linear)]
+    assert linears == [(1024, 512), (512, 512), (512, 512), (512, 1)]
+    kinds = [type(m).__name__ for m in head]
+    assert kinds == ["Linear", "ReLU", "Dropout"] * 3 + ["Linear"]
+    assert all(m.p == 0.2 for m in head if isinstance(m, nn.Dropout))
+    assert [type(m).__name__ for m in mlp(8, [4], 0.0)] == ["Linear", "ReLU", "Linear"]
+
+
+def test_module_default_head_is_the_papers(tmp_path: Path) -> None:
+    m = SelectorModule(backbone="tiny:tiny-clip", cache_dir=str(tmp_path))
+    linears = [(x.in_features, x.out_features) for x in m.head if isinstance(x, nn.Linear)]
+    dim = 2 * m._backbone.embed_dim
+    assert linears == [(dim, 512), (512, 512), (512, 512), (512, 1)]
