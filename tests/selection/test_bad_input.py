@@ -6,7 +6,7 @@ Also: a run that fails midway leaves no half-written output behind.
 from __future__ import annotations
 
 import json
-import shutil
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -20,6 +20,7 @@ from biomedvital.data.pool import FilePool
 from biomedvital.data.report import BadRecordError
 from biomedvital.selection.datamodule import SelectorDataModule
 from biomedvital.selection.select import select
+from biomedvital.selection.writer import ScoreWriter
 
 # ----------------------------------------------------------------------------- helpers
 
@@ -157,16 +158,37 @@ def test_absolute_image_path_refused_even_inside_root(pool: dict[str, Path]) -> 
     assert dm.describe()["records"]["candidates"]["skipped_by_reason"] == {"bad_image_path": 1}
 
 
-def test_bad_preference_image_names_the_file(pool: dict[str, Path]) -> None:
+def test_bad_preference_image_names_file_line_field(pool: dict[str, Path]) -> None:
     _edit(pool["preferences"], 2, _set(image="../outside.png"))
     with pytest.raises(BadRecordError) as e:
         _dm(pool).setup("fit")
-    assert e.value.path == str(pool["preferences"]) and e.value.field == "image"
-    assert "fig0-p1" in str(e.value)  # which record, since preferences lose their line
+    err = e.value
+    assert (err.path, err.line, err.field) == (str(pool["preferences"]), 2, "image")
+    assert "preference 'fig0-p1'" in str(err) and "escapes the image root" in str(err)
     dm = _dm(pool, "skip")
     dm.setup("fit")
     prefs = dm.describe()["records"]["preferences"]
     assert prefs["skipped_by_reason"] == {"bad_image_path": 1}
+    assert len(dm.sets["train_clinician"]) + len(dm.sets["val_clinician"]) == 11
+
+
+def test_bad_image_in_answer_marks_names_its_line(pool: dict[str, Path]) -> None:
+    marks = {
+        "id": "m1",
+        "image": "gone.png",
+        "question": "What is seen?",
+        "answers": [
+            {"text": "A finding.", "acceptable": True},
+            {"text": "Nothing.", "acceptable": False},
+        ],
+    }
+    with pool["preferences"].open("a") as f:
+        f.write(json.dumps(marks) + "\n")
+    line = len(_lines(pool["preferences"]))
+    with pytest.raises(BadRecordError) as e:
+        _dm(pool).setup("fit")
+    assert (e.value.line, e.value.field) == (line, "image")
+    assert "'m1#0>1'" in str(e.value) and "gone.png" in str(e.value)
 
 
 # ----------------------------------------------------------------------------- CLI
@@ -220,19 +242,31 @@ def _config(tmp: Path, pool: dict[str, Path], on_bad: str, **data: Any) -> tuple
     return path, out
 
 
+@pytest.fixture
+def cli(monkeypatch: pytest.MonkeyPatch) -> Callable[..., None]:
+    """``main`` as the shell would call it (pytest's own arguments hidden from LightningCLI)."""
+    monkeypatch.setattr(sys, "argv", ["biomedvital"])
+    return main
+
+
 @pytest.fixture(scope="module")
 def store(tmp_path_factory: pytest.TempPathFactory) -> str:
     """One MLflow store for the module's ``select`` runs (creating one takes seconds)."""
     return str(tmp_path_factory.mktemp("mlruns"))
 
 
-def test_cli_fit_skip_lists_skips_in_run_record(tmp_path: Path, pool: dict[str, Path]) -> None:
+def test_cli_fit_skip_lists_skips_in_run_record(
+    tmp_path: Path, pool: dict[str, Path], cli: Callable[..., None]
+) -> None:
     _apply(pool, "missing_image")
     _apply(pool, "rating_not_a_number")
     _edit(pool["candidates"], 7, _truncate)
+    _corrupt_jpeg(pool, "ihc.png")  # decoded only in batches: its pairs are dropped and counted
     cfg, out = _config(tmp_path, pool, "skip")
-    main(["fit", "--config", str(cfg)])
-    records = json.loads((out / "run.fit.json").read_text())["data"]["records"]
+    cli(["fit", "--config", str(cfg)])
+    record = json.loads((out / "run.fit.json").read_text())
+    assert record["dropped_pairs"] > 0
+    records = record["data"]["records"]
     assert records["candidates"]["skipped_by_reason"] == {"bad_image_path": 1, "invalid_json": 1}
     assert records["ratings"]["skipped_by_reason"] == {
         "invalid:score": 1,
@@ -241,11 +275,13 @@ def test_cli_fit_skip_lists_skips_in_run_record(tmp_path: Path, pool: dict[str, 
     assert any(f"{pool['candidates']}:7:" in ex for ex in records["candidates"]["examples"])
 
 
-def test_cli_fit_raise_names_file_line_field(tmp_path: Path, pool: dict[str, Path]) -> None:
+def test_cli_fit_raise_names_file_line_field(
+    tmp_path: Path, pool: dict[str, Path], cli: Callable[..., None]
+) -> None:
     _apply(pool, "rating_above_10")
     cfg, out = _config(tmp_path, pool, "raise")
     with pytest.raises(BadRecordError) as e:
-        main(["fit", "--config", str(cfg)])
+        cli(["fit", "--config", str(cfg)])
     assert str(e.value).startswith(f"{pool['ratings']}:3: field 'score':")
     assert "between 0 and 10" in str(e.value)
     assert not (out / "run.fit.json").exists()
@@ -255,15 +291,19 @@ def _scores(out: Path) -> dict[str, float]:
     return {r["id"]: r["score"] for r in map(json.loads, _lines(out / "scores.jsonl")) if r}
 
 
-def test_cli_predict_skip_counts_bad_records(tmp_path: Path, pool: dict[str, Path]) -> None:
+@pytest.mark.parametrize("workers", [0, 2])
+def test_cli_predict_skip_counts_bad_records(
+    tmp_path: Path, pool: dict[str, Path], cli: Callable[..., None], workers: int
+) -> None:
     ids = [json.loads(x)["id"] for x in _lines(pool["candidates"])]
     broken = _corrupt_jpeg(pool)
     _edit(pool["candidates"], 2, _set(image=broken))  # corrupt image
     _edit(pool["candidates"], 5, _set(image="../outside.png"))  # escaping path
     _edit(pool["candidates"], 9, _no_question)  # no QA turn
     _edit(pool["candidates"], 13, _truncate)  # truncated line
-    cfg, out = _config(tmp_path, pool, "skip", predict_chunk=4)
-    main(["predict", "--config", str(cfg)])
+    # with workers, each bad line is still counted once (by the worker owning its chunk)
+    cfg, out = _config(tmp_path, pool, "skip", predict_chunk=4, num_workers=workers)
+    cli(["predict", "--config", str(cfg)])
     manifest = json.loads((out / "scores.jsonl.manifest.json").read_text())
     assert manifest["skipped_by_reason"] == {
         "bad_image": 2,
@@ -279,23 +319,58 @@ def test_cli_predict_skip_counts_bad_records(tmp_path: Path, pool: dict[str, Pat
 
 
 def test_cli_predict_raise_on_corrupt_image_leaves_nothing(
-    tmp_path: Path, pool: dict[str, Path]
+    tmp_path: Path, pool: dict[str, Path], cli: Callable[..., None], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     n = len(_lines(pool["candidates"]))
     broken = _corrupt_jpeg(pool)
     _edit(pool["candidates"], n, _set(image=broken))  # in the last chunk
     cfg, out = _config(tmp_path, pool, "raise", predict_chunk=3)
-    out.mkdir(parents=True)
+    # what the writer had written when the failure reached it
+    at_failure: list[int] = []
+    real = ScoreWriter.on_exception
+
+    def spy(self: ScoreWriter, *args: Any) -> None:
+        assert self._fh is not None and self._tmp is not None
+        self._fh.flush()
+        at_failure.append(len(_lines(self._tmp)))
+        real(self, *args)
+
+    monkeypatch.setattr(ScoreWriter, "on_exception", spy)
     with pytest.raises(ImageLoadError, match=broken):
-        main(["predict", "--config", str(cfg)])
-    assert sorted(p.name for p in out.iterdir()) == []  # no scores, no temp file, no manifest
+        cli(["predict", "--config", str(cfg)])
+    # it failed midway: all chunks but the last two (one is prefetched) were in the temp file
+    assert at_failure and n - 2 * 3 <= at_failure[0] < n
+    # the resolved config is there; no scores, no temp file, no manifest
+    assert sorted(p.name for p in out.iterdir()) == ["config.predict.yaml"]
 
 
-def test_cli_predict_raise_on_truncated_line(tmp_path: Path, pool: dict[str, Path]) -> None:
+def test_cli_predict_duplicate_ids(
+    tmp_path: Path, pool: dict[str, Path], cli: Callable[..., None]
+) -> None:
+    ids = [json.loads(x)["id"] for x in _lines(pool["candidates"])]
+    _edit(pool["candidates"], 9, _set(id=ids[1]))  # repeats line 2, in another chunk
+    cfg, out = _config(tmp_path, pool, "raise", predict_chunk=4)
+    with pytest.raises(BadRecordError) as e:
+        cli(["predict", "--config", str(cfg)])
+    assert str(e.value).startswith(f"{pool['candidates']}:9: field 'id': duplicate id")
+    assert not (out / "scores.jsonl").exists()
+
+    cfg, out = _config(tmp_path, pool, "skip", predict_chunk=4)
+    cli(["predict", "--config", str(cfg)])
+    manifest = json.loads((out / "scores.jsonl.manifest.json").read_text())
+    assert manifest["skipped_by_reason"] == {"duplicate_id": 1}
+    assert manifest["scored"] == len(ids) - 1
+    rows = [json.loads(x) for x in _lines(out / "scores.jsonl")]
+    assert len(rows) == len({r["id"] for r in rows}) == len(ids) - 1
+
+
+def test_cli_predict_raise_on_truncated_line(
+    tmp_path: Path, pool: dict[str, Path], cli: Callable[..., None]
+) -> None:
     _edit(pool["candidates"], 10, _truncate)
     cfg, out = _config(tmp_path, pool, "raise", predict_chunk=4)
     with pytest.raises(BadRecordError) as e:
-        main(["predict", "--config", str(cfg)])
+        cli(["predict", "--config", str(cfg)])
     assert str(e.value).startswith(f"{pool['candidates']}:10: invalid JSON")
     assert not (out / "scores.jsonl").exists()
     assert not list(out.glob(".scores.jsonl*"))
@@ -325,14 +400,31 @@ def test_select_failure_leaves_no_output(tmp_path: Path, pool: dict[str, Path], 
     assert str(e.value).startswith(f"{scores}:4: field 'score':")
     assert not out.exists() or sorted(p.name for p in out.iterdir()) == []
 
-    # failure while streaming out (a kept candidate is invalid): the temp file is removed
+    # an invalid candidate (here the best-scored one) is refused before anything is written
     _write_scores(scores, pool)
     n = len(_lines(pool["candidates"]))
-    _edit(pool["candidates"], n, _set(conversations=[]))  # best-scored
+    _edit(pool["candidates"], n, _set(conversations=[]))
     with pytest.raises(BadRecordError) as e:
         select(scores, pool["candidates"], out, top_percent=50, store=store)
-    assert (e.value.line, e.value.field) == (n, "conversations")
+    assert str(e.value).startswith(f"{pool['candidates']}:{n}: field 'conversations':")
     assert not out.exists() or sorted(p.name for p in out.iterdir()) == []
+
+
+def test_select_failure_after_writing_removes_temp(
+    tmp_path: Path, pool: dict[str, Path], store: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    scores = tmp_path / "scores.jsonl"
+    _write_scores(scores, pool)
+    out = tmp_path / "selected"
+
+    def boom(self: Any, params: dict[str, Any]) -> None:  # after every record is written
+        assert len(list(out.glob(".selected.json.*.tmp"))) == 1
+        raise RuntimeError("tracking store went away")
+
+    monkeypatch.setattr("biomedvital.selection.select.PipelineRun.log_params", boom)
+    with pytest.raises(RuntimeError, match="went away"):
+        select(scores, pool["candidates"], out, top_percent=50, store=store)
+    assert sorted(p.name for p in out.iterdir()) == []
 
 
 def test_select_skip_counts_bad_lines(tmp_path: Path, pool: dict[str, Path], store: str) -> None:
@@ -354,3 +446,25 @@ def test_select_skip_counts_bad_lines(tmp_path: Path, pool: dict[str, Path], sto
     assert on_disk["records"] == manifest["records"]
     selected = json.loads((tmp_path / "sel" / "selected.json").read_text())
     assert [c["id"] for c in selected] == ids[-5:]
+
+
+def test_select_skip_counts_bad_candidates(
+    tmp_path: Path, pool: dict[str, Path], store: str
+) -> None:
+    scores = tmp_path / "scores.jsonl"
+    ids = _write_scores(scores, pool)  # the later the line, the better the score
+    n = len(ids)
+    _edit(pool["candidates"], n, _set(conversations=[]))  # best-scored, but invalid
+    _edit(pool["candidates"], n - 1, _set(id=ids[n - 3]))  # repeats line n-2
+    _edit(pool["candidates"], n - 4, _truncate)
+    manifest = select(
+        scores, pool["candidates"], tmp_path / "sel", top_n=3, on_bad_record="skip", store=store
+    )
+    assert manifest["records"]["candidates"]["skipped_by_reason"] == {
+        "duplicate_id": 1,
+        "invalid:conversations": 1,
+        "invalid_json": 1,
+    }
+    selected = json.loads((tmp_path / "sel" / "selected.json").read_text())
+    # the best valid ones, first occurrence of the repeated id, in file order
+    assert [c["id"] for c in selected] == [ids[n - 6], ids[n - 4], ids[n - 3]]
