@@ -30,7 +30,7 @@ n, work, mode = int(sys.argv[1]), Path(sys.argv[2]), sys.argv[4]
 demo = DemoPool(sys.argv[3]).prepare()
 figures = [json.loads(x) for x in demo.figures.read_text().splitlines() if x.strip()]
 cands = work / "candidates.jsonl"
-images = sorted(p.name for p in demo.images.iterdir())
+images = sorted(p.name for p in demo.image_root.iterdir())
 if mode == "fill":
   with cands.open("w") as f:
     for i in range(n):
@@ -40,7 +40,7 @@ if mode == "fill":
             {"from": "human", "value": f"<image>\nQuestion {i}: what does this show?"},
             {"from": "gpt", "value": f"Synthetic answer number {i} about the finding."}]}) + "\n")
 model = SelectorModule(backbone="tiny:tiny-clip", backbone_mode="frozen", cache_dir=str(work / "cache"))
-pool = FilePool(str(cands), str(demo.images), str(demo.figures))
+pool = FilePool(str(cands), str(demo.image_root), str(demo.figures))
 dm = SelectorDataModule(pool, num_workers=0, predict_chunk=512)
 trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
                     callbacks=[ScoreWriter(str(work / "scores.jsonl"))])

@@ -17,7 +17,6 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Callable
-from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
@@ -27,29 +26,72 @@ from torch import nn
 PREFIXES = ("hf-hub:", "local-dir:", "tiny:", "open_clip:")
 
 
-@dataclass
 class Backbone:
-    """A CLIP-style model with the preprocessing that must accompany it."""
+    """A CLIP-style model with the preprocessing that must accompany it.
 
-    name: str
-    model: nn.Module  # open_clip model: encode_image / encode_text
-    preprocess: Callable  # PIL image -> float tensor [3, H, W]
-    tokenizer: Callable  # list[str] -> long tensor [N, context_length]
-    embed_dim: int
+    The weights are built on first use of ``model``: preprocessing, tokenizer and the content
+    identity come without them, so a frozen backbone whose features are all cached never pays
+    for building or loading the network.
+    """
 
-    def fingerprint(self) -> str:
-        """Hash of the weights and preprocessing: the key under which features may be cached.
+    def __init__(
+        self,
+        name: str,
+        preprocess: Callable,
+        tokenizer: Callable,
+        embed_dim: int,
+        build: Callable[[], nn.Module],
+        identity: Callable[[], str] | None = None,
+    ) -> None:
+        self.name = name
+        self.preprocess = preprocess  # PIL image -> float tensor [3, H, W]
+        self.tokenizer = tokenizer  # list[str] -> long tensor [N, context_length]
+        self.embed_dim = embed_dim
+        self._build = build
+        self._identity = identity
+        self._model: nn.Module | None = None
 
-        Hashing the weights (not the name) means a fine-tuned or re-initialised backbone can
-        never be served features computed by another one.
+    @property
+    def model(self) -> nn.Module:
+        """The network (open_clip model: ``encode_image`` / ``encode_text``), built on demand."""
+        if self._model is None:
+            self._model = self._build()
+        return self._model
+
+    @property
+    def built(self) -> bool:
+        return self._model is not None
+
+    def fingerprint(self, *, from_weights: bool = False) -> str:
+        """Hash of the weights' identity and the preprocessing: the feature-cache key.
+
+        By default the identity is derived without building the model (seeded config, or the
+        bytes of the weight file); ``from_weights`` hashes the tensors themselves.
         """
         h = hashlib.sha256(self.name.encode())
         h.update(repr(self.preprocess).encode())
         h.update(str(getattr(self.tokenizer, "context_length", "")).encode())
+        if self._identity is not None and not from_weights:
+            h.update(self._identity().encode())
+            return h.hexdigest()[:32]
         for key, tensor in sorted(self.model.state_dict().items()):
             h.update(key.encode())
             h.update(tensor.detach().to("cpu").contiguous().view(-1).view(torch.uint8).numpy())
         return h.hexdigest()[:32]
+
+
+def _versions() -> str:
+    import open_clip
+
+    return f"torch={torch.__version__};open_clip={open_clip.__version__}"
+
+
+def _hash_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def available_tiny() -> list[str]:
@@ -60,6 +102,15 @@ def available_tiny() -> list[str]:
     )
 
 
+def _seeded(build: Callable[[], nn.Module], seed: int) -> Callable[[], nn.Module]:
+    def run() -> nn.Module:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return build()
+
+    return run
+
+
 def _tiny(name: str, seed: int) -> Backbone:
     import open_clip
     from open_clip.tokenizer import SimpleTokenizer
@@ -67,43 +118,74 @@ def _tiny(name: str, seed: int) -> Backbone:
     path = resources.files("biomedvital.selection") / "model_configs" / f"{name}.json"
     if not path.is_file():
         raise ValueError(f"unknown tiny backbone 'tiny:{name}'; available: {available_tiny()}")
-    cfg = json.loads(path.read_text())
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = open_clip.CLIP(**cfg)
-    vision = cfg["vision_cfg"]
-    preprocess = open_clip.image_transform(vision["image_size"], is_train=False)
-    tokenizer = SimpleTokenizer(context_length=cfg["text_cfg"]["context_length"])
-    return Backbone(f"tiny:{name}", model, preprocess, tokenizer, cfg["embed_dim"])
+    text = path.read_text()
+    cfg = json.loads(text)
+    return Backbone(
+        f"tiny:{name}",
+        open_clip.image_transform(cfg["vision_cfg"]["image_size"], is_train=False),
+        SimpleTokenizer(context_length=cfg["text_cfg"]["context_length"]),
+        cfg["embed_dim"],
+        _seeded(lambda: open_clip.CLIP(**cfg), seed),
+        lambda: f"{text};seed={seed};{_versions()}",
+    )
 
 
 def _random_arch(arch: str, seed: int) -> Backbone:
     import open_clip
 
-    if arch not in open_clip.list_models():
+    cfg = open_clip.get_model_config(arch)
+    if cfg is None:
         raise ValueError(f"unknown open_clip architecture {arch!r}; see open_clip.list_models()")
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model, _, preprocess = open_clip.create_model_and_transforms(arch, pretrained=None)
-    tokenizer = open_clip.get_tokenizer(arch)
-    embed_dim = int(model.text_projection.shape[-1]) if hasattr(model, "text_projection") else 512
-    return Backbone(f"open_clip:{arch}", model, preprocess, tokenizer, embed_dim)
+    return Backbone(
+        f"open_clip:{arch}",
+        open_clip.image_transform(cfg["vision_cfg"]["image_size"], is_train=False),
+        open_clip.get_tokenizer(arch),
+        cfg["embed_dim"],
+        _seeded(lambda: open_clip.create_model(arch, pretrained=None), seed),
+        lambda: f"{json.dumps(cfg, sort_keys=True)};seed={seed};{_versions()}",
+    )
 
 
 def _open_clip(name: str) -> Backbone:
+    """``hf-hub:`` / ``local-dir:``. Preprocessing comes from a weightless (meta-device) build
+    and the identity from the bytes of the weight file: neither loads a tensor."""
     import open_clip
+    from open_clip.factory import _find_checkpoint_in_dir
 
-    if name.startswith("local-dir:") and not Path(name.removeprefix("local-dir:")).is_dir():
-        raise FileNotFoundError(f"backbone folder not found: {name.removeprefix('local-dir:')}")
-    model, preprocess = open_clip.create_model_from_pretrained(name)
-    tokenizer = open_clip.get_tokenizer(name)
-    with torch.no_grad():
-        embed_dim = int(model.encode_text(tokenizer(["x"])).shape[-1])
-    return Backbone(name, model, preprocess, tokenizer, embed_dim)
+    if name.startswith("local-dir:"):
+        folder = Path(name.removeprefix("local-dir:"))
+        if not folder.is_dir():
+            raise FileNotFoundError(f"backbone folder not found: {folder}")
+
+        def weights() -> str | None:
+            return _find_checkpoint_in_dir(folder)
+    else:
+        from open_clip.pretrained import download_pretrained_from_hf
+
+        def weights() -> str | None:
+            return download_pretrained_from_hf(name.removeprefix("hf-hub:"))
+
+    skeleton, _, preprocess = open_clip.create_model_and_transforms(
+        name, load_weights=False, device="meta"
+    )
+    embed_dim = int(skeleton.text_projection.shape[-1])
+    del skeleton
+
+    def build() -> nn.Module:
+        model, _ = open_clip.create_model_from_pretrained(name)
+        return model
+
+    def identity() -> str:
+        path = weights()
+        if not path:
+            raise FileNotFoundError(f"no weight file found for backbone {name}")
+        return _hash_file(Path(path))
+
+    return Backbone(name, preprocess, open_clip.get_tokenizer(name), embed_dim, build, identity)
 
 
 def create_backbone(name: str, *, seed: int = 0) -> Backbone:
-    """Build the backbone that ``name`` designates (see the module docstring for prefixes)."""
+    """The backbone that ``name`` designates (see the module docstring for prefixes)."""
     if name.startswith("tiny:"):
         return _tiny(name.removeprefix("tiny:"), seed)
     if name.startswith("open_clip:"):

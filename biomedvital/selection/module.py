@@ -79,14 +79,14 @@ class SelectorModule(LightningModule):
         head_hidden = [512, 512, 512] if head_hidden is None else list(head_hidden)
         self.save_hyperparameters()
         self._backbone = create_backbone(backbone, seed=init_seed)
-        self.backbone = self._backbone.model
+        self.frozen = backbone_mode == "frozen"
+        if not self.frozen:
+            # trained: a submodule, saved in checkpoints. Frozen: built only if a feature is
+            # missing from the cache, and left out of checkpoints (the name rebuilds it)
+            self.backbone = self._backbone.model
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(init_seed + 1)
             self.head = mlp(2 * self._backbone.embed_dim, head_hidden, dropout)
-        self.frozen = backbone_mode == "frozen"
-        if self.frozen:
-            self.backbone.requires_grad_(False)
-            self.backbone.eval()
         self._cache: EmbeddingCache | None = None
         self._fingerprint: str | None = None
         self.metrics = nn.ModuleDict()
@@ -107,10 +107,20 @@ class SelectorModule(LightningModule):
         return self._cache
 
     def fingerprint(self) -> str:
-        """Backbone weight hash; computed once (a frozen backbone does not change)."""
-        if self._fingerprint is None or not self.frozen:
+        """Identity of the frozen backbone's weights, the feature cache's key (computed once)."""
+        if self._fingerprint is None:
             self._fingerprint = self._backbone.fingerprint()
         return self._fingerprint
+
+    def encoder(self) -> nn.Module:
+        """The image–text network; a frozen one is built (eval, no grad) on first need."""
+        if not self.frozen:
+            return self.backbone
+        model = self._backbone.model
+        if next(model.parameters()).device != self.device or model.training:
+            model.requires_grad_(False)
+            model.to(self.device).eval()
+        return model
 
     def make_codec(self, root: ImageRoot, **kwargs: Any) -> Codec:
         """Preprocessing for the data module's workers, matched to this backbone."""
@@ -123,23 +133,17 @@ class SelectorModule(LightningModule):
             **kwargs,
         )
 
-    def train(self, mode: bool = True) -> SelectorModule:
-        super().train(mode)
-        if self.frozen:
-            self.backbone.eval()
-        return self
-
     def _encode(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
         """Normalised image and text features for the batch's unique images and texts."""
         dim = self._backbone.embed_dim
         feats = []
-        bb = self.backbone
-        for keys, rows, inputs, encode in (
-            (batch["image_keys"], batch["pixel_rows"], batch["pixels"], bb.encode_image),
-            (batch["text_keys"], batch["token_rows"], batch["tokens"], bb.encode_text),
+        for keys, rows, inputs, method in (
+            (batch["image_keys"], batch["pixel_rows"], batch["pixels"], "encode_image"),
+            (batch["text_keys"], batch["token_rows"], batch["tokens"], "encode_text"),
         ):
             out = torch.zeros(len(keys), dim, device=self.device)
             if len(rows):
+                encode = getattr(self.encoder(), method)
                 with torch.set_grad_enabled(torch.is_grad_enabled() and not self.frozen):
                     enc = F.normalize(encode(inputs.to(self.device)).float(), dim=-1)
                 out = out.index_copy(0, rows.to(self.device), enc)

@@ -268,9 +268,12 @@ def test_fingerprint_follows_weights() -> None:
     c = create_backbone("tiny:tiny-clip", seed=1)
     assert a.fingerprint() == b.fingerprint()
     assert a.fingerprint() != c.fingerprint()
+    # the default identity needs no weights; hashing the tensors follows any change to them
+    assert not a.built and not c.built
+    assert a.fingerprint(from_weights=True) == b.fingerprint(from_weights=True)
     with torch.no_grad():
         next(b.model.parameters()).add_(1e-3)
-    assert a.fingerprint() != b.fingerprint()
+    assert a.fingerprint(from_weights=True) != b.fingerprint(from_weights=True)
 
 
 # ----------------------------------------------------------------------------- module
@@ -306,11 +309,12 @@ def test_head_reads_text_then_image(tmp_path: Path, pool: dict[str, Path]) -> No
 
 def test_frozen_trains_the_head_only(tmp_path: Path) -> None:
     frozen = _module(tmp_path, backbone_mode="frozen")
-    assert not [n for n, p in frozen.backbone.named_parameters() if p.requires_grad]
+    assert not [n for n, p in frozen.encoder().named_parameters() if p.requires_grad]
     held = {id(p) for g in frozen.configure_optimizers().param_groups for p in g["params"]}
     assert held == {id(p) for p in frozen.head.parameters()}
     frozen.train()
-    assert frozen.head.training and not frozen.backbone.training
+    assert frozen.head.training and not frozen.encoder().training
+    assert not any(k.startswith("backbone.") for k in frozen.state_dict())
 
     tuned = _module(tmp_path, backbone_mode="finetune")
     held = {id(p) for g in tuned.configure_optimizers().param_groups for p in g["params"]}
@@ -321,13 +325,13 @@ def test_frozen_trains_the_head_only(tmp_path: Path) -> None:
 def _count_encoders(m: SelectorModule, monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
     calls = {"img": 0, "txt": 0}
     for kind, name in (("img", "encode_image"), ("txt", "encode_text")):
-        real = getattr(m.backbone, name)
+        real = getattr(m.encoder(), name)
 
         def counted(x: torch.Tensor, _real=real, _kind=kind) -> torch.Tensor:
             calls[_kind] += 1
             return _real(x)
 
-        monkeypatch.setattr(m.backbone, name, counted)
+        monkeypatch.setattr(m.encoder(), name, counted)
     return calls
 
 
@@ -380,3 +384,47 @@ def test_module_default_head_is_the_papers(tmp_path: Path) -> None:
     linears = [(x.in_features, x.out_features) for x in m.head if isinstance(x, nn.Linear)]
     dim = 2 * m._backbone.embed_dim
     assert linears == [(dim, 512), (512, 512), (512, 512), (512, 1)]
+
+
+def test_cached_frozen_backbone_is_never_built(tmp_path: Path, pool: dict[str, Path]) -> None:
+    """A grid cell whose features are all cached pays nothing for the backbone."""
+    root = ImageRoot(pool["image_root"])
+    first = _module(tmp_path, backbone_mode="frozen")
+    with torch.no_grad():
+        expected = first.entry_logits(first.make_codec(root).encode(ENTRIES))
+    assert first._backbone.built
+    again = _module(tmp_path, backbone_mode="frozen")
+    with torch.no_grad():
+        got = again.entry_logits(again.make_codec(root).encode(ENTRIES))
+    assert not again._backbone.built
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)
+
+
+def test_local_dir_backbone_matches_the_saved_weights(tmp_path: Path) -> None:
+    """``local-dir:`` loads an open_clip folder (config + weights) without the hub."""
+    import json
+
+    from biomedvital.selection.backbones import create_backbone
+
+    tiny = create_backbone("tiny:tiny-clip", seed=3)
+    folder = tmp_path / "clip"
+    folder.mkdir()
+    cfg_path = (
+        Path(__file__).resolve().parents[2] / "biomedvital/selection/model_configs/tiny-clip.json"
+    )
+    (folder / "open_clip_config.json").write_text(
+        json.dumps({"model_cfg": json.loads(cfg_path.read_text()), "preprocess_cfg": {}})
+    )
+    torch.save(tiny.model.state_dict(), folder / "open_clip_pytorch_model.bin")
+    local = create_backbone(f"local-dir:{folder}")
+    assert not local.built and local.embed_dim == tiny.embed_dim
+    for (k, a), b in zip(
+        tiny.model.state_dict().items(), local.model.state_dict().values(), strict=True
+    ):
+        assert torch.equal(a, b), k
+    fp = local.fingerprint()
+    torch.save(
+        {k: v + 1 for k, v in tiny.model.state_dict().items()},
+        folder / "open_clip_pytorch_model.bin",
+    )
+    assert create_backbone(f"local-dir:{folder}").fingerprint() != fp
