@@ -319,7 +319,34 @@ class SelectorDataModule(LightningDataModule):
             "records": {k: r.as_dict() for k, r in self.report.items()},
             "pairs": {k: len(v) for k, v in self.sets.items()},
             "entries": len(self.entries),
+            "truncation": getattr(self, "truncation", None),
         }
+
+    def check_truncation(self, tokenizer: Any, sample: int = 2000) -> dict[str, Any]:
+        """Count pairs whose two sides become identical once cut to the context length.
+
+        The ``paper`` recipe puts caption and mentions before the answer: with a short context
+        (77 tokens for OpenAI-style CLIP) the answers can be cut away entirely, and the
+        selector then sees the same input on both sides of a pair. Counted, never silent.
+        """
+        result: dict[str, Any] = {}
+        rng = np.random.default_rng(self.seed)
+        for name in ("train", "val_model", "val_clinician"):
+            pairs = self.sets.get(name, [])
+            if not pairs:
+                continue
+            idx = rng.choice(len(pairs), size=min(sample, len(pairs)), replace=False)
+            chosen = [pairs[i] for i in idx]
+            ta = tokenizer([self.entries[p.a].text for p in chosen])
+            tb = tokenizer([self.entries[p.b].text for p in chosen])
+            same_text = (ta == tb).all(dim=-1).tolist()
+            same = [
+                st and self.entries[p.a].image == self.entries[p.b].image
+                for st, p in zip(same_text, chosen, strict=True)
+            ]
+            result[name] = {"checked": len(chosen), "identical_after_truncation": int(sum(same))}
+        self.truncation = result
+        return result
 
     # -- internals -------------------------------------------------------------------------
 

@@ -8,6 +8,7 @@ from typing import Any, Literal
 import torch
 import torch.nn.functional as F
 from lightning.pytorch import LightningModule
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 from torchmetrics import MeanMetric
 from torchmetrics.classification import BinaryAUROC, BinaryAveragePrecision
@@ -173,6 +174,20 @@ class SelectorModule(LightningModule):
         logits = self.entry_logits(batch)
         la, lb = logits[batch["pair_a"]], logits[batch["pair_b"]]
         return {"la": la, "lb": lb, "sa": torch.sigmoid(la), "sb": torch.sigmoid(lb)}
+
+    def on_fit_start(self) -> None:
+        dm = getattr(self.trainer, "datamodule", None)
+        if dm is None or not hasattr(dm, "check_truncation"):
+            return
+        found = dm.check_truncation(self._backbone.tokenizer)
+        for name, counts in found.items():
+            if counts["identical_after_truncation"]:
+                rank_zero_warn(
+                    f"{counts['identical_after_truncation']} of {counts['checked']} {name} pairs are "
+                    "identical after truncation to the backbone's context length: the selector "
+                    "cannot tell their answers apart (use a longer context or text_recipe: "
+                    "conversation with shorter captions)"
+                )
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         # dropout draws from the global RNG, which loaders and hooks also consume in an order

@@ -179,3 +179,40 @@ def test_resume_from_last(tmp_path: Path, pool: dict[str, Path]) -> None:
     assert a["epoch"] == b["epoch"] == 1
     for key, value in a["state_dict"].items():
         torch.testing.assert_close(b["state_dict"][key], value, msg=key)
+
+
+def test_truncation_that_hides_answers_is_reported(tmp_path: Path, pool: dict[str, Path]) -> None:
+    """Captions longer than the context push the answers out: the run says so."""
+    import lightning as L
+
+    from biomedvital.data.pool import FilePool
+    from biomedvital.selection import SelectorDataModule, SelectorModule
+
+    lines = pool["figures"].read_text().splitlines()
+    long = [json.dumps({**json.loads(x), "fig_caption": "word " * 400}) for x in lines]
+    pool["figures"].write_text("\n".join(long) + "\n")
+    dm = SelectorDataModule(
+        FilePool(**{k: str(v) for k, v in pool.items()}),
+        model_pairs=64,
+        val_model_pairs=16,
+        num_workers=0,
+    )
+    model = SelectorModule(head_hidden=[8], cache_dir=str(tmp_path / "c"))
+    trainer = L.Trainer(
+        max_epochs=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        limit_train_batches=1,
+        limit_val_batches=1,
+    )
+    with pytest.warns(UserWarning, match="identical after truncation"):
+        trainer.fit(model, dm)
+    report = dm.describe()["truncation"]
+    # clinician pairs share their image: all of them collapse; model pairs only within an image
+    assert (
+        report["val_clinician"]["identical_after_truncation"]
+        == report["val_clinician"]["checked"]
+        > 0
+    )
+    assert 0 < report["train"]["identical_after_truncation"] < report["train"]["checked"]
