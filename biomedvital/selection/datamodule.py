@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal
@@ -32,7 +31,6 @@ from biomedvital.data.report import BadRecordError, RecordReport
 from biomedvital.selection.batching import Codec, Entry, PairCollate
 from biomedvital.selection.pairs import (
     CLINICIAN,
-    MODEL,
     ClinicianSplit,
     Pair,
     sample_model_pairs,
@@ -501,7 +499,6 @@ class SelectorDataModule(LightningDataModule):
             raise ValueError(
                 "no training pairs: give ratings (model pairs) or clinician preferences"
             )
-        _ = (MODEL, Counter)
 
 
 def _identity(x: Any) -> Any:
