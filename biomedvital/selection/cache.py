@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import sqlite3
+from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -27,10 +28,15 @@ def content_key(fingerprint: str, kind: str, content: str | bytes) -> str:
 class EmbeddingCache:
     """A key → float32 vector table in one sqlite file."""
 
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, memory_items: int = 32768) -> None:
         self.path = Path(path)
+        self.memory_items = memory_items
         self._conn: sqlite3.Connection | None = None
         self._pid: int | None = None
+        # in-process layer in front of sqlite: entries never change once written, so a key
+        # seen stored stays stored and a vector read once can be served again (bounded LRU)
+        self._mem: OrderedDict[str, np.ndarray] = OrderedDict()
+        self._seen: set[str] = set()
 
     # connections are opened lazily and per process: forked DataLoader workers get their own
     @property
@@ -47,24 +53,39 @@ class EmbeddingCache:
         return self._conn
 
     def __getstate__(self) -> dict:
-        return {"path": self.path, "_conn": None, "_pid": None}
+        return {**self.__dict__, "_conn": None, "_pid": None, "_mem": OrderedDict(), "_seen": set()}
+
+    def _remember(self, key: str, vec: np.ndarray) -> None:
+        if self.memory_items <= 0:
+            return
+        self._mem[key] = vec
+        self._mem.move_to_end(key)
+        while len(self._mem) > self.memory_items:
+            self._mem.popitem(last=False)
 
     def known(self, keys: Sequence[str]) -> set[str]:
         """Which of ``keys`` are stored."""
-        found: set[str] = set()
-        for chunk in _chunks(keys, 500):
+        found = {k for k in keys if k in self._seen or k in self._mem}
+        ask = [k for k in dict.fromkeys(keys) if k not in found]
+        for chunk in _chunks(ask, 500):
             marks = ",".join("?" * len(chunk))
             rows = self.conn.execute(f"SELECT key FROM emb WHERE key IN ({marks})", chunk)
             found.update(r[0] for r in rows)
+        if len(self._seen) > 4 * max(self.memory_items, 1):
+            self._seen.clear()  # bounded: a pool larger than this is streamed, not revisited
+        self._seen.update(found)
         return found
 
     def get(self, keys: Sequence[str]) -> torch.Tensor:
         """Vectors for ``keys`` in order; raises KeyError naming a missing key."""
-        out: dict[str, np.ndarray] = {}
-        for chunk in _chunks(list(dict.fromkeys(keys)), 500):
+        out: dict[str, np.ndarray] = {k: self._mem[k] for k in keys if k in self._mem}
+        ask = [k for k in dict.fromkeys(keys) if k not in out]
+        for chunk in _chunks(ask, 500):
             marks = ",".join("?" * len(chunk))
             rows = self.conn.execute(f"SELECT key, vec FROM emb WHERE key IN ({marks})", chunk)
-            out.update((k, np.frombuffer(v, dtype=np.float32)) for k, v in rows)
+            for k, v in rows:
+                out[k] = np.frombuffer(v, dtype=np.float32)
+                self._remember(k, out[k])
         missing = [k for k in keys if k not in out]
         if missing:
             raise KeyError(f"{len(missing)} embeddings missing from {self.path}, e.g. {missing[0]}")
@@ -78,6 +99,9 @@ class EmbeddingCache:
                 "INSERT OR REPLACE INTO emb (key, vec) VALUES (?, ?)",
                 ((k, data[i].tobytes()) for i, k in enumerate(keys)),
             )
+        for i, k in enumerate(keys):
+            self._remember(k, data[i].copy())
+            self._seen.add(k)
 
     def __len__(self) -> int:
         return int(self.conn.execute("SELECT COUNT(*) FROM emb").fetchone()[0])

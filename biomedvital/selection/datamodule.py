@@ -320,7 +320,7 @@ class SelectorDataModule(LightningDataModule):
             "truncation": getattr(self, "truncation", None),
         }
 
-    def check_truncation(self, tokenizer: Any, sample: int = 2000) -> dict[str, Any]:
+    def check_truncation(self, tokenizer: Any, sample: int = 256) -> dict[str, Any]:
         """Count pairs whose two sides become identical once cut to the context length.
 
         The ``paper`` recipe puts caption and mentions before the answer: with a short context

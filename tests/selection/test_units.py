@@ -193,8 +193,8 @@ def _child_reads(cache: EmbeddingCache, keys: list[str], want: torch.Tensor) -> 
     # runs in a forked child: must open its own connection and see the parent's rows
     got = cache.get(keys)
     assert torch.equal(got, want)
-    assert cache._pid == os.getpid()
     cache.put(["from-child"], torch.full((1, want.shape[1]), 7.0))
+    assert cache._pid == os.getpid()  # a connection of its own, not the parent's
 
 
 def test_cache_round_trip_and_persistence(tmp_path: Path) -> None:
@@ -213,7 +213,7 @@ def test_cache_round_trip_and_persistence(tmp_path: Path) -> None:
     assert torch.equal(cache.get(["a"]), torch.zeros(1, 3))
     cache.close()
 
-    reopened = EmbeddingCache(path)
+    reopened = EmbeddingCache(path, memory_items=0)  # read from disk, not the memory layer
     assert torch.equal(reopened.get(["b"]), vecs.float()[[1]])
     assert reopened.known([]) == set()
 
