@@ -68,7 +68,12 @@ def main(argv: list[str] | None = None) -> None:
     elif verb in PIPELINE_VERBS:
         from jsonargparse import auto_cli
 
-        result = auto_cli(_load(PIPELINE_VERBS[verb][0]), args=argv[1:], as_positional=False)
+        result = auto_cli(
+            _load(PIPELINE_VERBS[verb][0]),
+            args=argv[1:],
+            as_positional=False,
+            prog=f"python -m biomedvital {verb}",
+        )
         if isinstance(result, dict):
             import json
 

@@ -175,6 +175,10 @@ class SelectorModule(LightningModule):
         la, lb = logits[batch["pair_a"]], logits[batch["pair_b"]]
         return {"la": la, "lb": lb, "sa": torch.sigmoid(la), "sb": torch.sigmoid(lb)}
 
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # lineage: runs that load this checkpoint tag the run that trained it
+        checkpoint["mlflow_run_id"] = getattr(self.logger, "run_id", None)
+
     def on_fit_start(self) -> None:
         dm = getattr(self.trainer, "datamodule", None)
         if dm is None or not hasattr(dm, "check_truncation"):

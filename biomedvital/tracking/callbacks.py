@@ -12,6 +12,16 @@ from biomedvital.data.jsonio import atomic_write, write_json
 from biomedvital.tracking.provenance import git_state
 
 
+def _trained_by(ckpt_path: str | None) -> str | None:
+    """The MLflow run that wrote a checkpoint (memory-mapped: no tensor is read)."""
+    if not ckpt_path or not Path(ckpt_path).is_file():
+        return None
+    import torch
+
+    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True)
+    return ckpt.get("mlflow_run_id")
+
+
 class RecordRun(SaveConfigCallback):
     """Logs the resolved config as an MLflow artifact and writes ``run.json`` + ``config.yaml``
     into the trainer's ``default_root_dir``.
@@ -34,6 +44,23 @@ class RecordRun(SaveConfigCallback):
         logger = trainer.logger
         if logger is not None and hasattr(logger, "log_text"):
             logger.log_text(text, f"config.{stage}.yaml")
+
+    def _tag_upstream(self, trainer: Trainer) -> None:
+        # the checkpoint is restored after setup: tag once the loop starts
+        logger = trainer.logger
+        upstream = _trained_by(trainer.ckpt_path)
+        if trainer.is_global_zero and upstream and logger is not None and hasattr(logger, "run_id"):
+            logger.experiment.set_tag(logger.run_id, "upstream_run", upstream)
+
+    def on_predict_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._tag_upstream(trainer)
+
+    def on_test_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._tag_upstream(trainer)
+
+    def on_validation_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if trainer.state.fn == "validate":
+            self._tag_upstream(trainer)
 
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._describe(trainer, pl_module, "fit")

@@ -114,6 +114,11 @@ def test_fit_predict_select_tracked(tmp_path: Path, pool: dict[str, Path]) -> No
     assert all(0.0 <= s["score"] <= 1.0 for s in scores)
     manifest = json.loads((out / "scores.jsonl.manifest.json").read_text())
     assert manifest["scored"] == n_cands and manifest["skipped"] == 0
+    _, runs = _runs(tmp_path / "mlruns")
+    assert runs[-1].info.run_id == manifest["mlflow_run_id"]
+    assert (
+        runs[-1].data.tags["upstream_run"] == run.info.run_id
+    )  # predict -> the fit that trained it
 
     main(
         [
