@@ -267,7 +267,13 @@ class SelectorDataModule(LightningDataModule):
             if self.files.figures
             else []
         )
-        check_unique(figures, "pair_id", self.files.figures or "figures")
+        figures = check_unique(
+            figures,
+            "pair_id",
+            self.files.figures or "figures",
+            on_bad=self.on_bad_record,
+            report=self._rep("figures"),
+        )
         self.captions = Captions(figures)
         if stage in ("fit", "validate", "test") and not self.sets:
             self._build_pairs()
@@ -390,7 +396,9 @@ class SelectorDataModule(LightningDataModule):
         scores: dict[str, float] = {}
         if files.ratings is not None:
             ratings = read_ratings(files.ratings, on_bad=on_bad, report=self._rep("ratings"))
-            check_unique(ratings, "candidate_id", files.ratings)
+            ratings = check_unique(
+                ratings, "candidate_id", files.ratings, on_bad=on_bad, report=self._rep("ratings")
+            )
             scores = {r.candidate_id: r.score for r in ratings}
 
         # candidates with a rating become model-pair entries, in file order
@@ -449,6 +457,9 @@ class SelectorDataModule(LightningDataModule):
         if files.preferences is not None:
             prefs = read_preferences(
                 files.preferences, on_bad=on_bad, report=self._rep("preferences")
+            )
+            prefs = check_unique(
+                prefs, "id", files.preferences, on_bad=on_bad, report=self._rep("preferences")
             )
             where: dict[str, tuple[int, str]] | None = None  # record positions, read on error
             for p in prefs:

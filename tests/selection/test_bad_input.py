@@ -468,3 +468,23 @@ def test_select_skip_counts_bad_candidates(
     selected = json.loads((tmp_path / "sel" / "selected.json").read_text())
     # the best valid ones, first occurrence of the repeated id, in file order
     assert [c["id"] for c in selected] == [ids[n - 6], ids[n - 4], ids[n - 3]]
+
+
+@pytest.mark.parametrize(
+    ("name", "line", "edit", "category"),
+    [
+        ("ratings", 4, _set(candidate_id="fig0-c2"), "duplicate:candidate_id"),
+        ("preferences", 2, _set(id="fig0-p0"), "duplicate:id"),
+        ("figures", 2, _set(pair_id="fig0"), "duplicate:pair_id"),
+    ],
+)
+def test_duplicate_keys_in_ratings_preferences_figures(
+    pool: dict[str, Path], name: str, line: int, edit: Callable, category: str
+) -> None:
+    _edit(pool[name], line, edit)
+    with pytest.raises(BadRecordError) as e:
+        _dm(pool).setup("fit")
+    assert e.value.category == category and str(pool[name]) in str(e.value)
+    dm = _dm(pool, "skip")
+    dm.setup("fit")
+    assert dm.describe()["records"][name]["skipped_by_reason"] == {category: 1}
