@@ -18,6 +18,10 @@ PIPELINE_VERBS = {
         "biomedvital.selection.select:select",
         "keep the top-scored candidates as LLaVA data",
     ),
+    "score-vqa": (
+        "biomedvital.evaluation.score_vqa:score_vqa",
+        "score a VQA-RAD / SLAKE / PathVQA predictions file with LLaVA-Med's metrics",
+    ),
     "demo": ("biomedvital.data.demo:demo", "write the embedded demo pool to a folder"),
 }
 

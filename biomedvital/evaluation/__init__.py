@@ -1,0 +1,55 @@
+"""evaluation stage: medical VQA benchmarks, LLaVA-Med's VQA metrics and the ``score_vqa`` verb."""
+
+from .benchmarks import (
+    Benchmark,
+    VQAItem,
+    load_benchmark,
+    load_llava_vqa,
+    load_pathvqa,
+    load_slake,
+    load_vqa_rad,
+    split_stats,
+)
+from .metrics import (
+    ClosedRule,
+    VQAClosedAccuracy,
+    VQAOpenMetrics,
+    bleu,
+    closed_hit,
+    exact_match_llava,
+    normalize_answer,
+    normalize_word,
+    normalized_exact_match,
+    open_hit,
+    open_item_scores,
+    sentence_bleu,
+    token_f1,
+)
+from .score_vqa import join_predictions, read_predictions, score_vqa
+
+__all__ = [
+    "Benchmark",
+    "ClosedRule",
+    "VQAClosedAccuracy",
+    "VQAItem",
+    "VQAOpenMetrics",
+    "bleu",
+    "closed_hit",
+    "exact_match_llava",
+    "load_benchmark",
+    "load_llava_vqa",
+    "load_pathvqa",
+    "load_slake",
+    "load_vqa_rad",
+    "normalize_answer",
+    "normalize_word",
+    "normalized_exact_match",
+    "open_hit",
+    "open_item_scores",
+    "join_predictions",
+    "read_predictions",
+    "score_vqa",
+    "split_stats",
+    "sentence_bleu",
+    "token_f1",
+]

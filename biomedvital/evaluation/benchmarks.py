@@ -1,0 +1,369 @@
+"""Loaders for the medical VQA benchmarks (VQA-RAD, SLAKE, PathVQA) into one record type.
+
+Every loader reads the files as they are published and returns :class:`VQAItem` records with a
+string question id, so predictions can be joined by id (never by position) whatever the source.
+Ground truth is never skipped: a bad record raises :class:`BadRecordError` naming the file, the
+record and the field, because dropping a question would silently change every score's denominator.
+
+Published layouts handled:
+
+* VQA-RAD ``VQA_RAD Dataset Public.json`` (OSF release): ``qid`` (int, but ``"0"`` for the first
+  record), ``phrase_type`` (``test_freeform``/``test_para`` = test, ``freeform``/``para`` = train),
+  ``answer`` (a few ints), ``answer_type`` (``"CLOSED "`` with a trailing space twice).
+* SLAKE 1.0 ``train.json``/``validate.json``/``test.json``: English and Chinese mixed (``q_lang``),
+  ``qid`` ints, two key orders (irrelevant for dicts, but tested).
+* PathVQA grouped ``pvqa_<split>.json`` (the official baseline's format): one element per image,
+  ``labelf.pvqa`` a list of one-key dicts ``{answer: 1}`` aligned by index with the questions in
+  ``sentf.pvqa``; images without questions have empty lists. Question id = ``"<img_id>_<k>"``;
+  closed = the answer is yes/no.
+* LLaVA-Med's converted ``test.json`` (any benchmark): ``id``, ``image``, ``answer_type``
+  (``OPEN``/``CLOSED``), ``conversations`` (or the typo ``conversatons``) whose first turn is the
+  question (``<image>`` tokens removed) and second the answer. Assumed from LLaVA-Med's evaluation
+  script and the community conversion scripts (the converted files themselves were not released);
+  the ids must be unique, which rules out conversions that reuse the PathVQA image id per question.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from biomedvital.data.jsonio import iter_objects
+from biomedvital.data.report import BadRecordError, PositionKind
+
+Benchmark = Literal["vqa_rad", "slake", "pathvqa"]
+AnswerType = Literal["open", "closed"]
+PathLike = str | os.PathLike[str]
+
+BENCHMARKS: tuple[str, ...] = ("vqa_rad", "slake", "pathvqa")
+VQA_RAD_FILE = "VQA_RAD Dataset Public.json"
+_VQA_RAD_SPLITS = {
+    "test_freeform": "test",
+    "test_para": "test",
+    "freeform": "train",
+    "para": "train",
+}
+_SLAKE_SPLITS = ("train", "validate", "test")
+_PATHVQA_SPLITS = ("train", "val", "test")
+_SPLIT_ALIASES = {"val": "validate", "validation": "validate", "valid": "validate"}
+_KNOWN_SPLIT_STEMS = {"train", "val", "validate", "validation", "valid", "test"}
+
+
+@dataclass(frozen=True, slots=True)
+class VQAItem:
+    """One benchmark question with its ground truth; ``question_id`` is what predictions cite."""
+
+    question_id: str
+    image: str
+    question: str
+    answer: str
+    answer_type: AnswerType
+    split: str
+
+
+# ----------------------------------------------------------------------------- field helpers
+
+
+class _Where:
+    """Location of one record, so every error names file, record and field the same way."""
+
+    __slots__ = ("kind", "path", "pos")
+
+    def __init__(self, path: PathLike, pos: int, kind: PositionKind) -> None:
+        self.path, self.pos, self.kind = path, pos, kind
+
+    def error(
+        self, reason: str, field: str | None = None, category: str | None = None
+    ) -> BadRecordError:
+        return BadRecordError(self.path, self.pos, reason, field, kind=self.kind, category=category)
+
+
+def _get(obj: dict[str, Any], key: str, where: _Where, prefix: str = "") -> Any:
+    if key not in obj:
+        raise where.error("missing", prefix + key, f"missing:{prefix + key}")
+    return obj[key]
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _qid(value: Any, where: _Where, field: str) -> str:
+    """Ids are compared as strings: ``0``, ``"0"`` and a prediction's ``0`` are the same id."""
+    if _is_int(value):
+        return str(value)
+    if isinstance(value, str) and value.strip():
+        return value
+    raise where.error(f"expected an integer or non-empty string id (got {value!r})", field)
+
+
+def _text(value: Any, where: _Where, field: str) -> str:
+    if not isinstance(value, str):
+        raise where.error(f"expected a string (got {value!r})", field)
+    return value
+
+
+def _answer(value: Any, where: _Where, field: str) -> str:
+    """Answers are strings; VQA-RAD stores a few counts as ints (``4``, ``12``)."""
+    if _is_int(value):
+        return str(value)
+    if isinstance(value, str):
+        return value
+    raise where.error(f"expected a string or integer answer (got {value!r})", field)
+
+
+def _answer_type(value: Any, where: _Where, field: str = "answer_type") -> AnswerType:
+    """``OPEN``/``CLOSED`` in any case, surrounding spaces ignored (VQA-RAD has ``"CLOSED "``)."""
+    if isinstance(value, str):
+        norm = value.strip().upper()
+        if norm == "OPEN":
+            return "open"
+        if norm == "CLOSED":
+            return "closed"
+    raise where.error(f"expected 'OPEN' or 'CLOSED' (got {value!r})", field)
+
+
+def _records(path: Path) -> list[tuple[_Where, dict[str, Any]]]:
+    out = []
+    for pos, kind, obj in iter_objects(path):
+        where = _Where(path, pos, kind)
+        if not isinstance(obj, dict):
+            raise where.error(
+                f"expected a JSON object, got {type(obj).__name__}", category="not_an_object"
+            )
+        out.append((where, obj))
+    return out
+
+
+def _check_unique(items: list[VQAItem], wheres: list[_Where]) -> list[VQAItem]:
+    seen: dict[str, _Where] = {}
+    for item, where in zip(items, wheres, strict=True):
+        first = seen.setdefault(item.question_id, where)
+        if first is not where:
+            raise where.error(
+                f"duplicate question id {item.question_id!r} (first at {first.kind} {first.pos}); "
+                "predictions are joined by id, so ids must be unique",
+                category="duplicate:question_id",
+            )
+    return items
+
+
+def _is_llava_layout(records: list[tuple[_Where, dict[str, Any]]]) -> bool:
+    return bool(records) and any(k in records[0][1] for k in ("conversations", "conversatons"))
+
+
+def _check_split_name(path: Path, split: str, stem: str) -> None:
+    """Refuse e.g. ``validate.json`` loaded as ``split="test"`` (scores on the wrong split)."""
+    stem_split = _SPLIT_ALIASES.get(stem, stem)
+    if stem in _KNOWN_SPLIT_STEMS and stem_split != _SPLIT_ALIASES.get(split, split):
+        raise ValueError(f"{path}: file name says split {stem!r} but split={split!r} was asked")
+
+
+# ----------------------------------------------------------------------------- loaders
+
+
+def load_vqa_rad(path: PathLike, split: str = "test") -> list[VQAItem]:
+    """VQA-RAD from the official JSON (or the folder holding it); ``split``: test, train or all.
+
+    The test split is ``phrase_type`` in {test_freeform, test_para}: 451 QA on 203 images.
+    """
+    if split not in ("test", "train", "all"):
+        raise ValueError(f"VQA-RAD split must be 'test', 'train' or 'all', got {split!r}")
+    path = _resolve(Path(path), [VQA_RAD_FILE, f"{split}.json"])
+    records = _records(path)
+    if _is_llava_layout(records):
+        return _llava_items(records, split)
+    items, wheres = [], []
+    for where, obj in records:
+        phrase = _get(obj, "phrase_type", where)
+        rec_split = _VQA_RAD_SPLITS.get(phrase) if isinstance(phrase, str) else None
+        if rec_split is None:
+            raise where.error(
+                f"unknown phrase_type {phrase!r} (expected one of {sorted(_VQA_RAD_SPLITS)})",
+                "phrase_type",
+            )
+        if split != "all" and rec_split != split:
+            continue
+        items.append(
+            VQAItem(
+                question_id=_qid(_get(obj, "qid", where), where, "qid"),
+                image=_text(_get(obj, "image_name", where), where, "image_name"),
+                question=_text(_get(obj, "question", where), where, "question"),
+                answer=_answer(_get(obj, "answer", where), where, "answer"),
+                answer_type=_answer_type(_get(obj, "answer_type", where), where),
+                split=rec_split,
+            )
+        )
+        wheres.append(where)
+    return _check_unique(items, wheres)
+
+
+def load_slake(path: PathLike, split: str = "test", lang: str | None = "en") -> list[VQAItem]:
+    """SLAKE 1.0 from ``<split>.json`` (a file, or the folder holding it); English by default.
+
+    ``lang=None`` keeps every language. The English test split is 1,061 QA on 96 images.
+    """
+    split = _SPLIT_ALIASES.get(split, split)
+    if split not in _SLAKE_SPLITS:
+        raise ValueError(f"SLAKE split must be one of {_SLAKE_SPLITS}, got {split!r}")
+    path = _resolve(Path(path), [f"{split}.json"])
+    _check_split_name(path, split, path.stem)
+    records = _records(path)
+    if _is_llava_layout(records):
+        return _llava_items(records, split)
+    items, wheres = [], []
+    for where, obj in records:
+        if lang is not None:
+            q_lang = _get(obj, "q_lang", where)
+            if q_lang != lang:
+                continue
+        items.append(
+            VQAItem(
+                question_id=_qid(_get(obj, "qid", where), where, "qid"),
+                image=_text(_get(obj, "img_name", where), where, "img_name"),
+                question=_text(_get(obj, "question", where), where, "question"),
+                answer=_answer(_get(obj, "answer", where), where, "answer"),
+                answer_type=_answer_type(_get(obj, "answer_type", where), where),
+                split=split,
+            )
+        )
+        wheres.append(where)
+    return _check_unique(items, wheres)
+
+
+def load_pathvqa(path: PathLike, split: str = "test") -> list[VQAItem]:
+    """PathVQA from the grouped ``pvqa_<split>.json`` (or LLaVA-Med's converted layout).
+
+    Question ``k`` of image ``img_id`` gets id ``"<img_id>_<k>"`` and image ``"<split>/<img_id>.jpg"``
+    (PathVQA's folder layout); a question is closed when its answer is yes or no. The test split is
+    6,761 QA on 858 images (133 of the 991 test images carry no question).
+    """
+    if split not in _PATHVQA_SPLITS:
+        raise ValueError(f"PathVQA split must be one of {_PATHVQA_SPLITS}, got {split!r}")
+    path = _resolve(Path(path), [f"pvqa_{split}.json", f"{split}.json"])
+    stem = path.stem.removeprefix("pvqa_")
+    _check_split_name(path, split, stem)
+    records = _records(path)
+    if _is_llava_layout(records):
+        return _llava_items(records, split)
+    items, wheres = [], []
+    for where, obj in records:
+        img_id = _text(_get(obj, "img_id", where), where, "img_id")
+        labels = _group_list(obj, "labelf", where)
+        questions = _group_list(obj, "sentf", where)
+        if len(labels) != len(questions):
+            raise where.error(
+                f"{len(labels)} answers for {len(questions)} questions (they align by index)",
+                "labelf.pvqa",
+            )
+        for k, (label, question) in enumerate(zip(labels, questions, strict=True)):
+            if not isinstance(label, dict) or len(label) != 1:
+                raise where.error(
+                    f"expected a one-key object {{answer: score}} (got {label!r})",
+                    f"labelf.pvqa.{k}",
+                )
+            answer = _answer(next(iter(label)), where, f"labelf.pvqa.{k}")
+            closed = answer.strip().lower() in ("yes", "no")
+            items.append(
+                VQAItem(
+                    question_id=f"{img_id}_{k}",
+                    image=f"{split}/{img_id}.jpg",
+                    question=_text(question, where, f"sentf.pvqa.{k}"),
+                    answer=answer,
+                    answer_type="closed" if closed else "open",
+                    split=split,
+                )
+            )
+            wheres.append(where)
+    return _check_unique(items, wheres)
+
+
+def load_llava_vqa(path: PathLike, split: str = "test") -> list[VQAItem]:
+    """LLaVA-Med's converted VQA file (``id``/``image``/``answer_type``/``conversations``).
+
+    The split is not stored in these files, so ``split`` only labels the items.
+    """
+    path = Path(path)
+    return _llava_items(_records(path), split)
+
+
+def _llava_items(records: list[tuple[_Where, dict[str, Any]]], split: str) -> list[VQAItem]:
+    items, wheres = [], []
+    for where, obj in records:
+        conv_key = "conversations" if "conversations" in obj else "conversatons"
+        conv = _get(obj, conv_key, where)
+        if not isinstance(conv, list) or len(conv) < 2:
+            raise where.error("expected at least a question turn and an answer turn", conv_key)
+        turns = []
+        for t, turn in enumerate(conv[:2]):
+            if not isinstance(turn, dict):
+                raise where.error(f"expected an object (got {turn!r})", f"{conv_key}.{t}")
+            turns.append(_get(turn, "value", where, f"{conv_key}.{t}."))
+        question = _text(turns[0], where, f"{conv_key}.0.value")
+        items.append(
+            VQAItem(
+                question_id=_qid(_get(obj, "id", where), where, "id"),
+                image=_text(_get(obj, "image", where), where, "image"),
+                question=question.replace("<image>", "").strip(),
+                answer=_answer(turns[1], where, f"{conv_key}.1.value"),
+                answer_type=_answer_type(_get(obj, "answer_type", where), where),
+                split=split,
+            )
+        )
+        wheres.append(where)
+    return _check_unique(items, wheres)
+
+
+def _group_list(obj: dict[str, Any], key: str, where: _Where) -> list[Any]:
+    group = _get(obj, key, where)
+    if not isinstance(group, dict):
+        raise where.error(f"expected an object with a 'pvqa' list (got {group!r})", key)
+    values = _get(group, "pvqa", where, f"{key}.")
+    if not isinstance(values, list):
+        raise where.error(f"expected a list (got {values!r})", f"{key}.pvqa")
+    return values
+
+
+def _resolve(path: Path, names: Iterable[str]) -> Path:
+    """A file is used as given; in a folder the first of ``names`` that exists."""
+    if not path.is_dir():
+        if not path.exists():
+            raise FileNotFoundError(path)
+        return path
+    names = list(names)
+    for name in names:
+        if (path / name).is_file():
+            return path / name
+    raise FileNotFoundError(f"{path}: none of {names} found")
+
+
+_LOADERS: dict[str, Callable[..., list[VQAItem]]] = {
+    "vqa_rad": load_vqa_rad,
+    "slake": load_slake,
+    "pathvqa": load_pathvqa,
+}
+
+
+def load_benchmark(benchmark: Benchmark, data: PathLike, split: str = "test") -> list[VQAItem]:
+    """Load ``benchmark``'s ``split`` from a file or a folder of its published files.
+
+    SLAKE is loaded in English (as LLaVA-Med evaluates it); use :func:`load_slake` for others.
+    """
+    if benchmark not in _LOADERS:
+        raise ValueError(f"benchmark must be one of {BENCHMARKS}, got {benchmark!r}")
+    return _LOADERS[benchmark](data, split)
+
+
+def split_stats(items: Iterable[VQAItem]) -> dict[str, int]:
+    """Images / QA / open / closed counts, the figures papers publish for each split."""
+    items = list(items)
+    n_closed = sum(1 for it in items if it.answer_type == "closed")
+    return {
+        "images": len({it.image for it in items}),
+        "qa": len(items),
+        "open": len(items) - n_closed,
+        "closed": n_closed,
+    }
