@@ -20,6 +20,14 @@ from biomedvital.selection.pairs import Pair
 IMAGE_ERRORS = (ImageLoadError, UnsafePathError, FileNotFoundError, OSError)
 
 
+class BadImage(ValueError):
+    """An image that cannot be used; carries its path so callers can name the record."""
+
+    def __init__(self, image: str, cause: BaseException) -> None:
+        super().__init__(f"image {image!r}: {type(cause).__name__}: {cause}")
+        self.image = image
+
+
 @dataclass(frozen=True)
 class Entry:
     """One thing the selector scores: an image (relative to the root) and a text."""
@@ -102,7 +110,7 @@ class Codec:
                 image_keys.append(self.image_key(rel))
             except IMAGE_ERRORS as err:
                 if not self.skip_bad_images:
-                    raise
+                    raise BadImage(rel, err) from err
                 bad_images[rel] = f"{type(err).__name__}: {err}"
                 image_keys.append("")
         text_keys = [self.text_key(t) for t in texts]
@@ -117,7 +125,7 @@ class Codec:
                 pixel_rows.append(i)
             except IMAGE_ERRORS as err:
                 if not self.skip_bad_images:
-                    raise
+                    raise BadImage(rel, err) from err
                 bad_images[rel] = f"{type(err).__name__}: {err}"
         token_rows = [i for i, k in enumerate(text_keys) if k not in known]
         return {

@@ -28,7 +28,7 @@ from biomedvital.data.records import (
     read_ratings,
 )
 from biomedvital.data.report import BadRecordError, RecordReport
-from biomedvital.selection.batching import Codec, Entry, PairCollate
+from biomedvital.selection.batching import BadImage, Codec, Entry, PairCollate
 from biomedvital.selection.pairs import (
     CLINICIAN,
     ClinicianSplit,
@@ -184,7 +184,19 @@ class CandidateStream(IterableDataset):
             ids.append(cand.id)
             positions.append((pos, kind))
             entries.append(Entry(cand.image, text))
-        batch = self.codec.encode(entries)
+        try:
+            batch = self.codec.encode(entries)
+        except BadImage as err:  # raise mode: name the first candidate that uses the image
+            i = next(i for i, e in enumerate(entries) if e.image == err.image)
+            pos, kind = positions[i]
+            raise BadRecordError(
+                self.path,
+                pos,
+                f"candidate {ids[i]!r}: {err}",
+                "image",
+                kind=kind,
+                category="bad_image",
+            ) from err
         bad = batch.pop("bad_entries")
         skipped += [("bad_image", f"candidate {ids[i]}: {why}") for i, why in bad.items()]
         batch["ids"] = ids

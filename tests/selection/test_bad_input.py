@@ -336,8 +336,11 @@ def test_cli_predict_raise_on_corrupt_image_leaves_nothing(
         real(self, *args)
 
     monkeypatch.setattr(ScoreWriter, "on_exception", spy)
-    with pytest.raises(ImageLoadError, match=broken):
+    with pytest.raises(BadRecordError, match=broken) as e:
         cli(["predict", "--config", str(cfg)])
+    # the error names the candidates file, the line and the field, and keeps the image error
+    assert (e.value.path, e.value.line, e.value.field) == (str(pool["candidates"]), n, "image")
+    assert isinstance(e.value.__cause__.__cause__, ImageLoadError)
     # it failed midway: all chunks but the last two (one is prefetched) were in the temp file
     assert at_failure and n - 2 * 3 <= at_failure[0] < n
     # the resolved config is there; no scores, no temp file, no manifest
