@@ -70,6 +70,9 @@ class Codec:
         self._pixels: OrderedDict[str, torch.Tensor] = OrderedDict()
 
     def image_key(self, rel: str) -> str:
+        if self.cache is None:  # keys only address the cache: check the path, skip the hash
+            self.root.resolve(rel)
+            return rel
         digest = self._digests.get(rel)
         if digest is None:
             digest = image_digest(self.root.resolve(rel))
