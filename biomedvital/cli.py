@@ -22,6 +22,14 @@ PIPELINE_VERBS = {
         "biomedvital.evaluation.score_vqa:score_vqa",
         "score a VQA-RAD / SLAKE / PathVQA predictions file with LLaVA-Med's metrics",
     ),
+    "score-chat": (
+        "biomedvital.evaluation.chat:score_chat",
+        "relative scores of a LLaVA-Med-Bench review file, per type and domain",
+    ),
+    "win-rate": (
+        "biomedvital.evaluation.winrate:win_rate",
+        "pairwise-judge win rate with position swap and bootstrap intervals",
+    ),
     "demo": ("biomedvital.data.demo:demo", "write the embedded demo pool to a folder"),
 }
 

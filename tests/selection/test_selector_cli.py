@@ -78,7 +78,17 @@ def _runs(store: Path):
 def test_help_lists_every_verb(capsys: pytest.CaptureFixture[str]) -> None:
     main(["--help"])
     out = capsys.readouterr().out
-    for verb in ("fit", "validate", "test", "predict", "select", "score-vqa", "demo"):
+    for verb in (
+        "fit",
+        "validate",
+        "test",
+        "predict",
+        "select",
+        "score-vqa",
+        "score-chat",
+        "win-rate",
+        "demo",
+    ):
         assert f"  {verb} " in out
 
 
