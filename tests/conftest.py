@@ -1,4 +1,4 @@
-"""Shared fixtures: a small synthetic pool over real bundled images, and the shared data path."""
+"""Shared fixtures: a small synthetic pool over real bundled images."""
 
 from __future__ import annotations
 
@@ -7,17 +7,6 @@ import shutil
 from pathlib import Path
 
 import pytest
-
-REPO = Path(__file__).resolve().parents[1]
-SHARED = REPO.parent / "shared" / "data"
-
-
-@pytest.fixture(scope="session")
-def shared_data() -> Path:
-    """Real public data beside the checkout (absent in a user's clone: tests skip)."""
-    if not SHARED.is_dir():
-        pytest.skip("../shared/data is not present")
-    return SHARED
 
 
 def _images(dst: Path) -> list[str]:
