@@ -14,6 +14,15 @@ TRAINER_VERBS = {
     "predict": "score candidates with a trained selector",
 }
 PIPELINE_VERBS = {
+    "generate": (
+        "biomedvital.generation.generate:generate",
+        "write instruction conversations (or answer pairs) with an OpenAI-compatible model",
+    ),
+    "rate": ("biomedvital.generation.rate:rate", "score candidates 0-10 with a judge model"),
+    "import-preferences": (
+        "biomedvital.generation.preferences:import_preferences",
+        "turn clinician annotations (JSONL/CSV pairs or marks) into preference records",
+    ),
     "select": (
         "biomedvital.selection.select:select",
         "keep the top-scored candidates as LLaVA data",
@@ -41,10 +50,9 @@ def _load(spec: str) -> Callable:
 
 def _usage() -> str:
     lines = ["usage: python -m biomedvital <verb> [--config FILE ...] [options]", "", "verbs:"]
-    for verb, text in TRAINER_VERBS.items():
-        lines.append(f"  {verb:<10} {text}")
-    for verb, (_, text) in PIPELINE_VERBS.items():
-        lines.append(f"  {verb:<10} {text}")
+    described = {**TRAINER_VERBS, **{v: text for v, (_, text) in PIPELINE_VERBS.items()}}
+    width = max(map(len, described))
+    lines += [f"  {verb:<{width}}  {text}" for verb, text in described.items()]
     lines += ["", "python -m biomedvital <verb> --help  shows a verb's options."]
     return "\n".join(lines)
 

@@ -89,7 +89,7 @@ def test_help_lists_every_verb(capsys: pytest.CaptureFixture[str]) -> None:
         "win-rate",
         "demo",
     ):
-        assert f"  {verb} " in out
+        assert f"  {verb} " in out, verb
 
 
 def test_unknown_verb_exits_2() -> None:

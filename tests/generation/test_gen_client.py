@@ -1,0 +1,171 @@
+"""The chat client against a real loopback server: retries, give-ups, cache and resume."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from pathlib import Path
+
+import pytest
+from fakeapi import KEY_ENV, SECRET, FakeAPI
+
+from biomedvital.generation.client import (
+    ChatRequest,
+    ClientConfig,
+    Journal,
+    TokenBucket,
+    cost_of,
+    parse_retry_after,
+    request_key,
+    run_requests,
+)
+
+
+def _config(api: FakeAPI, **kw) -> ClientConfig:
+    base = dict(
+        base_url=api.base_url,
+        model="fake-model",
+        api_key_env=KEY_ENV,
+        concurrency=4,
+        max_attempts=3,
+        timeout_s=5.0,
+        backoff_base_s=0.01,
+        backoff_max_s=0.05,
+        price_per_million={"input": 2.0, "output": 10.0},
+    )
+    base.update(kw)
+    return ClientConfig(**base)
+
+
+def _req(text: str) -> ChatRequest:
+    return ChatRequest([{"role": "user", "content": text}], {"temperature": 0.0, "max_tokens": 32})
+
+
+def _run(api: FakeAPI, tmp_path: Path, texts: list[str], **kw):
+    return run_requests(
+        _config(api, **kw), tmp_path / "journal.jsonl", [_req(t) for t in texts], progress=False
+    )
+
+
+@pytest.mark.parametrize("action", ["429", "500", "reset", "malformed", "empty"])
+def test_transient_errors_are_retried(api: FakeAPI, tmp_path: Path, action: str) -> None:
+    api.arm("M1", action)
+    outcomes, ledger, _ = _run(api, tmp_path, ["M1 hello"])
+    (out,) = outcomes.values()
+    assert out.ok and out.attempts == 2
+    assert api.count("M1") == 2
+    assert ledger.requests_sent == 2 and ledger.done == 1
+
+
+def test_retry_after_is_honoured(api: FakeAPI, tmp_path: Path) -> None:
+    api.retry_after = "0.4"
+    api.arm("RA", "429")
+    t0 = time.monotonic()
+    outcomes, _, _ = _run(api, tmp_path, ["RA"])
+    assert time.monotonic() - t0 >= 0.4
+    assert next(iter(outcomes.values())).ok
+
+
+def test_timeout_is_retried(api: FakeAPI, tmp_path: Path) -> None:
+    api.sleep_s = 1.0
+    api.arm("SLOW", "sleep")
+    outcomes, _, _ = _run(api, tmp_path, ["SLOW"], timeout_s=0.3)
+    out = next(iter(outcomes.values()))
+    assert out.ok and out.attempts == 2
+
+
+@pytest.mark.parametrize("status", ["400", "401", "403"])
+def test_client_errors_are_not_retried(api: FakeAPI, tmp_path: Path, status: str) -> None:
+    api.arm("BAD", status, status, status)
+    outcomes, ledger, _ = _run(api, tmp_path, ["BAD"])
+    out = next(iter(outcomes.values()))
+    assert not out.ok and out.error.startswith(f"http_{status}")
+    assert api.count("BAD") == 1
+    assert ledger.failed_by_reason == {f"http_{status}": 1}
+    assert not (tmp_path / "journal.jsonl").exists()  # failures are not cached
+
+
+def test_bounded_attempts_then_failed_with_reason(api: FakeAPI, tmp_path: Path) -> None:
+    api.arm("X", *["500"] * 10)
+    outcomes, ledger, _ = _run(api, tmp_path, ["X", "fine"])
+    bad = [o for o in outcomes.values() if not o.ok]
+    assert len(bad) == 1 and "http_500" in bad[0].error and "3 attempts" in bad[0].error
+    assert api.count("X") == 3
+    assert ledger.done == 1 and ledger.failed == 1
+
+
+def test_journal_cache_and_cost(api: FakeAPI, tmp_path: Path) -> None:
+    texts = [f"q{i}" for i in range(5)]
+    out1, led1, _ = _run(api, tmp_path, texts)
+    assert led1.requests_sent == 5
+    assert led1.cost_usd == pytest.approx(5 * (1000 * 2 + 200 * 10) / 1e6)
+    api.reset()
+    out2, led2, _ = _run(api, tmp_path, texts)
+    assert api.count() == 0 and led2.requests_sent == 0 and led2.cached == 5
+    assert {k: o.content for k, o in out1.items()} == {k: o.content for k, o in out2.items()}
+
+
+def test_torn_journal_line_is_redone_once(api: FakeAPI, tmp_path: Path) -> None:
+    texts = [f"q{i}" for i in range(4)]
+    out1, _, _ = _run(api, tmp_path, texts)
+    journal = tmp_path / "journal.jsonl"
+    data = journal.read_bytes()
+    last_start = data.rstrip(b"\n").rfind(b"\n") + 1
+    journal.write_bytes(data[: last_start + 25])  # kill -9 in the middle of the last line
+    torn_key = json.loads(data[last_start:])["key"]
+    api.reset()
+    out2, led2, torn = _run(api, tmp_path, texts)
+    assert torn == 1 and led2.requests_sent == 1 and led2.cached == 3
+    assert (
+        request_key("fake-model", api.seen[0]["messages"], {"temperature": 0.0, "max_tokens": 32})
+        == torn_key
+    )
+    lines = journal.read_text().splitlines()
+    keys = [json.loads(line)["key"] for line in lines]
+    assert len(keys) == len(set(keys)) == 4
+    assert {k: o.content for k, o in out1.items()} == {k: o.content for k, o in out2.items()}
+
+
+def test_key_is_sent_but_never_written(api: FakeAPI, tmp_path: Path) -> None:
+    _run(api, tmp_path, ["a"])
+    assert api.auth == [f"Bearer {SECRET}"]
+    assert SECRET not in (tmp_path / "journal.jsonl").read_text()
+    assert SECRET not in json.dumps(_config(api).public())
+
+
+def test_missing_key_env_is_a_clear_error(api: FakeAPI, tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.delenv(KEY_ENV)
+    with pytest.raises(RuntimeError, match=KEY_ENV):
+        _run(api, tmp_path, ["a"])
+
+
+def test_helpers() -> None:
+    assert parse_retry_after({"retry-after": "3"}) == 3.0
+    assert parse_retry_after({"retry-after-ms": "250"}) == 0.25
+    assert parse_retry_after({"retry-after": "Wed, 21 Oct 2015 07:28:00 GMT"}) == 0.0
+    assert parse_retry_after({}) is None
+    assert cost_of({"prompt_tokens": 1_000_000, "completion_tokens": 0}, {"input": 5}) == 5.0
+    with pytest.raises(ValueError, match="input"):
+        ClientConfig(base_url="x", model="m", price_per_million={"inptu": 1.0})
+    k1 = request_key("m", [{"role": "user", "content": "a"}], {"temperature": 0.1, "seed": 1})
+    k2 = request_key("m", [{"role": "user", "content": "a"}], {"seed": 1, "temperature": 0.1})
+    assert k1 == k2 != request_key("m", [{"role": "user", "content": "a"}], {"seed": 2})
+
+
+def test_token_bucket_paces() -> None:
+    async def go() -> float:
+        bucket = TokenBucket(rate_per_minute=600, capacity=2)  # 10 per second after a burst of 2
+        t0 = time.monotonic()
+        for _ in range(5):
+            await bucket.acquire(1)
+        return time.monotonic() - t0
+
+    assert 0.25 <= asyncio.run(go()) < 1.0
+
+
+def test_journal_skips_garbage_lines(tmp_path: Path) -> None:
+    p = tmp_path / "j.jsonl"
+    p.write_text('{"key": "a", "response": {}}\nnot json\n{"key": "b", "response": {}}\n')
+    j = Journal(p)
+    assert set(j.entries) == {"a", "b"} and j.torn_lines == 1

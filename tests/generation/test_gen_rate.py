@@ -1,0 +1,236 @@
+"""``rate`` (judge scores, re-ask, failures, clinician alignment) and ``import_preferences``."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from fakeapi import KEY_ENV, FakeAPI, default_responder
+
+from biomedvital.data.records import Rating, read_preferences
+from biomedvital.data.report import BadRecordError
+from biomedvital.generation.preferences import import_preferences
+from biomedvital.generation.rate import parse_score, rate
+
+
+def _cands(path: Path, tags: list[str]) -> Path:
+    rows = [
+        {
+            "id": f"c{i}",
+            "image": f"c{i}.jpg",
+            "pair_id": f"p{i}",
+            "fig_caption": f"CT of case {i} {tag}",
+            "conversations": [
+                {"from": "human", "value": "<image>\nWhat is shown?"},
+                {"from": "gpt", "value": f"A lesion {i}."},
+            ],
+        }
+        for i, tag in enumerate(tags)
+    ]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def _rate(api: FakeAPI, cands: Path, out: Path, store: str, **kw) -> dict:
+    args = dict(
+        base_url=api.base_url,
+        model="judge",
+        api_key_env=KEY_ENV,
+        max_attempts=2,
+        timeout_s=5,
+        backoff_base_s=0.01,
+        backoff_max_s=0.02,
+        store=store,
+        progress=False,
+    )
+    args.update(kw)
+    return rate(cands, out, **args)
+
+
+@pytest.mark.parametrize(
+    ("text", "score"),
+    [
+        ("8\nGood.", 8),
+        ("Score: 7/10 - clear", 7),
+        ("**10**", 10),
+        ("\n\n  0 - useless", 0),
+        ("11", None),
+        ("8.5", None),
+        ("Good answers.\n8", None),
+        ("", None),
+        (None, None),
+    ],
+)
+def test_parse_score(text: str | None, score: int | None) -> None:
+    assert parse_score(text) == score
+
+
+def test_rate_reasks_once_then_fails(api: FakeAPI, tmp_path: Path, mlstore: str) -> None:
+    cands = _cands(tmp_path / "c.jsonl", ["plain", "REASK-OK", "REASK-BAD", "HTTP-BAD"])
+    api.arm("REASK-OK", "text:A thorough conversation.\nScore 9")
+    api.arm("REASK-BAD", "text:Excellent.", "text:I would say quite good.")
+    api.arm("HTTP-BAD", "401")
+    out = tmp_path / "out"
+    m = _rate(api, cands, out, mlstore)
+    assert m["counts"] == {
+        "candidates": 4,
+        "rated": 2,
+        "failed": 2,
+        "reasked": 2,
+        "unparsable_after_reask": 1,
+    }
+    assert api.count("REASK-OK") == 2 and api.count("REASK-BAD") == 2 and api.count("HTTP-BAD") == 1
+    ratings = [Rating.model_validate_json(x) for x in (out / "ratings.jsonl").open()]
+    assert [r.candidate_id for r in ratings] == ["c0", "c1"]
+    assert "[re-asked]" in ratings[1].raw and ratings[0].judge == "judge"
+    failed = {f["id"]: f["reason"] for f in map(json.loads, (out / "failed.jsonl").open())}
+    assert failed["c2"].startswith("unparsable_score") and failed["c3"].startswith("http_401")
+    # rerun: everything answered comes from the journal, only the 401 is asked again
+    api.reset()
+    _rate(api, cands, out, mlstore)
+    assert api.count() == 1 and api.count("HTTP-BAD") == 1
+
+
+def test_rate_alignment_with_clinicians(api: FakeAPI, tmp_path: Path, mlstore: str) -> None:
+    def judge(body: dict) -> str:
+        text = json.dumps(body["messages"][-1])
+        if "GOODANS" in text:
+            return "9\nfine"
+        if "TIEANS" in text:
+            return "5\nmeh"
+        if "BADANS" in text:
+            return "2\npoor"
+        return default_responder(body)
+
+    api.responder = judge
+    prefs = tmp_path / "prefs.jsonl"
+    rows = [
+        {
+            "id": "a",
+            "image": "x.jpg",
+            "question": "q?",
+            "preferred": "GOODANS 1",
+            "rejected": "BADANS 1",
+        },
+        {
+            "id": "b",
+            "image": "x.jpg",
+            "question": "q?",
+            "preferred": "BADANS 2",
+            "rejected": "GOODANS 2",
+        },
+        {
+            "id": "c",
+            "image": "x.jpg",
+            "question": "q?",
+            "preferred": "TIEANS 1",
+            "rejected": "TIEANS 2",
+        },
+        {
+            "id": "d",
+            "image": "x.jpg",
+            "question": "q?",
+            "preferred": "GOODANS 3",
+            "rejected": "BADANS 3",
+        },
+    ]
+    prefs.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    m = _rate(
+        api, _cands(tmp_path / "c.jsonl", ["x"]), tmp_path / "out", mlstore, preferences=prefs
+    )
+    al = m["alignment"]
+    assert (al["aligned"], al["misaligned"], al["ties"], al["unscored"]) == (2, 1, 1, 0)
+    assert al["align_rate"] == pytest.approx(0.5)
+    assert al["align_rate_without_ties"] == pytest.approx(2 / 3)
+    scores = [json.loads(x) for x in (tmp_path / "out" / "preference_scores.jsonl").open()]
+    assert scores[0] == {"id": "a", "preferred_score": 9, "rejected_score": 2}
+
+
+def test_rate_dry_run(api: FakeAPI, tmp_path: Path, capsys) -> None:
+    res = _rate(
+        api, _cands(tmp_path / "c.jsonl", ["x", "y"]), tmp_path / "o", "unused", dry_run=True
+    )
+    assert api.count() == 0 and res["estimate"]["requests"] == 2
+    assert "medical expert" in capsys.readouterr().out
+
+
+# ----------------------------------------------------------------------------- preferences
+
+
+def test_import_csv_pairs_and_marks(tmp_path: Path) -> None:
+    pairs = tmp_path / "pairs.csv"
+    pairs.write_text(
+        "id,image,question,preferred,rejected,annotator\n"
+        'p1,a.jpg,What is it?,"A mass, 2 cm",No idea,dr-x\n'
+        "p2,b.jpg,Which organ?,Liver,Spleen,\n"
+    )
+    m = import_preferences(pairs, tmp_path / "out1.jsonl", annotator="panel")
+    assert m["preferences"] == 2
+    got = read_preferences(tmp_path / "out1.jsonl")
+    assert got[0].preferred == "A mass, 2 cm" and got[0].annotator == "dr-x"
+    assert got[1].annotator == "panel"
+
+    marks = tmp_path / "marks.csv"
+    marks.write_text(
+        "id,image,question,answer,acceptable\n"
+        "q1,a.jpg,Is there a mass?,Yes in the left lobe,yes\n"
+        "q1,a.jpg,Is there a mass?,No,no\n"
+        "q2,b.jpg,Modality?,CT,yes\n"
+        "q2,b.jpg,Modality?,Computed tomography,yes\n"
+    )
+    m = import_preferences(marks, tmp_path / "out2.jsonl")
+    assert m["preferences"] == 1 and m["no_contrast"] == 1
+    (p,) = read_preferences(tmp_path / "out2.jsonl")
+    assert p.id == "q1#0>1" and p.preferred == "Yes in the left lobe"
+
+
+def test_import_generated_pairs_after_marking(tmp_path: Path) -> None:
+    src = tmp_path / "marked.jsonl"
+    rec = {
+        "id": "f-q0",
+        "image": "f.jpg",
+        "question": "What is shown?",
+        "answers": ["A cyst.", "A tumour."],
+        "acceptable": ["reject", "accept"],
+        "fig_caption": "c",
+        "in_text_mention": "m",
+        "pair_id": "f",
+        "generator": {"model": "x"},
+    }
+    src.write_text(json.dumps(rec) + "\n")
+    import_preferences(src, tmp_path / "o.jsonl")
+    (p,) = read_preferences(tmp_path / "o.jsonl")
+    assert (p.preferred, p.rejected, p.id) == ("A tumour.", "A cyst.", "f-q0#1>0")
+
+
+@pytest.mark.parametrize(
+    ("content", "line", "needle"),
+    [
+        ("id,image,question\nx,a.jpg,q\n", 1, "missing column"),
+        ("id,image,question,answer,acceptable\nq1,a.jpg,q,A,maybe\n", 2, "maybe"),
+        ("id,image,question,preferred,rejected\np1,a.jpg,q,Same,Same\n", 2, "identical"),
+        ("id,image,question,preferred,rejected\np1,a.jpg,,A,B\n", 2, "question"),
+        (
+            "id,image,question,answer,acceptable\nq1,a.jpg,q,A,yes\nq1,b.jpg,q,B,no\n",
+            3,
+            "another question or image",
+        ),
+    ],
+)
+def test_import_csv_errors_name_file_and_line(
+    tmp_path: Path, content: str, line: int, needle: str
+) -> None:
+    src = tmp_path / "bad.csv"
+    src.write_text(content)
+    with pytest.raises(BadRecordError) as e:
+        import_preferences(src, tmp_path / "o.jsonl")
+    assert e.value.line == line and str(src) in str(e.value) and needle in str(e.value)
+    assert not (tmp_path / "o.jsonl").exists()
+
+
+def test_import_skip_counts(tmp_path: Path) -> None:
+    src = tmp_path / "mixed.csv"
+    src.write_text("id,image,question,preferred,rejected\np1,a.jpg,q,A,B\np2,a.jpg,q,Same,Same\n")
+    m = import_preferences(src, tmp_path / "o.jsonl", on_bad_record="skip")
+    assert m["preferences"] == 1 and m["records"]["skipped"] == 1
