@@ -503,8 +503,10 @@ class ChatClient:
         import openai
 
         try:
+            from biomedvital.generation.prompts import inline_images
+
             raw = await client.chat.completions.with_raw_response.create(
-                model=self.config.model, messages=req.messages, **req.params
+                model=self.config.model, messages=inline_images(req.messages), **req.params
             )
         except openai.APITimeoutError:
             raise _Retryable(f"timeout: no response within {self.config.timeout_s}s") from None

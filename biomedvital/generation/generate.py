@@ -25,7 +25,7 @@ from biomedvital.generation.client import (
 from biomedvital.generation.parse import Rejected, pair_records, parse_conversation, parse_pairs
 from biomedvital.generation.prompts import (
     build_messages,
-    image_data_url,
+    image_ref,
     printable_messages,
     prompt_version,
     select_demonstrations,
@@ -136,7 +136,7 @@ def generate(
         url = None
         if root is not None:
             try:
-                url = image_data_url(root.resolve(figure_image(fig)))
+                url = image_ref(root.resolve(figure_image(fig)))
             except (OSError, ValueError) as exc:
                 err = BadRecordError(
                     figures, i, str(exc), "pair_id", kind="record", category="missing_image"

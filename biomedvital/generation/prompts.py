@@ -130,6 +130,45 @@ def _demo_block(demo: Demonstration) -> str:
 _MIME = {".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".png": "image/png"}
 
 
+IMAGE_REF = "biomedvital-image:"
+
+
+def image_ref(path: Path) -> str:
+    """A stand-in for the image's data URL: its path and content hash.
+
+    Messages carry this reference until the moment of sending, so that 100,000 queued requests
+    never hold 100,000 base64 images in memory; the hash keeps cache keys tied to the bytes.
+    """
+    if _MIME.get(path.suffix.lower()) is None:
+        load_image(path)  # converted at send time (DICOM…): fail now, naming the file, not then
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return f"{IMAGE_REF}{path}#sha256={h.hexdigest()}"
+
+
+def inline_images(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The messages with every image reference replaced by the image's data URL (for sending)."""
+    out = []
+    for m in messages:
+        content = m.get("content")
+        if isinstance(content, list) and any(
+            p.get("type") == "image_url" and p["image_url"]["url"].startswith(IMAGE_REF)
+            for p in content
+        ):
+            parts = []
+            for p in content:
+                url = p.get("image_url", {}).get("url", "") if p.get("type") == "image_url" else ""
+                if url.startswith(IMAGE_REF):
+                    path = Path(url.removeprefix(IMAGE_REF).rsplit("#sha256=", 1)[0])
+                    p = {**p, "image_url": {**p["image_url"], "url": image_data_url(path)}}
+                parts.append(p)
+            m = {**m, "content": parts}
+        out.append(m)
+    return out
+
+
 def image_data_url(path: Path) -> str:
     """The image as a base64 data URL: JPEG/PNG bytes as stored, anything else (DICOM…) as PNG."""
     mime = _MIME.get(path.suffix.lower())

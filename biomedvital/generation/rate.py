@@ -34,7 +34,7 @@ from biomedvital.generation.client import (
     run_requests,
 )
 from biomedvital.generation.generate import estimate_cost
-from biomedvital.generation.prompts import MENTIONS_HEADER, image_data_url, printable_messages
+from biomedvital.generation.prompts import MENTIONS_HEADER, image_ref, printable_messages
 from biomedvital.tracking.mlflow import DEFAULT_STORE, PipelineRun
 from biomedvital.tracking.provenance import git_state
 
@@ -192,7 +192,7 @@ def rate(
             caption = str(extra.get("fig_caption") or "")
             mention = extra.get("in_text_mention")
             mentions = mention if isinstance(mention, str) else ""
-        url = image_data_url(root.resolve(cand.image)) if root is not None else None
+        url = image_ref(root.resolve(cand.image)) if root is not None else None
         items.append(
             ("candidate", cand.id, judge_messages(caption, mentions, cand.qa_pairs(), url))
         )
@@ -201,7 +201,7 @@ def rate(
         reports["preferences"] = RecordReport()
         prefs = read_preferences(preferences, on_bad_record, reports["preferences"])
         for p in prefs:
-            url = image_data_url(root.resolve(p.image)) if root is not None else None
+            url = image_ref(root.resolve(p.image)) if root is not None else None
             q = strip_image_token(p.question)
             for side, answer in (("preferred", p.preferred), ("rejected", p.rejected)):
                 msgs = judge_messages(p.fig_caption, p.mentions_text(), [(q, answer)], url)
