@@ -240,3 +240,23 @@ def test_parse_pairs_rules() -> None:
     with pytest.raises(Rejected) as e:
         parse_pairs("Question: q?\nAnswer B: b\nAnswer A: a")
     assert e.value.reason == "not_alternating"
+
+
+def test_images_are_references_until_sent(tmp_path: Path) -> None:
+    """Queued messages hold a path + hash, not base64; the hash follows the bytes."""
+    import shutil
+
+    import skimage.data
+
+    from biomedvital.generation.prompts import IMAGE_REF, image_ref, inline_images
+
+    img = tmp_path / "retina.jpg"
+    shutil.copy(Path(skimage.data.__file__).parent / "retina.jpg", img)
+    ref = image_ref(img)
+    assert ref.startswith(IMAGE_REF) and len(ref) < 300
+    msgs = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": ref}}]}]
+    sent = inline_images(msgs)
+    assert sent[0]["content"][0]["image_url"]["url"].startswith("data:image/jpeg;base64,")
+    assert msgs[0]["content"][0]["image_url"]["url"] == ref  # the queued copy is untouched
+    img.write_bytes(img.read_bytes()[:-10])
+    assert image_ref(img) != ref
