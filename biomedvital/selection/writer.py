@@ -25,12 +25,13 @@ class ScoreWriter(BasePredictionWriter):
     run, counts written and skipped (with reasons), and the score histogram.
 
     Args:
-        output: the scores JSONL to write.
+        output: the scores JSONL to write; default ``<trainer.default_root_dir>/scores.jsonl``.
     """
 
-    def __init__(self, output: str = "outputs/scores.jsonl") -> None:
+    def __init__(self, output: str | None = None) -> None:
         super().__init__(write_interval="batch")
-        self.output = Path(output)
+        self._output = output
+        self.output = Path(output) if output else Path("scores.jsonl")
         self._tmp: Path | None = None
         self._fh = None
         self._seen: set[str] = set()
@@ -41,6 +42,8 @@ class ScoreWriter(BasePredictionWriter):
     def on_predict_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if trainer.world_size > 1:
             raise RuntimeError("ScoreWriter writes from one process; score with devices: 1")
+        if not self._output:
+            self.output = Path(trainer.default_root_dir) / "scores.jsonl"
         self.output.parent.mkdir(parents=True, exist_ok=True)
         self._tmp = self.output.with_name(f".{self.output.name}.tmp-{os.getpid()}")
         self._fh = open(self._tmp, "w", encoding="utf-8")  # noqa: SIM115 - spans the predict loop

@@ -52,12 +52,11 @@ def _config(tmp: Path, pool: dict[str, Path], **model: object) -> Path:
             },
             "callbacks": [
                 {
-                    "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
-                    "init_args": {"dirpath": str(out / "ckpt"), "save_last": True},
+                    "class_path": "biomedvital.tracking.Checkpoints",
+                    "init_args": {"save_last": True},  # -> <default_root_dir>/checkpoints
                 },
                 {
-                    "class_path": "biomedvital.selection.ScoreWriter",
-                    "init_args": {"output": str(out / "scores.jsonl")},
+                    "class_path": "biomedvital.selection.ScoreWriter",  # -> <root>/scores.jsonl
                 },
             ],
         },
@@ -102,7 +101,7 @@ def test_fit_predict_select_tracked(tmp_path: Path, pool: dict[str, Path]) -> No
     cfg = _config(tmp_path, pool)
     out = tmp_path / "out"
     main(["fit", "--config", str(cfg)])
-    assert (out / "ckpt" / "last.ckpt").is_file()
+    assert (out / "checkpoints" / "last.ckpt").is_file()
     run_record = json.loads((out / "run.fit.json").read_text())
     assert run_record["data"]["pairs"]["train"] > 0
     assert len(run_record["data"]["inputs"]["candidates"]["sha256"]) == 64
@@ -117,7 +116,7 @@ def test_fit_predict_select_tracked(tmp_path: Path, pool: dict[str, Path]) -> No
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"config.fit.yaml", "run.fit.json"} <= artifacts
 
-    main(["predict", "--config", str(cfg), "--ckpt_path", str(out / "ckpt" / "last.ckpt")])
+    main(["predict", "--config", str(cfg), "--ckpt_path", str(out / "checkpoints" / "last.ckpt")])
     scores = [json.loads(line) for line in (out / "scores.jsonl").read_text().splitlines()]
     n_cands = len(pool["candidates"].read_text().splitlines())
     assert len(scores) == n_cands
@@ -171,7 +170,13 @@ def test_same_seed_same_scores(tmp_path: Path, pool: dict[str, Path]) -> None:
         cfg = _config(d, pool)
         main(["fit", "--config", str(cfg)])
         main(
-            ["predict", "--config", str(cfg), "--ckpt_path", str(d / "out" / "ckpt" / "last.ckpt")]
+            [
+                "predict",
+                "--config",
+                str(cfg),
+                "--ckpt_path",
+                str(d / "out" / "checkpoints" / "last.ckpt"),
+            ]
         )
         outputs.append((d / "out" / "scores.jsonl").read_text())
     assert outputs[0] == outputs[1]
@@ -189,8 +194,8 @@ def test_resume_from_last(tmp_path: Path, pool: dict[str, Path]) -> None:
     cfg_b = _config(resumed, pool)
     main(["fit", "--config", str(cfg_b), "--trainer.max_epochs", "1"])
     main(["fit", "--config", str(cfg_b), "--trainer.max_epochs", "2", "--ckpt_path", "last"])
-    a = torch.load(straight / "out" / "ckpt" / "last.ckpt", weights_only=True)
-    b = torch.load(resumed / "out" / "ckpt" / "last.ckpt", weights_only=True)
+    a = torch.load(straight / "out" / "checkpoints" / "last.ckpt", weights_only=True)
+    b = torch.load(resumed / "out" / "checkpoints" / "last.ckpt", weights_only=True)
     assert a["epoch"] == b["epoch"] == 1
     for key, value in a["state_dict"].items():
         torch.testing.assert_close(b["state_dict"][key], value, msg=key)
