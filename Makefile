@@ -6,8 +6,14 @@ STAMP   := $(VENV)/.installed
 DEMO    := outputs/demo
 PYTEST_ARGS ?=
 
+GRID    ?= w
+GRID_FILE = conf/grids/$(GRID).yaml
+GRID_DIR  = outputs/grids/$(GRID)
+# the cells of GRID, read from its file (one target per cell: its run.fit.json)
+CELLS     = $(shell $(BIN)/python -m biomedvital grid --grid $(GRID_FILE) 2>/dev/null)
+
 .DEFAULT_GOAL := help
-.PHONY: help setup demo test lint format ui bench clean
+.PHONY: help setup demo test lint format ui bench clean list grid report
 
 help:  ## list the targets
 	@grep -E '^[a-zA-Z_/%.-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | expand -t 28
@@ -32,6 +38,19 @@ $(DEMO)/selector/scores.jsonl: $(DEMO)/selector/checkpoints/last.ckpt
 $(DEMO)/selected/manifest.json: $(DEMO)/selector/scores.jsonl
 	$(BIN)/python -m biomedvital select --scores $< --candidates data/demo/candidates.jsonl \
 		--out $(DEMO)/selected --top_percent 80
+
+list: $(STAMP)  ## list the cells of a grid: make list GRID=w (grids live in conf/grids/)
+	@$(BIN)/python -m biomedvital grid --grid $(GRID_FILE)
+
+grid: $(STAMP)  ## run the cells of GRID not yet done (make -k keeps going, make -n shows them)
+	@$(MAKE) --no-print-directory $(foreach c,$(CELLS),$(GRID_DIR)/$(c)/run.fit.json)
+
+$(GRID_DIR)/%/run.fit.json: $(GRID_FILE)
+	$(BIN)/python -m biomedvital grid --grid $(GRID_FILE) --cell $*
+
+report: $(STAMP)  ## table (Markdown, CSV) and plots of GRID's runs from MLflow, under experiments/reports/
+	$(BIN)/python -c "import matplotlib" 2>/dev/null || $(BIN)/pip install --quiet -e '.[report]'
+	$(BIN)/python experiments/report.py --grid $(GRID)
 
 test: $(STAMP)  ## run the test suite (tiny models, CPU; add PYTEST_ARGS="-m slow" for the long checks)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

@@ -39,6 +39,7 @@ PIPELINE_VERBS = {
         "biomedvital.evaluation.winrate:win_rate",
         "pairwise-judge win rate with position swap and bootstrap intervals",
     ),
+    "grid": ("biomedvital.grid:grid", "list the cells of an ablation grid, or run one cell"),
     "demo": ("biomedvital.data.demo:demo", "write the embedded demo pool to a folder"),
 }
 
@@ -64,17 +65,21 @@ def run_trainer_verb(argv: list[str]) -> None:
 
     from biomedvital.tracking.callbacks import RecordRun
 
-    LightningCLI(
-        LightningModule,
-        LightningDataModule,
-        subclass_mode_model=True,
-        subclass_mode_data=True,
-        save_config_callback=RecordRun,
-        seed_everything_default=0,
-        trainer_defaults={"logger": {"class_path": "biomedvital.tracking.MLflowLogger"}},
-        args=argv,
-        auto_configure_optimizers=False,
-    )
+    saved, sys.argv = sys.argv, ["python -m biomedvital"]  # args come from ``argv`` only
+    try:
+        LightningCLI(
+            LightningModule,
+            LightningDataModule,
+            subclass_mode_model=True,
+            subclass_mode_data=True,
+            save_config_callback=RecordRun,
+            seed_everything_default=0,
+            trainer_defaults={"logger": {"class_path": "biomedvital.tracking.MLflowLogger"}},
+            args=argv,
+            auto_configure_optimizers=False,
+        )
+    finally:
+        sys.argv = saved
 
 
 def main(argv: list[str] | None = None) -> None:

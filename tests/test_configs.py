@@ -10,8 +10,9 @@ import yaml
 from biomedvital.cli import main
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
-BASES = sorted(p for p in CONF.rglob("*.yaml") if "ablation" not in p.parts)
+BASES = sorted(p for p in CONF.rglob("*.yaml") if not {"ablation", "grids"} & set(p.parts))
 OVERLAYS = sorted((CONF / "ablation").glob("*.yaml"))
+GRIDS = sorted((CONF / "grids").glob("*.yaml"))
 
 
 def _print_config(capsys: pytest.CaptureFixture[str], *configs: Path) -> dict:
@@ -66,3 +67,19 @@ def test_paper_config_is_faithful(capsys: pytest.CaptureFixture[str]) -> None:
         "python -m biomedvital fit --config conf/paper/selector.yaml"
         in (CONF / "paper" / "selector.yaml").read_text()
     )
+
+
+@pytest.mark.parametrize("path", GRIDS, ids=lambda p: p.name)
+def test_grid_cells_parse(path: Path, capsys: pytest.CaptureFixture[str], monkeypatch) -> None:
+    """Every cell of every grid resolves to a config the CLI accepts, with its tags."""
+    from biomedvital.grid import cell_args, load_grid
+
+    monkeypatch.chdir(CONF.parent)
+    spec = load_grid(path.relative_to(CONF.parent))
+    for cell in spec["cells"]:
+        args = cell_args(path.relative_to(CONF.parent), cell)
+        with pytest.raises(SystemExit):
+            main([spec["verb"], *args, "--print_config"])
+        cfg = yaml.safe_load(capsys.readouterr().out)
+        assert cfg["trainer"]["default_root_dir"] == f"outputs/grids/{path.stem}/{cell}"
+        assert cfg["trainer"]["logger"]["init_args"]["tags"] == {"grid": path.stem, "cell": cell}
