@@ -65,7 +65,9 @@ def run_trainer_verb(argv: list[str]) -> None:
 
     from biomedvital.tracking.callbacks import RecordRun
 
-    saved, sys.argv = sys.argv, ["python -m biomedvital"]  # args come from ``argv`` only
+    # LightningCLI parses sys.argv, and multi-device launchers re-run it in child processes:
+    # it must hold exactly this verb's arguments (also when a grid cell runs in-process)
+    saved, sys.argv = sys.argv, [sys.argv[0], *argv]
     try:
         LightningCLI(
             LightningModule,
@@ -75,7 +77,6 @@ def run_trainer_verb(argv: list[str]) -> None:
             save_config_callback=RecordRun,
             seed_everything_default=0,
             trainer_defaults={"logger": {"class_path": "biomedvital.tracking.MLflowLogger"}},
-            args=argv,
             auto_configure_optimizers=False,
         )
     finally:

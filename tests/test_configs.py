@@ -10,7 +10,10 @@ import yaml
 from biomedvital.cli import main
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
-BASES = sorted(p for p in CONF.rglob("*.yaml") if not {"ablation", "grids"} & set(p.parts))
+BASES = sorted(
+    p for p in CONF.rglob("*.yaml") if not {"ablation", "grids", "strategy"} & set(p.parts)
+)
+STRATEGIES = sorted((CONF / "strategy").glob("*.yaml"))
 OVERLAYS = sorted((CONF / "ablation").glob("*.yaml"))
 GRIDS = sorted((CONF / "grids").glob("*.yaml"))
 
@@ -26,7 +29,7 @@ def _print_config(capsys: pytest.CaptureFixture[str], *configs: Path) -> dict:
 
 
 def test_conf_has_files() -> None:
-    assert BASES and OVERLAYS
+    assert BASES and OVERLAYS and STRATEGIES
     assert {p.relative_to(CONF).as_posix() for p in BASES} >= {
         "demo/selector.yaml",
         "paper/selector.yaml",
@@ -38,6 +41,16 @@ def test_base_config_parses(path: Path, capsys: pytest.CaptureFixture[str]) -> N
     cfg = _print_config(capsys, path)
     assert cfg["model"]["class_path"].startswith("biomedvital.")
     assert cfg["data"]["class_path"].startswith("biomedvital.")
+
+
+@pytest.mark.parametrize("path", STRATEGIES, ids=lambda p: p.name)
+def test_strategy_overlay_parses(path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Strategy overlays apply to the tuner's paper config (the multi-GPU recipe)."""
+    merged = _print_config(capsys, CONF / "paper" / "tuner.yaml", path)
+    strategy = yaml.safe_load(path.read_text())["trainer"]["strategy"]
+    got = merged["trainer"]["strategy"]
+    want = strategy["class_path"] if isinstance(strategy, dict) else strategy
+    assert (got["class_path"] if isinstance(got, dict) else got) == want
 
 
 @pytest.mark.parametrize("path", OVERLAYS, ids=lambda p: p.name)

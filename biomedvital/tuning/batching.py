@@ -1,0 +1,171 @@
+"""Batches for instruction tuning: modality- and length-grouped, padded, images decoded in workers."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset, Sampler
+
+from biomedvital.data.images import ImageLoadError, ImageRoot, UnsafePathError
+from biomedvital.tuning.conversation import IGNORE_INDEX
+
+IMAGE_ERRORS = (ImageLoadError, UnsafePathError, FileNotFoundError, OSError)
+
+
+@dataclass
+class Sample:
+    """One tokenised training sample; ``position`` locates it in the source file."""
+
+    id: str
+    image: str
+    input_ids: np.ndarray
+    labels: np.ndarray
+    modality: str
+    position: int
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+
+class GroupedBatchSampler(Sampler[list[int]]):
+    """Batches of one modality and similar length, so little of each batch is padding.
+
+    As LLaVA's ``group_by_modality_length``: per modality, a permutation is cut into megabatches
+    of ``megabatch`` global batches, each sorted by length and cut into global batches; global
+    batches of all modalities are then shuffled. The order depends only on (seed, epoch), so a
+    resumed run sees the batches of one that never stopped. With several processes each global
+    batch (``batch_size * num_replicas``) is split between ranks, so every rank takes a step on
+    samples of similar length and the global batch is the same whatever the process count.
+    """
+
+    def __init__(
+        self,
+        lengths: Sequence[int],
+        groups: Sequence[str],
+        batch_size: int,
+        seed: int = 0,
+        megabatch: int = 8,
+        shuffle: bool = True,
+        longest_first: bool = True,
+        num_replicas: int = 1,
+        rank: int = 0,
+    ) -> None:
+        if batch_size < 1 or megabatch < 1:
+            raise ValueError("batch_size and megabatch must be >= 1")
+        self.lengths, self.groups = list(lengths), list(groups)
+        self.batch_size, self.seed, self.megabatch = batch_size, seed, megabatch
+        self.shuffle, self.longest_first = shuffle, longest_first
+        self.num_replicas, self.rank, self.epoch = num_replicas, rank, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def global_batches(self) -> list[list[int]]:
+        """Every rank's samples of each step, in step order."""
+        g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        step = self.batch_size * self.num_replicas
+        out: list[list[int]] = []
+        for group in sorted(set(self.groups)):
+            idx = [i for i, m in enumerate(self.groups) if m == group]
+            if self.shuffle:
+                idx = [idx[j] for j in torch.randperm(len(idx), generator=g).tolist()]
+            mb = step * self.megabatch
+            for k in range(0, len(idx), mb):
+                chunk = sorted(idx[k : k + mb], key=lambda i: -self.lengths[i])
+                out += [chunk[j : j + step] for j in range(0, len(chunk), step)]
+        if self.shuffle and out:
+            out = [out[j] for j in torch.randperm(len(out), generator=g).tolist()]
+        if self.longest_first and out:
+            # the largest batch first: a run that would run out of memory does so at once
+            top = max(range(len(out)), key=lambda b: (max(self.lengths[i] for i in out[b]), -b))
+            out.insert(0, out.pop(top))
+        return out
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for batch in self.global_batches():
+            if self.num_replicas == 1:
+                yield batch
+                continue
+            if len(batch) % self.num_replicas:  # pad a short last batch as DistributedSampler
+                pad = self.num_replicas - len(batch) % self.num_replicas
+                batch = batch + [batch[i % len(batch)] for i in range(pad)]
+            per = len(batch) // self.num_replicas
+            yield batch[self.rank * per : (self.rank + 1) * per]
+
+    def __len__(self) -> int:
+        step = self.batch_size * self.num_replicas
+        total = 0
+        for group in set(self.groups):
+            n = sum(1 for m in self.groups if m == group)
+            mb = step * self.megabatch
+            full, rest = divmod(n, mb)
+            total += full * self.megabatch + -(-rest // step)
+        return total
+
+
+class TuningDataset(Dataset):
+    """Samples with their images decoded and preprocessed (in DataLoader workers)."""
+
+    def __init__(
+        self, samples: list[Sample], root: ImageRoot, image_processor: Any, skip_bad: bool
+    ) -> None:
+        self.samples, self.root = samples, root
+        self.image_processor, self.skip_bad = image_processor, skip_bad
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        s = self.samples[i]
+        try:
+            image = self.root.load(s.image)
+        except IMAGE_ERRORS as err:
+            if not self.skip_bad:
+                raise BadSampleImage(s, err) from err
+            return {"sample": s, "error": f"{type(err).__name__}: {err}"}
+        pixels = self.image_processor(images=image, return_tensors="pt")["pixel_values"][0]
+        return {"sample": s, "pixel_values": pixels}
+
+
+class BadSampleImage(ValueError):
+    """An image that fails to decode while training; names the sample and its record."""
+
+    def __init__(self, sample: Sample, cause: BaseException) -> None:
+        super().__init__(
+            f"record {sample.position} (id {sample.id!r}): image {sample.image!r}: "
+            f"{type(cause).__name__}: {cause}"
+        )
+
+
+class PadCollate:
+    """Right-pads ids (``pad_id``) and labels (``IGNORE_INDEX``) to the batch's longest sample."""
+
+    def __init__(self, pad_id: int) -> None:
+        self.pad_id = pad_id
+
+    def __call__(self, items: list[dict[str, Any]]) -> dict[str, Any]:
+        bad = [it for it in items if "error" in it]
+        good = [it for it in items if "error" not in it]
+        n, width = len(good), max((len(it["sample"]) for it in good), default=0)
+        ids = torch.full((n, width), self.pad_id, dtype=torch.long)
+        labels = torch.full((n, width), IGNORE_INDEX, dtype=torch.long)
+        mask = torch.zeros((n, width), dtype=torch.long)
+        for row, it in enumerate(good):
+            s: Sample = it["sample"]
+            ids[row, : len(s)] = torch.from_numpy(s.input_ids)
+            labels[row, : len(s)] = torch.from_numpy(s.labels)
+            mask[row, : len(s)] = 1
+        return {
+            "input_ids": ids,
+            "labels": labels,
+            "attention_mask": mask,
+            "pixel_values": torch.stack([it["pixel_values"] for it in good])
+            if good
+            else torch.empty(0),
+            "ids": [it["sample"].id for it in good],
+            "bad_images": [f"{it['sample'].id}: {it['error']}" for it in bad],
+        }

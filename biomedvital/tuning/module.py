@@ -1,0 +1,324 @@
+"""Visual instruction tuning of LLaVA on selected data: LoRA or full fine-tuning."""
+
+from __future__ import annotations
+
+import copy
+import math
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from lightning.pytorch import LightningModule
+from torch import nn
+
+from biomedvital.tuning.conversation import VICUNA_V1_SYSTEM, prompt
+from biomedvital.tuning.models import create_llava
+
+Mode = Literal["lora", "full"]
+LoraScope = Literal["language_model", "all"]
+DType = Literal["float32", "bfloat16", "float16"]
+
+# LLaVA-1.5's LoRA recipe adapts every linear layer of the language model (find_all_linear_names
+# leaves out the vision tower, the projector and lm_head)
+LLAMA_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+PROJECTOR = "multi_modal_projector"
+
+
+def lora_target_regex(names: list[str], scope: LoraScope) -> str:
+    """A full-match regex over module names: only ``model.language_model`` unless ``all``
+    (the CLIP tower has ``q_proj``/``v_proj`` too, which a bare name list would also adapt)."""
+    alt = "|".join(sorted(set(names)))
+    if scope == "language_model":
+        return rf"(.*\.)?language_model\..*\.({alt})"
+    return rf".*\.({alt})"
+
+
+class LlavaTuner(LightningModule):
+    """LLaVA trained on LLaVA-format conversations, loss on the assistant's tokens only.
+
+    Args:
+        model: ``hf:ID`` / ``local-dir:PATH`` / ``tiny:NAME`` (see ``models.py``). Paper base:
+            ``hf:llava-hf/llava-1.5-13b-hf``.
+        mode: ``lora`` (adapters on the language model; LLaVA-1.5's task LoRA recipe) or
+            ``full`` (every language-model weight trains; LLaVA-Med stage 2).
+        lora_r: adapter rank (LLaVA-1.5: 128).
+        lora_alpha: adapter scale numerator (LLaVA-1.5: 256).
+        lora_dropout: dropout on the adapter input (LLaVA-1.5: 0.05).
+        lora_target_modules: module names to adapt (default: every Llama linear layer).
+        lora_scope: ``language_model`` (default; the vision tower is never adapted) or ``all``.
+        train_projector: whether the vision-language projector trains (LLaVA: yes).
+        freeze_vision_tower: keep the CLIP tower frozen (LLaVA and LLaVA-Med: frozen).
+        lr: learning rate of the adapters (LoRA) or the language model (full). LoRA: 2e-4;
+            full (LLaVA-Med stage 2): 2e-5.
+        projector_lr: learning rate of the projector (LLaVA-1.5 LoRA: 2e-5); ``None`` = ``lr``.
+        weight_decay: AdamW weight decay (LLaVA: 0).
+        betas: AdamW betas.
+        warmup_ratio: share of optimizer steps with linear warmup (LLaVA: 0.03).
+        min_lr_ratio: the cosine schedule's floor as a share of each group's lr (LLaVA: 0).
+        gradient_checkpointing: recompute activations in the backward pass (less memory,
+            about a third more compute); non-reentrant, so frozen inputs need no hooks.
+        dtype: dtype the weights are loaded in (``None``: the checkpoint's for ``hf:``/
+            ``local-dir:``, float32 for ``tiny:``). Mixed precision is the trainer's
+            ``precision``; on CPU keep float32 (bf16 autocast is slow there).
+        init_seed: seed of random weights (``tiny:``, adapters) and of per-step dropout.
+        checkpoint_trainable_only: write only trainable tensors to Lightning checkpoints (the
+            frozen weights are rebuilt from ``model``): a LoRA checkpoint of the 13B model is
+            then hundreds of MB instead of 26 GB.
+        fsdp_unit: for FSDP2 (``ModelParallelStrategy``): shard each decoder layer and each
+            vision-encoder layer as its own unit (``layer``), or only the whole model
+            (``model``).
+    """
+
+    def __init__(
+        self,
+        model: str = "tiny:tiny-llava",
+        mode: Mode = "lora",
+        lora_r: int = 128,
+        lora_alpha: int = 256,
+        lora_dropout: float = 0.05,
+        lora_target_modules: list[str] | None = None,
+        lora_scope: LoraScope = "language_model",
+        train_projector: bool = True,
+        freeze_vision_tower: bool = True,
+        lr: float = 2e-4,
+        projector_lr: float | None = 2e-5,
+        weight_decay: float = 0.0,
+        betas: tuple[float, float] = (0.9, 0.999),
+        warmup_ratio: float = 0.03,
+        min_lr_ratio: float = 0.0,
+        gradient_checkpointing: bool = False,
+        dtype: DType | None = None,
+        init_seed: int = 0,
+        checkpoint_trainable_only: bool = True,
+        fsdp_unit: Literal["layer", "model"] = "layer",
+    ) -> None:
+        super().__init__()
+        if mode not in ("lora", "full"):
+            raise ValueError(f"mode must be 'lora' or 'full', got {mode!r}")
+        if not 0.0 <= warmup_ratio < 1.0:
+            raise ValueError(f"warmup_ratio must be in [0, 1), got {warmup_ratio}")
+        self.save_hyperparameters()
+        bundle = create_llava(model, seed=init_seed, dtype=getattr(torch, dtype) if dtype else None)
+        self.processor = bundle.processor
+        base = bundle.model
+        base.config.use_cache = False
+        if gradient_checkpointing:
+            if hasattr(base, "activation_checkpointing_enable"):  # transformers >= 5.x name
+                base.activation_checkpointing_enable({"use_reentrant": False})
+            else:
+                base.gradient_checkpointing_enable({"use_reentrant": False})
+        base.requires_grad_(mode == "full")
+        if mode == "lora":
+            self.model = self._wrap_lora(base)
+        else:
+            self.model = base
+        self._set_trainable()
+        if checkpoint_trainable_only:
+            self.strict_loading = False  # frozen tensors are left out; checked on load
+        self.bad_images = 0
+
+    # -- model -----------------------------------------------------------------------------
+
+    def _wrap_lora(self, base: nn.Module) -> nn.Module:
+        from peft import LoraConfig, get_peft_model
+
+        hp = self.hparams
+        config = LoraConfig(
+            r=hp.lora_r,
+            lora_alpha=hp.lora_alpha,
+            lora_dropout=hp.lora_dropout,
+            target_modules=lora_target_regex(hp.lora_target_modules or LLAMA_LINEAR, hp.lora_scope),
+            modules_to_save=[PROJECTOR] if hp.train_projector else None,
+            bias="none",
+            task_type="CAUSAL_LM",
+        )
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(hp.init_seed + 1)
+            return get_peft_model(base, config)
+
+    def _set_trainable(self) -> None:
+        hp = self.hparams
+        for name, p in self.model.named_parameters():
+            if PROJECTOR in name and "original_module" not in name:
+                p.requires_grad_(hp.train_projector)
+            elif "vision_tower" in name and (hp.freeze_vision_tower or hp.mode == "lora"):
+                p.requires_grad_(False)
+            elif "vision_tower" in name:
+                p.requires_grad_(True)
+
+    def llava(self) -> nn.Module:
+        """The ``LlavaForConditionalGeneration`` (inside its PEFT wrapper in LoRA mode)."""
+        return self.model.get_base_model() if self.hparams.mode == "lora" else self.model
+
+    def configure_model(self) -> None:
+        """FSDP2 under ``ModelParallelStrategy``: each vision-encoder layer, each LoRA
+        ``lora_A``/``lora_B`` and the projector are their own units, then each decoder layer
+        and the root; so frozen and trainable tensors never share a unit (their gathers and
+        reductions stay apart). Other strategies leave the model as is."""
+        mesh = getattr(self, "device_mesh", None)
+        if mesh is None or self.hparams.fsdp_unit not in ("layer", "model"):
+            return
+        from torch.distributed.fsdp import fully_shard
+
+        dp = mesh["data_parallel"]
+        llava = self.llava()
+        if self.hparams.fsdp_unit == "layer":
+            for layer in llava.model.vision_tower.encoder.layers:
+                fully_shard(layer, mesh=dp)
+            for name, module in self.model.named_modules():
+                params = list(module.parameters())
+                trainable_unit = params and all(p.requires_grad for p in params)
+                if name.endswith(("lora_A.default", "lora_B.default")) or (
+                    trainable_unit and name.endswith((PROJECTOR, "modules_to_save.default"))
+                ):
+                    fully_shard(module, mesh=dp)
+            for layer in llava.model.language_model.layers:
+                fully_shard(layer, mesh=dp)
+        fully_shard(self.model, mesh=dp)
+
+    def param_groups(self) -> list[dict[str, Any]]:
+        """Trainable parameters: the projector with its own learning rate, the rest with ``lr``."""
+        hp = self.hparams
+        projector, rest = [], []
+        for name, p in self.model.named_parameters():
+            if p.requires_grad:
+                (projector if PROJECTOR in name else rest).append(p)
+        groups = []
+        if rest:
+            groups.append({"params": rest, "lr": hp.lr, "name": "model"})
+        if projector:
+            lr = hp.projector_lr if hp.projector_lr is not None else hp.lr
+            groups.append({"params": projector, "lr": lr, "name": "projector"})
+        return groups
+
+    # -- training --------------------------------------------------------------------------
+
+    def forward(self, batch: dict[str, Any]) -> Any:
+        return self.model(
+            input_ids=batch["input_ids"],
+            attention_mask=batch["attention_mask"],
+            pixel_values=batch["pixel_values"].to(self.dtype_of_inputs()),
+            labels=batch["labels"],
+            use_cache=False,
+        )
+
+    def dtype_of_inputs(self) -> torch.dtype:
+        return next(self.llava().model.vision_tower.parameters()).dtype
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        # dropout (adapters) draws from the global RNG, consumed in a different order after a
+        # restart: seeding per micro-batch makes a resumed run continue exactly
+        torch.manual_seed(
+            (self.hparams.init_seed * 1_000_003 + self.current_epoch) * 1_000_003 + batch_idx
+        )
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor | None:
+        self.bad_images += len(batch["bad_images"])
+        n = len(batch["ids"])
+        if n == 0:
+            return None
+        loss = self(batch).loss
+        self.log("train/loss", loss, prog_bar=True, batch_size=n)
+        self.log(
+            "train/supervised_tokens",
+            (batch["labels"] != -100).sum().float(),
+            reduce_fx="sum",
+            batch_size=n,
+        )
+        if self._trainer is not None and self.trainer.optimizers:
+            for group in self.trainer.optimizers[0].param_groups:
+                self.log(f"train/lr_{group.get('name', 'model')}", group["lr"], batch_size=n)
+        return loss
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        n = len(batch["ids"])
+        if n:
+            self.log("val/loss", self(batch).loss, prog_bar=True, batch_size=n, sync_dist=True)
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        hp = self.hparams
+        opt = torch.optim.AdamW(
+            self.param_groups(), lr=hp.lr, weight_decay=hp.weight_decay, betas=tuple(hp.betas)
+        )
+        total = max(int(self.trainer.estimated_stepping_batches), 1)
+        warmup = math.ceil(hp.warmup_ratio * total)
+        sched = torch.optim.lr_scheduler.LambdaLR(
+            opt, lambda step: cosine_with_warmup(step, warmup, total, hp.min_lr_ratio)
+        )
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    # -- checkpoints -----------------------------------------------------------------------
+
+    def trainable_keys(self) -> set[str]:
+        return {n for n, p in self.named_parameters() if p.requires_grad}
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["mlflow_run_id"] = getattr(self.logger, "run_id", None)
+        if self.hparams.checkpoint_trainable_only and "state_dict" in checkpoint:
+            keep = self.trainable_keys()
+            checkpoint["state_dict"] = {
+                k: v for k, v in checkpoint["state_dict"].items() if k in keep
+            }
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if self.hparams.checkpoint_trainable_only and "state_dict" in checkpoint:
+            missing = sorted(self.trainable_keys() - set(checkpoint["state_dict"]))
+            if missing:
+                raise KeyError(
+                    f"checkpoint lacks {len(missing)} trainable tensor(s), e.g. {missing[0]}: "
+                    "written by a different mode or target list?"
+                )
+
+    # -- inference and export --------------------------------------------------------------
+
+    @torch.no_grad()
+    def generate_ids(
+        self,
+        image: Any,
+        question: str,
+        max_new_tokens: int = 32,
+        system_prompt: str = VICUNA_V1_SYSTEM,
+    ) -> list[int]:
+        """Greedy answer tokens to one question about one image (PIL), prompt excluded."""
+        inputs = self.processor(
+            text=prompt(question, system_prompt), images=image, return_tensors="pt"
+        ).to(self.device)
+        inputs["pixel_values"] = inputs["pixel_values"].to(self.dtype_of_inputs())
+        was_training = self.training
+        self.eval()
+        try:
+            out = self.model.generate(
+                **inputs, max_new_tokens=max_new_tokens, do_sample=False, use_cache=True
+            )
+        finally:
+            self.train(was_training)
+        return out[0, inputs["input_ids"].shape[1] :].tolist()
+
+    def export(self, folder: str | Path, adapter: bool = True, merged: bool = True) -> dict:
+        """Write the PEFT adapter (LoRA) and/or a merged ``LlavaForConditionalGeneration`` with
+        its processor, loadable with ``from_pretrained``. Merging works on a copy (host memory
+        for a second model) so the trained module stays usable."""
+        folder = Path(folder)
+        written: dict[str, str] = {}
+        if adapter and self.hparams.mode == "lora":
+            self.model.save_pretrained(folder / "adapter")
+            self.processor.save_pretrained(folder / "adapter")
+            written["adapter"] = str(folder / "adapter")
+        if merged:
+            if self.hparams.mode == "lora":
+                model = copy.deepcopy(self.model).merge_and_unload()
+            else:
+                model = self.model
+            model.config.use_cache = True
+            model.save_pretrained(folder / "merged")
+            self.processor.save_pretrained(folder / "merged")
+            written["merged"] = str(folder / "merged")
+        return written
+
+
+def cosine_with_warmup(step: int, warmup: int, total: int, floor: float = 0.0) -> float:
+    """Multiplier of the base lr: linear warmup to 1, then cosine down to ``floor``."""
+    if warmup and step < warmup:
+        return (step + 1) / warmup
+    progress = min((step - warmup) / max(total - warmup, 1), 1.0)
+    return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))

@@ -1,0 +1,273 @@
+"""Conversation rendering, label masking, bad samples, batching and the trainable parameters."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from biomedvital.data.records import Turn
+from biomedvital.data.report import BadRecordError
+from biomedvital.tuning import LlavaTuner, TunerDataModule
+from biomedvital.tuning.batching import GroupedBatchSampler
+from biomedvital.tuning.conversation import IGNORE_INDEX, VICUNA_V1_SYSTEM, encode, render
+from biomedvital.tuning.models import image_token_count
+from biomedvital.tuning.module import cosine_with_warmup
+
+
+@pytest.fixture(scope="module")
+def tuner() -> LlavaTuner:
+    return LlavaTuner("tiny:tiny-llava", lora_r=4, lora_alpha=8, lr=2e-4, projector_lr=2e-5)
+
+
+def _turns(*pairs: tuple[str, str]) -> list[Turn]:
+    out = []
+    for q, a in pairs:
+        out += [Turn(**{"from": "human", "value": q}), Turn(**{"from": "gpt", "value": a})]
+    return out
+
+
+def test_rendered_text_is_llava_v1() -> None:
+    r = render(_turns(("What is this?\n<image>", "A CT."), ("Abnormal?", "No.")))
+    assert r.text == (
+        f"{VICUNA_V1_SYSTEM} USER: <image>\nWhat is this? ASSISTANT: A CT.</s>"
+        "USER: Abnormal? ASSISTANT: No.</s>"
+    )
+    assert [r.text[s:e] for s, e in r.supervised] == ["A CT.</s>", "No.</s>"]
+
+
+def test_labels_token_by_token(tuner: LlavaTuner) -> None:
+    """Every non-assistant token is -100; every assistant token, ``</s>`` included, is its id."""
+    tok = tuner.processor.tokenizer
+    n_img = image_token_count(tuner.processor)
+    answers = ["The image shows an axial CT slice.", "Nothing abnormal, the bones look intact."]
+    turns = _turns(("<image>\nWhat does this image show?", answers[0]), ("Abnormal?", answers[1]))
+    rendered = render(turns)
+    enc = encode(rendered, tok, n_img)
+    # the rendered conversation with the image expanded, and where the answers are in it
+    text = rendered.text.replace("<image>", "<image>" * n_img)
+    regions = []
+    start = 0
+    for a in answers:
+        s = text.index(a + "</s>", start)
+        regions.append((s, s + len(a) + len("</s>")))
+        start = regions[-1][1]
+    offsets = tok(text, return_offsets_mapping=True)["offset_mapping"]
+    assert len(offsets) == len(enc.input_ids)
+    assert enc.input_ids[0] == tok.bos_token_id and enc.labels[0] == IGNORE_INDEX
+    for i, ((s, e), tid, lab) in enumerate(zip(offsets, enc.input_ids, enc.labels, strict=True)):
+        inside = e > s and any(s < re_ and e > rs for rs, re_ in regions)
+        piece = text[s:e]
+        if inside:
+            assert lab == tid, (i, piece)
+            # a token may only reach outside an answer by the separator space before it
+            # (byte-level BPE and SentencePiece both glue the space to the first word)
+            rs, re_ = next((rs, re_) for rs, re_ in regions if s < re_ and e > rs)
+            assert e <= re_ and not text[s:rs].strip(), (i, piece)
+        else:
+            assert lab == IGNORE_INDEX, (i, piece)
+    # the supervised runs decode to exactly the answers with their end-of-turn token
+    sup = enc.labels != IGNORE_INDEX
+    runs, cur = [], []
+    for tid, on in zip(enc.input_ids.tolist(), sup.tolist(), strict=True):
+        if on:
+            cur.append(tid)
+        elif cur:
+            runs.append(cur)
+            cur = []
+    if cur:
+        runs.append(cur)
+    decoded = [tok.decode(r).removeprefix(" ") for r in runs]  # the separator space, above
+    assert decoded == [a + "</s>" for a in answers]
+    assert all(r[-1] == tok.eos_token_id for r in runs)
+    assert int((enc.input_ids == tok.convert_tokens_to_ids("<image>")).sum()) == n_img
+
+
+def test_tokens_match_the_processor_at_inference(tuner: LlavaTuner) -> None:
+    """Training and ``LlavaProcessor`` agree on the prompt's tokens and image placeholders."""
+    from PIL import Image
+
+    from biomedvital.tuning.conversation import prompt
+
+    tok = tuner.processor.tokenizer
+    n_img = image_token_count(tuner.processor)
+    img = Image.new("RGB", (80, 60), (120, 30, 30))
+    ours = encode(render(_turns(("<image>\nWhat?", "X"))), tok, n_img).input_ids
+    theirs = tuner.processor(text=prompt("What?"), images=img, return_tensors="pt")["input_ids"][0]
+    assert ours[: len(theirs)].tolist() == theirs.tolist()
+
+
+def test_truncation_counted_and_overlong_refused(tuner: LlavaTuner) -> None:
+    tok, n_img = tuner.processor.tokenizer, image_token_count(tuner.processor)
+    r = render(_turns(("<image>\nQ?", "word " * 200)))
+    full = encode(r, tok, n_img)
+    cut = encode(r, tok, n_img, max_length=len(full.input_ids) - 10)
+    assert cut.truncated and len(cut.input_ids) == len(full.input_ids) - 10
+    from biomedvital.tuning.conversation import ConversationError
+
+    with pytest.raises(ConversationError, match="image"):
+        encode(r, tok, n_img, max_length=20)
+
+
+def _write_bad(tmp: Path, demo_root: Path) -> Path:
+    ok = {
+        "id": "ok",
+        "image": "retina.jpg",
+        "conversations": [
+            {"from": "human", "value": "<image>\nWhat?"},
+            {"from": "gpt", "value": "A retina."},
+        ],
+    }
+    bad = [
+        ok,
+        {**ok, "id": "alt", "conversations": [ok["conversations"][0]] * 2},
+        {**ok, "id": "noimg", "image": ""},
+        {**ok, "id": "missing", "image": "nope.png"},
+        {**ok, "id": "escape", "image": "../../etc/passwd"},
+        {
+            **ok,
+            "id": "notoken",
+            "conversations": [{"from": "human", "value": "What?"}, ok["conversations"][1]],
+        },
+        {
+            **ok,
+            "id": "long",
+            "conversations": [
+                {"from": "human", "value": "<image>\n" + "why " * 400},
+                ok["conversations"][1],
+            ],
+        },  # fmt: skip
+        ok,  # duplicate id
+    ]
+    path = tmp / "bad.json"
+    path.write_text(json.dumps(bad))
+    return path
+
+
+def test_bad_samples_raise_naming_the_record(tmp_path: Path, demo_root: Path, tuner) -> None:
+    path = _write_bad(tmp_path, demo_root)
+    dm = TunerDataModule(str(path), str(demo_root / "images"), max_length=96, num_workers=0)
+    dm.processor = tuner.processor
+    with pytest.raises(BadRecordError, match=r"bad\.json: record 2: field 'conversations"):
+        dm.setup("fit")
+
+
+def test_bad_samples_skipped_and_counted(tmp_path: Path, demo_root: Path, tuner) -> None:
+    path = _write_bad(tmp_path, demo_root)
+    dm = TunerDataModule(
+        str(path), str(demo_root / "images"), max_length=96, num_workers=0, on_bad_record="skip"
+    )
+    dm.processor = tuner.processor
+    dm.setup("fit")
+    rep = dm.describe()["records"]["data"]
+    assert rep["kept"] == 1 and rep["skipped"] == 7
+    assert rep["skipped_by_reason"] == {
+        "bad_image": 2,
+        "duplicate_id": 1,
+        "missing_image": 1,
+        "no_image_token": 1,
+        "too_long": 1,
+        "turns_not_alternating": 1,
+    }
+
+
+def test_grouped_batches(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(10, 500, size=103).tolist()
+    groups = ["ct" if i % 3 else "micro" for i in range(103)]
+    s = GroupedBatchSampler(lengths, groups, batch_size=4, seed=1, megabatch=4)
+    batches = list(s)
+    assert len(batches) == len(s)
+    assert sorted(i for b in batches for i in b) == list(range(103))
+    assert all(len({groups[i] for i in b}) == 1 for b in batches)  # never mixes modalities
+    assert max(lengths[i] for i in batches[0]) == max(lengths)  # longest first
+    pad = sum(max(lengths[i] for i in b) * len(b) - sum(lengths[i] for i in b) for b in batches)
+    plain = GroupedBatchSampler(lengths, ["all"] * 103, 4, seed=1, megabatch=1)
+    plain = list(GroupedBatchSampler([1] * 103, ["all"] * 103, 4, seed=1, megabatch=1))
+    pad_plain = sum(max(lengths[i] for i in b) * len(b) - sum(lengths[i] for i in b) for b in plain)
+    assert pad < pad_plain / 2
+    assert list(s) == batches  # same epoch, same order
+    s.set_epoch(1)
+    assert list(s) != batches
+    # two ranks split each global batch of the single-process run with batch 2 x 2
+    one = list(GroupedBatchSampler(lengths, groups, 4, seed=1, megabatch=4))
+    ranks = [
+        list(GroupedBatchSampler(lengths, groups, 2, seed=1, megabatch=4, num_replicas=2, rank=r))
+        for r in (0, 1)
+    ]
+    assert len(ranks[0]) == len(ranks[1]) == len(one)
+    for g, a, b in zip(one, *ranks, strict=True):
+        assert set(a) | set(b) == set(g)
+
+
+def test_lora_only_on_the_language_model(tuner: LlavaTuner) -> None:
+    names = [n for n, _ in tuner.model.named_modules()]
+    lora = [n for n in names if n.endswith("lora_A")]
+    assert lora and all(".language_model." in n for n in lora)
+    assert not any("vision_tower" in n and "lora_" in n for n in names)
+    for proj in ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"):
+        assert any(n.endswith(f"{proj}.lora_A") for n in lora), proj
+    trainable = [n for n, p in tuner.model.named_parameters() if p.requires_grad]
+    assert all("lora_" in n or "multi_modal_projector" in n for n in trainable)
+    assert any("multi_modal_projector" in n for n in trainable)
+    assert not any("vision_tower" in n or "embed_tokens" in n for n in trainable)
+
+
+def test_projector_has_its_own_lr(tuner: LlavaTuner) -> None:
+    groups = {g["name"]: g for g in tuner.param_groups()}
+    assert groups["model"]["lr"] == 2e-4 and groups["projector"]["lr"] == 2e-5
+    proj = {id(p) for p in groups["projector"]["params"]}
+    named = dict(tuner.model.named_parameters())
+    assert proj == {
+        id(p) for n, p in named.items() if "multi_modal_projector" in n and p.requires_grad
+    }
+    assert not proj & {id(p) for p in groups["model"]["params"]}
+
+
+def test_full_mode_trains_the_language_model_not_the_tower() -> None:
+    full = LlavaTuner("tiny:tiny-llava", mode="full", lr=2e-5, projector_lr=None)
+    trainable = {n for n, p in full.model.named_parameters() if p.requires_grad}
+    assert any("language_model.layers.0.self_attn.q_proj" in n for n in trainable)
+    assert not any("vision_tower" in n for n in trainable)
+    assert {g["lr"] for g in full.param_groups()} == {2e-5}
+    unfrozen = LlavaTuner("tiny:tiny-llava", mode="full", freeze_vision_tower=False)
+    assert any("vision_tower" in n for n, p in unfrozen.model.named_parameters() if p.requires_grad)
+
+
+def test_cosine_with_warmup() -> None:
+    values = [cosine_with_warmup(s, 3, 10) for s in range(11)]
+    assert values[:3] == pytest.approx([1 / 3, 2 / 3, 1.0])
+    assert values[3] == pytest.approx(1.0) and values[-1] == pytest.approx(0.0)
+    assert all(a >= b for a, b in zip(values[3:], values[4:], strict=False))
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(tuner: LlavaTuner) -> None:
+    from PIL import Image
+
+    torch.manual_seed(0)
+    tok = tuner.processor.tokenizer
+    enc = encode(
+        render(_turns(("<image>\nQ?", "An answer."))), tok, image_token_count(tuner.processor)
+    )
+    pix = tuner.processor.image_processor(
+        images=Image.new("RGB", (64, 64), (9, 90, 200)), return_tensors="pt"
+    )
+    batch = {
+        "input_ids": torch.tensor(enc.input_ids)[None],
+        "labels": torch.tensor(enc.labels)[None],
+        "attention_mask": torch.ones(1, len(enc.input_ids), dtype=torch.long),
+        "pixel_values": pix["pixel_values"],
+    }
+    grads = []
+    for gc in (False, True):
+        m = LlavaTuner(
+            "tiny:tiny-llava", lora_r=4, lora_alpha=8, lora_dropout=0.0, gradient_checkpointing=gc
+        )
+        m.train()
+        m(batch).loss.backward()
+        grads.append({n: p.grad.clone() for n, p in m.named_parameters() if p.requires_grad})
+    for n, g in grads[0].items():
+        torch.testing.assert_close(grads[1][n], g, msg=n)

@@ -1,0 +1,99 @@
+"""Helpers for the tuning tests: a small selected.json and a CLI config."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import yaml
+from lightning.pytorch import Callback, LightningModule, Trainer
+
+
+class StopAfterEpoch(Callback):
+    """Stops training after an epoch, as an interruption would (the schedule is unchanged)."""
+
+    def __init__(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if trainer.current_epoch == self.epoch:
+            trainer.should_stop = True
+
+
+def selected_from_demo(demo_root: Path, out: Path, n: int = 8) -> Path:
+    """The first ``n`` demo candidates, one per image first, as ``select`` writes them."""
+    rows = [json.loads(x) for x in (demo_root / "candidates.jsonl").read_text().splitlines()]
+    by_image: dict[str, list[dict]] = {}
+    for r in rows:
+        by_image.setdefault(r["image"], []).append(r)
+    picked = []
+    while len(picked) < n:
+        for group in by_image.values():
+            if group and len(picked) < n:
+                picked.append(group.pop(0))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(picked, indent=1))
+    return out
+
+
+def tuner_config(
+    tmp: Path, data: Path, image_root: Path, stop_after: int | None = None, **model: object
+) -> Path:
+    """A CLI config: tiny LLaVA, LoRA, 2 CPU steps per epoch, MLflow store under ``tmp``."""
+    out = tmp / "out"
+    cfg = {
+        "seed_everything": 0,
+        "model": {
+            "class_path": "biomedvital.tuning.LlavaTuner",
+            "init_args": {
+                "model": "tiny:tiny-llava",
+                "lora_r": 4,
+                "lora_alpha": 8,
+                "lora_dropout": 0.1,
+                "lr": 1e-3,
+                "projector_lr": 1e-4,
+                "warmup_ratio": 0.25,
+                **model,
+            },
+        },
+        "data": {
+            "class_path": "biomedvital.tuning.TunerDataModule",
+            "init_args": {
+                "data": str(data),
+                "image_root": str(image_root),
+                "max_length": 192,
+                "batch_size": 4,
+                "num_workers": 0,
+            },
+        },
+        "trainer": {
+            "max_epochs": 2,
+            "accelerator": "cpu",
+            "devices": 1,
+            "log_every_n_steps": 1,
+            "default_root_dir": str(out),
+            "enable_progress_bar": False,
+            "enable_model_summary": False,
+            "logger": {
+                "class_path": "biomedvital.tracking.MLflowLogger",
+                "init_args": {"experiment": "tuning", "store": str(tmp / "mlruns")},
+            },
+            "callbacks": [
+                {
+                    "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+                    "init_args": {"dirpath": str(out / "ckpt"), "save_last": True},
+                },
+                {
+                    "class_path": "biomedvital.tuning.ExportTuned",
+                    "init_args": {"dirpath": str(out / "export")},
+                },
+            ],
+        },
+    }
+    if stop_after is not None:
+        cfg["trainer"]["callbacks"].append(
+            {"class_path": "tuning_helpers.StopAfterEpoch", "init_args": {"epoch": stop_after}}
+        )
+    path = tmp / f"tuner{'' if stop_after is None else '-stop'}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
