@@ -26,8 +26,8 @@ $(STAMP): pyproject.toml
 
 setup: $(STAMP)  ## create .venv (when missing) and install the package with its dev tools
 
-demo: $(DEMO)/selected/manifest.json  ## the main job on the embedded demo: train the selector, score, select
-	@echo "selected data: $(DEMO)/selected/selected.json  — see the run with: make ui"
+demo: $(DEMO)/tuner/export/run.json  ## the main job on the embedded demo: selector fit, score, select, tune LLaVA
+	@echo "selected data: $(DEMO)/selected/selected.json; tuned model: $(DEMO)/tuner/export/ — runs: make ui"
 
 $(DEMO)/selector/checkpoints/last.ckpt: $(STAMP) conf/demo/selector.yaml
 	$(BIN)/python -m biomedvital fit --config conf/demo/selector.yaml
@@ -51,6 +51,9 @@ $(GRID_DIR)/%/run.fit.json: $(GRID_FILE)
 report: $(STAMP)  ## table (Markdown, CSV) and plots of GRID's runs from MLflow, under experiments/reports/
 	$(BIN)/python -c "import matplotlib" 2>/dev/null || $(BIN)/pip install --quiet -e '.[report]'
 	$(BIN)/python experiments/report.py --grid $(GRID)
+
+$(DEMO)/tuner/export/run.json: $(DEMO)/selected/manifest.json conf/demo/tuner.yaml
+	$(BIN)/python -m biomedvital fit --config conf/demo/tuner.yaml
 
 test: $(STAMP)  ## run the test suite (tiny models, CPU; add PYTEST_ARGS="-m slow" for the long checks)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
