@@ -74,6 +74,8 @@ bench: $(STAMP)  ## run the benchmarks in bench/ (prints ratios against the refe
 	$(BIN)/python bench/scoring_throughput.py
 	$(BIN)/python bench/w_grid.py
 	$(BIN)/python bench/streaming_memory.py
+	$(BIN)/python bench/tuner_padding.py
+	$(BIN)/python bench/tuner_mfu.py --dry-run
 
 clean:  ## remove demo outputs (keeps .venv and mlruns)
 	rm -rf outputs data/demo

@@ -35,7 +35,8 @@ class GroupedBatchSampler(Sampler[list[int]]):
     """Batches of one modality and similar length, so little of each batch is padding.
 
     As LLaVA's ``group_by_modality_length``: per modality, a permutation is cut into megabatches
-    of ``megabatch`` global batches, each sorted by length and cut into global batches; global
+    of ``megabatch`` global batches (a short last one joins the one before, rather than forming
+    unsorted batches of its own), each sorted by length and cut into global batches; global
     batches of all modalities are then shuffled. The order depends only on (seed, epoch), so a
     resumed run sees the batches of one that never stopped. With several processes each global
     batch (``batch_size * num_replicas``) is split between ranks, so every rank takes a step on
@@ -74,8 +75,11 @@ class GroupedBatchSampler(Sampler[list[int]]):
             if self.shuffle:
                 idx = [idx[j] for j in torch.randperm(len(idx), generator=g).tolist()]
             mb = step * self.megabatch
-            for k in range(0, len(idx), mb):
-                chunk = sorted(idx[k : k + mb], key=lambda i: -self.lengths[i])
+            starts = list(range(0, len(idx), mb))
+            if len(starts) > 1 and len(idx) - starts[-1] < mb:
+                starts.pop()  # a short last megabatch is sorted with the one before it
+            for k, end in zip(starts, [*starts[1:], len(idx)], strict=True):
+                chunk = sorted(idx[k:end], key=lambda i: -self.lengths[i])
                 out += [chunk[j : j + step] for j in range(0, len(chunk), step)]
         if self.shuffle and out:
             out = [out[j] for j in torch.randperm(len(out), generator=g).tolist()]

@@ -13,7 +13,8 @@ from biomedvital.tracking.provenance import git_state
 
 
 class ExportTuned(Callback):
-    """Writes ``dirpath/`` when training ends (rank zero):
+    """Writes ``dirpath/`` when training ends (rank zero; with FSDP2 every rank helps gather
+    the full tensors first, so the export loads in one process like an unsharded run's):
 
     ``adapter/`` (PEFT, LoRA mode; ``PeftModel.from_pretrained``), ``merged/`` (model +
     processor; ``LlavaForConditionalGeneration.from_pretrained`` / ``AutoProcessor``),
@@ -31,11 +32,17 @@ class ExportTuned(Callback):
         self.dirpath, self.adapter, self.merged = Path(dirpath), adapter, merged
 
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if not trainer.is_global_zero:
-            return
         out = self.dirpath
-        out.mkdir(parents=True, exist_ok=True)
+        sharded = getattr(pl_module, "is_sharded", lambda: False)()
+        if not sharded and not trainer.is_global_zero:
+            return
+        if trainer.is_global_zero:
+            out.mkdir(parents=True, exist_ok=True)
+        # sharded (FSDP2): every rank takes part in gathering the full tensors; rank 0 writes
         written = pl_module.export(out, adapter=self.adapter, merged=self.merged)  # type: ignore[operator]
+        if not trainer.is_global_zero:
+            trainer.strategy.barrier("export")
+            return
         config = Path(trainer.default_root_dir) / "config.fit.yaml"
         if config.is_file():
             shutil.copyfile(config, out / "config.yaml")
@@ -59,3 +66,5 @@ class ExportTuned(Callback):
         logger = trainer.logger
         if logger is not None and hasattr(logger, "log_dict"):
             logger.log_dict(manifest, "export/data_manifest.json")
+        if sharded:
+            trainer.strategy.barrier("export")

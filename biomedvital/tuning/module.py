@@ -11,7 +11,7 @@ import torch
 from lightning.pytorch import LightningModule
 from torch import nn
 
-from biomedvital.tuning.conversation import VICUNA_V1_SYSTEM, prompt
+from biomedvital.tuning.conversation import IGNORE_INDEX, VICUNA_V1_SYSTEM, prompt
 from biomedvital.tuning.models import create_llava
 
 Mode = Literal["lora", "full"]
@@ -217,8 +217,14 @@ class LlavaTuner(LightningModule):
         n = len(batch["ids"])
         if n == 0:
             return None
-        loss = self(batch).loss
-        self.log("train/loss", loss, prog_bar=True, batch_size=n)
+        world = self.trainer.world_size if self._trainer is not None else 1
+        if world > 1:
+            loss = self.distributed_loss(batch, world)
+            # the mean of the ranks' losses is the global batch's token-weighted mean
+            self.log("train/loss", loss.detach(), prog_bar=True, batch_size=n, sync_dist=True)
+        else:
+            loss = self(batch).loss
+            self.log("train/loss", loss, prog_bar=True, batch_size=n)
         self.log(
             "train/supervised_tokens",
             (batch["labels"] != -100).sum().float(),
@@ -229,6 +235,33 @@ class LlavaTuner(LightningModule):
             for group in self.trainer.optimizers[0].param_groups:
                 self.log(f"train/lr_{group.get('name', 'model')}", group["lr"], batch_size=n)
         return loss
+
+    def distributed_loss(self, batch: dict[str, Any], world: int) -> torch.Tensor:
+        """This rank's share of the global batch's loss: summed over its supervised tokens and
+        divided by the global batch's supervised tokens / ``world``. Data-parallel gradient
+        averaging then gives exactly the gradient of the global batch's token-weighted mean,
+        as one process would compute it (a mean of per-rank means would weight the tokens of
+        short ranks more)."""
+        import torch.distributed as dist
+        import torch.nn.functional as F
+
+        labels = batch["labels"]
+        shifted = F.pad(labels, (0, 1), value=IGNORE_INDEX)[:, 1:]  # token t predicts t + 1
+        count = (shifted != IGNORE_INDEX).sum().to(torch.float64)
+        dist.all_reduce(count)  # the global batch's supervised tokens
+        logits = self.model(
+            input_ids=batch["input_ids"],
+            attention_mask=batch["attention_mask"],
+            pixel_values=batch["pixel_values"].to(self.dtype_of_inputs()),
+            use_cache=False,
+        ).logits
+        summed = F.cross_entropy(
+            logits.float().flatten(0, 1),
+            shifted.flatten().to(logits.device),
+            ignore_index=IGNORE_INDEX,
+            reduction="sum",
+        )
+        return summed * world / count.clamp_min(1).to(summed.dtype)
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         n = len(batch["ids"])
@@ -294,21 +327,84 @@ class LlavaTuner(LightningModule):
             self.train(was_training)
         return out[0, inputs["input_ids"].shape[1] :].tolist()
 
+    def is_sharded(self) -> bool:
+        """Whether FSDP2 has turned the parameters into ``DTensor`` shards."""
+        from torch.distributed.tensor import DTensor
+
+        return any(isinstance(p, DTensor) for p in self.model.parameters())
+
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        """``self.model``'s complete state dict on the CPU. Sharded (FSDP2): every rank must
+        call it (the shards are gathered); only rank 0 receives the tensors, others ``{}``."""
+        if not self.is_sharded():
+            return {k: v.detach().cpu() for k, v in self.model.state_dict().items()}
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            get_model_state_dict,
+        )
+
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        return get_model_state_dict(self.model, options=options)
+
+    def unsharded_copy(self, state: dict[str, torch.Tensor]) -> nn.Module:
+        """A plain (not sharded) ``self.model`` holding ``state``: built on the meta device
+        from the model's own config (no download, no second initialisation) and given the
+        gathered tensors; buffers left out of state dicts (rotary frequencies, position ids)
+        are copied from this model, where FSDP2 keeps them whole."""
+        from transformers import LlavaForConditionalGeneration
+
+        llava = self.llava()
+        with torch.device("meta"):
+            base = LlavaForConditionalGeneration._from_config(
+                copy.deepcopy(llava.config), dtype=next(iter(state.values())).dtype
+            )
+        base.generation_config = copy.deepcopy(llava.generation_config)
+        if self.hparams.mode == "lora":
+            from peft import get_peft_model
+
+            model = get_peft_model(base, copy.deepcopy(self.model.peft_config["default"]))
+        else:
+            model = base
+        model.load_state_dict(state, strict=True, assign=True)
+        persistent = set(state)
+        buffers = dict(self.model.named_buffers())
+        for name, _ in list(model.named_buffers()):
+            if name not in persistent:
+                owner, _, leaf = name.rpartition(".")
+                module = model.get_submodule(owner) if owner else model
+                module.register_buffer(leaf, buffers[name].detach().cpu().clone(), persistent=False)
+        left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+        if left:
+            raise RuntimeError(f"unsharded copy lacks {len(left)} tensor(s), e.g. {left[0]}")
+        return model.eval()
+
     def export(self, folder: str | Path, adapter: bool = True, merged: bool = True) -> dict:
         """Write the PEFT adapter (LoRA) and/or a merged ``LlavaForConditionalGeneration`` with
         its processor, loadable with ``from_pretrained``. Merging works on a copy (host memory
-        for a second model) so the trained module stays usable."""
+        for a second model) so the trained module stays usable.
+
+        Sharded by FSDP2, every rank must call it: the full tensors are gathered to rank 0's
+        CPU memory (the whole model once), rank 0 writes an unsharded copy, others return
+        ``{}``. What is written loads in one process as an unsharded run's export does."""
         folder = Path(folder)
         written: dict[str, str] = {}
+        sharded = self.is_sharded()
+        if sharded:
+            state = self.full_state_dict()  # collective: every rank
+            if not self.trainer.is_global_zero:
+                return written
+            model = self.unsharded_copy(state)
+            del state
+        else:
+            model = self.model
         if adapter and self.hparams.mode == "lora":
-            self.model.save_pretrained(folder / "adapter")
+            model.save_pretrained(folder / "adapter")
             self.processor.save_pretrained(folder / "adapter")
             written["adapter"] = str(folder / "adapter")
         if merged:
             if self.hparams.mode == "lora":
-                model = copy.deepcopy(self.model).merge_and_unload()
-            else:
-                model = self.model
+                # the sharded path's copy is ours to merge; the live model is merged in a copy
+                model = (model if sharded else copy.deepcopy(model)).merge_and_unload()
             model.config.use_cache = True
             model.save_pretrained(folder / "merged")
             self.processor.save_pretrained(folder / "merged")

@@ -1,0 +1,135 @@
+"""FSDP2 on CPU (2 gloo processes) against one process: same losses, same export, loadable
+checkpoints; and FSDP (v1) refused on CPU with a pointer to the FSDP2 overlay."""
+
+from __future__ import annotations
+
+import csv
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from tuning_helpers import selected_from_demo, tuner_config
+
+from biomedvital.cli import main
+from biomedvital.data.images import ImageRoot
+
+REPO = Path(__file__).resolve().parents[2]
+QUESTION = "What does this image show?"
+
+
+def _config(tmp: Path, data: Path, images: Path, devices: int) -> Path:
+    """Tiny LoRA run, 1 epoch of 3 global batches of 4 (4 x 1 process or 2 x 2), no dropout
+    (its masks depend on the batch split), a CSV log of every step."""
+    path = tuner_config(tmp, data, images, lora_dropout=0.0)
+    cfg = yaml.safe_load(path.read_text())
+    cfg["data"]["init_args"]["batch_size"] = 4 // devices
+    cfg["trainer"].update(
+        max_epochs=1,
+        devices=devices,
+        logger={
+            "class_path": "lightning.pytorch.loggers.CSVLogger",
+            "init_args": {"save_dir": str(tmp / "logs"), "name": "", "version": ""},
+        },
+    )
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def _losses(tmp: Path) -> list[float]:
+    with (tmp / "logs" / "metrics.csv").open() as f:
+        return [float(r["train/loss"]) for r in csv.DictReader(f) if r.get("train/loss")]
+
+
+def _greedy(model, processor, image, n: int = 12) -> tuple[list[int], torch.Tensor]:
+    from biomedvital.tuning.conversation import prompt
+
+    inputs = processor(text=prompt(QUESTION), images=image, return_tensors="pt")
+    with torch.no_grad():
+        logits = model(**inputs).logits
+        out = model.generate(**inputs, max_new_tokens=n, do_sample=False)
+    return out[0, inputs["input_ids"].shape[1] :].tolist(), logits
+
+
+def test_fsdp2_two_processes_match_one(tmp_path: Path, demo_root: Path) -> None:
+    from peft import PeftModel
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    from biomedvital.tuning import LlavaTuner
+    from biomedvital.tuning.consolidate import consolidate_checkpoint, is_sharded_checkpoint
+    from biomedvital.tuning.models import create_llava
+
+    data = selected_from_demo(demo_root, tmp_path / "selected" / "selected.json", n=12)
+    images = demo_root / "images"
+    one, two = tmp_path / "one", tmp_path / "two"
+    one.mkdir(), two.mkdir()
+    cfg_two = _config(two, data, images, devices=2)
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent)}
+    sharded = subprocess.Popen(
+        [sys.executable, "-m", "biomedvital", "fit", "--config", str(cfg_two),
+         "--config", "conf/strategy/fsdp2.yaml", "--trainer.devices", "2"],
+        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    try:
+        main(["fit", "--config", str(_config(one, data, images, devices=1))])
+        log, _ = sharded.communicate(timeout=120)
+    finally:
+        if sharded.poll() is None:
+            sharded.kill()
+    assert sharded.returncode == 0, log[-4000:]
+
+    # per-step loss: the global batch's token-weighted mean in both runs
+    a, b = _losses(one), _losses(two)
+    assert len(a) == len(b) == 3
+    torch.testing.assert_close(torch.tensor(b), torch.tensor(a), rtol=0, atol=2e-5)
+
+    # the sharded export loads in one process and answers as the single-process export
+    image = ImageRoot(images).load("ct_small.dcm")
+    merged = {
+        k: LlavaForConditionalGeneration.from_pretrained(d / "out" / "export" / "merged").eval()
+        for k, d in (("one", one), ("two", two))
+    }
+    processor = AutoProcessor.from_pretrained(two / "out" / "export" / "merged")
+    want, want_logits = _greedy(merged["one"], processor, image)
+    got, got_logits = _greedy(merged["two"], processor, image)
+    assert got == want
+    torch.testing.assert_close(got_logits, want_logits, rtol=0, atol=1e-4)
+    adapted = PeftModel.from_pretrained(
+        create_llava("tiny:tiny-llava", seed=0).model, two / "out" / "export" / "adapter"
+    ).eval()
+    assert _greedy(adapted, processor, image)[0] == want
+
+    # the sharded Lightning checkpoint: a folder, consolidated into the single-process layout
+    folder = two / "out" / "ckpt" / "last.ckpt"
+    assert is_sharded_checkpoint(folder)
+    full = consolidate_checkpoint(folder, two / "last.full.ckpt")
+    ref = torch.load(one / "out" / "ckpt" / "last.ckpt", weights_only=False)
+    ckpt = torch.load(full, weights_only=False)
+    assert ckpt["global_step"] == ref["global_step"] == 3
+    assert ckpt["state_dict"].keys() == ref["state_dict"].keys()
+    for key, value in ref["state_dict"].items():
+        torch.testing.assert_close(ckpt["state_dict"][key], value, rtol=0, atol=1e-4, msg=key)
+    (opt,), (ref_opt,) = ckpt["optimizer_states"], ref["optimizer_states"]
+    assert [g["params"] for g in opt["param_groups"]] == [
+        g["params"] for g in ref_opt["param_groups"]
+    ]
+    for i, state in ref_opt["state"].items():
+        torch.testing.assert_close(opt["state"][i]["exp_avg"], state["exp_avg"], atol=1e-5, rtol=0)
+    tuner = LlavaTuner.load_from_checkpoint(full).eval()
+    assert tuner.generate_ids(image, QUESTION, max_new_tokens=12) == want
+
+
+def test_fsdp_v1_refused_on_cpu_pointing_at_fsdp2(
+    tmp_path: Path, selected: Path, demo_root: Path
+) -> None:
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is present: FSDP (v1) is allowed")
+    cfg = tuner_config(tmp_path, selected, demo_root / "images")
+    overlay = str(REPO / "conf" / "strategy" / "fsdp.yaml")
+    for extra in ([], ["--trainer.accelerator", "cpu"]):
+        with pytest.raises(Exception, match=r"conf/strategy/fsdp2\.yaml") as info:
+            main(["fit", "--config", str(cfg), "--config", overlay, *extra])
+        assert "FSDP (v1" in str(info.value)
