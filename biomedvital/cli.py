@@ -40,6 +40,11 @@ PIPELINE_VERBS = {
         "pairwise-judge win rate with position swap and bootstrap intervals",
     ),
     "grid": ("biomedvital.grid:grid", "list the cells of an ablation grid, or run one cell"),
+    "judge": (
+        "biomedvital.evaluation.judge:judge",
+        "judge-model scores of chat answers on LLaVA-Med-Bench (writes a review file)",
+    ),
+    "demo-vqa": ("biomedvital.evaluation.demo_vqa:demo_vqa", "write the demo VQA set"),
     "demo": ("biomedvital.data.demo:demo", "write the embedded demo pool to a folder"),
 }
 
@@ -58,12 +63,46 @@ def _usage() -> str:
     return "\n".join(lines)
 
 
+def _cli_class() -> type:
+    from pathlib import Path
+
+    import torch
+    from lightning.pytorch.cli import LightningCLI
+
+    class BiomedCLI(LightningCLI):
+        """LightningCLI whose ``--ckpt_path`` hyper-parameter merge suits this suite.
+
+        Lightning replaces the configured model by the class that wrote the checkpoint. Here a
+        model may consume another's checkpoint (the VQA evaluator reads a tuner checkpoint), so
+        the merge happens only when the classes agree; and the file is memory-mapped, so reading
+        the hyper-parameters of a 13B checkpoint does not load its tensors.
+        """
+
+        def _parse_ckpt_path(self) -> None:
+            sub = self.config.get("subcommand")
+            ckpt_path = sub and self.config[sub].get("ckpt_path")
+            if not ckpt_path or not Path(ckpt_path).is_file():
+                return
+            ckpt = torch.load(ckpt_path, weights_only=True, map_location="cpu", mmap=True)
+            hparams = dict(ckpt.get("hyper_parameters", {}))
+            hparams.pop("_instantiator", None)
+            wanted = (self.config[sub].get("model") or {}).get("class_path")
+            written = hparams.pop("_class_path", None)
+            if not hparams or (written and wanted and written != wanted):
+                return
+            model = {"class_path": written, "dict_kwargs": hparams} if written else hparams
+            self.config = self.parser.parse_object({sub: {"model": model}}, self.config)
+
+    return BiomedCLI
+
+
 def run_trainer_verb(argv: list[str]) -> None:
     """LightningCLI with model and data chosen by ``class_path`` in the config."""
     from lightning.pytorch import LightningDataModule, LightningModule
-    from lightning.pytorch.cli import LightningCLI
 
     from biomedvital.tracking.callbacks import RecordRun
+
+    LightningCLI = _cli_class()
 
     # LightningCLI parses sys.argv, and multi-device launchers re-run it in child processes:
     # it must hold exactly this verb's arguments (also when a grid cell runs in-process)

@@ -1,0 +1,395 @@
+"""Medical VQA evaluation of a LLaVA model through ``python -m biomedvital test``.
+
+:class:`VQADataModule` serves a benchmark split (``load_benchmark``) with its images;
+:class:`VQAEvaluator` answers every question by batched greedy decoding (left padding), writes
+``predictions.jsonl`` (``question_id``, ``prompt``, ``text``, ``model_id``, as LLaVA-Med's
+``model_vqa`` writes it) and ``scores.json`` into the run folder (``trainer.default_root_dir``),
+and logs ``test/<name>/<metric>`` (LLaVA-Med's metrics, :mod:`.metrics`) and the predictions to
+MLflow.
+
+Which weights are evaluated:
+
+* ``model: local-dir:PATH`` (or ``hf:ID``): a Hugging Face LLaVA folder, e.g. the tuner's
+  ``export/merged`` (the recommended way: the merged model is what is shipped);
+* ``checkpoint: FILE`` (``--model.init_args.checkpoint``) with ``model`` unset: a ``LlavaTuner``
+  checkpoint. Such a checkpoint holds only the trainable tensors (LoRA adapters, projector), so
+  the evaluator rebuilds the very same ``LlavaTuner`` from the checkpoint's hyper-parameters (base
+  model, LoRA rank, targets...), checks that every checkpoint tensor has a place and every
+  trainable tensor is present, and loads them. ``base_model`` replaces the checkpoint's
+  base-model name (e.g. a ``local-dir:`` copy of the ``hf:`` base on an offline cluster); giving
+  both ``model`` and a checkpoint is refused, since one of them would be silently ignored.
+  The same happens for Lightning's ``--ckpt_path`` (``on_load_checkpoint``), but LightningCLI
+  replaces the configured model class by the checkpoint's own (``LlavaTuner``) before that, so
+  through the CLI use ``checkpoint`` (or a CLI that keeps the configured class).
+
+Evaluation runs in one process (``trainer.devices: 1``): predictions are written by that process.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+import warnings
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from lightning.pytorch import LightningDataModule, LightningModule
+from torch.utils.data import DataLoader, Dataset
+
+from biomedvital.data.images import ImageRoot
+from biomedvital.data.jsonio import sha256_file, write_json, write_jsonl
+
+from .benchmarks import BENCHMARKS, VQAItem, load_benchmark, split_stats
+from .metrics import CLOSED_RULES, ClosedRule, VQAClosedAccuracy, VQAOpenMetrics
+
+DType = Literal["float32", "bfloat16", "float16"]
+PREDICTIONS_FILE = "predictions.jsonl"
+SCORES_FILE = "scores.json"
+
+
+# ----------------------------------------------------------------------------- data
+
+
+class _VQADataset(Dataset):
+    def __init__(self, items: list[VQAItem], root: ImageRoot) -> None:
+        self.items, self.root = items, root
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        item = self.items[i]
+        return {"item": item, "image": self.root.load(item.image)}
+
+
+def collate_vqa(rows: list[dict[str, Any]]) -> dict[str, list[Any]]:
+    """Questions and decoded images as lists; tokenisation belongs to the model's processor."""
+    return {"items": [r["item"] for r in rows], "images": [r["image"] for r in rows]}
+
+
+class VQADataModule(LightningDataModule):
+    """One split of a medical VQA benchmark and the folder its images are under.
+
+    Args:
+        benchmark: file layout: ``vqa_rad``, ``slake`` (English) or ``pathvqa`` (see
+            ``benchmarks``; LLaVA-Med's converted layout is recognised by any of them).
+        data: the benchmark's published file, or the folder holding it.
+        image_root: folder the questions' image paths are relative to (escapes are refused).
+        split: benchmark split (``test``).
+        name: name in metric keys (``test/<name>/<metric>``); default the benchmark's.
+        batch_size: questions per generation batch.
+        num_workers: DataLoader workers decoding images.
+        limit: evaluate only the first ``limit`` questions (smoke tests; recorded).
+    """
+
+    def __init__(
+        self,
+        benchmark: str,
+        data: str,
+        image_root: str,
+        split: str = "test",
+        name: str | None = None,
+        batch_size: int = 16,
+        num_workers: int = 0,
+        limit: int | None = None,
+    ) -> None:
+        super().__init__()
+        if benchmark not in BENCHMARKS:
+            raise ValueError(f"benchmark must be one of {BENCHMARKS}, got {benchmark!r}")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.benchmark, self.data, self.image_root = benchmark, Path(data), Path(image_root)
+        self.split, self.name = split, name or benchmark
+        self.batch_size, self.num_workers, self.limit = batch_size, num_workers, limit
+        self.items: list[VQAItem] | None = None
+
+    def load_items(self) -> list[VQAItem]:
+        """The questions (loaded once); a file of another layout raises naming the file."""
+        if self.items is None:
+            items = load_benchmark(self.benchmark, self.data, self.split)  # type: ignore[arg-type]
+            if not items:
+                raise ValueError(f"{self.data}: no {self.benchmark} questions in {self.split!r}")
+            self.items = items[: self.limit] if self.limit is not None else items
+        return self.items
+
+    def setup(self, stage: str) -> None:
+        self.load_items()
+
+    def test_dataloader(self) -> DataLoader:
+        return DataLoader(
+            _VQADataset(self.load_items(), ImageRoot(self.image_root)),
+            batch_size=self.batch_size,
+            shuffle=False,
+            num_workers=self.num_workers,
+            collate_fn=collate_vqa,
+        )
+
+    def transfer_batch_to_device(
+        self, batch: Any, device: torch.device, dataloader_idx: int
+    ) -> Any:
+        # PIL images and question records: the processor's tensors are moved in ``VQAEvaluator.answer``
+        return batch
+
+    def describe(self) -> dict[str, Any]:
+        """What was evaluated: input hash and split counts (``run.test.json``)."""
+        items = self.load_items()
+        return {
+            "benchmark": self.benchmark,
+            "name": self.name,
+            "split": self.split,
+            "data": {"path": str(self.data), "sha256": _sha(self.data)},
+            "image_root": str(self.image_root),
+            "limit": self.limit,
+            "counts": split_stats(items),
+        }
+
+
+def _sha(path: Path) -> str | None:
+    return sha256_file(path) if path.is_file() else None
+
+
+# ----------------------------------------------------------------------------- model
+
+
+def is_tuner_checkpoint(checkpoint: dict[str, Any]) -> bool:
+    """A ``LlavaTuner`` checkpoint: its hyper-parameters name a model and a tuning mode."""
+    hp = checkpoint.get("hyper_parameters") or {}
+    return "model" in hp and hp.get("mode") in ("lora", "full") and "state_dict" in checkpoint
+
+
+def tuner_from_hparams(hparams: dict[str, Any], base_model: str | None = None) -> Any:
+    """The ``LlavaTuner`` a checkpoint was written by (its init arguments only)."""
+    from biomedvital.tuning import LlavaTuner
+
+    accepted = set(inspect.signature(LlavaTuner.__init__).parameters) - {"self"}
+    kwargs = {k: v for k, v in hparams.items() if k in accepted}
+    if base_model is not None:
+        kwargs["model"] = base_model
+    return LlavaTuner(**kwargs)
+
+
+class VQAEvaluator(LightningModule):
+    """Greedy answers of a LLaVA model to VQA questions, scored with LLaVA-Med's metrics.
+
+    Args:
+        model: ``local-dir:PATH`` / ``hf:ID`` / ``tiny:NAME`` (tuning registry); leave unset to
+            evaluate a tuner checkpoint.
+        checkpoint: a ``LlavaTuner`` checkpoint (``.ckpt``) to evaluate, rebuilt from its
+            hyper-parameters (see the module docstring).
+        base_model: with a checkpoint: replaces the base model named in the checkpoint.
+        max_new_tokens: generation budget per answer.
+        prompt_suffix: appended to every question (after a space), e.g. an answer-format hint.
+        closed_prompt_suffix: appended to closed questions only (LLaVA-Med's "Please choose from
+            the following two options: [yes, no]"); empty by default.
+        system_prompt: text before ``USER:`` (LLaVA-1.5's vicuna_v1 system by default).
+        closed_rule: ``llava_med`` · ``llava_med_original`` · ``strict`` (see ``metrics``).
+        dtype: dtype the weights are loaded in (``None``: the checkpoint's; float32 for tiny).
+        seed: seed of random weights (``tiny:`` only).
+        write_predictions: write ``predictions.jsonl`` and ``scores.json`` into the run folder
+            and log them to MLflow.
+    """
+
+    def __init__(
+        self,
+        model: str | None = None,
+        checkpoint: str | None = None,
+        base_model: str | None = None,
+        max_new_tokens: int = 64,
+        prompt_suffix: str = "",
+        closed_prompt_suffix: str = "",
+        system_prompt: str | None = None,
+        closed_rule: ClosedRule = "llava_med",
+        dtype: DType | None = None,
+        seed: int = 0,
+        write_predictions: bool = True,
+    ) -> None:
+        super().__init__()
+        if closed_rule not in CLOSED_RULES:
+            raise ValueError(f"closed_rule must be one of {CLOSED_RULES}, got {closed_rule!r}")
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        self.save_hyperparameters()
+        self.model: Any = None
+        self.processor: Any = None
+        self.source: str | None = None
+        self.open_metric = VQAOpenMetrics()
+        self.closed_metric = VQAClosedAccuracy(closed_rule)
+        self.rows: list[dict[str, Any]] = []
+        self.upstream_run: str | None = None
+
+    # -- building ----------------------------------------------------------------------------
+
+    def _torch_dtype(self) -> torch.dtype | None:
+        return getattr(torch, self.hparams.dtype) if self.hparams.dtype else None
+
+    def build(self) -> None:
+        """Load ``model`` from the registry (done in ``setup``; call it when used without a
+        Trainer)."""
+        from biomedvital.tuning.models import create_llava
+
+        if self.model is not None:
+            return
+        if self.hparams.checkpoint:
+            path = self.hparams.checkpoint
+            ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            self.load_tuner_checkpoint(ckpt, str(path))
+            self.load_state_dict(ckpt["state_dict"], strict=False)  # keys checked above
+            self.upstream_run = ckpt.get("mlflow_run_id")
+            return
+        if not self.hparams.model:
+            return
+        bundle = create_llava(self.hparams.model, seed=self.hparams.seed, dtype=self._torch_dtype())
+        self._attach(bundle.model, bundle.processor, self.hparams.model)
+
+    def _attach(self, model: Any, processor: Any, source: str) -> None:
+        model.eval()
+        tok = processor.tokenizer
+        tok.padding_side = "left"  # generation continues every row from its last token
+        if tok.pad_token_id is None:
+            tok.pad_token = tok.unk_token or tok.eos_token
+        self.model, self.processor, self.source = model, processor, source
+
+    def load_tuner_checkpoint(self, checkpoint: dict[str, Any], source: str = "checkpoint") -> None:
+        """Rebuild the checkpoint's ``LlavaTuner`` (weights are then loaded by Lightning, or by
+        :meth:`load_state_dict` when called by hand) and check the tensors fit it."""
+        if not is_tuner_checkpoint(checkpoint):
+            raise ValueError(
+                f"{source}: not a LlavaTuner checkpoint (no 'model'/'mode' hyper-parameters); "
+                "evaluate a Hugging Face folder with model: local-dir:PATH instead"
+            )
+        if self.hparams.model:
+            raise ValueError(
+                f"both model={self.hparams.model!r} and a tuner checkpoint ({source}) were given; "
+                "set one (base_model= replaces the checkpoint's base model name)"
+            )
+        hp = dict(checkpoint["hyper_parameters"])
+        if self.hparams.dtype:
+            hp["dtype"] = self.hparams.dtype
+        tuner = tuner_from_hparams(hp, self.hparams.base_model)
+        state = checkpoint["state_dict"]
+        ours = set(tuner.state_dict())
+        unexpected = sorted(set(state) - ours)
+        if unexpected:
+            raise KeyError(
+                f"{source}: {len(unexpected)} tensor(s) have no place in the rebuilt "
+                f"{hp.get('model')!r} ({hp.get('mode')}) model, e.g. {unexpected[0]}"
+            )
+        missing = sorted(tuner.trainable_keys() - set(state))
+        if missing:
+            raise KeyError(f"{source}: lacks {len(missing)} trainable tensor(s), e.g. {missing[0]}")
+        # keys are "model.…" in both modules: Lightning's load fills self.model's trained tensors
+        self.strict_loading = False
+        name = self.hparams.base_model or str(hp.get("model"))
+        self._attach(tuner.model, tuner.processor, f"{name} + {source}")
+
+    def setup(self, stage: str) -> None:
+        if self.trainer.world_size > 1:
+            raise RuntimeError("VQA evaluation runs in one process: set --trainer.devices 1")
+        self.build()
+        logger = self.logger
+        if self.upstream_run and logger is not None and hasattr(logger, "run_id"):
+            logger.experiment.set_tag(logger.run_id, "upstream_run", self.upstream_run)
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Lightning's ``ckpt_path``: rebuild the tuner, then Lightning loads its tensors."""
+        if self.hparams.checkpoint:
+            raise ValueError("both checkpoint= and a Lightning ckpt_path were given; set one")
+        self.load_tuner_checkpoint(checkpoint, "ckpt_path")
+
+    # -- generation --------------------------------------------------------------------------
+
+    def question_text(self, item: VQAItem) -> str:
+        parts = [item.question.strip()]
+        if self.hparams.prompt_suffix:
+            parts.append(self.hparams.prompt_suffix)
+        if item.answer_type == "closed" and self.hparams.closed_prompt_suffix:
+            parts.append(self.hparams.closed_prompt_suffix)
+        return " ".join(parts)
+
+    @torch.no_grad()
+    def answer(self, images: list[Any], questions: list[str]) -> list[str]:
+        """Greedy answers to a batch of (image, question) pairs, left-padded, decoded."""
+        from biomedvital.tuning.conversation import VICUNA_V1_SYSTEM, prompt
+
+        if self.model is None:
+            raise RuntimeError(
+                "no model: set model (local-dir:PATH, hf:ID, tiny:NAME) or checkpoint (a tuner .ckpt)"
+            )
+        system = self.hparams.system_prompt
+        system = VICUNA_V1_SYSTEM if system is None else system
+        texts = [prompt(q, system) for q in questions]
+        inputs = self.processor(text=texts, images=images, return_tensors="pt", padding=True)
+        inputs = inputs.to(self.device)
+        vision_dtype = next(self.model.parameters()).dtype
+        inputs["pixel_values"] = inputs["pixel_values"].to(vision_dtype)
+        tok = self.processor.tokenizer
+        out = self.model.generate(
+            **inputs,
+            max_new_tokens=self.hparams.max_new_tokens,
+            do_sample=False,
+            num_beams=1,
+            use_cache=True,
+            pad_token_id=tok.pad_token_id,
+        )
+        new = out[:, inputs["input_ids"].shape[1] :]
+        return [t.strip() for t in tok.batch_decode(new, skip_special_tokens=True)]
+
+    def test_step(self, batch: dict[str, list[Any]], batch_idx: int) -> None:
+        items: list[VQAItem] = batch["items"]
+        prompts = [self.question_text(it) for it in items]
+        texts = self.answer(batch["images"], prompts)
+        for it, p, text in zip(items, prompts, texts, strict=True):
+            self.rows.append(
+                {"question_id": it.question_id, "prompt": p, "text": text, "model_id": self.source}
+            )
+        opened = [
+            (t, it.answer) for it, t in zip(items, texts, strict=True) if it.answer_type == "open"
+        ]
+        closed = [
+            (t, it.answer) for it, t in zip(items, texts, strict=True) if it.answer_type == "closed"
+        ]
+        if opened:
+            self.open_metric.update([t for t, _ in opened], [a for _, a in opened])
+        if closed:
+            self.closed_metric.update([t for t, _ in closed], [a for _, a in closed])
+
+    def on_test_epoch_start(self) -> None:
+        self.rows = []
+        self.open_metric.reset()
+        self.closed_metric.reset()
+
+    def on_test_epoch_end(self) -> None:
+        dm = self.trainer.datamodule
+        name = getattr(dm, "name", "vqa")
+        with warnings.catch_warnings():
+            # a split without open (or closed) questions is legitimate: its figures are NaN
+            warnings.filterwarnings("ignore", message=".*compute.*before.*update.*")
+            values = {**self.open_metric.compute(), **self.closed_metric.compute()}
+        scores: dict[str, float | int | None] = {}
+        for key, value in values.items():
+            v = float(value)
+            scores[key] = int(v) if key.startswith("n_") else (None if math.isnan(v) else v)
+        logged = {f"test/{name}/{k}": float(v) for k, v in scores.items() if v is not None}
+        self.log_dict(logged, batch_size=max(len(self.rows), 1))
+        if self.hparams.write_predictions and self.trainer.is_global_zero:
+            self._write(name, scores)
+
+    def _write(self, name: str, scores: dict[str, Any]) -> None:
+        out = Path(self.trainer.default_root_dir)
+        preds = out / PREDICTIONS_FILE
+        write_jsonl(preds, self.rows)
+        dm = self.trainer.datamodule
+        result = {
+            "name": name,
+            "closed_rule": self.hparams.closed_rule,
+            "model": self.source,
+            **scores,
+            "data": dm.describe() if hasattr(dm, "describe") else None,
+            "predictions": {"path": str(preds), "sha256": sha256_file(preds)},
+        }
+        write_json(out / SCORES_FILE, result)
+        logger = self.logger
+        if logger is not None and hasattr(logger, "run_id") and hasattr(logger, "experiment"):
+            logger.experiment.log_artifact(logger.run_id, str(preds), f"eval/{name}")
+            logger.experiment.log_artifact(logger.run_id, str(out / SCORES_FILE), f"eval/{name}")

@@ -1,0 +1,166 @@
+"""``judge`` on the first real LLaVA-Med-Bench questions against the loopback fake chat API."""
+
+from __future__ import annotations
+
+import json
+import sys
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "generation"))
+from fakeapi import KEY_ENV, SECRET, SHARED, FakeAPI, _make_handler, _Server  # noqa: E402
+
+from biomedvital.evaluation.chat import score_chat  # noqa: E402
+from biomedvital.evaluation.judge import judge, parse_verdict  # noqa: E402
+
+BENCH = SHARED / "llava-med"
+QUESTIONS = BENCH / "llava_med_eval_qa50_qa.jsonl"
+CAPTIONS = BENCH / "llava_med_eval_qa50_fig_captions.json"
+N = 5
+
+pytestmark = pytest.mark.skipif(not QUESTIONS.is_file(), reason="LLaVA-Med-Bench files absent")
+
+
+@pytest.fixture
+def api(monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeAPI]:
+    state = FakeAPI()
+    server = _Server(("127.0.0.1", 0), _make_handler(state))
+    thread = threading.Thread(
+        target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
+    )
+    thread.start()
+    state.base_url = f"http://127.0.0.1:{server.server_address[1]}/v1"
+    monkeypatch.setenv(KEY_ENV, SECRET)
+    try:
+        yield state
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def _first_questions() -> list[dict]:
+    lines = QUESTIONS.read_text().splitlines()[:N]
+    return [json.loads(x) for x in lines]
+
+
+def _verdict(body: dict) -> str:
+    """Scores that depend on the candidate answer: 9 for the reference, 3..8 for the model."""
+    user = body["messages"][1]["content"]
+    cand = user.split("[Assistant 2]\n", 1)[1].split("\n[End of Assistant 2]", 1)[0]
+    return f"9 {3 + len(cand) % 6}\nAssistant 1 is grounded in the caption; Assistant 2 less so."
+
+
+def _run(api: FakeAPI, tmp: Path, **kw: object) -> dict:
+    answers = tmp / "answers.jsonl"
+    answers.write_text(
+        "".join(
+            json.dumps({"question_id": q["question_id"], "text": f"Answer {i} to the question."})
+            + "\n"
+            for i, q in enumerate(_first_questions())
+        )
+    )
+    return judge(
+        QUESTIONS,
+        answers,
+        tmp / "judge",
+        base_url=api.base_url,
+        model="judge-x",
+        api_key_env=KEY_ENV,
+        captions=CAPTIONS,
+        limit=N,
+        backoff_base_s=0.01,
+        price_per_million={"input": 1.0, "output": 2.0},
+        store=str(tmp / "mlruns"),
+        progress=False,
+        **kw,
+    )
+
+
+def test_parse_verdict() -> None:
+    assert parse_verdict("8 6\nwhy") == (8.0, 6.0)
+    assert parse_verdict("8, 6") == (8.0, 6.0)
+    for bad in ("", None, "8\n6", "Assistant 1: 8", "0 5", "11 3", "8 6 7"):
+        assert parse_verdict(bad) is None
+
+
+def test_judge_reviews_score_chat_reads(api: FakeAPI, tmp_path: Path) -> None:
+    qs = _first_questions()
+    api.responder = _verdict
+    # question 2: unparsable once, then fine; question 4: unparsable twice -> failure
+    api.arm(qs[1]["gpt4_answer"][:40], "text:Both answers are reasonable.")
+    api.arm(qs[3]["gpt4_answer"][:40], "text:Good answers.", "text:I would rather not score.")
+    api.arm(qs[0]["gpt4_answer"][:40], "500")  # a transient error, retried
+    manifest = _run(api, tmp_path)
+    assert manifest["counts"] == {
+        "questions": N,
+        "reviewed": N - 1,
+        "failed": 1,
+        "reasked": 2,
+        "unparsable_after_reask": 1,
+    }
+    out = tmp_path / "judge"
+    reviews = [json.loads(x) for x in (out / "reviews.jsonl").read_text().splitlines()]
+    failed = [json.loads(x) for x in (out / "failed.jsonl").read_text().splitlines()]
+    assert [r["question_id"] for r in reviews] == [
+        q["question_id"] for i, q in enumerate(qs) if i != 3
+    ]
+    assert failed == [{"question_id": qs[3]["question_id"], "reason": failed[0]["reason"]}]
+    assert failed[0]["reason"].startswith("unparsable")
+    assert "[re-asked; first reply]" in reviews[1]["result"]
+    # the judge saw caption, question, both answers; never the image
+    body = json.dumps(api.seen[-1])
+    assert "image_url" not in body
+    first = next(b for b in api.seen if qs[2]["gpt4_answer"][:40] in json.dumps(b))
+    user = first["messages"][1]["content"]
+    assert qs[2]["fig_caption"][:40] in user and "Answer 2 to the question." in user
+
+    summary = score_chat(out / "reviews.jsonl", QUESTIONS, CAPTIONS)
+    assert summary["n"] == N - 1
+    assert str(qs[3]["question_id"]) in summary["missing_question_ids"]
+    expect = sum((3 + len(f"Answer {i} to the question.") % 6) / 9 for i in (0, 1, 2, 4)) / 4
+    assert summary["overall"]["relative_mean_of_ratios"] == pytest.approx(expect * 100)
+    assert manifest["overall"]["relative_mean_of_ratios"] == pytest.approx(expect * 100)
+    assert manifest["cost_usd"] > 0
+
+    # a rerun is answered from the journal: nothing is sent again
+    n_sent = len(api.seen)
+    again = _run(api, tmp_path)
+    assert len(api.seen) == n_sent
+    assert again["counts"] == manifest["counts"]
+    assert again["ledger"]["first"]["requests_sent"] == 0
+
+
+def test_answers_must_match_questions(api: FakeAPI, tmp_path: Path) -> None:
+    from biomedvital.data.report import BadRecordError
+
+    answers = tmp_path / "answers.jsonl"
+    answers.write_text(json.dumps({"question_id": 0, "text": "only one"}) + "\n")
+    with pytest.raises(BadRecordError, match="have no answer"):
+        judge(
+            QUESTIONS,
+            answers,
+            tmp_path / "o",
+            api.base_url,
+            "m",
+            KEY_ENV,
+            limit=3,
+            store=str(tmp_path / "mlruns"),
+            progress=False,
+        )
+    answers.write_text(json.dumps({"question_id": 99999, "text": "stray"}) + "\n")
+    with pytest.raises(BadRecordError, match="not questions"):
+        judge(
+            QUESTIONS,
+            answers,
+            tmp_path / "o",
+            api.base_url,
+            "m",
+            KEY_ENV,
+            limit=1,
+            store=str(tmp_path / "mlruns"),
+            progress=False,
+        )
+    assert api.seen == []

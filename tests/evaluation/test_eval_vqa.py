@@ -1,0 +1,256 @@
+"""VQA evaluation through ``python -m biomedvital test``: a tiny LLaVA tuned one step by the CLI,
+evaluated as an exported folder and as a tuner checkpoint on the demo VQA set."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from biomedvital.cli import main
+from biomedvital.data.demo import materialize_demo
+from biomedvital.data.report import BadRecordError
+from biomedvital.evaluation.benchmarks import load_vqa_rad, split_stats
+from biomedvital.evaluation.demo_vqa import demo_vqa_records, write_demo_vqa
+from biomedvital.evaluation.score_vqa import score_vqa
+from biomedvital.evaluation.vqa_eval import VQADataModule, VQAEvaluator, collate_vqa
+
+CONF = Path(__file__).resolve().parents[2] / "conf" / "eval" / "demo_vqa.yaml"
+
+
+def _tuner_config(tmp: Path, selected: Path, images: Path, store: Path) -> Path:
+    out = tmp / "tuner"
+    cfg = {
+        "seed_everything": 0,
+        "model": {
+            "class_path": "biomedvital.tuning.LlavaTuner",
+            "init_args": {"model": "tiny:tiny-llava", "lora_r": 4, "lora_alpha": 8, "lr": 1e-3},
+        },
+        "data": {
+            "class_path": "biomedvital.tuning.TunerDataModule",
+            "init_args": {
+                "data": str(selected),
+                "image_root": str(images),
+                "max_length": 192,
+                "batch_size": 4,
+                "num_workers": 0,
+            },
+        },
+        "trainer": {
+            "max_steps": 2,
+            "accelerator": "cpu",
+            "devices": 1,
+            "default_root_dir": str(out),
+            "enable_progress_bar": False,
+            "enable_model_summary": False,
+            "logger": {
+                "class_path": "biomedvital.tracking.MLflowLogger",
+                "init_args": {"experiment": "tuning", "store": str(store)},
+            },
+            "callbacks": [
+                {
+                    "class_path": "biomedvital.tracking.Checkpoints",
+                    "init_args": {"save_last": True},
+                },
+                {
+                    "class_path": "biomedvital.tuning.ExportTuned",
+                    "init_args": {"dirpath": str(out / "export"), "adapter": False},
+                },
+            ],
+        },
+    }
+    path = tmp / "tuner.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Demo pool, demo VQA questions, and a tiny LLaVA tuned 2 steps (checkpoint + export)."""
+    tmp = tmp_path_factory.mktemp("eval")
+    files = materialize_demo(tmp / "demo")
+    rows = [json.loads(x) for x in files.candidates.read_text().splitlines() if x.strip()]
+    selected = tmp / "selected.json"
+    selected.write_text(json.dumps(rows[::6][:8]))
+    store = tmp / "mlruns"
+    main(["fit", "--config", str(_tuner_config(tmp, selected, files.images, store))])
+    return {
+        "tmp": tmp,
+        "images": files.images,
+        "questions": write_demo_vqa(tmp / "demo_vqa.json"),
+        "store": store,
+        "merged": tmp / "tuner" / "export" / "merged",
+        "ckpt": tmp / "tuner" / "checkpoints" / "last.ckpt",
+    }
+
+
+def _test(s: dict[str, Path], out: str, *extra: str) -> Path:
+    root = s["tmp"] / out
+    main(
+        [
+            "test",
+            "--config",
+            str(CONF),
+            "--data.init_args.data",
+            str(s["questions"]),
+            "--data.init_args.image_root",
+            str(s["images"]),
+            "--trainer.default_root_dir",
+            str(root),
+            "--trainer.logger.init_args.store",
+            str(s["store"]),
+            *extra,
+        ]
+    )
+    return root
+
+
+def _predictions(root: Path) -> list[dict]:
+    return [json.loads(x) for x in (root / "predictions.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def merged_run(setup: dict[str, Path]) -> Path:
+    return _test(setup, "merged", "--model.init_args.model", f"local-dir:{setup['merged']}")
+
+
+def test_demo_vqa_file_is_vqa_rad_layout(tmp_path: Path) -> None:
+    path = write_demo_vqa(tmp_path / "q.json")
+    items = load_vqa_rad(path, "test")
+    assert [it.question_id for it in items] == [str(i) for i in range(len(items))]
+    stats = split_stats(items)
+    assert stats["images"] == 6 and stats["open"] >= 6 and stats["closed"] >= 12
+    assert {it.answer for it in items if it.answer_type == "closed"} == {"yes", "no"}
+    assert demo_vqa_records() == json.loads(path.read_text())  # deterministic
+
+
+def test_merged_export_through_cli(setup: dict[str, Path], merged_run: Path) -> None:
+    from mlflow.tracking import MlflowClient
+
+    from biomedvital.tracking.mlflow import tracking_uri
+
+    preds = _predictions(merged_run)
+    items = load_vqa_rad(setup["questions"], "test")
+    assert [p["question_id"] for p in preds] == [it.question_id for it in items]
+    assert all(isinstance(p["text"], str) for p in preds)
+    assert len({p["text"] for p in preds}) > 1  # the answers depend on image and question
+
+    # logged metrics are exactly what score-vqa computes from the written file
+    ref = score_vqa("vqa_rad", setup["questions"], merged_run / "predictions.jsonl")
+    record = json.loads((merged_run / "run.test.json").read_text())
+    client = MlflowClient(tracking_uri(setup["store"]))
+    metrics = client.get_run(record["mlflow_run_id"]).data.metrics
+    for key in ("open_recall", "open_f1", "closed_acc", "bleu1", "open_exact"):
+        assert metrics[f"test/demo_vqa/{key}"] == pytest.approx(
+            ref[key], rel=1e-6
+        )  # logged as float32
+    assert metrics["test/demo_vqa/n_open"] == ref["n_open"]
+    assert metrics["test/demo_vqa/n_closed"] == ref["n_closed"]
+    artifacts = {a.path for a in client.list_artifacts(record["mlflow_run_id"], "eval/demo_vqa")}
+    assert artifacts == {"eval/demo_vqa/predictions.jsonl", "eval/demo_vqa/scores.json"}
+    scores = json.loads((merged_run / "scores.json").read_text())
+    assert scores["closed_acc"] == pytest.approx(ref["closed_acc"])
+    assert record["data"]["counts"]["qa"] == len(items)
+
+
+def test_batch_one_gives_identical_predictions(setup: dict[str, Path], merged_run: Path) -> None:
+    one = _test(
+        setup,
+        "merged-b1",
+        "--model.init_args.model",
+        f"local-dir:{setup['merged']}",
+        "--data.init_args.batch_size",
+        "1",
+    )
+    assert _predictions(one) == _predictions(merged_run)
+
+
+def test_tuner_checkpoint_through_cli(setup: dict[str, Path], merged_run: Path) -> None:
+    root = _test(
+        setup,
+        "ckpt",
+        "--model.init_args.model",
+        "null",
+        "--model.init_args.checkpoint",
+        str(setup["ckpt"]),
+    )
+    got, want = _predictions(root), _predictions(merged_run)
+    assert [p["question_id"] for p in got] == [p["question_id"] for p in want]
+    # LoRA applied unmerged (checkpoint) vs merged (export): same answers
+    same = sum(a["text"] == b["text"] for a, b in zip(got, want, strict=True))
+    assert same >= len(want) - 1
+    # and not the untuned base: the checkpoint's trained tensors were loaded
+    base = _test(setup, "base", "--model.init_args.model", "tiny:tiny-llava")
+    assert [p["text"] for p in _predictions(base)] != [p["text"] for p in got]
+    # the tuning run is recorded as upstream of the evaluation run
+    from mlflow.tracking import MlflowClient
+
+    from biomedvital.tracking.mlflow import tracking_uri
+
+    run_id = json.loads((root / "run.test.json").read_text())["mlflow_run_id"]
+    tags = MlflowClient(tracking_uri(setup["store"])).get_run(run_id).data.tags
+    assert tags.get("upstream_run")
+
+
+def test_lightning_ckpt_path_loads_tuner_checkpoint(
+    setup: dict[str, Path], merged_run: Path
+) -> None:
+    """``Trainer.test(ckpt_path=tuner.ckpt)``: the tuner is rebuilt before its tensors load."""
+    from lightning.pytorch import Trainer
+
+    root = setup["tmp"] / "trainer-ckpt"
+    dm = VQADataModule(
+        "vqa_rad", str(setup["questions"]), str(setup["images"]), name="demo_vqa", batch_size=16
+    )
+    ev = VQAEvaluator(max_new_tokens=24)
+    trainer = Trainer(
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        default_root_dir=str(root),
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    trainer.test(ev, dm, ckpt_path=str(setup["ckpt"]))
+    got, want = _predictions(root), _predictions(merged_run)
+    assert sum(a["text"] == b["text"] for a, b in zip(got, want, strict=True)) >= len(want) - 1
+
+
+def test_model_and_checkpoint_together_refused(setup: dict[str, Path]) -> None:
+    with pytest.raises(ValueError, match="both model="):
+        _test(setup, "both", "--model.init_args.checkpoint", str(setup["ckpt"]))
+
+
+def test_wrong_layout_names_the_file(setup: dict[str, Path]) -> None:
+    bad = setup["tmp"] / "slake_layout.json"
+    bad.write_text(json.dumps([{"qid": 1, "img_name": "x.png", "question": "q", "answer": "a"}]))
+    with pytest.raises(BadRecordError) as e:
+        _test(setup, "bad", "--data.init_args.data", str(bad))
+    assert str(bad) in str(e.value) and "phrase_type" in str(e.value)
+
+
+def test_batched_generation_matches_single(setup: dict[str, Path]) -> None:
+    """Left padding: a question's greedy answer does not depend on its batch neighbours."""
+    dm = VQADataModule("vqa_rad", str(setup["questions"]), str(setup["images"]), batch_size=16)
+    ev = VQAEvaluator(model=f"local-dir:{setup['merged']}", max_new_tokens=12)
+    ev.build()
+    ds = dm.test_dataloader().dataset
+    rows = [ds[i] for i in range(len(ds))]
+    batch = collate_vqa(rows[:16])
+    batched = ev.answer(batch["images"], [it.question for it in batch["items"]])
+    single = [ev.answer([r["image"]], [r["item"].question])[0] for r in rows[:16]]
+    assert batched == single
+
+
+def test_cli_ckpt_path_evaluates_a_tuner_checkpoint(
+    setup: dict[str, Path], merged_run: Path
+) -> None:
+    """``python -m biomedvital test --config … --ckpt_path tuner.ckpt`` keeps the evaluator (the
+    CLI merges checkpoint hyper-parameters only when the classes agree)."""
+    root = _test(
+        setup, "cli-ckpt", "--model.init_args.model", "null", "--ckpt_path", str(setup["ckpt"])
+    )
+    got, want = _predictions(root), _predictions(merged_run)
+    assert sum(a["text"] == b["text"] for a, b in zip(got, want, strict=True)) >= len(want) - 1
