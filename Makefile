@@ -26,8 +26,8 @@ $(STAMP): pyproject.toml
 
 setup: $(STAMP)  ## create .venv (when missing) and install the package with its dev tools
 
-demo: $(DEMO)/tuner/export/run.json  ## the main job on the embedded demo: selector fit, score, select, tune LLaVA
-	@echo "selected data: $(DEMO)/selected/selected.json; tuned model: $(DEMO)/tuner/export/ — runs: make ui"
+demo: $(DEMO)/eval/demo_vqa/scores.json  ## the main job on the embedded demo: selector fit, score, select, tune LLaVA, test
+	@echo "selected: $(DEMO)/selected/selected.json; tuned: $(DEMO)/tuner/export/; VQA: $(DEMO)/eval/demo_vqa/scores.json — runs: make ui"
 
 $(DEMO)/selector/checkpoints/last.ckpt: $(STAMP) conf/demo/selector.yaml
 	$(BIN)/python -m biomedvital fit --config conf/demo/selector.yaml
@@ -55,6 +55,12 @@ report: $(STAMP)  ## table (Markdown, CSV) and plots of GRID's runs from MLflow,
 $(DEMO)/tuner/export/run.json: $(DEMO)/selected/manifest.json conf/demo/tuner.yaml
 	$(BIN)/python -m biomedvital fit --config conf/demo/tuner.yaml
 
+data/demo_vqa/demo_vqa.json: $(STAMP)
+	$(BIN)/python -m biomedvital demo-vqa
+
+$(DEMO)/eval/demo_vqa/scores.json: $(DEMO)/tuner/export/run.json data/demo_vqa/demo_vqa.json conf/eval/demo_vqa.yaml
+	$(BIN)/python -m biomedvital test --config conf/eval/demo_vqa.yaml
+
 test: $(STAMP)  ## run the test suite (tiny models, CPU; add PYTEST_ARGS="-m slow" for the long checks)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
@@ -76,6 +82,7 @@ bench: $(STAMP)  ## run the benchmarks in bench/ (prints ratios against the refe
 	$(BIN)/python bench/streaming_memory.py
 	$(BIN)/python bench/tuner_padding.py
 	$(BIN)/python bench/tuner_mfu.py --dry-run
+	$(BIN)/python bench/eval_decode.py
 
 clean:  ## remove demo outputs (keeps .venv and mlruns)
-	rm -rf outputs data/demo
+	rm -rf outputs data/demo data/demo_vqa
