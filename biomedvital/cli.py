@@ -44,6 +44,10 @@ PIPELINE_VERBS = {
         "biomedvital.evaluation.judge:judge",
         "judge-model scores of chat answers on LLaVA-Med-Bench (writes a review file)",
     ),
+    "pairwise": (
+        "biomedvital.evaluation.pairwise:pairwise",
+        "judge two models' answers in both orders and report their win rate",
+    ),
     "demo-vqa": ("biomedvital.evaluation.demo_vqa:demo_vqa", "write the demo VQA set"),
     "demo": ("biomedvital.data.demo:demo", "write the embedded demo pool to a folder"),
 }

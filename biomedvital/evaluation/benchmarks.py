@@ -21,10 +21,16 @@ Published layouts handled:
   question (``<image>`` tokens removed) and second the answer. Assumed from LLaVA-Med's evaluation
   script and the community conversion scripts (the converted files themselves were not released);
   the ids must be unique, which rules out conversions that reuse the PathVQA image id per question.
+* PathVQA on Hugging Face (``flaviagiammarino/path-vqa``): parquet files ``<split>-NNNNN-of-NNNNN
+  .parquet`` with columns ``image`` (a struct of ``bytes`` and ``path``), ``question``, ``answer``.
+  Question id = ``"<file stem>_<row>"`` (row 0-based within the file, e.g.
+  ``"test-00000-of-00003_17"``); images are written once under an image cache folder, named by
+  the SHA-256 of their bytes (see :func:`load_pathvqa_parquet`); closed = the answer is yes/no.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -234,15 +240,24 @@ def load_slake(path: PathLike, split: str = "test", lang: str | None = "en") -> 
     return _check_unique(items, wheres)
 
 
-def load_pathvqa(path: PathLike, split: str = "test") -> list[VQAItem]:
-    """PathVQA from the grouped ``pvqa_<split>.json`` (or LLaVA-Med's converted layout).
+def load_pathvqa(
+    path: PathLike, split: str = "test", image_cache: PathLike | None = None
+) -> list[VQAItem]:
+    """PathVQA from the grouped ``pvqa_<split>.json``, LLaVA-Med's converted layout, or parquet.
 
     Question ``k`` of image ``img_id`` gets id ``"<img_id>_<k>"`` and image ``"<split>/<img_id>.jpg"``
     (PathVQA's folder layout); a question is closed when its answer is yes or no. The test split is
     6,761 QA on 858 images (133 of the 991 test images carry no question).
+
+    A ``.parquet`` file, or a folder (or its ``data/`` subfolder) holding ``<split>-*.parquet``
+    and no JSON file of the split, is read by :func:`load_pathvqa_parquet`, which writes the
+    images under ``image_cache`` (ignored for the JSON layouts).
     """
     if split not in _PATHVQA_SPLITS:
         raise ValueError(f"PathVQA split must be one of {_PATHVQA_SPLITS}, got {split!r}")
+    parquet = _pathvqa_parquet_files(Path(path), split)
+    if parquet is not None:
+        return load_pathvqa_parquet(parquet, split, image_cache)
     path = _resolve(Path(path), [f"pvqa_{split}.json", f"{split}.json"])
     stem = path.stem.removeprefix("pvqa_")
     _check_split_name(path, split, stem)
@@ -272,6 +287,122 @@ def load_pathvqa(path: PathLike, split: str = "test") -> list[VQAItem]:
                     question_id=f"{img_id}_{k}",
                     image=f"{split}/{img_id}.jpg",
                     question=_text(question, where, f"sentf.pvqa.{k}"),
+                    answer=answer,
+                    answer_type="closed" if closed else "open",
+                    split=split,
+                )
+            )
+            wheres.append(where)
+    return _check_unique(items, wheres)
+
+
+_PARQUET_SPLIT_NAMES = {"val": ("val", "validation", "validate", "valid")}
+
+
+def _pathvqa_parquet_files(path: Path, split: str) -> list[Path] | None:
+    """The parquet files to read for ``split``, or ``None`` when ``path`` is a JSON layout."""
+    if path.is_file():
+        return [path] if path.suffix == ".parquet" else None
+    if not path.is_dir() or any(
+        (path / n).is_file() for n in (f"pvqa_{split}.json", f"{split}.json")
+    ):
+        return None
+    for folder in (path, path / "data"):
+        files = sorted(
+            f
+            for name in _PARQUET_SPLIT_NAMES.get(split, (split,))
+            for f in folder.glob(f"{name}-*.parquet")
+        )
+        if files:
+            return files
+    return None
+
+
+def _image_name(data: bytes, hint: Any) -> str:
+    """``<sha256 of the bytes>.<ext>``: the extension from the stored path, else the magic bytes."""
+    ext = Path(hint).suffix.lower() if isinstance(hint, str) else ""
+    if ext not in (".jpg", ".jpeg", ".png", ".gif", ".bmp", ".tif", ".tiff", ".webp"):
+        if data.startswith(b"\x89PNG"):
+            ext = ".png"
+        elif data.startswith(b"\xff\xd8"):
+            ext = ".jpg"
+        else:
+            ext = ".img"
+    return hashlib.sha256(data).hexdigest() + ext
+
+
+def _write_once(target: Path, data: bytes) -> None:
+    """Write ``data`` to ``target`` unless it is there already (atomic: temp file + rename)."""
+    if target.is_file():
+        return
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, target)
+
+
+def load_pathvqa_parquet(
+    files: PathLike | Iterable[PathLike], split: str = "test", image_cache: PathLike | None = None
+) -> list[VQAItem]:
+    """PathVQA from the Hugging Face parquet files (``image``/``question``/``answer`` columns).
+
+    Args:
+        files: one ``.parquet`` file or several (read in the order given).
+        split: labels the items; a file named ``<other split>-*.parquet`` is refused.
+        image_cache: folder the images are written to, once each, as ``<sha256>.<ext>`` (the same
+            image shared by several questions, or already written by an earlier load, is not
+            written again). Point the evaluator's image root at it. Default: ``images`` next to
+            the first parquet file.
+
+    Question ids are ``"<file stem>_<row>"`` with ``row`` the 0-based row in that file, so they
+    stay the same across loads. A bad row raises :class:`BadRecordError` naming the file and the
+    1-based record (``row + 1``) and the column.
+    """
+    import pyarrow.parquet as pq
+
+    paths = [Path(files)] if isinstance(files, str | os.PathLike) else [Path(f) for f in files]
+    if not paths:
+        raise FileNotFoundError("no parquet files given")
+    cache = Path(image_cache) if image_cache is not None else paths[0].parent / "images"
+    cache.mkdir(parents=True, exist_ok=True)
+    items, wheres = [], []
+    for path in paths:
+        if not path.is_file():
+            raise FileNotFoundError(path)
+        _check_split_name(path, split, path.stem.split("-", 1)[0])
+        table = pq.read_table(path)
+        for col in ("image", "question", "answer"):
+            if col not in table.column_names:
+                raise BadRecordError(
+                    path,
+                    None,
+                    f"missing column (has {table.column_names})",
+                    col,
+                    category=f"missing:{col}",
+                )
+        images, questions, answers = (
+            table.column(c).to_pylist() for c in ("image", "question", "answer")
+        )
+        for row, (image, question, answer) in enumerate(
+            zip(images, questions, answers, strict=True)
+        ):
+            where = _Where(path, row + 1, "record")
+            data = image.get("bytes") if isinstance(image, dict) else None
+            if not isinstance(data, bytes) or not data:
+                raise where.error(
+                    "expected a struct with non-empty 'bytes' (an encoded image)",
+                    "image.bytes",
+                    "missing:image.bytes",
+                )
+            answer = _answer(answer, where, "answer")
+            question = _text(question, where, "question")
+            name = _image_name(data, image.get("path"))
+            _write_once(cache / name, data)
+            closed = answer.strip().lower() in ("yes", "no")
+            items.append(
+                VQAItem(
+                    question_id=f"{path.stem}_{row}",
+                    image=name,
+                    question=question,
                     answer=answer,
                     answer_type="closed" if closed else "open",
                     split=split,
@@ -347,13 +478,22 @@ _LOADERS: dict[str, Callable[..., list[VQAItem]]] = {
 }
 
 
-def load_benchmark(benchmark: Benchmark, data: PathLike, split: str = "test") -> list[VQAItem]:
+def load_benchmark(
+    benchmark: Benchmark,
+    data: PathLike,
+    split: str = "test",
+    image_cache: PathLike | None = None,
+) -> list[VQAItem]:
     """Load ``benchmark``'s ``split`` from a file or a folder of its published files.
 
     SLAKE is loaded in English (as LLaVA-Med evaluates it); use :func:`load_slake` for others.
+    ``image_cache``: where PathVQA's parquet images are written (see :func:`load_pathvqa_parquet`);
+    ignored by every other layout.
     """
     if benchmark not in _LOADERS:
         raise ValueError(f"benchmark must be one of {BENCHMARKS}, got {benchmark!r}")
+    if benchmark == "pathvqa":
+        return load_pathvqa(data, split, image_cache)
     return _LOADERS[benchmark](data, split)
 
 

@@ -1,0 +1,218 @@
+"""``pairwise``: a text-only judge compares two models' answers to a VQA benchmark, both orders.
+
+For each question the judge reads the question, the benchmark's ground-truth answer and the two
+models' answers (it does not see the image) and says which answer is better: ``[[A]]``, ``[[B]]``
+or ``[[C]]`` for a tie. Every question is judged twice with the positions swapped: order ``ab``
+shows model A's answer as Assistant A, order ``ba`` shows model B's answer as Assistant A. The
+calls go through the project's OpenAI-compatible client (bounded concurrency, retries, a request
+journal that makes reruns free, a cost ledger), as for ``judge``.
+
+``verdicts.jsonl`` holds one record per call (``question_id``, ``order``, ``verdict`` plus
+``error`` when the call failed, whose verdict is then empty), the layout ``win_rate`` reads; a
+failed call or a reply without a marker makes the question a counted failure there, never a tie.
+The result is model A's win rate over model B.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from biomedvital.data.jsonio import sha256_file, write_json, write_jsonl
+from biomedvital.generation.client import (
+    ChatRequest,
+    ClientConfig,
+    check_prices,
+    request_key,
+    run_requests,
+)
+from biomedvital.tracking.mlflow import DEFAULT_STORE, PipelineRun
+from biomedvital.tracking.provenance import git_state
+
+from .benchmarks import Benchmark, load_benchmark
+from .score_vqa import join_predictions, read_predictions
+from .winrate import CombineRule, win_rate
+
+PAIRWISE_SYSTEM = (
+    "You compare two AI assistants' answers to a question about a medical image. You cannot see "
+    "the image; the reference answer from the benchmark is correct and is what you judge against."
+)
+
+PAIRWISE_TASK = """\
+Decide which assistant answered the question better. What matters first is agreement with the \
+reference answer in meaning (synonyms and extra correct detail are fine; a wrong or \
+contradicting statement is not), then clarity. Length is not a merit, and the order in which the \
+answers are shown must not sway you. Explain briefly, then end with your verdict on its own \
+line: the letter of the better assistant in double square brackets, or C in double square \
+brackets when the two are equally good or equally bad."""
+
+
+def pairwise_messages(
+    question: str, reference: str, first: str, second: str
+) -> list[dict[str, Any]]:
+    """The judge's request: ``first`` is shown as Assistant A, ``second`` as Assistant B."""
+    body = (
+        f"[Question]\n{question.strip()}\n\n"
+        f"[Reference answer]\n{reference.strip()}\n\n"
+        f"[Assistant A]\n{first.strip()}\n[End of Assistant A]\n\n"
+        f"[Assistant B]\n{second.strip()}\n[End of Assistant B]\n\n"
+        f"[Task]\n{PAIRWISE_TASK}"
+    )
+    return [{"role": "system", "content": PAIRWISE_SYSTEM}, {"role": "user", "content": body}]
+
+
+def pairwise(
+    questions: Path,
+    answers_a: Path,
+    answers_b: Path,
+    out: Path,
+    base_url: str,
+    model: str,
+    api_key_env: str = "OPENAI_API_KEY",
+    benchmark: Benchmark = "vqa_rad",
+    split: str = "test",
+    image_cache: Path | None = None,
+    limit: int | None = None,
+    rule: CombineRule = "sum",
+    n_boot: int = 1000,
+    temperature: float = 0.0,
+    max_tokens: int = 512,
+    seed: int = 0,
+    concurrency: int = 8,
+    requests_per_minute: float | None = None,
+    tokens_per_minute: float | None = None,
+    max_attempts: int = 5,
+    timeout_s: float = 120,
+    price_per_million: dict[str, float] | None = None,
+    store: str = DEFAULT_STORE,
+    backoff_base_s: float = 1.0,
+    backoff_max_s: float = 60.0,
+    progress: bool = True,
+) -> dict:
+    """Win rate of model A over model B on a VQA benchmark, judged pairwise with position swap.
+
+    Args:
+        questions: the benchmark's file or folder (as for ``score-vqa``).
+        answers_a / answers_b: each model's answers, JSONL of ``question_id`` and ``text``; every
+            question needs exactly one answer in each file, and an id that is not a question is
+            refused (as ``score-vqa`` does).
+        out: output folder: ``verdicts.jsonl`` (for ``win-rate``), ``journal.jsonl`` (request
+            cache), ``win_rate.json`` and ``manifest.json``.
+        base_url / model / api_key_env: the judge endpoint (the key only from that variable).
+        benchmark / split / image_cache: which questions (``image_cache``: PathVQA parquet only).
+        limit: judge only the first ``limit`` questions (trial runs; recorded).
+        rule / n_boot: how the two orders combine and the bootstrap size (see ``win_rate``).
+        temperature / max_tokens / seed: judge sampling (part of the cache key).
+        concurrency / requests_per_minute / tokens_per_minute / max_attempts / timeout_s /
+            backoff_base_s / backoff_max_s / price_per_million: as for ``generate``.
+        store: MLflow store folder (experiment ``evaluation``, run ``pairwise``).
+        progress: show the progress bar.
+
+    Returns the manifest; its ``win_rate`` is ``win_rate``'s result (model A's side).
+    """
+    questions, answers_a, answers_b, out = (
+        Path(questions),
+        Path(answers_a),
+        Path(answers_b),
+        Path(out),
+    )
+    config = ClientConfig(
+        base_url=base_url,
+        model=model,
+        api_key_env=api_key_env,
+        concurrency=concurrency,
+        requests_per_minute=requests_per_minute,
+        tokens_per_minute=tokens_per_minute,
+        max_attempts=max_attempts,
+        timeout_s=timeout_s,
+        backoff_base_s=backoff_base_s,
+        backoff_max_s=backoff_max_s,
+        price_per_million=check_prices(price_per_million),
+    )
+    items = load_benchmark(benchmark, questions, split, image_cache)
+    if not items:
+        raise ValueError(f"{questions}: no {benchmark} questions in split {split!r}")
+    what = f"{benchmark} {split}"
+    pairs_a = join_predictions(items, read_predictions(answers_a), answers_a, what)
+    pairs_b = join_predictions(items, read_predictions(answers_b), answers_b, what)
+    scope = range(len(items) if limit is None else min(limit, len(items)))
+
+    params = {"temperature": temperature, "max_tokens": max_tokens, "seed": seed}
+    requests = []
+    for i in scope:
+        item, text_a, text_b = pairs_a[i][0], pairs_a[i][1], pairs_b[i][1]
+        for order, first, second in (("ab", text_a, text_b), ("ba", text_b, text_a)):
+            msgs = pairwise_messages(item.question, item.answer, first, second)
+            req = ChatRequest(msgs, dict(params), meta={"question_id": item.question_id})
+            req.meta["order"] = order
+            req.key = request_key(model, msgs, req.params)
+            requests.append(req)
+
+    out.mkdir(parents=True, exist_ok=True)
+    public = {
+        **config.public(),
+        "benchmark": benchmark,
+        "split": split,
+        "questions": str(questions),
+        "answers_a": str(answers_a),
+        "answers_b": str(answers_b),
+        "limit": limit,
+        "rule": rule,
+        "n_boot": n_boot,
+        "temperature": temperature,
+        "max_tokens": max_tokens,
+        "seed": seed,
+    }
+    with PipelineRun("evaluation", "pairwise", store, {"model": model}) as run:
+        run.log_params(public)
+        outcomes, ledger, torn = run_requests(
+            config, out / "journal.jsonl", requests, "pairwise", progress
+        )
+        records = []
+        for req in requests:
+            res = outcomes[req.key]
+            rec: dict[str, Any] = {**req.meta, "verdict": (res.content or "") if res.ok else ""}
+            if not res.ok:
+                rec["error"] = res.error or "unknown"
+            records.append(rec)
+        write_jsonl(out / "verdicts.jsonl", records)
+        result = win_rate(
+            out / "verdicts.jsonl", out / "win_rate.json", n_boot=n_boot, seed=seed, rule=rule
+        )
+        counts = {
+            "questions": len(scope),
+            "calls": len(requests),
+            "failed_calls": sum(1 for r in records if "error" in r),
+        }
+        manifest = {
+            "counts": counts,
+            "win_rate": result,
+            "ledger": ledger.as_dict(),
+            "cost_usd": round(ledger.cost_usd, 6),
+            "torn_journal_lines": torn,
+            "inputs": {
+                "questions": {"path": str(questions)},
+                "answers_a": {"path": str(answers_a), "sha256": sha256_file(answers_a)},
+                "answers_b": {"path": str(answers_b), "sha256": sha256_file(answers_b)},
+            },
+            "config": public,
+            "mlflow_run_id": run.run_id,
+            "git": git_state(),
+        }
+        metrics: dict[str, float] = {f"pairwise/{k}": v for k, v in counts.items()}
+        metrics["pairwise/cost_usd"] = ledger.cost_usd
+        for key in ("n", "wins", "ties", "losses", "n_failed", "position_consistency"):
+            if result.get(key) is not None:
+                metrics[f"pairwise/{key}"] = result[key]
+        for key in ("win_rate_half_ties", "win_rate_excl_ties"):
+            if result.get(key) is not None:
+                metrics[f"pairwise/{key}"] = result[key]
+                if result.get(f"{key}_ci") is not None:
+                    low, high = result[f"{key}_ci"]
+                    metrics[f"pairwise/{key}_ci_low"] = low
+                    metrics[f"pairwise/{key}_ci_high"] = high
+        run.log_metrics(metrics)
+        run.log_dict(manifest, "pairwise.manifest.json")
+        run.client.log_artifact(run.run_id, str(out / "verdicts.jsonl"))
+    write_json(out / "manifest.json", manifest)
+    return manifest
