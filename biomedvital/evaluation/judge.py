@@ -23,7 +23,6 @@ from biomedvital.data.report import BadRecordError
 from biomedvital.generation.client import (
     ChatRequest,
     ClientConfig,
-    check_prices,
     request_key,
     run_requests,
 )
@@ -166,19 +165,7 @@ def judge(
     from .chat import score_chat
 
     questions, answers, out = Path(questions), Path(answers), Path(out)
-    config = ClientConfig(
-        base_url=base_url,
-        model=model,
-        api_key_env=api_key_env,
-        concurrency=concurrency,
-        requests_per_minute=requests_per_minute,
-        tokens_per_minute=tokens_per_minute,
-        max_attempts=max_attempts,
-        timeout_s=timeout_s,
-        backoff_base_s=backoff_base_s,
-        backoff_max_s=backoff_max_s,
-        price_per_million=check_prices(price_per_million),
-    )
+    config = ClientConfig.from_knobs(locals())
     qmap = _read_questions(questions)
     preds = read_predictions(answers)
     extra = [qid for qid in preds if qid not in qmap]

@@ -22,7 +22,6 @@ from biomedvital.data.jsonio import sha256_file, write_json, write_jsonl
 from biomedvital.generation.client import (
     ChatRequest,
     ClientConfig,
-    check_prices,
     request_key,
     run_requests,
 )
@@ -116,19 +115,7 @@ def pairwise(
         Path(answers_b),
         Path(out),
     )
-    config = ClientConfig(
-        base_url=base_url,
-        model=model,
-        api_key_env=api_key_env,
-        concurrency=concurrency,
-        requests_per_minute=requests_per_minute,
-        tokens_per_minute=tokens_per_minute,
-        max_attempts=max_attempts,
-        timeout_s=timeout_s,
-        backoff_base_s=backoff_base_s,
-        backoff_max_s=backoff_max_s,
-        price_per_million=check_prices(price_per_million),
-    )
+    config = ClientConfig.from_knobs(locals())
     items = load_benchmark(benchmark, questions, split, image_cache)
     if not items:
         raise ValueError(f"{questions}: no {benchmark} questions in split {split!r}")

@@ -26,8 +26,8 @@ import logging
 import os
 import random
 import time
-from collections.abc import Iterable
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -221,6 +221,15 @@ class ClientConfig:
     backoff_base_s: float = 1.0
     backoff_max_s: float = 60.0
     price_per_million: dict[str, float] | None = None
+
+    @classmethod
+    def from_knobs(cls, knobs: Mapping[str, Any]) -> ClientConfig:
+        """The config from a verb's keyword arguments (its ``locals()``): the verbs keep flat,
+        documented knobs on the command line, and this is the one place that maps them."""
+        names = {f.name for f in fields(cls)}
+        values = {k: v for k, v in knobs.items() if k in names}
+        values["price_per_million"] = check_prices(values.get("price_per_million"))
+        return cls(**values)
 
     def __post_init__(self) -> None:
         if self.concurrency < 1:

@@ -16,7 +16,6 @@ from biomedvital.data.report import BadRecordError, RecordReport
 from biomedvital.generation.client import (
     ChatRequest,
     ClientConfig,
-    check_prices,
     cost_of,
     estimate_tokens,
     request_key,
@@ -111,19 +110,7 @@ def generate(
     figures, demonstrations, out = Path(figures), Path(demonstrations), Path(out)
     if answers not in (1, 2):
         raise ValueError(f"answers must be 1 or 2, got {answers}")
-    config = ClientConfig(
-        base_url=base_url,
-        model=model,
-        api_key_env=api_key_env,
-        concurrency=concurrency,
-        requests_per_minute=requests_per_minute,
-        tokens_per_minute=tokens_per_minute,
-        max_attempts=max_attempts,
-        timeout_s=timeout_s,
-        backoff_base_s=backoff_base_s,
-        backoff_max_s=backoff_max_s,
-        price_per_million=check_prices(price_per_million),
-    )
+    config = ClientConfig.from_knobs(locals())
     reports = {"figures": RecordReport(), "demonstrations": RecordReport()}
     figs: list[SourceFigure] = read_figures(figures, on_bad_record, reports["figures"])
     figs = check_unique(figs, "pair_id", figures, on_bad=on_bad_record, report=reports["figures"])

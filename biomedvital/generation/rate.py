@@ -29,7 +29,6 @@ from biomedvital.data.report import RecordReport
 from biomedvital.generation.client import (
     ChatRequest,
     ClientConfig,
-    check_prices,
     request_key,
     run_requests,
 )
@@ -152,19 +151,7 @@ def rate(
     candidates, out = Path(candidates), Path(out)
     if vision and image_root is None:
         raise ValueError("vision=True needs image_root")
-    config = ClientConfig(
-        base_url=base_url,
-        model=model,
-        api_key_env=api_key_env,
-        concurrency=concurrency,
-        requests_per_minute=requests_per_minute,
-        tokens_per_minute=tokens_per_minute,
-        max_attempts=max_attempts,
-        timeout_s=timeout_s,
-        backoff_base_s=backoff_base_s,
-        backoff_max_s=backoff_max_s,
-        price_per_million=check_prices(price_per_million),
-    )
+    config = ClientConfig.from_knobs(locals())
     reports = {"candidates": RecordReport()}
     cands: list[Candidate] = read_records(
         candidates, Candidate, on_bad=on_bad_record, report=reports["candidates"]

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import json
 import sys
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "generation"))
-from fakeapi import KEY_ENV, SECRET, SHARED, FakeAPI, _make_handler, _Server  # noqa: E402
+from fakeapi import KEY_ENV, SHARED, FakeAPI, running_api  # noqa: E402
 
 from biomedvital.evaluation.chat import score_chat  # noqa: E402
 from biomedvital.evaluation.judge import judge, parse_verdict  # noqa: E402
@@ -26,19 +25,7 @@ pytestmark = pytest.mark.skipif(not QUESTIONS.is_file(), reason="LLaVA-Med-Bench
 
 @pytest.fixture
 def api(monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeAPI]:
-    state = FakeAPI()
-    server = _Server(("127.0.0.1", 0), _make_handler(state))
-    thread = threading.Thread(
-        target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
-    )
-    thread.start()
-    state.base_url = f"http://127.0.0.1:{server.server_address[1]}/v1"
-    monkeypatch.setenv(KEY_ENV, SECRET)
-    try:
-        yield state
-    finally:
-        server.shutdown()
-        server.server_close()
+    yield from running_api(monkeypatch)
 
 
 def _first_questions() -> list[dict]:

@@ -14,7 +14,7 @@ import struct
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -211,3 +211,21 @@ def write_inputs(root: Path, n_figures: int = 3, markers: dict[int, str] | None 
         "image_root": images,
         "demonstrations": root / "demos.json",
     }
+
+
+def running_api(monkeypatch: Any) -> Iterator[FakeAPI]:
+    """Serve a FakeAPI on a free loopback port with the key in its environment variable, for
+    the duration of a fixture (``yield from running_api(monkeypatch)``)."""
+    state = FakeAPI()
+    server = _Server(("127.0.0.1", 0), _make_handler(state))
+    thread = threading.Thread(
+        target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
+    )
+    thread.start()
+    state.base_url = f"http://127.0.0.1:{server.server_address[1]}/v1"
+    monkeypatch.setenv(KEY_ENV, SECRET)
+    try:
+        yield state
+    finally:
+        server.shutdown()
+        server.server_close()
