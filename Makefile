@@ -9,8 +9,11 @@ PYTEST_ARGS ?=
 GRID    ?= w
 GRID_FILE = conf/grids/$(GRID).yaml
 GRID_DIR  = outputs/grids/$(GRID)
-# the cells of GRID, read from its file (one target per cell: its run.fit.json)
+# the cells of GRID, read from its file (one target per cell: its cell.json, written when all
+# of the cell's stages are done)
 CELLS     = $(shell $(BIN)/python -m biomedvital grid --grid $(GRID_FILE) 2>/dev/null)
+# files the grid's cells read (e.g. the demo selector's scores for GRID=topk): made first
+NEEDS     = $(shell $(BIN)/python -m biomedvital grid --grid $(GRID_FILE) --needs true 2>/dev/null)
 
 .DEFAULT_GOAL := help
 .PHONY: help setup demo test lint format ui bench clean list grid report
@@ -18,34 +21,51 @@ CELLS     = $(shell $(BIN)/python -m biomedvital grid --grid $(GRID_FILE) 2>/dev
 help:  ## list the targets
 	@grep -E '^[a-zA-Z_/%.-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | expand -t 28
 
+# llama-cpp-python (dev extra: the local endpoint) is built from source, ~5 min on 2 cores, then
+# cached by pip; llama.cpp's native build (-march=native) dies here with an illegal instruction
+LLAMA_CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_AVX512=OFF -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF
+
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[dev]'
+	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(BIN)/pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
 setup: $(STAMP)  ## create .venv (when missing) and install the package with its dev tools
 
-demo: $(DEMO)/eval/demo_vqa/scores.json  ## the main job on the embedded demo: selector fit, score, select, tune LLaVA, test
-	@echo "selected: $(DEMO)/selected/selected.json; tuned: $(DEMO)/tuner/export/; VQA: $(DEMO)/eval/demo_vqa/scores.json — runs: make ui"
+demo: $(DEMO)/judge/manifest.json  ## the main job on the embedded demo: generate, rate (local SmolLM2), selector fit, score, select, tune LLaVA, test, judge
+	@echo "selected: $(DEMO)/selected/selected.json; tuned: $(DEMO)/tuner/export/; VQA: $(DEMO)/eval/demo_vqa/scores.json; judge: $(DEMO)/judge/manifest.json — runs: make ui"
 
-$(DEMO)/selector/checkpoints/last.ckpt: $(STAMP) conf/demo/selector.yaml
-	$(BIN)/python -m biomedvital fit --config conf/demo/selector.yaml
+# generate and rate start a local OpenAI-compatible server (llama-cpp-python, SmolLM2-135M) on a
+# free loopback port for the stage and stop it after (base_url: local:smollm2 in their configs)
+$(DEMO)/generate/manifest.json: $(STAMP) conf/demo/generate.yaml
+	$(BIN)/python -m biomedvital demo --out_dir data/demo > /dev/null
+	$(BIN)/python -m biomedvital generate --config conf/demo/generate.yaml
+
+$(DEMO)/rate/manifest.json: $(DEMO)/generate/manifest.json conf/demo/rate.yaml
+	$(BIN)/python -m biomedvital rate --config conf/demo/rate.yaml
+
+# the generated, rated candidates join the demo's hand-written pool (conf/demo/generated_pool.yaml)
+SELECTOR_CONF := --config conf/demo/selector.yaml --config conf/demo/generated_pool.yaml
+
+$(DEMO)/selector/checkpoints/last.ckpt: $(DEMO)/rate/manifest.json conf/demo/selector.yaml conf/demo/generated_pool.yaml
+	$(BIN)/python -m biomedvital fit $(SELECTOR_CONF)
 
 $(DEMO)/selector/scores.jsonl: $(DEMO)/selector/checkpoints/last.ckpt
-	$(BIN)/python -m biomedvital predict --config conf/demo/selector.yaml --ckpt_path $<
+	$(BIN)/python -m biomedvital predict $(SELECTOR_CONF) --ckpt_path $<
 
 $(DEMO)/selected/manifest.json: $(DEMO)/selector/scores.jsonl
-	$(BIN)/python -m biomedvital select --scores $< --candidates data/demo/candidates.jsonl \
+	$(BIN)/python -m biomedvital select --scores $< \
+		--candidates '[data/demo/candidates.jsonl, $(DEMO)/generate/candidates.jsonl]' \
 		--out $(DEMO)/selected --top_percent 80
 
 list: $(STAMP)  ## list the cells of a grid: make list GRID=w (grids live in conf/grids/)
 	@$(BIN)/python -m biomedvital grid --grid $(GRID_FILE)
 
-grid: $(STAMP)  ## run the cells of GRID not yet done (make -k keeps going, make -n shows them)
-	@$(MAKE) --no-print-directory $(foreach c,$(CELLS),$(GRID_DIR)/$(c)/run.fit.json)
+grid: $(STAMP) $(NEEDS)  ## run the cells of GRID not yet done (make -k keeps going, make -n shows them)
+	@$(MAKE) --no-print-directory $(foreach c,$(CELLS),$(GRID_DIR)/$(c)/cell.json)
 
-$(GRID_DIR)/%/run.fit.json: $(GRID_FILE)
+$(GRID_DIR)/%/cell.json: $(GRID_FILE)
 	$(BIN)/python -m biomedvital grid --grid $(GRID_FILE) --cell $*
 
 report: $(STAMP)  ## table (Markdown, CSV) and plots of GRID's runs from MLflow, under experiments/reports/
@@ -60,6 +80,13 @@ data/demo_vqa/demo_vqa.json: $(STAMP)
 
 $(DEMO)/eval/demo_vqa/scores.json: $(DEMO)/tuner/export/run.json data/demo_vqa/demo_vqa.json conf/eval/demo_vqa.yaml
 	$(BIN)/python -m biomedvital test --config conf/eval/demo_vqa.yaml
+
+data/demo_vqa/demo_chat.jsonl: data/demo_vqa/demo_vqa.json  # written with it (missing: older demo-vqa)
+	$(BIN)/python -m biomedvital demo-vqa
+
+# the local SmolLM2 judges the tuned model's demo VQA answers against the ground truth
+$(DEMO)/judge/manifest.json: $(DEMO)/eval/demo_vqa/scores.json data/demo_vqa/demo_chat.jsonl conf/demo/judge.yaml
+	$(BIN)/python -m biomedvital judge --config conf/demo/judge.yaml
 
 test: $(STAMP)  ## run the test suite (tiny models, CPU; add PYTEST_ARGS="-m slow" for the long checks)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
@@ -80,6 +107,8 @@ bench: $(STAMP)  ## run the benchmarks in bench/ (prints ratios against the refe
 	$(BIN)/python bench/scoring_throughput.py
 	$(BIN)/python bench/w_grid.py
 	$(BIN)/python bench/streaming_memory.py
+	$(BIN)/python bench/generation_throughput.py
+	$(BIN)/python bench/generation_memory.py
 	$(BIN)/python bench/tuner_padding.py
 	$(BIN)/python bench/tuner_mfu.py --dry-run
 	$(BIN)/python bench/eval_decode.py

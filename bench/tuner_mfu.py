@@ -109,7 +109,10 @@ def run(args: argparse.Namespace) -> dict:
     torch.manual_seed(0)
     model = build(args.size, args.mode, args.lora_r, device)
     if args.activation_checkpointing:
-        model.gradient_checkpointing_enable({"use_reentrant": False})
+        from biomedvital.tuning.module import enable_checkpointing
+
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        enable_checkpointing(base, args.checkpoint_every)
     n = counts(model)
     shard(model, mesh)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
@@ -160,6 +163,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--activation-checkpointing", action="store_true")
+    parser.add_argument("--checkpoint-every", type=int, default=1,
+                        help="recompute every k-th decoder layer only (LlavaTuner.checkpoint_every)")  # fmt: skip
     parser.add_argument("--dry-run", action="store_true", help="shapes and counts only (CPU)")
     args = parser.parse_args(argv)
     if args.seq_len <= 600:

@@ -3,9 +3,12 @@ jsonargparse, both configured by the same YAML files and overlays."""
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Callable
 from importlib import import_module
+from pathlib import Path
+from typing import Any
 
 TRAINER_VERBS = {
     "fit": "train a model (selector or tuner) from a config",
@@ -19,6 +22,10 @@ PIPELINE_VERBS = {
         "write instruction conversations (or answer pairs) with an OpenAI-compatible model",
     ),
     "rate": ("biomedvital.generation.rate:rate", "score candidates 0-10 with a judge model"),
+    "serve-local": (
+        "biomedvital.generation.local_server:serve_local",
+        "serve a local GGUF model (SmolLM2) over an OpenAI-compatible API on loopback",
+    ),
     "import-preferences": (
         "biomedvital.generation.preferences:import_preferences",
         "turn clinician annotations (JSONL/CSV pairs or marks) into preference records",
@@ -50,7 +57,66 @@ PIPELINE_VERBS = {
     ),
     "demo-vqa": ("biomedvital.evaluation.demo_vqa:demo_vqa", "write the demo VQA set"),
     "demo": ("biomedvital.data.demo:demo", "write the embedded demo pool to a folder"),
+    "annotate": (
+        "biomedvital.annotation.annotate:annotate",
+        "serve the clinician annotation page for answer pairs, or export preferences (--export)",
+    ),
 }
+
+
+class ConfigError(ValueError):
+    """A config file or option a verb cannot accept, named with its file and key."""
+
+
+def _config_files(argv: list[str]) -> list[str]:
+    files = []
+    for i, arg in enumerate(argv):
+        if arg in ("--config", "-c") and i + 1 < len(argv):
+            files.append(argv[i + 1])
+        elif arg.startswith("--config="):
+            files.append(arg.split("=", 1)[1])
+    return files
+
+
+def _check_config_files(files: list[str]) -> None:
+    """Refuse a config file that is not YAML (naming file, line and column) before parsing."""
+    import yaml
+
+    for name in files:
+        try:
+            with open(name, encoding="utf-8") as f:
+                yaml.safe_load(f)
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"{name}: invalid UTF-8 at byte {e.start}") from None
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f"{name}:{mark.line + 1}:{mark.column + 1}" if mark else name
+            problem = getattr(e, "problem", None) or str(e)
+            raise ConfigError(f"{where}: invalid YAML ({problem})") from None
+
+
+def _config_error(verb: str, err: Exception, files: list[str]) -> ConfigError:
+    """The parser's error, naming the config file that sets the offending key."""
+    import re
+
+    import yaml
+
+    text = str(err).strip()
+    m = re.search(r'(?:Parser key|Key) "([^"]+)"', text)
+    key = m.group(1) if m else None
+    source = None
+    for name in reversed(files):  # later files overlay earlier ones
+        node = yaml.safe_load(open(name, encoding="utf-8"))  # noqa: SIM115 - checked above
+        for part in (key or "").split(".") if key else []:
+            node = node.get(part) if isinstance(node, dict) else None
+        if key and node is not None:
+            source = name
+            break
+    if source is None:
+        source = ", ".join(files) if files else "the command line"
+    first = text.splitlines()[0] if text else type(err).__name__
+    rest = "\n".join(text.splitlines()[1:])
+    return ConfigError(f"{verb}: {source}: {first}" + (f"\n{rest}" if rest else ""))
 
 
 def _load(spec: str) -> Callable:
@@ -68,10 +134,10 @@ def _usage() -> str:
 
 
 def _cli_class() -> type:
-    from pathlib import Path
-
-    import torch
     from lightning.pytorch.cli import LightningCLI
+
+    from biomedvital.data.outputs import acquire_output, is_rank_zero
+    from biomedvital.tracking.checkpoints import load_checkpoint
 
     class BiomedCLI(LightningCLI):
         """LightningCLI whose ``--ckpt_path`` hyper-parameter merge suits this suite.
@@ -79,15 +145,20 @@ def _cli_class() -> type:
         Lightning replaces the configured model by the class that wrote the checkpoint. Here a
         model may consume another's checkpoint (the VQA evaluator reads a tuner checkpoint), so
         the merge happens only when the classes agree; and the file is memory-mapped, so reading
-        the hyper-parameters of a 13B checkpoint does not load its tensors.
+        the hyper-parameters of a 13B checkpoint does not load its tensors. Checkpoints are read
+        with ``weights_only=True`` (``--weights_only false`` is the explicit opt-out), and the
+        trainer's ``default_root_dir`` is locked before anything is built (one run per folder).
         """
 
         def _parse_ckpt_path(self) -> None:
             sub = self.config.get("subcommand")
+            if sub and self.config[sub].get("weights_only", True) is None:
+                self.config[sub]["weights_only"] = True  # never unpickle a checkpoint by default
             ckpt_path = sub and self.config[sub].get("ckpt_path")
             if not ckpt_path or not Path(ckpt_path).is_file():
                 return
-            ckpt = torch.load(ckpt_path, weights_only=True, map_location="cpu", mmap=True)
+            trusted = self.config[sub].get("weights_only") is False  # --weights_only false
+            ckpt = load_checkpoint(ckpt_path, mmap=True, trusted=trusted)
             hparams = dict(ckpt.get("hyper_parameters", {}))
             hparams.pop("_instantiator", None)
             wanted = (self.config[sub].get("model") or {}).get("class_path")
@@ -97,20 +168,54 @@ def _cli_class() -> type:
             model = {"class_path": written, "dict_kwargs": hparams} if written else hparams
             self.config = self.parser.parse_object({sub: {"model": model}}, self.config)
 
+        def before_instantiate_classes(self) -> None:
+            # one run per output folder: the trainer's folder is locked before anything is built
+            sub = self.config.get("subcommand")
+            trainer = (self.config[sub] if sub else self.config).get("trainer") or {}
+            if is_rank_zero():
+                root = trainer.get("default_root_dir") or os.getcwd()
+                _TRAINER_LOCKS.append(acquire_output(root))
+
     return BiomedCLI
 
 
+def _loaded_path(tb: Any) -> str | None:
+    """The file Lightning was loading when ``torch.load`` refused it (``path_or_url`` of its
+    ``_load``), found in the traceback."""
+    found = None
+    while tb is not None:
+        value = tb.tb_frame.f_locals.get("path_or_url")
+        if isinstance(value, str | os.PathLike):
+            found = os.fspath(value)
+        tb = tb.tb_next
+    return found
+
+
+_TRAINER_LOCKS: list[Path] = []  # output folders locked by the trainer verbs now running
+
+
 def run_trainer_verb(argv: list[str]) -> None:
-    """LightningCLI with model and data chosen by ``class_path`` in the config."""
+    """LightningCLI with model and data chosen by ``class_path`` in the config; the trainer's
+    ``default_root_dir`` is locked for the run (``biomedvital.data.outputs``)."""
+    import pickle
+
     from lightning.pytorch import LightningDataModule, LightningModule
 
+    from biomedvital.data.outputs import release_output
     from biomedvital.tracking.callbacks import RecordRun
+    from biomedvital.tracking.checkpoints import UnsafeCheckpointError, unsafe_checkpoint_message
 
     LightningCLI = _cli_class()
 
     # LightningCLI parses sys.argv, and multi-device launchers re-run it in child processes:
     # it must hold exactly this verb's arguments (also when a grid cell runs in-process)
+    from jsonargparse import ArgumentError
+
+    files = _config_files(argv)
+    _check_config_files(files)
     saved, sys.argv = sys.argv, [sys.argv[0], *argv]
+    n_locks = len(_TRAINER_LOCKS)
+    no_exit = {"exit_on_error": False}
     try:
         LightningCLI(
             LightningModule,
@@ -121,9 +226,17 @@ def run_trainer_verb(argv: list[str]) -> None:
             seed_everything_default=0,
             trainer_defaults={"logger": {"class_path": "biomedvital.tracking.MLflowLogger"}},
             auto_configure_optimizers=False,
+            parser_kwargs={**no_exit, **{verb: dict(no_exit) for verb in TRAINER_VERBS}},
         )
+    except ArgumentError as e:
+        raise _config_error(argv[0], e, files) from None
+    except pickle.UnpicklingError as e:  # a checkpoint Lightning itself loads (--ckpt_path last)
+        path = _loaded_path(e.__traceback__) or "the checkpoint"
+        raise UnsafeCheckpointError(unsafe_checkpoint_message(path, e)) from e
     finally:
         sys.argv = saved
+        while len(_TRAINER_LOCKS) > n_locks:
+            release_output(_TRAINER_LOCKS.pop())
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -135,14 +248,20 @@ def main(argv: list[str] | None = None) -> None:
     if verb in TRAINER_VERBS:
         run_trainer_verb(argv)
     elif verb in PIPELINE_VERBS:
-        from jsonargparse import auto_cli
+        from jsonargparse import ArgumentError, auto_cli
 
-        result = auto_cli(
-            _load(PIPELINE_VERBS[verb][0]),
-            args=argv[1:],
-            as_positional=False,
-            prog=f"python -m biomedvital {verb}",
-        )
+        files = _config_files(argv[1:])
+        _check_config_files(files)
+        try:
+            result = auto_cli(
+                _load(PIPELINE_VERBS[verb][0]),
+                args=argv[1:],
+                as_positional=False,
+                prog=f"python -m biomedvital {verb}",
+                exit_on_error=False,
+            )
+        except ArgumentError as e:
+            raise _config_error(verb, e, files) from None
         if isinstance(result, dict):
             import json
 

@@ -10,8 +10,15 @@ import yaml
 from biomedvital.cli import main
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
+# pipeline-verb configs (conf/demo/<verb>.yaml) and the demo's pool overlay are not trainer bases
+PIPELINE = sorted(
+    p for p in (CONF / "demo").glob("*.yaml") if p.stem in {"generate", "rate", "judge"}
+)
+DEMO_OVERLAYS = [CONF / "demo" / "generated_pool.yaml"]
 BASES = sorted(
-    p for p in CONF.rglob("*.yaml") if not {"ablation", "grids", "strategy"} & set(p.parts)
+    p
+    for p in CONF.rglob("*.yaml")
+    if not {"ablation", "grids", "strategy"} & set(p.parts) and p not in PIPELINE + DEMO_OVERLAYS
 )
 STRATEGIES = sorted((CONF / "strategy").glob("*.yaml"))
 OVERLAYS = sorted((CONF / "ablation").glob("*.yaml"))
@@ -63,6 +70,26 @@ def test_ablation_overlay_parses(path: Path, capsys: pytest.CaptureFixture[str])
             assert merged[section]["init_args"][key] == value, (section, key)
 
 
+@pytest.mark.parametrize("path", PIPELINE, ids=lambda p: p.relative_to(CONF).as_posix())
+def test_pipeline_config_parses(path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """conf/demo/<verb>.yaml is accepted by its verb; every key it sets survives."""
+    with pytest.raises(SystemExit) as e:
+        main([path.stem, "--config", str(path), "--print_config"])
+    assert e.value.code in (0, None)
+    cfg = yaml.safe_load(capsys.readouterr().out)
+    for key, value in yaml.safe_load(path.read_text()).items():
+        assert cfg[key] == value, key
+    assert cfg["base_url"] == "local:smollm2"
+
+
+def test_generated_pool_overlay_parses(capsys: pytest.CaptureFixture[str]) -> None:
+    merged = _print_config(capsys, CONF / "demo" / "selector.yaml", *DEMO_OVERLAYS)
+    pool = merged["data"]["init_args"]["pool"]
+    assert pool["class_path"] == "biomedvital.data.pool.DemoPool"
+    assert pool["init_args"]["extra_candidates"] == ["outputs/demo/generate/candidates.jsonl"]
+    assert pool["init_args"]["extra_ratings"] == ["outputs/demo/rate/ratings.jsonl"]
+
+
 def test_paper_config_is_faithful(capsys: pytest.CaptureFixture[str]) -> None:
     cfg = _print_config(capsys, CONF / "paper" / "selector.yaml")
     model, data = cfg["model"]["init_args"], cfg["data"]["init_args"]
@@ -84,15 +111,22 @@ def test_paper_config_is_faithful(capsys: pytest.CaptureFixture[str]) -> None:
 
 @pytest.mark.parametrize("path", GRIDS, ids=lambda p: p.name)
 def test_grid_cells_parse(path: Path, capsys: pytest.CaptureFixture[str], monkeypatch) -> None:
-    """Every cell of every grid resolves to a config the CLI accepts, with its tags."""
-    from biomedvital.grid import cell_args, load_grid
+    """Every stage of every cell of every grid resolves to a config its verb accepts, tagged
+    with the grid, the cell and the stage."""
+    from biomedvital.grid import TRAINER_VERBS, cell_names, load_grid, stage_commands
 
     monkeypatch.chdir(CONF.parent)
-    spec = load_grid(path.relative_to(CONF.parent))
-    for cell in spec["cells"]:
-        args = cell_args(path.relative_to(CONF.parent), cell)
-        with pytest.raises(SystemExit):
-            main([spec["verb"], *args, "--print_config"])
-        cfg = yaml.safe_load(capsys.readouterr().out)
-        assert cfg["trainer"]["default_root_dir"] == f"outputs/grids/{path.stem}/{cell}"
-        assert cfg["trainer"]["logger"]["init_args"]["tags"] == {"grid": path.stem, "cell": cell}
+    rel = path.relative_to(CONF.parent)
+    for cell in cell_names(load_grid(rel)):
+        for stage in stage_commands(rel, cell):
+            with pytest.raises(SystemExit):
+                main([*stage["argv"], "--print_config"])
+            cfg = yaml.safe_load(capsys.readouterr().out)
+            want = {"grid": path.stem, "cell": cell, "stage": stage["stage"]}
+            if stage["argv"][0] in TRAINER_VERBS:
+                root = cfg["trainer"]["default_root_dir"]
+                assert root.startswith(f"outputs/grids/{path.stem}/{cell}")
+                tags = cfg["trainer"]["logger"]["init_args"]["tags"]
+            else:
+                tags = cfg["tags"]
+            assert want.items() <= tags.items()

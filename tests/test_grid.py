@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import csv
+import json
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
 
 from biomedvital.cli import main
+from biomedvital.grid import GridError, cell_names, load_grid, stage_commands
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests" / "selection"))
@@ -54,3 +57,122 @@ def test_grid_cells_and_report(tmp_path: Path, pool: dict[str, Path], capsys) ->
     assert all(0.0 <= float(r["val/align_rate"]) <= 1.0 for r in rows)
     png = (out / "wtiny" / "metrics.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+
+
+def _chain_grid(tmp_path: Path, pool: dict[str, Path]) -> Path:
+    """select -> win-rate per cell, seeds as an axis: cheap pipeline stages, real verbs."""
+    ids = [json.loads(line)["id"] for line in pool["candidates"].read_text().splitlines()]
+    scores = tmp_path / "scores.jsonl"
+    scores.write_text("".join(json.dumps({"id": i, "score": (k * 37 % 11) / 10}) + "\n"
+                              for k, i in enumerate(ids)))  # fmt: skip
+    verdicts = tmp_path / "verdicts.jsonl"
+    verdicts.write_text("".join(
+        json.dumps({"question_id": q, "order": o, "verdict": f"[[{v}]]"}) + "\n"
+        for q in range(12) for o, v in (("ab", "A"), ("ba", "B" if q % 3 else "A"))
+    ))  # fmt: skip
+    store = str(tmp_path / "mlruns")
+    grid = tmp_path / "chain.yaml"
+    grid.write_text(yaml.safe_dump({
+        "stages": {
+            "select": {"verb": "select", "done": "{cell_dir}/selected/manifest.json", "args": {
+                "scores": str(scores), "candidates": str(pool["candidates"]),
+                "out": "{cell_dir}/selected", "store": store}},
+            "judge": {"verb": "win-rate", "done": "{cell_dir}/win.json", "args": {
+                "verdicts": str(verdicts), "out": "{cell_dir}/win.json", "store": store,
+                "seed": "{seed}", "n_boot": 200}},
+        },
+        "seeds": [0, 1],
+        "cells": {"k50": {"select": {"args": {"top_percent": 50}}}, "k100": {}},
+    }, sort_keys=False))  # fmt: skip
+    return grid
+
+
+def test_grid_chain_seeds_resume_and_report(tmp_path: Path, pool: dict[str, Path], capsys) -> None:
+    grid = _chain_grid(tmp_path, pool)
+    main(["grid", "--grid", str(grid)])
+    cells = capsys.readouterr().out.split()
+    assert cells == ["k50-s0", "k50-s1", "k100-s0", "k100-s1"]
+    root = tmp_path / "grids"
+    for cell in cells:
+        main(["grid", "--grid", str(grid), "--cell", cell, "--out_root", str(root)])
+    n_all = len(pool["candidates"].read_text().splitlines())
+    kept = json.loads((root / "chain" / "k50-s0" / "selected" / "manifest.json").read_text())
+    assert kept["kept"] == n_all // 2
+    record = json.loads((root / "chain" / "k50-s1" / "cell.json").read_text())
+    assert [s["stage"] for s in record["stages"]] == ["select", "judge"]
+    assert all(s["ran"] for s in record["stages"])
+    # a rerun resumes: every stage is done, nothing runs again
+    main(["grid", "--grid", str(grid), "--cell", "k50-s1", "--out_root", str(root)])
+    record = json.loads((root / "chain" / "k50-s1" / "cell.json").read_text())
+    assert not any(s["ran"] for s in record["stages"])
+
+    out = tmp_path / "reports"
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "experiments" / "report.py"), "--grid", "chain",
+         "--store", str(tmp_path / "mlruns"), "--out", str(out)],
+        capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = list(csv.DictReader((out / "chain" / "table.csv").open()))
+    assert sorted((r["cell"], r["seed"]) for r in rows) == sorted(
+        (c, c[-1]) for c in cells
+    )  # every cell's runs found through its grid/cell/seed tags
+    summary = list(csv.DictReader((out / "chain" / "summary.csv").open()))
+    assert [r["cell"] for r in summary] == ["k50", "k100"] and {r["n"] for r in summary} == {"2"}
+    # 8 of 12 questions won in both orders, 4 split by position (a win, then a loss) -> ties
+    assert float(summary[0]["win_rate_half_ties"]) == pytest.approx(100 * (8 + 4 / 2) / 12)
+    png = (out / "chain" / "winrate.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+
+
+def test_grid_stage_failure_stops_the_cell(tmp_path: Path, pool: dict[str, Path]) -> None:
+    grid = _chain_grid(tmp_path, pool)
+    spec = yaml.safe_load(grid.read_text())
+    spec["cells"] = {"bad": {"select": {"args": {"top_percent": 0}}}}
+    spec.pop("seeds")
+    grid.write_text(yaml.safe_dump(spec, sort_keys=False))
+    with pytest.raises(SystemExit, match="stage 'select' failed"):
+        main(["grid", "--grid", str(grid), "--cell", "bad", "--out_root", str(tmp_path / "g")])
+    assert not (tmp_path / "g" / "chain" / "bad" / "cell.json").exists()
+    assert not (tmp_path / "g" / "chain" / "bad" / "win.json").exists()  # later stages never ran
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"extra": 1}, "unknown key"),
+        ({"cells": {"a": {"nope": {}}}}, "unknown stage"),
+        ({"cells": {"a": {"select": {"argz": {}}}}}, "use 'config' and 'args'"),
+        ({"seeds": ["x"]}, "list of integers"),
+        ({"verb": "fit"}, "either 'verb'"),
+    ],
+)
+def test_grid_file_errors(
+    tmp_path: Path, pool: dict[str, Path], change: dict, message: str
+) -> None:
+    grid = _chain_grid(tmp_path, pool)
+    spec = {**yaml.safe_load(grid.read_text()), **change}
+    grid.write_text(yaml.safe_dump(spec))
+    with pytest.raises(GridError, match=message):
+        load_grid(grid)
+
+
+def test_grid_stage_without_done_file(tmp_path: Path) -> None:
+    grid = tmp_path / "g.yaml"
+    grid.write_text(yaml.safe_dump({"stages": {"s": {"verb": "select"}}, "cells": {"a": {}}}))
+    with pytest.raises(GridError, match="needs a 'done' file"):
+        load_grid(grid)
+
+
+def test_repository_grids_expand(monkeypatch: pytest.MonkeyPatch) -> None:
+    # every grid in conf/grids/ loads, and each cell's stages write under its own folder
+    monkeypatch.chdir(REPO)
+    for path in sorted(Path("conf/grids").glob("*.yaml")):
+        spec = load_grid(path)
+        for cell in cell_names(spec):
+            for stage in stage_commands(path, cell):
+                assert stage["done"].startswith(f"outputs/grids/{path.stem}/{cell}/")
+    assert len(cell_names(load_grid(Path("conf/grids/preference_source.yaml")))) == 9
+    topk = stage_commands(Path("conf/grids/topk.yaml"), "k10")
+    assert [s["stage"] for s in topk] == ["select", "tune", "test"]
+    assert "local-dir:outputs/grids/topk/k10/tuner/export/merged" in topk[2]["argv"]

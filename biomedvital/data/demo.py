@@ -73,6 +73,11 @@ FIGURES_FILE = "figures.jsonl"
 CANDIDATES_FILE = "candidates.jsonl"
 RATINGS_FILE = "ratings.jsonl"
 PREFERENCES_FILE = "preferences.jsonl"
+# inputs of `generate` on the demo: the figures with their image file (LLaVA-Med's layout names
+# images <pair_id>.jpg, the demo's are the bundled files), and demonstrations in BioMed-VITAL's
+# layout (the best-rated hand-written conversation of each figure)
+GENERATION_FIGURES_FILE = "generation/figures.jsonl"
+DEMONSTRATIONS_FILE = "generation/demonstrations.jsonl"
 MANIFEST_FILE = "manifest.json"
 IMAGES_DIR = "images"
 
@@ -94,6 +99,8 @@ class DemoFiles:
     ratings: Path
     preferences: Path
     manifest: Path
+    generation_figures: Path
+    demonstrations: Path
 
     @classmethod
     def at(cls, root: str | Path) -> DemoFiles:
@@ -107,6 +114,8 @@ class DemoFiles:
             ratings=r / RATINGS_FILE,
             preferences=r / PREFERENCES_FILE,
             manifest=r / MANIFEST_FILE,
+            generation_figures=r / GENERATION_FIGURES_FILE,
+            demonstrations=r / DEMONSTRATIONS_FILE,
         )
 
 
@@ -347,6 +356,10 @@ def _render(content: Mapping[str, Any]) -> tuple[dict[str, bytes], dict[str, Any
     files[CANDIDATES_FILE] = _jsonl(candidates)
     files[RATINGS_FILE] = _jsonl(ratings)
     files[PREFERENCES_FILE] = _jsonl(preferences)
+    files[GENERATION_FIGURES_FILE] = _jsonl(
+        {**fig, "image": img["file"]} for fig, img in zip(figures, content["images"], strict=True)
+    )
+    files[DEMONSTRATIONS_FILE] = _jsonl(_demonstrations(content, figures))
     meta = {
         "counts": {
             "images": len(image_meta),
@@ -362,6 +375,25 @@ def _render(content: Mapping[str, Any]) -> tuple[dict[str, bytes], dict[str, Any
         },
     }
     return files, meta
+
+
+def _demonstrations(
+    content: Mapping[str, Any], figures: list[dict[str, Any]]
+) -> list[dict[str, Any]]:
+    """The best-rated candidate of each figure as a demonstration (first of equal ratings)."""
+    out = []
+    for img, fig in zip(content["images"], figures, strict=True):
+        best = max(img["candidates"], key=lambda c: c["rating"])
+        out.append(
+            {
+                "id": f"{img['key']}-demo",
+                "imgs": img["file"],
+                "conversations": best["conversations"],
+                **{k: fig[k] for k in ("fig_caption", "fig_label", "in_text_mention", "domain")},
+                "pair_id": fig["pair_id"],
+            }
+        )
+    return out
 
 
 def _build_manifest(files: Mapping[str, bytes], meta: Mapping[str, Any]) -> dict[str, Any]:
@@ -551,6 +583,7 @@ def materialize_demo(out_dir: str | Path, *, force: bool = False) -> DemoFiles:
         manifest_bytes = (json.dumps(manifest, ensure_ascii=False, indent=2) + "\n").encode("utf-8")
         _write_file(tmp / MANIFEST_FILE, manifest_bytes)
         _fsync_dir(tmp / IMAGES_DIR)
+        _fsync_dir(tmp / Path(DEMONSTRATIONS_FILE).parent)
         _fsync_dir(tmp)
         _install(tmp, root, content_hash, force=force)
     finally:
@@ -578,6 +611,8 @@ def demo(out_dir: str = "data/demo", force: bool = False) -> dict[str, Any]:
         "candidates": str(files.candidates),
         "ratings": str(files.ratings),
         "preferences": str(files.preferences),
+        "generation_figures": str(files.generation_figures),
+        "demonstrations": str(files.demonstrations),
         "manifest": str(files.manifest),
         "counts": manifest["counts"],
         "content_hash": manifest["content_hash"],

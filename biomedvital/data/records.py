@@ -14,6 +14,7 @@ import re
 from typing import Annotated, Any, Literal
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     BeforeValidator,
     ConfigDict,
@@ -51,6 +52,23 @@ def _int_to_str(value: Any) -> Any:
 IdStr = Annotated[str, BeforeValidator(_int_to_str)]
 """A string id that also accepts JSON integers (converted with ``str``)."""
 
+MAX_TEXT_CHARS = 100_000
+"""Longest caption, mention or turn accepted (the longest real PMC captions are a few thousand
+characters): a longer one is a broken record (a concatenated file, a stray binary), and would
+otherwise cost a fortune in prompt tokens or be cut away silently by a tokenizer."""
+
+
+def _bounded(value: str) -> str:
+    if len(value) > MAX_TEXT_CHARS:
+        raise ValueError(
+            f"text of {len(value):,} characters is longer than the {MAX_TEXT_CHARS:,} accepted"
+        )
+    return value
+
+
+Text = Annotated[str, AfterValidator(_bounded)]
+"""A string of at most :data:`MAX_TEXT_CHARS` characters."""
+
 
 def strip_image_token(text: str) -> str:
     """Remove the ``<image>`` placeholder and the whitespace/newlines around it."""
@@ -60,7 +78,7 @@ def strip_image_token(text: str) -> str:
 class Mention(BaseModel):
     """One in-text mention of a figure (sentence tokens plus entity spans)."""
 
-    tokens: str
+    tokens: Text
     entities: list[dict[str, Any]] = Field(default_factory=list)
 
 
@@ -89,7 +107,7 @@ class _FigureFields(BaseModel):
 
     model_config = ConfigDict(extra="allow", populate_by_name=True)
 
-    fig_caption: str = ""
+    fig_caption: Text = ""
     fig_label: str | None = None
     pair_id: IdStr | None = None
     pmid: IdStr | None = None
@@ -111,7 +129,7 @@ class SourceFigure(_FigureFields):
     """A PMC figure with caption and in-text mentions: the input to instruction generation."""
 
     pair_id: IdStr
-    fig_caption: str
+    fig_caption: Text
 
 
 class Turn(BaseModel):
@@ -120,7 +138,7 @@ class Turn(BaseModel):
     model_config = ConfigDict(populate_by_name=True, serialize_by_alias=True)
 
     from_: Literal["human", "gpt"] = Field(alias="from")
-    value: str
+    value: Text
 
 
 def _check_conversation(turns: list[Turn]) -> list[Turn]:
@@ -158,7 +176,7 @@ class Demonstration(_FigureFields):
     id: IdStr
     imgs: str
     conversations: list[Turn]
-    fig_caption: str
+    fig_caption: Text
 
     def qa_pairs(self) -> list[tuple[str, str]]:
         """(question, answer) pairs with the image token removed."""
@@ -209,7 +227,7 @@ def _normalise_mentions(value: Any) -> str:
     raise ValueError(f"in_text_mention must be a string or a list of mentions (got {value!r})")
 
 
-MentionText = Annotated[str, BeforeValidator(_normalise_mentions)]
+MentionText = Annotated[str, BeforeValidator(_normalise_mentions), AfterValidator(_bounded)]
 
 
 def _non_empty(value: str) -> str:
@@ -225,10 +243,10 @@ class Preference(BaseModel):
 
     id: IdStr
     image: str
-    question: str
-    preferred: str
-    rejected: str
-    fig_caption: str = ""
+    question: Text
+    preferred: Text
+    rejected: Text
+    fig_caption: Text = ""
     in_text_mention: MentionText = ""
     pair_id: IdStr | None = None
     annotator: str | None = None
@@ -252,7 +270,7 @@ class Preference(BaseModel):
 class MarkedAnswer(BaseModel):
     """One candidate answer with a clinician's accept/reject mark."""
 
-    text: str
+    text: Text
     acceptable: bool
 
     @field_validator("text")
@@ -268,9 +286,9 @@ class AnswerMarks(BaseModel):
 
     id: IdStr
     image: str
-    question: str
+    question: Text
     answers: list[MarkedAnswer]
-    fig_caption: str = ""
+    fig_caption: Text = ""
     in_text_mention: MentionText = ""
     pair_id: IdStr | None = None
     annotator: str | None = None

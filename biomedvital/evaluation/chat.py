@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from biomedvital.data.jsonio import iter_objects, load_json, sha256_file, write_json
+from biomedvital.data.outputs import locks_output
 from biomedvital.data.report import BadRecordError, PositionKind
 
 DOMAINS = ("chest_xray", "mri", "histology", "gross", "ct_scan")
@@ -271,6 +272,7 @@ def _ordered(groups: dict[str, list[ChatReview]], order: tuple[str, ...]) -> lis
     return [k for k in order if k in groups] + sorted(k for k in groups if k not in order)
 
 
+@locks_output("out", parent=True)
 def score_chat(
     reviews: Path,
     questions: Path | None = None,

@@ -15,9 +15,15 @@ from pathlib import Path
 from typing import Any
 
 from biomedvital.data.demo import load_demo_content
-from biomedvital.data.jsonio import write_json
+from biomedvital.data.jsonio import write_json, write_jsonl
 
 DEMO_VQA_FILE = "data/demo_vqa/demo_vqa.json"
+DEMO_CHAT_FILE = "data/demo_vqa/demo_chat.jsonl"
+
+# LLaVA-Med-Bench files every question under one of five domains; the demo figures outside them
+# (fundus photographs, a cell micrograph) carry no flag, so the chat questions count them as the
+# nearest one: photographs as gross, micrographs as histology
+_CHAT_DOMAIN = {"retina": "gross", "microaneurysms": "gross", "cell": "histology"}
 
 # key -> (closed question, yes/no, open question, answer): facts stated in the demo's caption
 _FINDINGS: dict[str, tuple[str, str, str, str]] = {
@@ -97,10 +103,38 @@ def demo_vqa_records() -> list[dict[str, Any]]:
     return out
 
 
+def demo_chat_records() -> list[dict[str, Any]]:
+    """The demo VQA questions in LLaVA-Med-Bench's question layout, for ``judge``: same ids,
+    the ground-truth answer as the reference (``gpt4_answer``), the figure's caption and
+    mentions, type ``conversation`` and a domain flag."""
+    images = {im["key"]: im for im in load_demo_content()["images"]}
+    out = []
+    for rec in demo_vqa_records():
+        im = images[rec["image_organ"]]
+        flags = dict(im["domain"])
+        if not any(flags.values()):
+            flags[_CHAT_DOMAIN[im["key"]]] = True
+        out.append(
+            {
+                "question_id": str(rec["qid"]),
+                "pair_id": im["pair_id"],
+                "image": rec["image_name"],
+                "text": rec["question"],
+                "gpt4_answer": rec["answer"],
+                "fig_caption": im["fig_caption"],
+                "in_text_mention": im["in_text_mention"],
+                "type": "conversation",
+                "domain": flags,
+            }
+        )
+    return out
+
+
 def write_demo_vqa(out: str | Path = DEMO_VQA_FILE) -> Path:
     """Write the demo VQA set (a JSON array, VQA-RAD layout) atomically; returns its path."""
     out = Path(out)
     write_json(out, demo_vqa_records())
+    write_jsonl(out.with_name(Path(DEMO_CHAT_FILE).name), demo_chat_records())
     return out
 
 
@@ -120,6 +154,7 @@ def demo_vqa(out: str = DEMO_VQA_FILE, demo_dir: str = "data/demo") -> dict[str,
     path = write_demo_vqa(out)
     return {
         "questions": str(path),
+        "chat_questions": str(path.with_name(Path(DEMO_CHAT_FILE).name)),
         "image_root": str(files.images),
         "counts": split_stats(load_vqa_rad(path, "test")),
     }

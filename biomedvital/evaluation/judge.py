@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from biomedvital.data.jsonio import load_json, sha256_file, write_json, write_jsonl
+from biomedvital.data.outputs import locks_output
 from biomedvital.data.report import BadRecordError
 from biomedvital.generation.client import (
     ChatRequest,
@@ -117,6 +118,7 @@ def _captions(path: Path | None) -> dict[str, dict[str, Any]]:
     return out
 
 
+@locks_output("out")
 def judge(
     questions: Path,
     answers: Path,

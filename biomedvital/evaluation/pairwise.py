@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from biomedvital.data.jsonio import sha256_file, write_json, write_jsonl
+from biomedvital.data.outputs import locks_output
 from biomedvital.generation.client import (
     ChatRequest,
     ClientConfig,
@@ -60,6 +61,7 @@ def pairwise_messages(
     return [{"role": "system", "content": PAIRWISE_SYSTEM}, {"role": "user", "content": body}]
 
 
+@locks_output("out")
 def pairwise(
     questions: Path,
     answers_a: Path,

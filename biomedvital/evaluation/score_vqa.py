@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from biomedvital.data.jsonio import iter_objects, sha256_file, write_json
+from biomedvital.data.outputs import locks_output
 from biomedvital.data.report import BadRecordError
 
 from .benchmarks import Benchmark, VQAItem, load_benchmark
@@ -103,6 +104,7 @@ def _number(value: Any) -> float | int | None:
     return value
 
 
+@locks_output("out", parent=True)
 def score_vqa(
     benchmark: Benchmark,
     data: Path,

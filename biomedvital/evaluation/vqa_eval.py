@@ -28,6 +28,7 @@ Evaluation runs in one process (``trainer.devices: 1``): predictions are written
 from __future__ import annotations
 
 import inspect
+import json
 import math
 import warnings
 from pathlib import Path
@@ -37,8 +38,9 @@ import torch
 from lightning.pytorch import LightningDataModule, LightningModule
 from torch.utils.data import DataLoader, Dataset
 
-from biomedvital.data.images import ImageRoot
+from biomedvital.data.images import ImageRoot, UnsafePathError
 from biomedvital.data.jsonio import sha256_file, write_json, write_jsonl
+from biomedvital.data.report import BadRecordError
 
 from .benchmarks import BENCHMARKS, VQAItem, load_benchmark, split_stats
 from .metrics import CLOSED_RULES, ClosedRule, VQAClosedAccuracy, VQAOpenMetrics
@@ -114,7 +116,23 @@ class VQADataModule(LightningDataModule):
         return self.items
 
     def setup(self, stage: str) -> None:
-        self.load_items()
+        self.check_images(self.load_items())
+
+    def check_images(self, items: list[VQAItem]) -> None:
+        """Every question's image path stays under the image root and exists: checked before
+        any answer is generated, naming the benchmark file and the question."""
+        root = ImageRoot(self.image_root)
+        for item in items:
+            try:
+                root.resolve(item.image)
+            except (UnsafePathError, FileNotFoundError) as err:
+                raise BadRecordError(
+                    self.data,
+                    None,
+                    f"question_id {item.question_id!r}: {err}",
+                    "image",
+                    category="bad_image",
+                ) from err
 
     def test_dataloader(self) -> DataLoader:
         return DataLoader(
@@ -226,13 +244,14 @@ class VQAEvaluator(LightningModule):
     def build(self) -> None:
         """Load ``model`` from the registry (done in ``setup``; call it when used without a
         Trainer)."""
+        from biomedvital.tracking.checkpoints import load_checkpoint
         from biomedvital.tuning.models import create_llava
 
         if self.model is not None:
             return
         if self.hparams.checkpoint:
             path = self.hparams.checkpoint
-            ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            ckpt = load_checkpoint(path, mmap=True)  # weights_only: never runs pickled code
             self.load_tuner_checkpoint(ckpt, str(path))
             self.load_state_dict(ckpt["state_dict"], strict=False)  # keys checked above
             self.upstream_run = ckpt.get("mlflow_run_id")
@@ -241,6 +260,7 @@ class VQAEvaluator(LightningModule):
             return
         bundle = create_llava(self.hparams.model, seed=self.hparams.seed, dtype=self._torch_dtype())
         self._attach(bundle.model, bundle.processor, self.hparams.model)
+        self.upstream_run = exported_by(self.hparams.model)
 
     def _attach(self, model: Any, processor: Any, source: str) -> None:
         model.eval()
@@ -393,3 +413,19 @@ class VQAEvaluator(LightningModule):
         if logger is not None and hasattr(logger, "run_id") and hasattr(logger, "experiment"):
             logger.experiment.log_artifact(logger.run_id, str(preds), f"eval/{name}")
             logger.experiment.log_artifact(logger.run_id, str(out / SCORES_FILE), f"eval/{name}")
+
+
+def exported_by(model: str) -> str | None:
+    """The tuning run that exported a ``local-dir:`` model (``run.json`` beside or above the
+    merged weights, as ``ExportTuned`` writes), for the evaluation run's lineage tag."""
+    if not model.startswith("local-dir:"):
+        return None
+    folder = Path(model.removeprefix("local-dir:")).expanduser()
+    for candidate in (folder / "run.json", folder.parent / "run.json"):
+        if candidate.is_file():
+            try:
+                run_id = json.loads(candidate.read_text()).get("mlflow_run_id")
+            except (ValueError, AttributeError, OSError):
+                return None
+            return run_id if isinstance(run_id, str) else None
+    return None

@@ -42,6 +42,7 @@ from typing import Any, Literal
 import numpy as np
 
 from biomedvital.data.jsonio import iter_objects, sha256_file, write_json
+from biomedvital.data.outputs import locks_output
 from biomedvital.data.report import BadRecordError
 
 Label = Literal["A", "B", "C"]
@@ -208,6 +209,7 @@ def read_verdicts(path: Path) -> dict[str, dict[str, str]]:
     return pairs
 
 
+@locks_output("out", parent=True)
 def win_rate(
     verdicts: Path,
     out: Path | None = None,
@@ -216,6 +218,7 @@ def win_rate(
     store: str | None = None,
     rule: CombineRule = "sum",
     ci: float = 0.95,
+    tags: dict[str, str] | None = None,
 ) -> dict:
     """Win rate of the model over the baseline from position-swapped pairwise verdicts.
 
@@ -228,6 +231,7 @@ def win_rate(
         store: MLflow store folder; when given, the result is logged as a run of ``evaluation``.
         rule: how the two orders combine: ``sum`` (half a vote each) or ``strict`` (agreement).
         ci: interval level (0.95 → 2.5th and 97.5th percentiles).
+        tags: extra MLflow run tags (a grid's ``grid``/``cell``).
 
     Returns one dict with counts, failures, position consistency, both rates and their intervals.
     """
@@ -268,14 +272,14 @@ def win_rate(
     if out is not None:
         write_json(out, result)
     if store is not None:
-        _log(result, store)
+        _log(result, store, tags)
     return result
 
 
-def _log(result: dict[str, Any], store: str) -> None:
+def _log(result: dict[str, Any], store: str, tags: dict[str, str] | None = None) -> None:
     from biomedvital.tracking.mlflow import PipelineRun
 
-    with PipelineRun("evaluation", "win_rate", store) as run:
+    with PipelineRun("evaluation", "win_rate", store, tags) as run:
         run.log_params(
             {
                 "verdicts": result["verdicts"]["path"],

@@ -2,23 +2,31 @@
 
 Generating or rating tens of thousands of items takes hours and money, so this client:
 
+* streams its requests: they are pulled from an iterable as slots free up (a bounded window of
+  ``2 × concurrency`` queued requests), so 100,000 figures never sit in memory as requests;
 * bounds concurrency and paces requests and tokens per minute (token buckets), so a run stays
   under the provider's limits instead of living on 429s;
-* retries what is transient (429, 5xx, timeouts, dropped connections, garbled bodies) with
-  exponential backoff and jitter, honouring ``Retry-After``, and never retries what will not
-  change (400, 401, 403...); after ``max_attempts`` the item is recorded as failed with its reason;
-* journals every finished request (JSONL, flushed and fsynced) keyed by the SHA-256 of
-  (model, messages, parameters), so a rerun after a crash only pays for what is missing; a torn
-  last line (process killed mid-write) is dropped and its request made again;
-* keeps a cost ledger from the API's ``usage`` fields and a price table.
+* retries what is transient (429, 5xx, timeouts, dropped connections, garbled bodies, empty
+  choices) with exponential backoff and jitter, honouring ``Retry-After`` (capped), and never
+  retries what will not change (400, 401, 403...); after ``max_attempts`` the item is recorded as
+  failed with its reason; every attempt has a hard deadline, so a run ends in bounded time;
+* journals every finished request (JSONL) keyed by the SHA-256 of (model, messages,
+  parameters), so a rerun after a crash only pays for what is missing. Each line is written and
+  flushed before the request counts as done (it survives ``kill -9``); ``fsync`` runs at most
+  every ``sync_interval_s`` and at close (what a power cut can lose). The journal is indexed by
+  offset, not held in memory, and locked against a second process. A torn last line (process
+  killed mid-write) is dropped and its request made again;
+* keeps a cost ledger from the API's ``usage`` fields and a price table (``batch`` factor for
+  Batch API results, 0.5 by default).
 
 The API key is read from an environment variable whose *name* is configured; the key itself is
-never stored, logged or returned.
+never stored, logged or returned, and is masked out of any server text that echoes it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import email.utils
 import hashlib
 import json
@@ -26,17 +34,29 @@ import logging
 import os
 import random
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
+from urllib.parse import urlsplit, urlunsplit
 
 from tqdm import tqdm
+
+from biomedvital.generation.prompts import inline_images
+
+try:  # advisory lock against two runs on one journal (POSIX)
+    import fcntl
+except ImportError:  # pragma: no cover - Windows
+    fcntl = None  # type: ignore[assignment]
 
 log = logging.getLogger(__name__)
 
 NO_RETRY_STATUS = frozenset({400, 401, 403, 404, 405, 409, 413, 422})
 """Statuses that will fail the same way again: the item fails at once."""
+
+BATCH_PRICE_FACTOR = 0.5
+"""Batch API results cost this fraction of the online price unless ``price_per_million`` has
+its own ``batch`` factor."""
 
 
 # ----------------------------------------------------------------------------- keys and costs
@@ -53,25 +73,33 @@ def request_key(model: str, messages: list[dict[str, Any]], params: dict[str, An
     return hashlib.sha256(payload.encode("utf-8")).hexdigest()
 
 
-def cost_of(usage: dict[str, Any] | None, prices: dict[str, float] | None) -> float:
-    """Dollars for one response from its ``usage`` and a per-1M-token ``{input, output}`` table."""
+def cost_of(
+    usage: dict[str, Any] | None, prices: dict[str, float] | None, batch: bool = False
+) -> float:
+    """Dollars for one response from its ``usage`` and a per-1M-token ``{input, output}`` table;
+    Batch API results (``batch``) are multiplied by the table's ``batch`` factor (default 0.5)."""
     if not usage or not prices:
         return 0.0
     inp = float(usage.get("prompt_tokens") or 0)
     out = float(usage.get("completion_tokens") or 0)
-    return (inp * prices.get("input", 0.0) + out * prices.get("output", 0.0)) / 1_000_000
+    dollars = (inp * prices.get("input", 0.0) + out * prices.get("output", 0.0)) / 1_000_000
+    return dollars * prices.get("batch", BATCH_PRICE_FACTOR) if batch else dollars
 
 
 def check_prices(prices: dict[str, float] | None) -> dict[str, float] | None:
     """Refuse price tables with unknown keys or negative prices (a typo would hide the cost)."""
     if prices is None:
         return None
-    unknown = set(prices) - {"input", "output"}
+    unknown = set(prices) - {"input", "output", "batch"}
     if unknown:
-        raise ValueError(f"price_per_million keys are 'input' and 'output', got {sorted(unknown)}")
+        raise ValueError(
+            f"price_per_million keys are 'input', 'output' and 'batch', got {sorted(unknown)}"
+        )
     for k, v in prices.items():
         if float(v) < 0:
             raise ValueError(f"price_per_million[{k!r}] must be >= 0, got {v}")
+    if float(prices.get("batch", BATCH_PRICE_FACTOR)) > 1:
+        raise ValueError("price_per_million['batch'] is a factor of the online price, <= 1")
     return {k: float(v) for k, v in prices.items()}
 
 
@@ -92,6 +120,27 @@ def estimate_tokens(messages: list[dict[str, Any]], max_tokens: int) -> tuple[in
                 elif part.get("type") == "image_url":
                     images += 1
     return chars // 4 + 765 * images + 8 * len(messages), int(max_tokens)
+
+
+def redact(text: str, secret: str | None) -> str:
+    """``text`` with every occurrence of ``secret`` (the API key) replaced by ``***``."""
+    if secret and secret in text:
+        return text.replace(secret, "***")
+    return text
+
+
+def safe_url(url: str) -> str:
+    """A URL fit for logs and manifests: a password in it and query values are masked."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return "***"
+    netloc = parts.netloc
+    if "@" in netloc:
+        user, host = netloc.rsplit("@", 1)
+        netloc = f"{user.split(':', 1)[0]}:***@{host}" if ":" in user else f"***@{host}"
+    query = "&".join(f"{q.split('=', 1)[0]}=***" for q in parts.query.split("&") if q)
+    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
 
 
 # ----------------------------------------------------------------------------- pacing
@@ -131,63 +180,172 @@ class TokenBucket:
 
 # ----------------------------------------------------------------------------- journal
 
+_KEY_PREFIX = b'{"key": "'
+_OFFSET_SHIFT = 32  # index value: offset << 32 | line length
+
+
+class JournalBusy(RuntimeError):
+    """Another process holds the journal: two runs on one output folder would pay twice."""
+
 
 class Journal:
-    """Append-only JSONL of finished requests: the cache that makes reruns free and resumable."""
+    """Append-only JSONL of finished requests: the cache that makes reruns free and resumable.
 
-    def __init__(self, path: str | Path) -> None:
+    Only an index (key → offset and length of its line) is kept in memory; entries are read
+    back from disk on demand. Lines start with the key so the index loads without parsing them.
+    """
+
+    def __init__(self, path: str | Path, sync_interval_s: float = 0.2) -> None:
         self.path = Path(path)
-        self.entries: dict[str, dict[str, Any]] = {}
+        self.sync_interval_s = sync_interval_s
         self.torn_lines = 0
+        self._index: dict[str, int] = {}
+        self._size = 0
+        self._wfh: Any = None
+        self._rfd: int | None = None
+        self._lock_fd: int | None = None
+        self._last_sync = 0.0
+        self._dirty = False
+        self.auto_sync = True  # fsync from append(); the async client syncs from a thread instead
+        if self.path.is_file():
+            self._lock()
         self._load()
-        self._fh = None
+
+    # -- loading
+    @staticmethod
+    def _key_of(raw: bytes) -> str | None:
+        if raw.startswith(_KEY_PREFIX) and raw[73:76] == b'", ' and raw.endswith(b"}\n"):
+            return raw[9:73].decode("ascii", "replace")
+        try:
+            entry = json.loads(raw)
+        except ValueError:
+            return None
+        if not isinstance(entry, dict) or not isinstance(entry.get("key"), str):
+            return None
+        if not isinstance(entry.get("response"), dict):
+            return None
+        return entry["key"]
 
     def _load(self) -> None:
         if not self.path.is_file():
             return
-        data = self.path.read_bytes()
-        keep = len(data)
-        if data and not data.endswith(b"\n"):
-            # A write was cut short: drop the partial line so the next append starts clean.
-            keep = data.rfind(b"\n") + 1
-            self.torn_lines += 1
-        for raw in data[:keep].splitlines():
-            if not raw.strip():
-                continue
-            try:
-                entry = json.loads(raw)
-                key = entry["key"]
-            except (ValueError, KeyError, TypeError):
-                self.torn_lines += 1
-                continue
-            self.entries[key] = entry
-        if keep != len(data):
+        offset, cut = 0, None
+        with open(self.path, "rb") as f:
+            for raw in f:
+                if not raw.endswith(b"\n"):
+                    # A write was cut short: drop the partial line so the next append starts clean.
+                    cut = offset
+                    self.torn_lines += 1
+                    break
+                key = self._key_of(raw)
+                if key is not None:
+                    self._index[key] = (offset << _OFFSET_SHIFT) | len(raw)
+                elif raw.strip():
+                    self.torn_lines += 1
+                offset += len(raw)
+        self._size = offset
+        if cut is not None:
             with open(self.path, "r+b") as f:
-                f.truncate(keep)
+                f.truncate(cut)
                 f.flush()
                 os.fsync(f.fileno())
             log.warning(
                 "journal %s: dropped a torn last line; its request is made again", self.path
             )
 
-    def get(self, key: str) -> dict[str, Any] | None:
-        return self.entries.get(key)
+    def _lock(self) -> None:
+        if fcntl is None or self._lock_fd is not None:
+            return
+        fd = os.open(self.path, os.O_RDONLY | os.O_CREAT, 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            raise JournalBusy(
+                f"journal {self.path} is in use by another process; wait for it to finish "
+                "(two runs on one output folder would send the same requests twice)"
+            ) from None
+        self._lock_fd = fd
 
+    # -- reading
+    def __contains__(self, key: object) -> bool:
+        return key in self._index
+
+    def __len__(self) -> int:
+        return len(self._index)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._index)
+
+    def keys(self) -> Iterator[str]:
+        """The keys of all journaled requests (in no particular order)."""
+        return iter(self._index)
+
+    def get(self, key: str) -> dict[str, Any] | None:
+        """The journaled entry for ``key`` (read from disk), or ``None``."""
+        where = self._index.get(key)
+        if where is None:
+            return None
+        if self._rfd is None:
+            self._rfd = os.open(self.path, os.O_RDONLY)
+        offset, length = where >> _OFFSET_SHIFT, where & ((1 << _OFFSET_SHIFT) - 1)
+        raw = os.pread(self._rfd, length, offset)
+        try:
+            entry = json.loads(raw)
+        except ValueError:
+            log.warning("journal %s: unreadable entry at byte %d; redoing it", self.path, offset)
+            del self._index[key]
+            return None
+        return (
+            entry if isinstance(entry, dict) and isinstance(entry.get("response"), dict) else None
+        )
+
+    # -- writing
     def append(self, entry: dict[str, Any]) -> None:
-        """Write one finished request durably (flush + fsync) before it counts as done."""
-        if self._fh is None:
+        """Write one finished request (flushed at once; fsynced in groups) before it counts."""
+        if self._wfh is None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._fh = open(self.path, "ab")  # noqa: SIM115 - kept open for the run
+            self._wfh = open(self.path, "ab")  # noqa: SIM115 - kept open for the run
+            self._lock()
+            self._size = os.fstat(self._wfh.fileno()).st_size
+        entry = {"key": entry["key"], **entry}
         line = (json.dumps(entry, ensure_ascii=False) + "\n").encode("utf-8")
-        self._fh.write(line)
-        self._fh.flush()
-        os.fsync(self._fh.fileno())
-        self.entries[entry["key"]] = entry
+        if len(line) >= 1 << _OFFSET_SHIFT:  # pragma: no cover - 4 GB response
+            raise ValueError("journal entry too large")
+        self._wfh.write(line)
+        self._wfh.flush()
+        self._index[entry["key"]] = (self._size << _OFFSET_SHIFT) | len(line)
+        self._size += len(line)
+        self._dirty = True
+        if self.auto_sync and time.monotonic() - self._last_sync >= self.sync_interval_s:
+            self.sync()
+
+    def sync(self) -> None:
+        """fsync what was appended since the last sync (safe to call from another thread)."""
+        fh = self._wfh
+        if fh is not None and self._dirty:
+            self._dirty = False
+            os.fsync(fh.fileno())
+        self._last_sync = time.monotonic()
 
     def close(self) -> None:
-        if self._fh is not None:
-            self._fh.close()
-            self._fh = None
+        """Sync and release the files and the lock."""
+        if self._wfh is not None:
+            self.sync()
+            self._wfh.close()
+            self._wfh = None
+        if self._rfd is not None:
+            os.close(self._rfd)
+            self._rfd = None
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    def __enter__(self) -> Journal:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
 
 
 # ----------------------------------------------------------------------------- config
@@ -203,11 +361,22 @@ class ClientConfig:
         api_key_env: name of the environment variable holding the key (the key is never stored).
         concurrency: requests in flight at once.
         requests_per_minute / tokens_per_minute: pacing; ``None`` means unpaced.
-        max_attempts: tries per item before it is recorded as failed.
-        timeout_s: per-request timeout.
+        max_attempts: tries per item before it is recorded as failed (batch mode: batch rounds).
+        timeout_s: per-request timeout (a hard deadline per attempt).
         backoff_base_s / backoff_max_s: exponential backoff ``base * 2**(attempt-1)`` (with full
-            jitter), capped; a server's ``Retry-After`` wins when it asks for longer.
-        price_per_million: ``{"input": $, "output": $}`` per 1M tokens for the cost ledger.
+            jitter), capped; a server's ``Retry-After`` wins when it asks for longer, up to
+            ``retry_after_max_s``.
+        price_per_million: ``{"input": $, "output": $}`` per 1M tokens for the cost ledger, and
+            optionally ``batch``: the Batch API's price factor (default 0.5).
+        mode: ``online`` (one call per request) or ``batch`` (one Batch API job; see
+            :mod:`biomedvital.generation.batch`).
+        batch_runner: ``openai`` (the endpoint's ``/v1/files`` + ``/v1/batches``) or ``file``
+            (write the request file for ``vllm.entrypoints.openai.run_batch`` and stop).
+        batch_poll_s: seconds between status polls of a submitted batch.
+        batch_wait_s: stop waiting after this long (``None``: until the batch ends); a rerun
+            collects the journaled batch.
+        completion_window: the Batch API's window.
+        batch_max_requests / batch_max_bytes: split request files above these (API limits).
     """
 
     base_url: str
@@ -220,7 +389,15 @@ class ClientConfig:
     timeout_s: float = 120.0
     backoff_base_s: float = 1.0
     backoff_max_s: float = 60.0
+    retry_after_max_s: float = 600.0
     price_per_million: dict[str, float] | None = None
+    mode: Literal["online", "batch"] = "online"
+    batch_runner: Literal["openai", "file"] = "openai"
+    batch_poll_s: float = 60.0
+    batch_wait_s: float | None = None
+    completion_window: str = "24h"
+    batch_max_requests: int = 50_000
+    batch_max_bytes: int = 190_000_000
 
     @classmethod
     def from_knobs(cls, knobs: Mapping[str, Any]) -> ClientConfig:
@@ -238,23 +415,19 @@ class ClientConfig:
             raise ValueError(f"max_attempts must be >= 1, got {self.max_attempts}")
         if self.timeout_s <= 0:
             raise ValueError(f"timeout_s must be > 0, got {self.timeout_s}")
+        if self.mode not in ("online", "batch"):
+            raise ValueError(f"mode must be 'online' or 'batch', got {self.mode!r}")
+        if self.batch_runner not in ("openai", "file"):
+            raise ValueError(f"batch_runner must be 'openai' or 'file', got {self.batch_runner!r}")
+        if self.batch_poll_s <= 0:
+            raise ValueError(f"batch_poll_s must be > 0, got {self.batch_poll_s}")
         self.price_per_million = check_prices(self.price_per_million)
 
     def public(self) -> dict[str, Any]:
         """The settings as recorded in manifests and MLflow: the variable's name, never the key."""
-        return {
-            "base_url": self.base_url,
-            "model": self.model,
-            "api_key_env": self.api_key_env,
-            "concurrency": self.concurrency,
-            "requests_per_minute": self.requests_per_minute,
-            "tokens_per_minute": self.tokens_per_minute,
-            "max_attempts": self.max_attempts,
-            "timeout_s": self.timeout_s,
-            "backoff_base_s": self.backoff_base_s,
-            "backoff_max_s": self.backoff_max_s,
-            "price_per_million": self.price_per_million,
-        }
+        out = {f.name: getattr(self, f.name) for f in fields(self)}
+        out["base_url"] = safe_url(self.base_url)
+        return out
 
 
 def read_api_key(env_name: str) -> str:
@@ -293,6 +466,24 @@ class Outcome:
     error: str | None = None
     cost: float = 0.0
 
+    @classmethod
+    def from_entry(
+        cls, entry: dict[str, Any], prices: dict[str, float] | None, cached: bool = True
+    ) -> Outcome:
+        """The outcome a journal entry stands for."""
+        resp = entry["response"]
+        return cls(
+            key=entry["key"],
+            ok=True,
+            content=resp.get("content"),
+            refusal=resp.get("refusal"),
+            finish_reason=resp.get("finish_reason"),
+            usage=resp.get("usage"),
+            attempts=int(entry.get("attempts") or 0),
+            cached=cached,
+            cost=cost_of(resp.get("usage"), prices, entry.get("via") == "batch"),
+        )
+
 
 @dataclass
 class Ledger:
@@ -320,6 +511,40 @@ class Ledger:
             "cached_cost_usd": round(self.cached_cost_usd, 6),
             "failed_by_reason": dict(sorted(self.failed_by_reason.items())),
         }
+
+    def add_done(self, usage: dict[str, Any] | None, cost: float) -> None:
+        """Count one fresh answer."""
+        self.done += 1
+        self.cost_usd += cost
+        usage = usage or {}
+        self.prompt_tokens += int(usage.get("prompt_tokens") or 0)
+        self.completion_tokens += int(usage.get("completion_tokens") or 0)
+
+    def add_failed(self, error: str | None) -> None:
+        """Count one item that ended failed, by the reason's kind (text before ``:``)."""
+        self.failed += 1
+        kind = (error or "unknown").split(":")[0]
+        self.failed_by_reason[kind] = self.failed_by_reason.get(kind, 0) + 1
+
+
+@dataclass
+class FillResult:
+    """What a pass over a request stream left: the ledger and the items that ended failed.
+
+    Answers are in the journal (``journal.get(key)``); ``failures`` maps a key to its outcome.
+    ``batch`` describes Batch API jobs (ids, rounds, a retry file) in batch mode.
+    """
+
+    ledger: Ledger
+    failures: dict[str, Outcome] = field(default_factory=dict)
+    batch: dict[str, Any] | None = None
+
+    def outcome(self, key: str, journal: Journal, prices: dict[str, float] | None) -> Outcome:
+        """The outcome of ``key``: its journaled answer, its failure, or ``not run``."""
+        entry = journal.get(key)
+        if entry is not None:
+            return Outcome.from_entry(entry, prices)
+        return self.failures.get(key) or Outcome(key=key, ok=False, error="not run")
 
 
 class _Retryable(Exception):
@@ -359,115 +584,231 @@ def parse_retry_after(headers: Any) -> float | None:
     return max(0.0, when.timestamp() - time.time())
 
 
-def _short(text: str, n: int = 200) -> str:
+def _short(text: Any, n: int = 200) -> str:
     text = " ".join(str(text).split())
     return text if len(text) <= n else text[: n - 1] + "…"
 
 
-def _parse_body(text: str) -> dict[str, Any]:
+def _error_message(err: Any) -> str:
+    """The server's own words from an API error (its ``error.message``), else the SDK's text."""
+    body = getattr(err, "body", None)
+    if isinstance(body, dict):
+        inner = body.get("error", body)
+        msg = inner.get("message") if isinstance(inner, dict) else inner
+        if msg:
+            return str(msg)
+    return str(getattr(err, "message", "") or err)
+
+
+def parse_completion(body: Any) -> dict[str, Any]:
     """The parts of a chat-completions body we keep; garbled or empty bodies are retryable."""
-    try:
-        body = json.loads(text)
-    except ValueError:
-        raise _Retryable("malformed_response: body is not JSON") from None
     if not isinstance(body, dict):
         raise _Retryable("malformed_response: body is not an object")
     choices = body.get("choices")
-    if not choices:
+    if not choices or not isinstance(choices, list):
         raise _Retryable("empty_choices: the response has no choices")
     choice = choices[0] if isinstance(choices[0], dict) else {}
     message = choice.get("message") or {}
+    if not isinstance(message, dict):
+        raise _Retryable("malformed_response: message is not an object")
     content = message.get("content")
     if content is not None and not isinstance(content, str):
         raise _Retryable("malformed_response: message content is not a string")
+    refusal = message.get("refusal")
     usage = body.get("usage") if isinstance(body.get("usage"), dict) else None
     return {
         "content": content,
-        "refusal": message.get("refusal"),
+        "refusal": refusal if isinstance(refusal, str) else None,
         "finish_reason": choice.get("finish_reason"),
         "usage": usage,
     }
 
 
+def _parse_body(text: str) -> dict[str, Any]:
+    try:
+        body = json.loads(text)
+    except ValueError:
+        raise _Retryable("malformed_response: body is not JSON") from None
+    return parse_completion(body)
+
+
+def redact_response(resp: dict[str, Any], secret: str | None) -> dict[str, Any]:
+    """A parsed response with the key masked out of its texts (a server could echo it)."""
+    if not secret:
+        return resp
+    for k in ("content", "refusal"):
+        if isinstance(resp.get(k), str):
+            resp[k] = redact(resp[k], secret)
+    return resp
+
+
+def status_is_retryable(status: int) -> bool:
+    """429, 408 and 5xx may pass on a later try; other errors will not."""
+    return status in (408, 429) or status >= 500
+
+
 class ChatClient:
-    """Runs batches of :class:`ChatRequest` through the API with pacing, retries and a journal."""
+    """Runs streams of :class:`ChatRequest` through the API with pacing, retries and a journal."""
 
     def __init__(self, config: ClientConfig, journal: Journal) -> None:
         self.config = config
         self.journal = journal
+        self._secret: str | None = None
 
     def key_of(self, req: ChatRequest) -> str:
         if not req.key:
             req.key = request_key(self.config.model, req.messages, req.params)
         return req.key
 
+    def fill(
+        self,
+        requests: Iterable[ChatRequest],
+        desc: str = "requests",
+        progress: bool = True,
+        total: int | None = None,
+    ) -> FillResult:
+        """Make sure every request is answered in the journal or recorded as failed.
+
+        Requests are pulled lazily; journal hits are not sent; a key repeated in the stream is
+        sent once. Returns the ledger and the failures (answers are read from the journal).
+        """
+        return asyncio.run(self.afill(requests, desc, progress, total))
+
     def run(
         self, requests: Iterable[ChatRequest], desc: str = "requests", progress: bool = True
     ) -> tuple[dict[str, Outcome], Ledger]:
-        """Run all requests (journal hits are not sent); returns outcomes by key and the ledger."""
-        return asyncio.run(self.arun(list(requests), desc, progress))
+        """Run a (small) batch and return every outcome by key, with the ledger."""
+        reqs = list(requests)
+        before = {self.key_of(r) for r in reqs if self.key_of(r) in self.journal}
+        res = self.fill(reqs, desc, progress, len(reqs))
+        prices = self.config.price_per_million
+        outcomes = {}
+        for r in reqs:
+            out = res.outcome(r.key, self.journal, prices)
+            out.cached = r.key in before
+            outcomes[r.key] = out
+        return outcomes, res.ledger
 
-    async def arun(
-        self, requests: list[ChatRequest], desc: str = "requests", progress: bool = True
-    ) -> tuple[dict[str, Outcome], Ledger]:
+    async def afill(
+        self,
+        requests: Iterable[ChatRequest],
+        desc: str = "requests",
+        progress: bool = True,
+        total: int | None = None,
+    ) -> FillResult:
+        cfg = self.config
         ledger = Ledger()
-        outcomes: dict[str, Outcome] = {}
-        todo: list[ChatRequest] = []
-        for req in requests:
-            key = self.key_of(req)
-            if key in outcomes:
-                continue
-            entry = self.journal.get(key)
-            if entry is not None:
-                resp = entry["response"]
-                cost = cost_of(resp.get("usage"), self.config.price_per_million)
-                outcomes[key] = Outcome(
-                    key=key, ok=True, cached=True, attempts=0, cost=cost, **resp
-                )
-                ledger.cached += 1
-                ledger.cached_cost_usd += cost
-            else:
-                outcomes[key] = Outcome(key=key, ok=False, error="not run")
-                todo.append(req)
-        if not todo:
-            return outcomes, ledger
+        failures: dict[str, Outcome] = {}
+        inflight: set[str] = set()
+        queue: asyncio.Queue[ChatRequest | None] = asyncio.Queue(maxsize=2 * cfg.concurrency)
+        rpm = TokenBucket(cfg.requests_per_minute)
+        tpm = TokenBucket(cfg.tokens_per_minute)
+        bar = tqdm(total=total, desc=desc, unit="req", disable=not progress, mininterval=0.5)
+        client: Any = None
+        workers: list[asyncio.Task[None]] = []
+        last_postfix = 0.0
+        abort: Exception | None = None
 
+        def tick() -> None:
+            nonlocal last_postfix
+            bar.update(1)
+            now = time.monotonic()
+            if progress and now - last_postfix > 1.0:
+                last_postfix = now
+                bar.set_postfix(
+                    done=ledger.done,
+                    cached=ledger.cached,
+                    failed=ledger.failed,
+                    cost=f"${ledger.cost_usd:.4f}",
+                    refresh=False,
+                )
+
+        async def worker() -> None:
+            nonlocal abort
+            while True:
+                req = await queue.get()
+                if req is None:
+                    return
+                try:
+                    out = await self._attempts(client, req, rpm, tpm, ledger)
+                except Exception as exc:  # disk full, a bug: stop feeding, keep draining
+                    abort = abort or exc
+                    continue
+                finally:
+                    inflight.discard(req.key)
+                if out.ok:
+                    ledger.add_done(out.usage, out.cost)
+                else:
+                    failures[req.key] = out
+                    ledger.add_failed(out.error)
+                tick()
+
+        stop = asyncio.Event()
+
+        async def syncer() -> None:
+            """fsync the journal in groups, off the event loop."""
+            while not stop.is_set():
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(stop.wait(), self.journal.sync_interval_s)
+                await asyncio.to_thread(self.journal.sync)
+
+        self.journal.auto_sync = False
+        sync_task = asyncio.create_task(syncer())
+        try:
+            for req in requests:
+                key = self.key_of(req)
+                if key in self.journal:
+                    ledger.cached += 1
+                    if cfg.price_per_million:
+                        entry = self.journal.get(key)
+                        if entry is not None:
+                            ledger.cached_cost_usd += Outcome.from_entry(
+                                entry, cfg.price_per_million
+                            ).cost
+                    tick()
+                    continue
+                if key in inflight or key in failures:
+                    tick()
+                    continue
+                if client is None:
+                    client = self._open_client()
+                    workers = [asyncio.create_task(worker()) for _ in range(cfg.concurrency)]
+                if abort is not None:
+                    break
+                inflight.add(key)
+                await queue.put(req)
+            for _ in workers:
+                await queue.put(None)
+            await asyncio.gather(*workers)
+            if abort is not None:
+                raise abort
+        finally:
+            for w in workers:
+                w.cancel()
+            bar.close()
+            stop.set()
+            await sync_task
+            self.journal.auto_sync = True
+            self.journal.sync()
+            if client is not None:
+                await client.close()
+                self._endpoint.close()
+        return FillResult(ledger, failures)
+
+    def _open_client(self) -> Any:
         from openai import AsyncOpenAI
 
-        client = AsyncOpenAI(
-            base_url=self.config.base_url,
-            api_key=read_api_key(self.config.api_key_env),
+        from biomedvital.generation.local_server import open_endpoint
+
+        # base_url local:NAME starts a local server here, stopped with the client (afill)
+        self._endpoint = open_endpoint(self.config.base_url, self.config.api_key_env)
+        self._secret = self._endpoint.api_key
+        return AsyncOpenAI(
+            base_url=self._endpoint.base_url,
+            api_key=self._secret,
             max_retries=0,
             timeout=self.config.timeout_s,
         )
-        sem = asyncio.Semaphore(self.config.concurrency)
-        rpm = TokenBucket(self.config.requests_per_minute)
-        tpm = TokenBucket(self.config.tokens_per_minute)
-        bar = tqdm(total=len(todo), desc=desc, unit="req", disable=not progress)
-
-        async def one(req: ChatRequest) -> None:
-            async with sem:
-                out = await self._attempts(client, req, rpm, tpm, ledger)
-            outcomes[req.key] = out
-            if out.ok:
-                ledger.done += 1
-                ledger.cost_usd += out.cost
-                usage = out.usage or {}
-                ledger.prompt_tokens += int(usage.get("prompt_tokens") or 0)
-                ledger.completion_tokens += int(usage.get("completion_tokens") or 0)
-            else:
-                ledger.failed += 1
-                kind = (out.error or "unknown").split(":")[0]
-                ledger.failed_by_reason[kind] = ledger.failed_by_reason.get(kind, 0) + 1
-            bar.update(1)
-            bar.set_postfix(done=ledger.done, failed=ledger.failed, cost=f"${ledger.cost_usd:.4f}")
-
-        try:
-            await asyncio.gather(*(one(r) for r in todo))
-        finally:
-            bar.close()
-            await client.close()
-        return outcomes, ledger
 
     async def _attempts(
         self, client: Any, req: ChatRequest, rpm: TokenBucket, tpm: TokenBucket, ledger: Ledger
@@ -490,15 +831,22 @@ class ChatClient:
                 backoff = min(cfg.backoff_max_s, cfg.backoff_base_s * 2 ** (attempt - 1))
                 wait = random.uniform(0, backoff)
                 if err.retry_after is not None:
-                    wait = max(wait, err.retry_after)
+                    wait = max(wait, min(err.retry_after, cfg.retry_after_max_s))
                 log.info(
                     "attempt %d of %s: %s; retrying in %.2fs", attempt, req.key[:12], reason, wait
                 )
                 await asyncio.sleep(wait)
                 continue
+            resp = redact_response(resp, self._secret)
             cost = cost_of(resp["usage"], cfg.price_per_million)
             self.journal.append(
-                {"key": req.key, "model": cfg.model, "meta": req.meta, "response": resp}
+                {
+                    "key": req.key,
+                    "model": cfg.model,
+                    "meta": req.meta,
+                    "attempts": attempt,
+                    "response": resp,
+                }
             )
             return Outcome(key=req.key, ok=True, attempts=attempt, cost=cost, **resp)
         return Outcome(
@@ -511,38 +859,65 @@ class ChatClient:
     async def _send(self, client: Any, req: ChatRequest) -> dict[str, Any]:
         import openai
 
+        secret = self._secret
         try:
-            from biomedvital.generation.prompts import inline_images
-
-            raw = await client.chat.completions.with_raw_response.create(
-                model=self.config.model, messages=inline_images(req.messages), **req.params
+            # The low-level post with ``cast_to=str`` skips the SDK's request transforms and
+            # response models (a third of the client's CPU per request); errors are the same.
+            body = {"model": self.config.model, "messages": inline_images(req.messages)}
+            body.update(req.params)
+            text = await asyncio.wait_for(
+                client.post("/chat/completions", body=body, cast_to=str), self.config.timeout_s
             )
-        except openai.APITimeoutError:
+        except (openai.APITimeoutError, asyncio.TimeoutError):
             raise _Retryable(f"timeout: no response within {self.config.timeout_s}s") from None
         except openai.APIConnectionError as err:
-            raise _Retryable(f"connection_error: {_short(err)}") from None
+            raise _Retryable(f"connection_error: {redact(_short(err), secret)}") from None
         except openai.APIStatusError as err:
             status = err.status_code
-            detail = _short(getattr(err, "message", "") or str(err))
-            if status == 429 or status >= 500 or status == 408:
+            detail = redact(_short(_error_message(err)), secret)
+            if status_is_retryable(status):
                 raise _Retryable(
                     f"http_{status}: {detail}", parse_retry_after(err.response.headers)
                 ) from None
             raise _Fatal(f"http_{status}: {detail}") from None
-        return _parse_body(raw.text)
+        except Exception as err:  # httpx/h11 protocol errors on a garbled reply
+            if isinstance(err, openai.OpenAIError) or "httpx" in type(err).__module__:
+                raise _Retryable(f"connection_error: {redact(_short(err), secret)}") from None
+            raise
+        return _parse_body(text)
+
+
+def fill_requests(
+    config: ClientConfig,
+    journal: Journal,
+    requests: Iterable[ChatRequest],
+    stage: str = "requests",
+    progress: bool = True,
+    total: int | None = None,
+    batch_results: list[Path] | None = None,
+) -> FillResult:
+    """One pass of a verb over its request stream, online or as Batch API jobs (``config.mode``).
+
+    In batch mode the job state lives in ``<journal folder>/batch/`` and :class:`BatchPending`
+    (from :mod:`biomedvital.generation.batch`) is raised when results are not there yet.
+    """
+    if config.mode == "batch":
+        from biomedvital.generation.batch import BatchRunner
+
+        runner = BatchRunner(config, journal, journal.path.parent / "batch", batch_results)
+        return runner.fill(requests, stage, progress)
+    return ChatClient(config, journal).fill(requests, stage, progress, total)
 
 
 def run_requests(
     config: ClientConfig,
     journal_path: str | Path,
-    requests: list[ChatRequest],
+    requests: Iterable[ChatRequest],
     desc: str = "requests",
     progress: bool = True,
 ) -> tuple[dict[str, Outcome], Ledger, int]:
-    """Convenience: open the journal, run the batch, close; returns outcomes, ledger, torn lines."""
-    journal = Journal(journal_path)
-    try:
+    """Convenience for small batches: open the journal, run them, close; returns outcomes by
+    key, the ledger and the number of torn journal lines dropped."""
+    with Journal(journal_path) as journal:
         outcomes, ledger = ChatClient(config, journal).run(requests, desc, progress)
-    finally:
-        journal.close()
     return outcomes, ledger, journal.torn_lines

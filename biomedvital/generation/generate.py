@@ -1,28 +1,57 @@
 """``generate``: ask a chat model for instruction conversations about PMC figures (paper stage 1).
 
 One request per figure; responses are journaled so an interrupted run resumes where it stopped
-and a finished one reruns for free. Outputs are written at the end, atomically.
+and a finished one reruns for free. Figures are streamed: each one's request is built when the
+client has room for it, and a small plan line (key, ids, demonstrations) is spooled to disk so
+the outputs are assembled afterwards, in figure order, from the plan and the journal. Memory
+therefore stays flat in the number of figures (the journal's key index and the set of seen
+``pair_id`` values are all that grow). Outputs are written at the end, atomically.
+
+``mode: batch`` sends the same requests as Batch API jobs (or writes them for vLLM's offline
+batch runner), see :mod:`biomedvital.generation.batch`.
 """
 
 from __future__ import annotations
 
+import json
+import logging
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Literal
+from typing import IO, Any, Literal
 
 from biomedvital.data.images import ImageRoot
-from biomedvital.data.jsonio import check_unique, sha256_file, write_json, write_jsonl
-from biomedvital.data.records import Candidate, SourceFigure, read_demonstrations, read_figures
-from biomedvital.data.report import BadRecordError, RecordReport
+from biomedvital.data.jsonio import (
+    atomic_write,
+    detect_format,
+    handle_bad,
+    iter_objects,
+    parse_record,
+    sha256_file,
+    write_json,
+)
+from biomedvital.data.outputs import output_lock
+from biomedvital.data.records import (
+    Candidate,
+    Demonstration,
+    SourceFigure,
+    read_figures,
+    strip_image_token,
+)
+from biomedvital.data.report import BadRecordError, OnBad, PositionKind, RecordReport
+from biomedvital.generation.batch import BatchPending
 from biomedvital.generation.client import (
     ChatRequest,
     ClientConfig,
+    Journal,
+    Outcome,
     cost_of,
     estimate_tokens,
+    fill_requests,
     request_key,
-    run_requests,
 )
 from biomedvital.generation.parse import Rejected, pair_records, parse_conversation, parse_pairs
 from biomedvital.generation.prompts import (
+    MODALITIES,
     build_messages,
     image_ref,
     printable_messages,
@@ -32,6 +61,8 @@ from biomedvital.generation.prompts import (
 from biomedvital.tracking.mlflow import DEFAULT_STORE, PipelineRun
 from biomedvital.tracking.provenance import git_state
 
+log = logging.getLogger(__name__)
+
 
 def figure_image(fig: SourceFigure) -> str:
     """The figure's image file: its ``image`` field if present, else ``<pair_id>.jpg`` (LLaVA-Med)."""
@@ -39,19 +70,187 @@ def figure_image(fig: SourceFigure) -> str:
     return str(image) if image else f"{fig.pair_id}.jpg"
 
 
+# ----------------------------------------------------------------------------- reading input
+
+
+def _jsonl_of_objects(path: Path) -> bool:
+    """Whether ``path`` is JSONL whose first line is one figure (streamable), not one document."""
+    if detect_format(path) != "jsonl":
+        return False
+    with open(path, "rb") as f:
+        for raw in f:
+            if raw.strip():
+                try:
+                    head = json.loads(raw.removeprefix(b"\xef\xbb\xbf"))
+                except ValueError:
+                    return False  # pretty-printed JSON, or broken: read_figures sorts it out
+                return isinstance(head, dict) and (
+                    "pair_id" in head or not all(isinstance(v, list) for v in head.values())
+                )
+    return False
+
+
+def iter_figures(
+    path: Path, on_bad: OnBad, report: RecordReport
+) -> Iterator[tuple[int, PositionKind, SourceFigure]]:
+    """``(position, kind, figure)`` one at a time; bad records raised or skipped (counted).
+
+    JSONL is streamed line by line. A JSON array or LLaVA-Med's ``{domain: [figures]}`` file is
+    one document and is read whole (positions: 1-based record index). Kept records are not
+    counted here: the caller counts them once its own checks pass.
+    """
+    if _jsonl_of_objects(path):
+        for pos, kind, obj in iter_objects(path, on_bad=on_bad, report=report):
+            try:
+                fig = parse_record(obj, SourceFigure, path, pos, kind)
+            except BadRecordError as err:
+                handle_bad(err, on_bad, report)
+                continue
+            yield pos, kind, fig
+        return
+    scratch = RecordReport()
+    figs = read_figures(path, on_bad, scratch)
+    scratch.n_kept = 0
+    report.merge(scratch)
+    for pos, fig in enumerate(figs, start=1):
+        yield pos, "record", fig
+
+
+def _check_domain(domain: dict[str, bool], path: Path, pos: int, kind: PositionKind) -> None:
+    unknown = sorted(set(domain) - set(MODALITIES))
+    if unknown:
+        raise BadRecordError(
+            path,
+            pos,
+            f"unknown domain flag(s) {unknown}; known flags: {', '.join(MODALITIES)}",
+            "domain",
+            kind=kind,
+            category="unknown_domain",
+        )
+
+
+def check_figure(fig: SourceFigure, path: Path, pos: int, kind: PositionKind) -> None:
+    """Refuse a figure that cannot make a useful prompt: blank caption, unknown domain flags."""
+    if not fig.fig_caption.strip():
+        raise BadRecordError(
+            path, pos, "empty caption", "fig_caption", kind=kind, category="empty_caption"
+        )
+    _check_domain(fig.domain, path, pos, kind)
+
+
+def _check_demo(demo: Demonstration, path: Path, pos: int, kind: PositionKind) -> str | None:
+    """Raise for a demonstration that cannot serve as an example; return a note for one that
+    can but departs from strict question/answer alternation (the released file has two)."""
+    if not demo.fig_caption.strip():
+        raise BadRecordError(
+            path, pos, "empty caption", "fig_caption", kind=kind, category="empty_caption"
+        )
+    _check_domain(demo.domain, path, pos, kind)
+    turns = demo.conversations
+    problem = None
+    roles = {t.from_ for t in turns}
+    if roles != {"human", "gpt"}:
+        problem = "needs at least one question and one answer"
+    else:
+        for i, t in enumerate(turns):
+            if not strip_image_token(t.value):
+                problem = f"turn {i + 1} is empty"
+                break
+    if problem:
+        raise BadRecordError(
+            path,
+            pos,
+            f"malformed conversation: {problem}",
+            "conversations",
+            kind=kind,
+            category="malformed_conversation",
+        )
+    for i, t in enumerate(turns):
+        expected = "human" if i % 2 == 0 else "gpt"
+        if t.from_ != expected:
+            return f"{path}: {kind} {pos}: turn {i + 1} is from {t.from_!r}, expected {expected!r}"
+    return None
+
+
+def load_demonstrations(path: Path, on_bad: OnBad, report: RecordReport) -> list[Demonstration]:
+    """Demonstrations that can serve as examples; bad ones raised or skipped (counted), with
+    their file and record: invalid fields, blank caption, unknown domain flags, a conversation
+    without a question and an answer or with an empty turn, duplicate ids. Turns that do not
+    alternate are kept as released and counted under ``repaired``."""
+    demos: list[Demonstration] = []
+    ids: dict[str, int] = {}
+    for pos, kind, obj in iter_objects(path, on_bad=on_bad, report=report):
+        try:
+            demo = parse_record(obj, Demonstration, path, pos, kind)
+            note = _check_demo(demo, path, pos, kind)
+            if demo.id in ids:
+                raise BadRecordError(
+                    path,
+                    pos,
+                    f"duplicate id {demo.id!r} (also at {ids[demo.id]})",
+                    "id",
+                    kind=kind,
+                    category="duplicate:id",
+                )
+        except BadRecordError as err:
+            handle_bad(err, on_bad, report)
+            continue
+        ids[demo.id] = pos
+        if note is not None:  # kept as released, and counted
+            report.repair("non_alternating_turns", example=note)
+        report.kept()
+        demos.append(demo)
+    return demos
+
+
+# ----------------------------------------------------------------------------- estimate
+
+
+class Estimate:
+    """Running upper bound of the cost: estimated input tokens plus ``max_tokens`` of output."""
+
+    def __init__(self, prices: dict[str, float] | None, batch: bool = False) -> None:
+        self.prices, self.batch = prices, batch
+        self.requests = self.input_tokens = self.output_tokens = 0
+
+    def add(self, req: ChatRequest) -> None:
+        i, o = estimate_tokens(req.messages, int(req.params.get("max_tokens", 0)))
+        self.requests += 1
+        self.input_tokens += i
+        self.output_tokens += o
+
+    def as_dict(self) -> dict[str, Any]:
+        usage = {"prompt_tokens": self.input_tokens, "completion_tokens": self.output_tokens}
+        return {
+            "requests": self.requests,
+            "input_tokens": self.input_tokens,
+            "max_output_tokens": self.output_tokens,
+            "cost_usd_upper_bound": round(cost_of(usage, self.prices, self.batch), 4),
+        }
+
+
 def estimate_cost(requests: list[ChatRequest], prices: dict[str, float] | None) -> dict[str, float]:
-    """Upper-bound cost: estimated input tokens plus ``max_tokens`` of output per request."""
-    n_in = n_out = 0
+    """Upper-bound cost of ``requests``: estimated input tokens plus ``max_tokens`` of output."""
+    est = Estimate(prices)
     for r in requests:
-        i, o = estimate_tokens(r.messages, int(r.params.get("max_tokens", 0)))
-        n_in, n_out = n_in + i, n_out + o
-    usage = {"prompt_tokens": n_in, "completion_tokens": n_out}
+        est.add(r)
+    return est.as_dict()
+
+
+def pending_result(exc: BatchPending, run: PipelineRun | None) -> dict[str, Any]:
+    """What a verb returns when batch results are not there yet (the message is printed)."""
+    print(str(exc))
+    if run is not None:
+        run.client.set_tag(run.run_id, "batch_pending", "true")
     return {
-        "requests": len(requests),
-        "input_tokens": n_in,
-        "max_output_tokens": n_out,
-        "cost_usd_upper_bound": round(cost_of(usage, prices), 4),
+        "batch_pending": True,
+        "message": str(exc),
+        **exc.info,
+        "mlflow_run_id": run.run_id if run else None,
     }
+
+
+# ----------------------------------------------------------------------------- the verb
 
 
 def generate(
@@ -81,6 +280,11 @@ def generate(
     backoff_base_s: float = 1.0,
     backoff_max_s: float = 60.0,
     progress: bool = True,
+    mode: Literal["online", "batch"] = "online",
+    batch_runner: Literal["openai", "file"] = "openai",
+    batch_results: list[Path] | Path | None = None,
+    batch_poll_s: float = 60.0,
+    batch_wait_s: float | None = None,
 ) -> dict:
     """Generate candidate conversations (or answer pairs) for each figure with a chat model.
 
@@ -89,7 +293,8 @@ def generate(
         image_root: folder of the figure images (``<pair_id>.jpg``); paths cannot escape it.
         demonstrations: clinician-picked conversations (``doctor_few_shot_examples.json``).
         out: output folder: ``candidates.jsonl`` (``answers=1``) or ``pairs.jsonl``
-            (``answers=2``), ``journal.jsonl``, ``failed.jsonl``, ``manifest.json``.
+            (``answers=2``), ``journal.jsonl``, ``failed.jsonl``, ``manifest.json``
+            (``batch/`` in batch mode).
         base_url: OpenAI-compatible endpoint.
         model: model name (paper: ``gpt-4-vision-preview``).
         api_key_env: name of the environment variable holding the API key (never the key).
@@ -98,180 +303,312 @@ def generate(
         answers: 1 = conversations; 2 = per question two answers, for clinician marking.
         temperature / max_tokens / seed: sampling parameters (part of the cache key).
         concurrency / requests_per_minute / tokens_per_minute: pacing.
-        max_attempts / timeout_s / backoff_base_s / backoff_max_s: retry policy.
-        price_per_million: ``{"input": $, "output": $}`` per 1M tokens for the cost ledger.
-        on_bad_record: ``raise`` or ``skip`` (counted) for bad figures and missing images.
+        max_attempts / timeout_s / backoff_base_s / backoff_max_s: retry policy (batch mode:
+            ``max_attempts`` batch rounds).
+        price_per_million: ``{"input": $, "output": $}`` per 1M tokens for the cost ledger
+            (``batch``: the Batch API's factor, default 0.5).
+        on_bad_record: ``raise`` (before any request is sent: an error naming the file and the
+            record) or ``skip`` (counted in the manifest) for figures without a caption, with
+            unknown domain flags or a missing image, and for malformed demonstrations.
         dry_run: print the first full prompt and the estimated cost; send nothing, write nothing.
         store: MLflow store folder (experiment ``generation``).
         min_exchanges: conversations with fewer question-answer exchanges are rejected
             (``answers=2`` needs one complete question).
         progress: show the progress bar.
+        mode: ``online`` or ``batch`` (Batch API jobs at about half the price, 24 h window).
+        batch_runner: ``openai`` (submit through the endpoint) or ``file`` (write the request
+            file for ``python -m vllm.entrypoints.openai.run_batch`` and stop).
+        batch_results: results file(s) of the offline runner to import (``batch_runner: file``).
+        batch_poll_s / batch_wait_s: status poll interval; stop waiting after this long (a
+            rerun collects the journaled batch).
     """
     figures, demonstrations, out = Path(figures), Path(demonstrations), Path(out)
     if answers not in (1, 2):
         raise ValueError(f"answers must be 1 or 2, got {answers}")
+    if isinstance(batch_results, str | Path):
+        batch_results = [Path(batch_results)]
     config = ClientConfig.from_knobs(locals())
     reports = {"figures": RecordReport(), "demonstrations": RecordReport()}
-    figs: list[SourceFigure] = read_figures(figures, on_bad_record, reports["figures"])
-    figs = check_unique(figs, "pair_id", figures, on_bad=on_bad_record, report=reports["figures"])
-    demos = read_demonstrations(demonstrations, on_bad_record, reports["demonstrations"])
+    demos = load_demonstrations(demonstrations, on_bad_record, reports["demonstrations"])
+    if n_demos > 0 and not demos:
+        raise ValueError(f"{demonstrations}: no usable demonstrations (n_demos={n_demos})")
     root = ImageRoot(image_root) if vision else None
     params = {"temperature": temperature, "max_tokens": max_tokens, "seed": seed}
+    estimate = Estimate(config.price_per_million, mode == "batch")
+    seen_ids: set[str] = set()
 
-    requests: list[tuple[SourceFigure, ChatRequest, list[str]]] = []
-    for i, fig in enumerate(figs, start=1):
-        url = None
-        if root is not None:
+    def checked(report: RecordReport, on_bad: OnBad) -> Iterator[tuple[SourceFigure, Any]]:
+        """Figures that pass every check, with their image path (``None`` without vision)."""
+        seen_ids.clear()
+        for pos, kind, fig in iter_figures(figures, on_bad, report):
             try:
-                url = image_ref(root.resolve(figure_image(fig)))
-            except (OSError, ValueError) as exc:
-                err = BadRecordError(
-                    figures, i, str(exc), "pair_id", kind="record", category="missing_image"
-                )
-                if on_bad_record == "raise":
-                    raise err from exc
-                reports["figures"].skip(err)
+                check_figure(fig, figures, pos, kind)
+                pid = str(fig.pair_id)
+                if pid in seen_ids:
+                    raise BadRecordError(
+                        figures,
+                        pos,
+                        f"duplicate pair_id {pid!r}",
+                        "pair_id",
+                        kind=kind,
+                        category="duplicate:pair_id",
+                    )
+                path = None
+                if root is not None:
+                    try:
+                        path = root.resolve(figure_image(fig))
+                    except (OSError, ValueError) as exc:
+                        raise BadRecordError(
+                            figures, pos, str(exc), "image", kind=kind, category="missing_image"
+                        ) from exc
+            except BadRecordError as err:
+                handle_bad(err, on_bad, report)
                 continue
-        chosen = select_demonstrations(demos, n_demos, seed, str(fig.pair_id))
-        msgs = build_messages(fig, chosen, url, answers)
-        req = ChatRequest(msgs, dict(params), meta={"pair_id": fig.pair_id})
-        req.key = request_key(model, msgs, req.params)
-        requests.append((fig, req, [d.id for d in chosen]))
+            seen_ids.add(pid)
+            yield fig, (path, pos, kind)
 
-    estimate = estimate_cost([r for _, r, _ in requests], config.price_per_million)
+    def requests(plan: IO[str] | None) -> Iterator[ChatRequest]:
+        """One request per usable figure, built lazily; its plan line spooled to ``plan``."""
+        report = reports["figures"]
+        for fig, (path, pos, kind) in checked(report, on_bad_record):
+            url = None
+            if path is not None:
+                try:
+                    url = image_ref(path)
+                except (OSError, ValueError) as exc:  # unreadable DICOM and the like
+                    err = BadRecordError(
+                        figures, pos, str(exc), "image", kind=kind, category="missing_image"
+                    )
+                    handle_bad(err, on_bad_record, report)
+                    continue
+            report.kept()
+            chosen = select_demonstrations(demos, n_demos, seed, str(fig.pair_id))
+            msgs = build_messages(fig, chosen, url, answers)
+            req = ChatRequest(msgs, dict(params), meta={"pair_id": fig.pair_id})
+            req.key = request_key(model, msgs, req.params)
+            estimate.add(req)
+            if plan is not None:
+                line = {
+                    "pair_id": fig.pair_id,
+                    "image": figure_image(fig),
+                    "domain": fig.domain,
+                    "fig_caption": fig.fig_caption,
+                    "mentions": fig.mentions_text(),
+                    "key": req.key,
+                    "demos": [d.id for d in chosen],
+                }
+                plan.write(json.dumps(line, ensure_ascii=False) + "\n")
+            yield req
+
+    if on_bad_record == "raise" and not dry_run:
+        for _ in checked(RecordReport(), "raise"):  # fail on a bad record before paying for any
+            pass
+
     if dry_run:
-        if requests:
-            print(printable_messages(requests[0][1].messages))
+        first = None
+        for req in requests(None):
+            first = first or req
+        if first is not None:
+            print(printable_messages(first.messages))
+        est = estimate.as_dict()
         print(
-            f"\n{estimate['requests']} requests, ~{estimate['input_tokens']} input tokens, "
-            f"<= {estimate['max_output_tokens']} output tokens, "
-            f"estimated cost <= ${estimate['cost_usd_upper_bound']:.4f}"
+            f"\n{est['requests']} requests, ~{est['input_tokens']} input tokens, "
+            f"<= {est['max_output_tokens']} output tokens, "
+            f"estimated cost <= ${est['cost_usd_upper_bound']:.4f}"
+            + (" (batch price)" if mode == "batch" else "")
         )
-        return {"dry_run": True, "estimate": estimate}
+        return {"dry_run": True, "estimate": est}
 
-    out.mkdir(parents=True, exist_ok=True)
-    public = {
-        **config.public(),
-        "figures": str(figures),
-        "image_root": str(image_root),
-        "demonstrations": str(demonstrations),
-        "out": str(out),
-        "n_demos": n_demos,
-        "vision": vision,
-        "answers": answers,
-        "temperature": temperature,
-        "max_tokens": max_tokens,
-        "seed": seed,
-        "min_exchanges": min_exchanges,
-        "on_bad_record": on_bad_record,
-    }
-    version = prompt_version(answers)
-    with PipelineRun("generation", "generate", store, {"model": model}) as run:
-        run.log_params(public)
-        outcomes, ledger, torn = run_requests(
-            config, out / "journal.jsonl", [r for _, r, _ in requests], "generate", progress
-        )
-        records: list[dict[str, Any]] = []
-        failed: list[dict[str, Any]] = []
-        rejected: dict[str, int] = {}
-        for fig, req, demo_ids in requests:
-            res = outcomes[req.key]
+    # one run per output folder; taking the lock removes temporaries of a killed run
+    with output_lock(out):
+        public = {
+            **config.public(),
+            "figures": str(figures),
+            "image_root": str(image_root),
+            "demonstrations": str(demonstrations),
+            "out": str(out),
+            "n_demos": n_demos,
+            "vision": vision,
+            "answers": answers,
+            "temperature": temperature,
+            "max_tokens": max_tokens,
+            "seed": seed,
+            "min_exchanges": min_exchanges,
+            "on_bad_record": on_bad_record,
+            "batch_results": [str(p) for p in batch_results] if batch_results else None,
+        }
+        version = prompt_version(answers)
+        plan_path = out / ".generate.plan.jsonl"
+        name = "candidates.jsonl" if answers == 1 else "pairs.jsonl"
+        with PipelineRun("generation", "generate", store, {"model": model}) as run:
+            run.log_params(public)
+            with Journal(out / "journal.jsonl") as journal:
+                try:
+                    with open(plan_path, "w", encoding="utf-8") as plan:
+                        result = fill_requests(
+                            config,
+                            journal,
+                            requests(plan),
+                            "generate",
+                            progress,
+                            batch_results=batch_results,
+                        )
+                except BatchPending as exc:
+                    plan_path.unlink(missing_ok=True)
+                    return pending_result(exc, run)
+                ledger = result.ledger
+                counts = _assemble(
+                    plan_path,
+                    journal,
+                    result.failures,
+                    config,
+                    out / name,
+                    out / "failed.jsonl",
+                    answers,
+                    min_exchanges,
+                    {"model": model, "prompt_version": version, "params": params},
+                )
+                torn = journal.torn_lines
+            plan_path.unlink(missing_ok=True)
+            counts = {
+                "figures": reports["figures"].n_kept + reports["figures"].n_skipped,
+                "requested": counts.pop("requested"),
+                **counts,
+                "torn_journal_lines": torn,
+            }
+            manifest = {
+                "output": str(out / name),
+                "counts": counts,
+                "ledger": ledger.as_dict(),
+                "estimate": estimate.as_dict(),
+                "prompt_version": version,
+                "batch": result.batch,
+                "inputs": {
+                    "figures": {"path": str(figures), "sha256": sha256_file(figures)},
+                    "demonstrations": {
+                        "path": str(demonstrations),
+                        "sha256": sha256_file(demonstrations),
+                    },
+                },
+                "records": {k: r.as_dict() for k, r in reports.items()},
+                "config": public,
+                "mlflow_run_id": run.run_id,
+                "git": git_state(),
+            }
+            run.log_metrics(
+                {
+                    "generate/done": counts["done"],
+                    "generate/failed": counts["failed"],
+                    "generate/rejected": counts["rejected"],
+                    "generate/written": counts["written"],
+                    "generate/requests_sent": ledger.requests_sent,
+                    "generate/cached": ledger.cached,
+                    "generate/cost_usd": ledger.cost_usd,
+                }
+            )
+            run.log_dict(manifest, "generate.manifest.json")
+        write_json(out / "manifest.json", manifest)
+        return manifest
+
+
+def _assemble(
+    plan_path: Path,
+    journal: Journal,
+    failures: dict[str, Outcome],
+    config: ClientConfig,
+    out_path: Path,
+    failed_path: Path,
+    answers: int,
+    min_exchanges: int,
+    generator_base: dict[str, Any],
+) -> dict[str, Any]:
+    """Write the outputs in figure order from the plan and the journal; return the counts."""
+    requested = failed = written = 0
+    rejected: dict[str, int] = {}
+    prices = config.price_per_million
+    with (
+        open(plan_path, encoding="utf-8") as plan,
+        atomic_write(out_path) as fo,
+        atomic_write(failed_path) as ff,
+    ):
+
+        def emit(fh: IO[str], rec: dict[str, Any]) -> None:
+            fh.write(json.dumps(rec, ensure_ascii=False) + "\n")
+
+        for raw in plan:
+            p = json.loads(raw)
+            requested += 1
+            key = p["key"]
+            entry = journal.get(key)
+            res = (
+                Outcome.from_entry(entry, prices)
+                if entry is not None
+                else failures.get(key) or Outcome(key=key, ok=False, error="not run")
+            )
             if not res.ok:
-                failed.append(
+                failed += 1
+                emit(
+                    ff,
                     {
-                        "pair_id": fig.pair_id,
-                        "key": req.key,
+                        "pair_id": p["pair_id"],
+                        "key": key,
                         "stage": "request",
                         "reason": res.error,
                         "attempts": res.attempts,
-                    }
+                    },
                 )
                 continue
             generator = {
-                "model": model,
-                "prompt_version": version,
-                "request_key": req.key,
-                "params": params,
-                "demonstrations": demo_ids,
+                "model": generator_base["model"],
+                "prompt_version": generator_base["prompt_version"],
+                "request_key": key,
+                "params": generator_base["params"],
+                "demonstrations": p["demos"],
                 "finish_reason": res.finish_reason,
             }
             try:
                 if answers == 1:
                     turns = parse_conversation(res.content, min_exchanges, res.refusal)
                     cand = Candidate(
-                        id=fig.pair_id,
-                        image=figure_image(fig),
-                        pair_id=fig.pair_id,
+                        id=p["pair_id"],
+                        image=p["image"],
+                        pair_id=p["pair_id"],
                         conversations=turns,
-                        domain=fig.domain,
+                        domain=p["domain"],
                         generator=generator,
                     )
-                    records.append(cand.model_dump(mode="json", by_alias=True))
+                    emit(fo, cand.model_dump(mode="json", by_alias=True))
+                    written += 1
                 else:
                     items = parse_pairs(res.content, 1, res.refusal)
                     base = {
-                        "image": figure_image(fig),
-                        "fig_caption": fig.fig_caption,
-                        "in_text_mention": fig.mentions_text(),
-                        "pair_id": fig.pair_id,
+                        "image": p["image"],
+                        "fig_caption": p["fig_caption"],
+                        "in_text_mention": p["mentions"],
+                        "pair_id": p["pair_id"],
                         "generator": generator,
                     }
-                    records.extend(pair_records(items, base, str(fig.pair_id)))
+                    for rec in pair_records(items, base, str(p["pair_id"])):
+                        emit(fo, rec)
+                        written += 1
             except Rejected as rej:
                 rejected[rej.reason] = rejected.get(rej.reason, 0) + 1
-                failed.append(
+                emit(
+                    ff,
                     {
-                        "pair_id": fig.pair_id,
-                        "key": req.key,
+                        "pair_id": p["pair_id"],
+                        "key": key,
                         "stage": "parse",
                         "reason": rej.reason,
                         "detail": rej.detail,
                         "raw": res.content,
-                    }
+                    },
                 )
-        name = "candidates.jsonl" if answers == 1 else "pairs.jsonl"
-        write_jsonl(out / name, records)
-        write_jsonl(out / "failed.jsonl", failed)
-        n_failed = sum(1 for f in failed if f["stage"] == "request")
-        counts = {
-            "figures": len(figs),
-            "requested": len(requests),
-            "done": len(requests) - n_failed,
-            "failed": n_failed,
-            "rejected": sum(rejected.values()),
-            "rejected_by_reason": dict(sorted(rejected.items())),
-            "written": len(records),
-            "torn_journal_lines": torn,
-        }
-        manifest = {
-            "output": str(out / name),
-            "counts": counts,
-            "ledger": ledger.as_dict(),
-            "estimate": estimate,
-            "prompt_version": version,
-            "inputs": {
-                "figures": {"path": str(figures), "sha256": sha256_file(figures)},
-                "demonstrations": {
-                    "path": str(demonstrations),
-                    "sha256": sha256_file(demonstrations),
-                },
-            },
-            "records": {k: r.as_dict() for k, r in reports.items()},
-            "config": public,
-            "mlflow_run_id": run.run_id,
-            "git": git_state(),
-        }
-        run.log_metrics(
-            {
-                "generate/done": counts["done"],
-                "generate/failed": counts["failed"],
-                "generate/rejected": counts["rejected"],
-                "generate/written": counts["written"],
-                "generate/requests_sent": ledger.requests_sent,
-                "generate/cached": ledger.cached,
-                "generate/cost_usd": ledger.cost_usd,
-            }
-        )
-        run.log_dict(manifest, "generate.manifest.json")
-    write_json(out / "manifest.json", manifest)
-    return manifest
+    return {
+        "requested": requested,
+        "done": requested - failed,
+        "failed": failed,
+        "rejected": sum(rejected.values()),
+        "rejected_by_reason": dict(sorted(rejected.items())),
+        "written": written,
+    }

@@ -80,8 +80,10 @@ def select_demonstrations(
     The draw is seeded by ``(seed, figure_id)`` so a figure always gets the same prompt (and the
     journal cache stays valid across reruns) while different figures see different examples.
     With ``n_demos < 5`` a seeded subset of modalities is used; beyond 5 the extra examples are
-    drawn from the remaining demonstrations.
+    drawn from the remaining demonstrations. A demonstration of the figure itself (same
+    ``pair_id``) is never drawn: it would hand the model the answer.
     """
+    demos = [d for d in demos if d.pair_id is None or str(d.pair_id) != figure_id]
     if n_demos <= 0 or not demos:
         return []
     rng = random.Random(f"{seed}:{figure_id}")

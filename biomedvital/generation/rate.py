@@ -7,35 +7,55 @@ as failed and gets no rating at all.
 
 With ``preferences`` the judge also scores both answers of each clinician pair, and the run
 reports how often it agrees with the clinicians (preferred scored above rejected; ties apart).
+
+Candidates are streamed like ``generate``'s figures: requests are built as the client has room,
+a plan line per item is spooled to disk, and the outputs are assembled from the plan and the
+journal in input order. ``mode: batch`` runs both passes (scores, then re-asks) as batch jobs.
 """
 
 from __future__ import annotations
 
+import json
 import re
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Literal
+from typing import IO, Any, Literal
 
 from biomedvital.data.images import ImageRoot
-from biomedvital.data.jsonio import check_unique, read_records, sha256_file, write_json, write_jsonl
+from biomedvital.data.jsonio import (
+    atomic_write,
+    handle_bad,
+    iter_objects,
+    parse_record,
+    sha256_file,
+    write_json,
+    write_jsonl,
+)
+from biomedvital.data.outputs import output_lock
 from biomedvital.data.records import (
     Candidate,
     Rating,
-    SourceFigure,
     read_figures,
     read_preferences,
     strip_image_token,
 )
-from biomedvital.data.report import RecordReport
+from biomedvital.data.report import BadRecordError, OnBad, RecordReport
+from biomedvital.generation.batch import BatchPending
 from biomedvital.generation.client import (
     ChatRequest,
     ClientConfig,
+    FillResult,
+    Journal,
+    Outcome,
+    fill_requests,
     request_key,
-    run_requests,
 )
-from biomedvital.generation.generate import estimate_cost
+from biomedvital.generation.generate import Estimate, estimate_cost, pending_result
 from biomedvital.generation.prompts import MENTIONS_HEADER, image_ref, printable_messages
 from biomedvital.tracking.mlflow import DEFAULT_STORE, PipelineRun
 from biomedvital.tracking.provenance import git_state
+
+__all__ = ["estimate_cost", "judge_messages", "parse_score", "rate"]
 
 JUDGE_PROMPT = """\
 You are a medical expert acting as a judge of training data for a medical vision-language \
@@ -127,6 +147,11 @@ def rate(
     backoff_base_s: float = 1.0,
     backoff_max_s: float = 60.0,
     progress: bool = True,
+    mode: Literal["online", "batch"] = "online",
+    batch_runner: Literal["openai", "file"] = "openai",
+    batch_results: list[Path] | Path | None = None,
+    batch_poll_s: float = 60.0,
+    batch_wait_s: float | None = None,
 ) -> dict:
     """Score each candidate 0-10 with a judge model; write ``ratings.jsonl`` (Rating records).
 
@@ -143,174 +168,301 @@ def rate(
         temperature / max_tokens / seed: judge sampling (part of the cache key).
         concurrency / requests_per_minute / tokens_per_minute / max_attempts / timeout_s /
             backoff_base_s / backoff_max_s / price_per_million: as for ``generate``.
-        on_bad_record: ``raise`` or ``skip`` (counted) for bad input records.
+        on_bad_record: ``raise`` (before any request) or ``skip`` (counted) for bad input
+            records: invalid candidates, duplicate ids, missing images.
         dry_run: print the first judge prompt and the estimated cost; send nothing.
         store: MLflow store folder (experiment ``rating``).
         progress: show the progress bar.
+        mode / batch_runner / batch_results / batch_poll_s / batch_wait_s: batch mode, as for
+            ``generate`` (the re-asks are a second batch).
     """
     candidates, out = Path(candidates), Path(out)
     if vision and image_root is None:
         raise ValueError("vision=True needs image_root")
+    if isinstance(batch_results, str | Path):
+        batch_results = [Path(batch_results)]
     config = ClientConfig.from_knobs(locals())
     reports = {"candidates": RecordReport()}
-    cands: list[Candidate] = read_records(
-        candidates, Candidate, on_bad=on_bad_record, report=reports["candidates"]
-    )
-    cands = check_unique(
-        cands, "id", candidates, on_bad=on_bad_record, report=reports["candidates"]
-    )
-    by_pair: dict[str, SourceFigure] = {}
+    by_pair: dict[str, tuple[str, str]] = {}
     if figures is not None:
         reports["figures"] = RecordReport()
-        by_pair = {
-            str(f.pair_id): f for f in read_figures(figures, on_bad_record, reports["figures"])
-        }
-    root = ImageRoot(image_root) if vision else None
-    params = {"temperature": temperature, "max_tokens": max_tokens, "seed": seed}
-
-    # (kind, item id, messages): kind "candidate", or "preferred"/"rejected" of a clinician pair
-    items: list[tuple[str, str, list[dict[str, Any]]]] = []
-    for cand in cands:
-        fig = by_pair.get(str(cand.pair_id)) if cand.pair_id is not None else None
-        if fig is not None:
-            caption, mentions = fig.fig_caption, fig.mentions_text()
-        else:
-            extra = cand.model_extra or {}
-            caption = str(extra.get("fig_caption") or "")
-            mention = extra.get("in_text_mention")
-            mentions = mention if isinstance(mention, str) else ""
-        url = image_ref(root.resolve(cand.image)) if root is not None else None
-        items.append(
-            ("candidate", cand.id, judge_messages(caption, mentions, cand.qa_pairs(), url))
-        )
+        for f in read_figures(figures, on_bad_record, reports["figures"]):
+            by_pair[str(f.pair_id)] = (f.fig_caption, f.mentions_text())
     prefs = []
     if preferences is not None:
         reports["preferences"] = RecordReport()
         prefs = read_preferences(preferences, on_bad_record, reports["preferences"])
-        for p in prefs:
-            url = image_ref(root.resolve(p.image)) if root is not None else None
+    root = ImageRoot(image_root) if vision else None
+    params = {"temperature": temperature, "max_tokens": max_tokens, "seed": seed}
+    estimate = Estimate(config.price_per_million, mode == "batch")
+
+    def image_url(rel: str, path: Path, pos: int, kind: Any, build: bool = True) -> str | None:
+        if root is None:
+            return None
+        try:
+            found = root.resolve(rel)
+            return image_ref(found) if build else None
+        except (OSError, ValueError) as exc:
+            raise BadRecordError(
+                path, pos, str(exc), "image", kind=kind, category="missing_image"
+            ) from exc
+
+    def items(
+        report: RecordReport, on_bad: OnBad, build: bool = True
+    ) -> Iterator[tuple[str, str, list]]:
+        """(kind, item id, judge messages): candidates streamed, then both sides of each pair
+        (``build=False``: only the checks, no messages or image hashes)."""
+        ids: set[str] = set()
+        for pos, kind, obj in iter_objects(candidates, on_bad=on_bad, report=report):
+            try:
+                cand = parse_record(obj, Candidate, candidates, pos, kind)
+                if cand.id in ids:
+                    raise BadRecordError(
+                        candidates,
+                        pos,
+                        f"duplicate id {cand.id!r}",
+                        "id",
+                        kind=kind,
+                        category="duplicate:id",
+                    )
+                url = image_url(cand.image, candidates, pos, kind, build)
+            except BadRecordError as err:
+                handle_bad(err, on_bad, report)
+                continue
+            ids.add(cand.id)
+            report.kept()
+            if not build:
+                continue
+            fig = by_pair.get(str(cand.pair_id)) if cand.pair_id is not None else None
+            if fig is not None:
+                caption, mentions = fig
+            else:
+                extra = cand.model_extra or {}
+                caption = str(extra.get("fig_caption") or "")
+                mention = extra.get("in_text_mention")
+                mentions = mention if isinstance(mention, str) else ""
+            yield "candidate", cand.id, judge_messages(caption, mentions, cand.qa_pairs(), url)
+        del ids
+        for n, p in enumerate(prefs, start=1):
+            try:
+                url = image_url(p.image, preferences or Path(), n, "record", build)
+            except BadRecordError as err:
+                handle_bad(err, on_bad, reports["preferences"])
+                continue
             q = strip_image_token(p.question)
             for side, answer in (("preferred", p.preferred), ("rejected", p.rejected)):
-                msgs = judge_messages(p.fig_caption, p.mentions_text(), [(q, answer)], url)
-                items.append((side, p.id, msgs))
+                yield (
+                    side,
+                    p.id,
+                    judge_messages(p.fig_caption, p.mentions_text(), [(q, answer)], url),
+                )
 
-    requests = [ChatRequest(m, dict(params), meta={"kind": k, "id": i}) for k, i, m in items]
-    for r in requests:
-        r.key = request_key(model, r.messages, r.params)
-    estimate = estimate_cost(requests, config.price_per_million)
+    def first_requests(plan: IO[str] | None) -> Iterator[ChatRequest]:
+        for kind, item_id, msgs in items(reports["candidates"], on_bad_record):
+            req = ChatRequest(msgs, dict(params), meta={"kind": kind, "id": item_id})
+            req.key = request_key(model, msgs, req.params)
+            estimate.add(req)
+            if plan is not None:
+                line = {"kind": kind, "id": item_id, "key": req.key, "user": msgs[1]["content"]}
+                plan.write(json.dumps(line, ensure_ascii=False) + "\n")
+            yield req
+
+    if on_bad_record == "raise" and not dry_run:
+        for _ in items(RecordReport(), "raise", build=False):  # fail before paying for any
+            pass
+
     if dry_run:
-        if requests:
-            print(printable_messages(requests[0].messages))
+        first = None
+        for req in first_requests(None):
+            first = first or req
+        if first is not None:
+            print(printable_messages(first.messages))
+        est = estimate.as_dict()
         print(
-            f"\n{estimate['requests']} requests (+ re-asks), ~{estimate['input_tokens']} input "
-            f"tokens, estimated cost <= ${estimate['cost_usd_upper_bound']:.4f}"
+            f"\n{est['requests']} requests (+ re-asks), ~{est['input_tokens']} input "
+            f"tokens, estimated cost <= ${est['cost_usd_upper_bound']:.4f}"
         )
-        return {"dry_run": True, "estimate": estimate}
+        return {"dry_run": True, "estimate": est}
 
-    out.mkdir(parents=True, exist_ok=True)
-    journal = out / "journal.jsonl"
-    public = {
-        **config.public(),
-        "candidates": str(candidates),
-        "figures": str(figures) if figures else None,
-        "preferences": str(preferences) if preferences else None,
-        "vision": vision,
-        "temperature": temperature,
-        "max_tokens": max_tokens,
-        "seed": seed,
-        "on_bad_record": on_bad_record,
-    }
-    with PipelineRun("rating", "rate", store, {"model": model}) as run:
-        run.log_params(public)
-        first, ledger1, torn = run_requests(config, journal, requests, "rate", progress)
-        scores: dict[int, tuple[int, str]] = {}
-        failures: dict[int, str] = {}
-        again: dict[int, ChatRequest] = {}
-        for n, req in enumerate(requests):
-            res = first[req.key]
-            if not res.ok:
-                failures[n] = res.error or "unknown"
-                continue
-            s = parse_score(res.content)
-            if s is not None:
-                scores[n] = (s, res.content or "")
-            else:
-                msgs = _reask(req.messages, res.content or "")
-                again[n] = ChatRequest(msgs, dict(params), meta=req.meta)
-        ledger2 = None
-        if again:
-            second, ledger2, _ = run_requests(
-                config, journal, list(again.values()), "rate (re-ask)", progress
-            )
-            for n, req in again.items():
-                res = second[req.key]
-                s = parse_score(res.content) if res.ok else None
-                if s is not None:
-                    raw1 = first[requests[n].key].content or ""
-                    scores[n] = (s, f"{raw1}\n[re-asked]\n{res.content}")
-                else:
-                    failures[n] = (
-                        res.error if not res.ok else "unparsable_score: no 0-10 integer on line 1"
+    # one run per output folder; taking the lock removes temporaries of a killed run
+    with output_lock(out):
+        public = {
+            **config.public(),
+            "candidates": str(candidates),
+            "figures": str(figures) if figures else None,
+            "preferences": str(preferences) if preferences else None,
+            "vision": vision,
+            "temperature": temperature,
+            "max_tokens": max_tokens,
+            "seed": seed,
+            "on_bad_record": on_bad_record,
+            "batch_results": [str(p) for p in batch_results] if batch_results else None,
+        }
+        plan_path = out / ".rate.plan.jsonl"
+        with PipelineRun("rating", "rate", store, {"model": model}) as run:
+            run.log_params(public)
+            with Journal(out / "journal.jsonl") as journal:
+                try:
+                    with open(plan_path, "w", encoding="utf-8") as plan:
+                        first = fill_requests(
+                            config,
+                            journal,
+                            first_requests(plan),
+                            "rate",
+                            progress,
+                            batch_results=batch_results,
+                        )
+                    second = fill_requests(
+                        config,
+                        journal,
+                        _reask_requests(plan_path, journal, model, params),
+                        "rate-reask",
+                        progress,
+                        batch_results=batch_results,
                     )
+                except BatchPending as exc:
+                    plan_path.unlink(missing_ok=True)
+                    return pending_result(exc, run)
+                counts, pref_rows = _assemble(
+                    plan_path, journal, first, second, config, model, params, out
+                )
+                torn = journal.torn_lines
+            plan_path.unlink(missing_ok=True)
+            counts = {"candidates": reports["candidates"].n_kept, **counts}
+            alignment = None
+            if preferences is not None:
+                rows = [
+                    {
+                        "id": p.id,
+                        "preferred_score": pref_rows.get(p.id, {}).get("preferred"),
+                        "rejected_score": pref_rows.get(p.id, {}).get("rejected"),
+                    }
+                    for p in prefs
+                ]
+                write_jsonl(out / "preference_scores.jsonl", rows)
+                alignment = _alignment(rows)
+            ledger1, ledger2 = first.ledger, second.ledger
+            ledgers = {"first": ledger1.as_dict(), "reask": ledger2.as_dict()}
+            cost = ledger1.cost_usd + ledger2.cost_usd
+            inputs = {"candidates": {"path": str(candidates), "sha256": sha256_file(candidates)}}
+            for name, path in (("figures", figures), ("preferences", preferences)):
+                if path is not None:
+                    inputs[name] = {"path": str(path), "sha256": sha256_file(path)}
+            manifest = {
+                "counts": counts,
+                "alignment": alignment,
+                "ledger": ledgers,
+                "cost_usd": round(cost, 6),
+                "torn_journal_lines": torn,
+                "estimate": estimate.as_dict(),
+                "batch": {"first": first.batch, "reask": second.batch} if mode == "batch" else None,
+                "inputs": inputs,
+                "records": {k: r.as_dict() for k, r in reports.items()},
+                "config": public,
+                "mlflow_run_id": run.run_id,
+                "git": git_state(),
+            }
+            metrics = {f"rate/{k}": v for k, v in counts.items()}
+            metrics["rate/cost_usd"] = cost
+            metrics["rate/requests_sent"] = ledger1.requests_sent + ledger2.requests_sent
+            if alignment and alignment["align_rate"] is not None:
+                metrics["rate/align_rate"] = alignment["align_rate"]
+                metrics["rate/align_ties"] = alignment["ties"]
+            run.log_metrics(metrics)
+            run.log_dict(manifest, "rate.manifest.json")
+        write_json(out / "manifest.json", manifest)
+        return manifest
 
-        ratings, failed, pref_scores = [], [], {}
-        for n, (kind, item_id, _) in enumerate(items):
-            if n in failures:
-                failed.append({"kind": kind, "id": item_id, "reason": failures[n]})
-            elif kind == "candidate":
-                s, raw = scores[n]
-                ratings.append(Rating(candidate_id=item_id, score=s, judge=model, raw=raw))
+
+def _plan_lines(plan_path: Path) -> Iterator[dict[str, Any]]:
+    with open(plan_path, encoding="utf-8") as f:
+        for raw in f:
+            yield json.loads(raw)
+
+
+def _messages(user: Any) -> list[dict[str, Any]]:
+    return [{"role": "system", "content": JUDGE_PROMPT}, {"role": "user", "content": user}]
+
+
+def _reask_requests(
+    plan_path: Path, journal: Journal, model: str, params: dict[str, Any]
+) -> Iterator[ChatRequest]:
+    """The follow-up for every answered item whose reply has no score on its first line."""
+    for p in _plan_lines(plan_path):
+        entry = journal.get(p["key"])
+        if entry is None:
+            continue
+        content = entry["response"].get("content")
+        if parse_score(content) is not None:
+            continue
+        msgs = _reask(_messages(p["user"]), content or "")
+        req = ChatRequest(msgs, dict(params), meta={"kind": p["kind"], "id": p["id"]})
+        req.key = request_key(model, msgs, req.params)
+        yield req
+
+
+def _assemble(
+    plan_path: Path,
+    journal: Journal,
+    first: FillResult,
+    second: FillResult,
+    config: ClientConfig,
+    model: str,
+    params: dict[str, Any],
+    out: Path,
+) -> tuple[dict[str, Any], dict[str, dict[str, int]]]:
+    """Write ratings and failures in input order; return the counts and pair scores."""
+    prices = config.price_per_million
+    rated = failed = reasked = unparsable = 0
+    pref_scores: dict[str, dict[str, int]] = {}
+
+    def outcome(key: str, res: FillResult) -> Outcome:
+        return res.outcome(key, journal, prices)
+
+    with (
+        atomic_write(out / "ratings.jsonl") as fr,
+        atomic_write(out / "failed.jsonl") as ff,
+    ):
+        for p in _plan_lines(plan_path):
+            kind, item_id = p["kind"], p["id"]
+            res = outcome(p["key"], first)
+            score, raw, reason = None, "", None
+            if not res.ok:
+                reason = res.error or "unknown"
             else:
-                pref_scores.setdefault(item_id, {})[kind] = scores[n][0]
-        write_jsonl(out / "ratings.jsonl", ratings)
-        write_jsonl(out / "failed.jsonl", failed)
-        alignment = None
-        if preferences is not None:
-            rows = [
-                {
-                    "id": p.id,
-                    "preferred_score": pref_scores.get(p.id, {}).get("preferred"),
-                    "rejected_score": pref_scores.get(p.id, {}).get("rejected"),
-                }
-                for p in prefs
-            ]
-            write_jsonl(out / "preference_scores.jsonl", rows)
-            alignment = _alignment(rows)
-        reask_failed = sum(1 for f in failed if f["reason"].startswith("unparsable_score"))
-        counts = {
-            "candidates": len(cands),
-            "rated": len(ratings),
-            "failed": len(failed),
-            "reasked": len(again),
-            "unparsable_after_reask": reask_failed,
-        }
-        ledgers = {"first": ledger1.as_dict(), "reask": ledger2.as_dict() if ledger2 else None}
-        cost = ledger1.cost_usd + (ledger2.cost_usd if ledger2 else 0.0)
-        inputs = {"candidates": {"path": str(candidates), "sha256": sha256_file(candidates)}}
-        for name, path in (("figures", figures), ("preferences", preferences)):
-            if path is not None:
-                inputs[name] = {"path": str(path), "sha256": sha256_file(path)}
-        manifest = {
-            "counts": counts,
-            "alignment": alignment,
-            "ledger": ledgers,
-            "cost_usd": round(cost, 6),
-            "torn_journal_lines": torn,
-            "inputs": inputs,
-            "records": {k: r.as_dict() for k, r in reports.items()},
-            "config": public,
-            "mlflow_run_id": run.run_id,
-            "git": git_state(),
-        }
-        metrics = {f"rate/{k}": v for k, v in counts.items()}
-        metrics["rate/cost_usd"] = cost
-        if alignment and alignment["align_rate"] is not None:
-            metrics["rate/align_rate"] = alignment["align_rate"]
-            metrics["rate/align_ties"] = alignment["ties"]
-        run.log_metrics(metrics)
-        run.log_dict(manifest, "rate.manifest.json")
-    write_json(out / "manifest.json", manifest)
-    return manifest
+                score = parse_score(res.content)
+                raw = res.content or ""
+                if score is None:
+                    reasked += 1
+                    msgs = _reask(_messages(p["user"]), raw)
+                    res2 = outcome(request_key(model, msgs, params), second)
+                    score = parse_score(res2.content) if res2.ok else None
+                    if score is not None:
+                        raw = f"{raw}\n[re-asked]\n{res2.content}"
+                    elif res2.ok:
+                        reason = "unparsable_score: no 0-10 integer on line 1"
+                        unparsable += 1
+                    else:
+                        reason = res2.error or "unknown"
+            if score is None:
+                failed += 1
+                ff.write(json.dumps({"kind": kind, "id": item_id, "reason": reason}) + "\n")
+            elif kind == "candidate":
+                rated += 1
+                rating = Rating(candidate_id=item_id, score=score, judge=model, raw=raw)
+                ff_line = json.dumps(
+                    rating.model_dump(mode="json", by_alias=True), ensure_ascii=False
+                )
+                fr.write(ff_line + "\n")
+            else:
+                pref_scores.setdefault(item_id, {})[kind] = score
+    counts = {
+        "rated": rated,
+        "failed": failed,
+        "reasked": reasked,
+        "unparsable_after_reask": unparsable,
+    }
+    return counts, pref_scores
 
 
 def _alignment(rows: list[dict[str, Any]]) -> dict[str, Any]:

@@ -1,7 +1,23 @@
-"""Selection stage: the preference-trained data-selection model and top-k selection."""
+"""Selection stage: the preference-trained data-selection model and top-k selection.
 
-from biomedvital.selection.datamodule import SelectorDataModule
-from biomedvital.selection.module import SelectorModule
-from biomedvital.selection.writer import ScoreWriter
+The Lightning classes are imported on first use, so ``select`` (numpy and the records only)
+starts without torch.
+"""
+
+from typing import Any
 
 __all__ = ["ScoreWriter", "SelectorDataModule", "SelectorModule"]
+
+_LAZY = {
+    "SelectorDataModule": "biomedvital.selection.datamodule",
+    "SelectorModule": "biomedvital.selection.module",
+    "ScoreWriter": "biomedvital.selection.writer",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        from importlib import import_module
+
+        return getattr(import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'biomedvital.selection' has no attribute {name!r}")

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import json
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -123,36 +124,43 @@ class _Unreadable(RecordReport):
 
 
 class CandidateStream(IterableDataset):
-    """Streams a candidate file in encoded chunks; workers take alternate chunks.
+    """Streams candidate files (one, or several in turn) in encoded chunks; workers take
+    alternate chunks, and a chunk never spans two files (errors name the file and its line).
 
     Memory stays flat whatever the pool size: only one chunk per worker is held.
     """
 
     def __init__(
         self,
-        path: Path,
+        path: Path | Sequence[Path],
         captions: Captions,
         recipe: TextRecipe,
         chunk_size: int,
         codec: Codec,
         on_bad: OnBad,
     ) -> None:
-        self.path, self.captions, self.recipe = path, captions, recipe
+        self.paths = (Path(path),) if isinstance(path, (str, Path)) else tuple(map(Path, path))
+        self.path = self.paths[0]
+        self.captions, self.recipe = captions, recipe
         self.chunk_size, self.codec, self.on_bad = chunk_size, codec, on_bad
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = get_worker_info()
         wid, nw = (info.id, info.num_workers) if info else (0, 1)
-        chunk: list[tuple[int, str, Any]] = []
         n_chunk = 0
-        for item in self._items():
-            chunk.append(item)
-            if len(chunk) == self.chunk_size:
+        for path in self.paths:
+            self.path = path
+            chunk: list[tuple[int, str, Any]] = []
+            for item in self._items():
+                chunk.append(item)
+                if len(chunk) == self.chunk_size:
+                    if n_chunk % nw == wid:
+                        yield self._encode(chunk)
+                    chunk, n_chunk = [], n_chunk + 1
+            if chunk:
                 if n_chunk % nw == wid:
                     yield self._encode(chunk)
-                chunk, n_chunk = [], n_chunk + 1
-        if chunk and n_chunk % nw == wid:
-            yield self._encode(chunk)
+                n_chunk += 1
 
     def _items(self) -> Iterator[tuple[int, str, Any]]:
         """``(position, kind, value)`` of each record; in skip mode an unreadable line (bad
@@ -304,7 +312,7 @@ class SelectorDataModule(LightningDataModule):
     def predict_dataloader(self) -> DataLoader:
         assert self.files is not None
         stream = CandidateStream(
-            self.files.candidates,
+            self.files.candidate_files,
             self.captions,
             self.text_recipe,
             self.predict_chunk,
@@ -329,14 +337,30 @@ class SelectorDataModule(LightningDataModule):
                 p = getattr(self.files, name)
                 if p is not None and Path(p).is_file():
                     inputs[name] = {"path": str(p), "sha256": sha256_file(p)}
+            for name in ("extra_candidates", "extra_ratings"):
+                extra = getattr(self.files, name)
+                if extra:
+                    inputs[name] = [{"path": str(p), "sha256": sha256_file(p)} for p in extra]
             inputs["image_root"] = str(self.files.image_root)
         return {
             "inputs": inputs,
+            "upstream_runs": self.upstream_runs(),
             "records": {k: r.as_dict() for k, r in self.report.items()},
             "pairs": {k: len(v) for k, v in self.sets.items()},
             "entries": len(self.entries),
             "truncation": getattr(self, "truncation", None),
         }
+
+    def upstream_runs(self) -> dict[str, list[str]]:
+        """MLflow runs that wrote the pool's candidate and rating files (``generate``, ``rate``),
+        read from the manifests beside them: ``{"candidates": [...], "ratings": [...]}``."""
+        if self.files is None:
+            return {}
+        found = {
+            "candidates": [upstream_run_of(p) for p in self.files.candidate_files],
+            "ratings": [upstream_run_of(p) for p in self.files.rating_files],
+        }
+        return {role: [r for r in runs if r] for role, runs in found.items() if any(runs)}
 
     def check_truncation(self, tokenizer: Any, sample: int = 256) -> dict[str, Any]:
         """Count pairs whose two sides become identical once cut to the context length.
@@ -406,12 +430,25 @@ class SelectorDataModule(LightningDataModule):
         on_bad = self.on_bad_record
 
         scores: dict[str, float] = {}
-        if files.ratings is not None:
-            ratings = read_ratings(files.ratings, on_bad=on_bad, report=self._rep("ratings"))
+        rated_in: dict[str, Path] = {}
+        for rfile in files.rating_files:
+            ratings = read_ratings(rfile, on_bad=on_bad, report=self._rep("ratings"))
             ratings = check_unique(
-                ratings, "candidate_id", files.ratings, on_bad=on_bad, report=self._rep("ratings")
+                ratings, "candidate_id", rfile, on_bad=on_bad, report=self._rep("ratings")
             )
-            scores = {r.candidate_id: r.score for r in ratings}
+            for r in ratings:
+                if r.candidate_id in scores:
+                    err = BadRecordError(
+                        rfile,
+                        None,
+                        f"candidate {r.candidate_id!r} is rated in {rated_in[r.candidate_id]} too",
+                        "candidate_id",
+                        category="duplicate:candidate_id",
+                    )
+                    handle_bad(err, on_bad, self._rep("ratings"))
+                    continue
+                scores[r.candidate_id] = r.score
+                rated_in[r.candidate_id] = rfile
 
         # candidates with a rating become model-pair entries, in file order
         rated: list[int] = []
@@ -419,12 +456,12 @@ class SelectorDataModule(LightningDataModule):
         seen: set[str] = set()
         rep = self._rep("candidates")
         unrated = 0
-        for pos, kind, obj in iter_objects(files.candidates, on_bad=on_bad, report=rep):
+        for cfile, pos, kind, obj in _iter_files(files.candidate_files, on_bad, rep):
             try:
-                cand = parse_record(obj, Candidate, files.candidates, pos, kind)
+                cand = parse_record(obj, Candidate, cfile, pos, kind)
                 if cand.id in seen:
                     raise BadRecordError(
-                        files.candidates,
+                        cfile,
                         pos,
                         f"duplicate id {cand.id!r}",
                         "id",
@@ -435,8 +472,8 @@ class SelectorDataModule(LightningDataModule):
                 if cand.id not in scores:
                     unrated += 1
                     continue
-                text = self.captions.text_of(cand, self.text_recipe, files.candidates, pos)
-                rated.append(self._entry(cand.image, text, files.candidates, pos))
+                text = self.captions.text_of(cand, self.text_recipe, cfile, pos)
+                rated.append(self._entry(cand.image, text, cfile, pos))
                 rated_scores.append(scores[cand.id])
             except BadRecordError as err:
                 handle_bad(err, on_bad, rep)
@@ -445,7 +482,7 @@ class SelectorDataModule(LightningDataModule):
         orphans = sorted(set(scores) - seen)
         if orphans:
             err = BadRecordError(
-                files.ratings,
+                rated_in[orphans[0]],
                 None,
                 f"{len(orphans)} rating(s) name no candidate, e.g. {orphans[0]!r}",
                 "candidate_id",
@@ -526,6 +563,26 @@ class SelectorDataModule(LightningDataModule):
 
 def _identity(x: Any) -> Any:
     return x
+
+
+def _iter_files(
+    paths: Sequence[Path], on_bad: OnBad, report: RecordReport
+) -> Iterator[tuple[Path, int, str, Any]]:
+    """``(file, position, kind, record)`` of each record of several files, in turn."""
+    for path in paths:
+        for pos, kind, obj in iter_objects(path, on_bad=on_bad, report=report):
+            yield path, pos, kind, obj
+
+
+def upstream_run_of(path: Path) -> str | None:
+    """The MLflow run that wrote ``path``: ``mlflow_run_id`` of the ``manifest.json`` beside it
+    (``generate`` / ``rate`` outputs), when there is one."""
+    manifest = Path(path).parent / "manifest.json"
+    try:
+        run_id = json.loads(manifest.read_text(encoding="utf-8")).get("mlflow_run_id")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return str(run_id) if run_id else None
 
 
 def _preference_positions(path: Path) -> dict[str, tuple[int, str]]:

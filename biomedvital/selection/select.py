@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Literal
 
@@ -18,6 +19,7 @@ from biomedvital.data.jsonio import (
     sha256_file,
     write_json,
 )
+from biomedvital.data.outputs import locks_output
 from biomedvital.data.records import Candidate
 from biomedvital.data.report import BadRecordError, RecordReport
 from biomedvital.tracking.mlflow import DEFAULT_STORE, PipelineRun
@@ -71,21 +73,33 @@ def _read_scores(path: Path, on_bad: str, report: RecordReport) -> dict[str, tup
     return scores
 
 
+def _iter_files(
+    paths: list[Path], on_bad: str, report: RecordReport
+) -> Iterator[tuple[Path, int, str, object]]:
+    """``(file, position, kind, record)`` of each record of several files, in turn."""
+    for path in paths:
+        for pos, kind, obj in iter_objects(path, on_bad=on_bad, report=report):
+            yield path, pos, kind, obj
+
+
+@locks_output("out")
 def select(
     scores: Path,
-    candidates: Path,
+    candidates: Path | list[Path],
     out: Path,
     top_percent: float | None = 80.0,
     top_n: int | None = None,
     on_bad_record: Literal["raise", "skip"] = "raise",
     store: str = DEFAULT_STORE,
     upstream_run: str | None = None,
+    tags: dict[str, str] | None = None,
 ) -> dict:
     """Keep the top candidates by selector score and write ``selected.json`` (LLaVA layout).
 
     Args:
         scores: the ``predict`` output (JSONL of ``{"id", "score"}``).
-        candidates: the scored pool (LLaVA layout, JSONL or JSON array); streamed.
+        candidates: the scored pool (LLaVA layout, JSONL or JSON array), or a list of files
+            read in turn (ids unique across them); streamed.
         out: output folder: ``selected.json`` and ``manifest.json``.
         top_percent: keep this share of the scored pool (paper: 10, 40, 80, 90 %).
         top_n: keep this many instead (overrides ``top_percent``).
@@ -93,10 +107,14 @@ def select(
         store: MLflow store folder.
         upstream_run: MLflow run id of the scoring run (read from the scores' manifest when
             omitted).
+        tags: extra MLflow run tags (a grid's ``grid``/``cell``).
 
     Ties at the threshold are broken by file order, so the count is exact and reproducible.
     """
-    scores, candidates, out = Path(scores), Path(candidates), Path(out)
+    scores, out = Path(scores), Path(out)
+    files = (
+        [Path(candidates)] if isinstance(candidates, (str, Path)) else list(map(Path, candidates))
+    )
     if top_n is None and top_percent is None:
         raise ValueError("give top_percent or top_n")
     if top_n is None and not 0 < float(top_percent) <= 100:
@@ -115,15 +133,13 @@ def select(
     # pass 2 writes only valid records, each id once
     order_scores, order_keys = [], []
     seen: set[str] = set()
-    for pos, kind, obj in iter_objects(
-        candidates, on_bad=on_bad_record, report=reports["candidates"]
-    ):
+    for path, pos, kind, obj in _iter_files(files, on_bad_record, reports["candidates"]):
         score, key = np.nan, np.nan
         try:
-            cid = parse_record(obj, Candidate, candidates, pos, kind).id
+            cid = parse_record(obj, Candidate, path, pos, kind).id
             if cid in seen:
                 raise BadRecordError(
-                    candidates,
+                    path,
                     pos,
                     f"duplicate id {cid!r}",
                     "id",
@@ -155,16 +171,18 @@ def select(
     written, unscored = 0, int(len(arr) - scored)
     with (
         atomic_write(out / "selected.json") as f,
-        PipelineRun("selection", "select", store, {"upstream_run": upstream_run}) as run,
+        PipelineRun(
+            "selection", "select", store, {**(tags or {}), "upstream_run": upstream_run}
+        ) as run,
     ):
         f.write("[\n")
-        items = iter_objects(candidates, on_bad=on_bad_record, report=RecordReport())
-        for i, (pos, kind, obj) in enumerate(
+        items = _iter_files(files, on_bad_record, RecordReport())
+        for i, (path, pos, kind, obj) in enumerate(
             tqdm(items, total=len(arr), desc="select", unit="cand")
         ):
             if not keep[i]:
                 continue
-            cand = parse_record(obj, Candidate, candidates, pos, kind)
+            cand = parse_record(obj, Candidate, path, pos, kind)
             f.write(
                 ("," if written else "")
                 + json.dumps(cand.model_dump(by_alias=True, exclude_none=True), ensure_ascii=False)
@@ -172,6 +190,7 @@ def select(
             )
             written += 1
         f.write("]\n")
+        cand_inputs = [{"path": str(f), "sha256": sha256_file(f)} for f in files]
         hist, edges = np.histogram(arr[np.isfinite(arr)], bins=10, range=(0.0, 1.0))
         manifest = {
             "kept": written,
@@ -185,14 +204,14 @@ def select(
             },
             "inputs": {
                 "scores": {"path": str(scores), "sha256": sha256_file(scores)},
-                "candidates": {"path": str(candidates), "sha256": sha256_file(candidates)},
+                "candidates": cand_inputs[0] if len(cand_inputs) == 1 else cand_inputs,
             },
             "records": {k: r.as_dict() for k, r in reports.items()},
             "upstream_run": upstream_run,
             "mlflow_run_id": run.run_id,
             "config": {
                 "scores": str(scores),
-                "candidates": str(candidates),
+                "candidates": str(files[0]) if len(files) == 1 else [str(f) for f in files],
                 "out": str(out),
                 "top_percent": top_percent,
                 "top_n": top_n,

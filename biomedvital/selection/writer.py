@@ -12,6 +12,7 @@ from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import BasePredictionWriter
 
 from biomedvital.data.jsonio import write_json
+from biomedvital.data.outputs import acquire_output, release_output
 from biomedvital.data.report import BadRecordError
 
 
@@ -38,6 +39,7 @@ class ScoreWriter(BasePredictionWriter):
         self._skipped: Counter[str] = Counter()
         self._examples: list[str] = []
         self._hist = [0] * 10
+        self._locked: Path | None = None
 
     def on_predict_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if trainer.world_size > 1:
@@ -45,6 +47,8 @@ class ScoreWriter(BasePredictionWriter):
         if not self._output:
             self.output = Path(trainer.default_root_dir) / "scores.jsonl"
         self.output.parent.mkdir(parents=True, exist_ok=True)
+        if self._locked is None:  # one run per output folder (reentrant under the CLI's lock)
+            self._locked = acquire_output(self.output.parent)
         self._tmp = self.output.with_name(f".{self.output.name}.tmp-{os.getpid()}")
         self._fh = open(self._tmp, "w", encoding="utf-8")  # noqa: SIM115 - spans the predict loop
         self._seen.clear()
@@ -123,6 +127,15 @@ class ScoreWriter(BasePredictionWriter):
             logger.log_metrics(
                 {"predict/scored": len(self._seen), "predict/skipped": manifest["skipped"]}
             )
+        self._release()
+
+    def _release(self) -> None:
+        if self._locked is not None:
+            release_output(self._locked)
+            self._locked = None
+
+    def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        self._release()
 
     def on_exception(
         self, trainer: Trainer, pl_module: LightningModule, exception: BaseException
@@ -132,6 +145,7 @@ class ScoreWriter(BasePredictionWriter):
             self._fh = None
         if self._tmp is not None and self._tmp.exists():
             self._tmp.unlink()
+        self._release()
 
 
 def _valid_positions(batch: Any, n: int) -> list[tuple[int | None, str]]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.cli import SaveConfigCallback
 
 from biomedvital.data.jsonio import atomic_write, write_json
@@ -16,13 +16,71 @@ def _trained_by(ckpt_path: str | None) -> str | None:
     """The MLflow run that wrote a checkpoint (memory-mapped: no tensor is read)."""
     if not ckpt_path or not Path(ckpt_path).is_file():
         return None
-    import torch
+    from biomedvital.tracking.checkpoints import load_checkpoint
 
-    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True)
-    return ckpt.get("mlflow_run_id")
+    return load_checkpoint(ckpt_path, mmap=True).get("mlflow_run_id")
 
 
-class RecordRun(SaveConfigCallback):
+def lineage_tags(upstream: dict[str, list[str]], client: Any) -> dict[str, str]:
+    """``upstream_<stage>`` tags (``upstream_generate``, ``upstream_rate``…) for the runs that
+    wrote a data module's inputs; the stage is the run's MLflow name, else the file role."""
+    tags: dict[str, list[str]] = {}
+    for role, run_ids in upstream.items():
+        for run_id in run_ids:
+            try:
+                name = client.get_run(run_id).info.run_name or role
+            except Exception:  # a run of another store: the role still names it
+                name = role
+            tags.setdefault(f"upstream_{name}", []).append(run_id)
+    return {k: ",".join(dict.fromkeys(v)) for k, v in tags.items()}
+
+
+_END_METRICS = "biomedvital_fit_metrics"
+
+
+class EndOfFit(Callback):
+    """A callback whose end-of-training output is also written when a rerun finds training done.
+
+    A run killed after its last checkpoint but before ``on_train_end`` finished writing leaves
+    a complete checkpoint and an incomplete output folder. ``--ckpt_path last`` then restores a
+    finished loop, and Lightning skips the training loop, ``on_train_end`` included. Here the
+    metrics are kept in every checkpoint, and such a rerun calls :meth:`end_of_fit` from
+    ``on_fit_end`` with the metrics the interrupted run had, so its outputs match an
+    uninterrupted run's.
+    """
+
+    def end_of_fit(
+        self, trainer: Trainer, pl_module: LightningModule, metrics: dict[str, float]
+    ) -> None:
+        """Write the end-of-training outputs."""
+
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._train_ended = True
+        self.end_of_fit(trainer, pl_module, _metrics(trainer))
+
+    def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        ended, self._train_ended = getattr(self, "_train_ended", False), False
+        if ended or not trainer.fit_loop.done:
+            return
+        metrics = getattr(self, "_restored_metrics", None)
+        self.end_of_fit(trainer, pl_module, metrics if metrics is not None else _metrics(trainer))
+
+    def on_save_checkpoint(
+        self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        checkpoint[_END_METRICS] = _metrics(trainer)
+
+    def on_load_checkpoint(
+        self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        self._restored_metrics = checkpoint.get(_END_METRICS)
+
+
+def _metrics(trainer: Trainer) -> dict[str, float]:
+    return {k: float(v) for k, v in trainer.callback_metrics.items()}
+
+
+class RecordRun(SaveConfigCallback, EndOfFit):
     """Logs the resolved config as an MLflow artifact and writes ``run.json`` + ``config.yaml``
     into the trainer's ``default_root_dir``.
 
@@ -52,8 +110,21 @@ class RecordRun(SaveConfigCallback):
         if trainer.is_global_zero and upstream and logger is not None and hasattr(logger, "run_id"):
             logger.experiment.set_tag(logger.run_id, "upstream_run", upstream)
 
+    def _tag_data_lineage(self, trainer: Trainer) -> None:
+        # the runs that wrote the data module's inputs (generated candidates, judge ratings)
+        logger, dm = trainer.logger, trainer.datamodule
+        if not trainer.is_global_zero or logger is None or not hasattr(logger, "run_id"):
+            return
+        if hasattr(dm, "upstream_runs"):
+            for key, value in lineage_tags(dm.upstream_runs(), logger.experiment).items():
+                logger.experiment.set_tag(logger.run_id, key, value)
+
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._tag_data_lineage(trainer)
+
     def on_predict_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._tag_upstream(trainer)
+        self._tag_data_lineage(trainer)
 
     def on_test_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._tag_upstream(trainer)
@@ -62,8 +133,10 @@ class RecordRun(SaveConfigCallback):
         if trainer.state.fn == "validate":
             self._tag_upstream(trainer)
 
-    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._describe(trainer, pl_module, "fit")
+    def end_of_fit(
+        self, trainer: Trainer, pl_module: LightningModule, metrics: dict[str, float]
+    ) -> None:
+        self._describe(trainer, pl_module, "fit", metrics)
 
     def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if not trainer.training and trainer.state.fn == "validate":
@@ -72,7 +145,13 @@ class RecordRun(SaveConfigCallback):
     def on_test_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._describe(trainer, pl_module, "test")
 
-    def _describe(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+    def _describe(
+        self,
+        trainer: Trainer,
+        pl_module: LightningModule,
+        stage: str,
+        metrics: dict[str, float] | None = None,
+    ) -> None:
         if not trainer.is_global_zero:
             return
         dm = trainer.datamodule
@@ -80,7 +159,7 @@ class RecordRun(SaveConfigCallback):
             "stage": stage,
             "git": git_state(),
             "mlflow_run_id": getattr(trainer.logger, "run_id", None),
-            "metrics": {k: float(v) for k, v in trainer.callback_metrics.items()},
+            "metrics": _metrics(trainer) if metrics is None else metrics,
             "data": dm.describe() if hasattr(dm, "describe") else {},
             "dropped_pairs": getattr(pl_module, "dropped_pairs", 0),
             "best_checkpoint": getattr(trainer.checkpoint_callback, "best_model_path", None),

@@ -1,11 +1,53 @@
-"""Checkpoints inside the run's own output folder, so that every folder describes itself."""
+"""Checkpoints inside the run's own output folder, written atomically and read without pickle."""
 
 from __future__ import annotations
 
+import os
+import pickle
+import secrets
 from pathlib import Path
+from typing import Any
+from weakref import proxy
 
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
+
+
+class UnsafeCheckpointError(ValueError):
+    """A checkpoint holding Python objects that only a full (code-running) unpickle could load."""
+
+
+def unsafe_checkpoint_message(path: Any, err: BaseException) -> str:
+    """A short reason naming the checkpoint and the first object ``weights_only`` refused."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    detail = next(
+        (line for line in lines if "global" in line.lower()),
+        lines[0] if lines else type(err).__name__,
+    )
+    return (
+        f"{path}: refused to load: it holds Python objects beyond tensors and plain containers "
+        f"({detail}). Checkpoints are read with torch.load(weights_only=True), which never runs "
+        "code from the file; if you trust the file, pass --weights_only false"
+    )
+
+
+def load_checkpoint(
+    path: str | os.PathLike[str], *, mmap: bool = False, trusted: bool = False
+) -> dict[str, Any]:
+    """``torch.load`` on CPU with ``weights_only=True`` (``trusted=True``: the user's explicit
+    opt-in to a full unpickle); a file that needs more raises :class:`UnsafeCheckpointError`."""
+    import torch
+
+    try:
+        return torch.load(path, map_location="cpu", weights_only=not trusted, mmap=mmap)
+    except pickle.UnpicklingError as e:
+        raise UnsafeCheckpointError(unsafe_checkpoint_message(path, e)) from e
+
+
+def _single_file(trainer: Trainer) -> bool:
+    from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
+
+    return isinstance(trainer.strategy, SingleDeviceStrategy | DDPStrategy)
 
 
 class Checkpoints(ModelCheckpoint):
@@ -13,7 +55,10 @@ class Checkpoints(ModelCheckpoint):
 
     With MLflow, Lightning would otherwise put checkpoints under a per-run id, where
     ``--ckpt_path last`` cannot find them after a restart and a grid cannot tell its cells apart.
-    Every argument is ``ModelCheckpoint``'s.
+    Single-file checkpoints are written to a temporary file beside the target and renamed onto
+    it (Lightning's own transaction stages them in the system temp folder, which is a copy, not
+    a rename, when that is another file system): a killed run leaves the previous checkpoint
+    whole. Every argument is ``ModelCheckpoint``'s.
     """
 
     def _default_dir(self, trainer: Trainer) -> None:
@@ -28,3 +73,36 @@ class Checkpoints(ModelCheckpoint):
         # ``--ckpt_path last`` is resolved before ``setup``: the folder must be known here too
         self._default_dir(trainer)
         return super()._find_last_checkpoints(trainer)
+
+    def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        super().on_train_epoch_end(trainer, pl_module)
+        if self._should_save_on_train_epoch_end(trainer):
+            self._save_last_anyway(trainer)
+
+    def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        super().on_validation_end(trainer, pl_module)
+        if not self._should_save_on_train_epoch_end(trainer):
+            self._save_last_anyway(trainer)
+
+    def _save_last_anyway(self, trainer: Trainer) -> None:
+        # Lightning 2.5+ writes ``last`` only at steps where a top-k checkpoint was written: with
+        # a monitor that did not improve, ``--ckpt_path last`` would resume from an older epoch
+        if self.save_last and not self._should_skip_saving_checkpoint(trainer):
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+
+    def _save_checkpoint(self, trainer: Trainer, filepath: str) -> None:
+        if not _single_file(trainer):
+            super()._save_checkpoint(trainer, filepath)
+            return
+        target = Path(filepath)
+        tmp = target.with_name(f".{target.name}.{secrets.token_hex(6)}.tmp")
+        trainer.save_checkpoint(tmp, self.save_weights_only)
+        if trainer.is_global_zero:
+            os.replace(tmp, target)
+        trainer.strategy.barrier("checkpoint")
+        # what ModelCheckpoint._save_checkpoint does after writing
+        self._last_global_step_saved = trainer.global_step
+        self._last_checkpoint_saved = filepath
+        if trainer.is_global_zero:
+            for logger in trainer.loggers:
+                logger.after_save_checkpoint(proxy(self))

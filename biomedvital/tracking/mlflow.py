@@ -1,11 +1,13 @@
-"""The project's MLflow store: one sqlite database under ``mlruns/``, one experiment per stage."""
+"""The project's MLflow store: one sqlite database under ``mlruns/``, one experiment per stage.
+
+Free of Lightning (and torch), so pipeline verbs (``generate``, ``rate``, ``select``…) start fast
+and small; the Trainer's logger is :class:`biomedvital.tracking.logger.MLflowLogger`.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
-
-from lightning.pytorch.loggers import MLFlowLogger
 
 from biomedvital.tracking.provenance import git_state
 
@@ -31,44 +33,6 @@ def run_tags(extra: dict[str, Any] | None = None) -> dict[str, str]:
         if value is not None:
             tags[key] = str(value)
     return tags
-
-
-class MLflowLogger(MLFlowLogger):
-    """Lightning's MLflow logger bound to the project's sqlite store, with provenance tags.
-
-    Args:
-        experiment: the stage the run belongs to (``selection``, ``tuning``, ``evaluation``...).
-        run_name: a readable name shown in the MLflow UI.
-        store: folder holding ``mlflow.db`` and the artifacts.
-        tags: extra tags, e.g. ``upstream_run`` (the run whose outputs this one consumed),
-            ``grid`` and ``cell`` for ablation grids.
-    """
-
-    def __init__(
-        self,
-        experiment: str = "selection",
-        run_name: str | None = None,
-        store: str = DEFAULT_STORE,
-        tags: dict[str, str] | None = None,
-    ) -> None:
-        super().__init__(
-            experiment_name=experiment,
-            run_name=run_name,
-            tracking_uri=tracking_uri(store),
-            tags=run_tags(tags),
-            save_dir=None,
-            artifact_location=artifact_location(store, experiment),
-            log_model=False,
-        )
-        self.store = store
-
-    def log_text(self, text: str, artifact_file: str) -> None:
-        """Store ``text`` as an artifact of this run (configs, reports, manifests)."""
-        self.experiment.log_text(self.run_id, text, artifact_file)
-
-    def log_dict(self, obj: dict, artifact_file: str) -> None:
-        """Store a JSON-serialisable dict as an artifact of this run."""
-        self.experiment.log_dict(self.run_id, obj, artifact_file)
 
 
 class PipelineRun:
@@ -118,3 +82,11 @@ class PipelineRun:
 
     def log_dict(self, obj: dict, artifact_file: str) -> None:
         self.client.log_dict(self.run_id, obj, artifact_file)
+
+
+def __getattr__(name: str):  # ``biomedvital.tracking.mlflow.MLflowLogger``, imported on use
+    if name == "MLflowLogger":
+        from biomedvital.tracking.logger import MLflowLogger
+
+        return MLflowLogger
+    raise AttributeError(name)

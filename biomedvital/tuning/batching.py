@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -54,9 +54,13 @@ class GroupedBatchSampler(Sampler[list[int]]):
         longest_first: bool = True,
         num_replicas: int = 1,
         rank: int = 0,
+        split: Literal["fixed", "min_padding"] = "fixed",
     ) -> None:
         if batch_size < 1 or megabatch < 1:
             raise ValueError("batch_size and megabatch must be >= 1")
+        if split not in ("fixed", "min_padding"):
+            raise ValueError(f"split must be 'fixed' or 'min_padding', got {split!r}")
+        self.split = split
         self.lengths, self.groups = list(lengths), list(groups)
         self.batch_size, self.seed, self.megabatch = batch_size, seed, megabatch
         self.shuffle, self.longest_first = shuffle, longest_first
@@ -80,7 +84,14 @@ class GroupedBatchSampler(Sampler[list[int]]):
                 starts.pop()  # a short last megabatch is sorted with the one before it
             for k, end in zip(starts, [*starts[1:], len(idx)], strict=True):
                 chunk = sorted(idx[k:end], key=lambda i: -self.lengths[i])
-                out += [chunk[j : j + step] for j in range(0, len(chunk), step)]
+                if self.split == "min_padding":
+                    sizes = min_padding_sizes(
+                        [self.lengths[i] for i in chunk], step, self.num_replicas
+                    )
+                    cuts = np.cumsum([0, *sizes]).tolist()
+                    out += [chunk[a:b] for a, b in zip(cuts[:-1], cuts[1:], strict=True)]
+                else:
+                    out += [chunk[j : j + step] for j in range(0, len(chunk), step)]
         if self.shuffle and out:
             out = [out[j] for j in torch.randperm(len(out), generator=g).tolist()]
         if self.longest_first and out:
@@ -109,6 +120,47 @@ class GroupedBatchSampler(Sampler[list[int]]):
             full, rest = divmod(n, mb)
             total += full * self.megabatch + -(-rest // step)
         return total
+
+
+def min_padding_sizes(lengths_desc: Sequence[int], max_size: int, unit: int = 1) -> list[int]:
+    """Batch sizes cutting a length-sorted (longest first) run into ``ceil(n / max_size)``
+    contiguous batches with the fewest pad tokens (exact, by dynamic programming).
+
+    The number of batches, hence of optimiser steps and the learning-rate schedule, is that of
+    fixed-size batches; sizes vary between ``unit`` and ``max_size``: a long tail sample no longer
+    forces three shorter ones to pad up to it. Every size is a multiple of ``unit`` (the process
+    count, so each rank gets an equal share) except the last batch's, which takes the remainder.
+    """
+    n = len(lengths_desc)
+    if n == 0:
+        return []
+    lengths = np.asarray(lengths_desc, dtype=np.int64)
+    if np.any(lengths[:-1] < lengths[1:]):
+        raise ValueError("lengths must be sorted longest first")
+    k_total = -(-n // max_size)
+    inf = np.iinfo(np.int64).max // 4
+    cost = np.full(n + 1, inf, dtype=np.int64)  # cost[i]: best padded tokens of the first i
+    cost[0] = 0
+    choice = np.zeros((k_total + 1, n + 1), dtype=np.int64)
+    for k in range(1, k_total + 1):
+        new = np.full(n + 1, inf, dtype=np.int64)
+        for size in range(1, min(max_size, n) + 1):
+            # a batch of `size` ending at i costs lengths[i - size] * size (its longest sample)
+            cand = cost[: n + 1 - size] + lengths[: n + 1 - size] * size
+            end = np.arange(size, n + 1)
+            if size % unit:
+                cand, end = cand[-1:], end[-1:]  # only the last batch may break the unit
+            better = cand < new[end]
+            new[end[better]] = cand[better]
+            choice[k, end[better]] = size
+        cost = new
+    sizes, i = [], n
+    for k in range(k_total, 0, -1):
+        sizes.append(int(choice[k, i]))
+        i -= sizes[-1]
+    if i != 0 or cost[n] >= inf:  # cannot happen for unit <= max_size; a guard, not a path
+        raise AssertionError("min_padding_sizes found no split")
+    return sizes[::-1]
 
 
 class TuningDataset(Dataset):

@@ -25,6 +25,9 @@ from typing import Any
 
 import torch
 
+from biomedvital.data.jsonio import atomic_write
+from biomedvital.tracking.checkpoints import load_checkpoint
+
 META_FILE = "meta.pt"  # Lightning's _METADATA_FILENAME
 
 
@@ -58,10 +61,10 @@ def load_sharded_checkpoint(folder: str | Path) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="consolidate-") as tmp:
         flat = Path(tmp) / "flat.pt"
         dcp_to_torch_save(folder, flat)  # reads every shard in this one process
-        checkpoint: dict[str, Any] = torch.load(flat, map_location="cpu", weights_only=False)
+        checkpoint: dict[str, Any] = load_checkpoint(flat)
     meta = folder / META_FILE
-    if meta.is_file():
-        checkpoint.update(torch.load(meta, map_location="cpu", weights_only=False))
+    if meta.is_file():  # weights_only: a checkpoint folder is data, never code to run
+        checkpoint.update(load_checkpoint(meta))
     names = sorted(
         (k for k in checkpoint if re.fullmatch(r"optimizer_\d+", k)), key=lambda k: int(k[10:])
     )
@@ -78,7 +81,8 @@ def consolidate_checkpoint(src: str | Path, dst: str | Path, optimizer: bool = T
         checkpoint.pop("optimizer_states", None)
     dst = Path(dst)
     dst.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(checkpoint, dst)
+    with atomic_write(dst, "wb") as f:  # a killed run leaves no half-written checkpoint
+        torch.save(checkpoint, f)
     return dst
 
 

@@ -49,6 +49,10 @@ class TunerDataModule(LightningDataModule):
             ``image``).
         megabatch: global batches sorted together when grouping by length; larger groups pad
             less but make batch order less random.
+        batch_split: how a length-sorted megabatch is cut into batches: ``fixed`` (every batch
+            ``batch_size``, LLaVA's way) or ``min_padding`` (the same number of batches, sizes
+            from 1 to ``batch_size`` chosen to pad least: same steps and schedule, fewer wasted
+            tokens; with several processes the cut depends on their count).
         val_fraction: share of images held out (all of an image's samples on one side) for
             ``val/loss``; 0 trains on everything, as the paper.
         num_workers: DataLoader worker processes (image decoding and preprocessing).
@@ -71,6 +75,7 @@ class TunerDataModule(LightningDataModule):
         group_by: Literal["modality_length", "length", "none"] = "modality_length",
         modality_field: str = "modality",
         megabatch: int = 8,
+        batch_split: Literal["fixed", "min_padding"] = "fixed",
         val_fraction: float = 0.0,
         num_workers: int = 2,
         seed: int = 0,
@@ -84,6 +89,7 @@ class TunerDataModule(LightningDataModule):
         self.max_length, self.system_prompt = max_length, system_prompt
         self.batch_size, self.group_by, self.modality_field = batch_size, group_by, modality_field
         self.megabatch, self.val_fraction = megabatch, val_fraction
+        self.batch_split = batch_split
         self.num_workers, self.seed = num_workers, seed
         self.on_bad_record, self.verify_images = on_bad_record, verify_images
         self.processor: Any = None
@@ -203,6 +209,7 @@ class TunerDataModule(LightningDataModule):
             longest_first=by_length,
             num_replicas=world,
             rank=rank,
+            split=self.batch_split if by_length else "fixed",
         )
 
     def _loader(self, name: str, shuffle: bool) -> DataLoader:
@@ -221,6 +228,16 @@ class TunerDataModule(LightningDataModule):
         )
 
     # -- what the run records --------------------------------------------------------------
+
+    def upstream_runs(self) -> dict[str, list[str]]:
+        """The ``select`` run that wrote the data (its manifest beside it), for lineage tags."""
+        manifest = self.data.parent / "manifest.json"
+        try:
+            m = json.loads(manifest.read_text()) if manifest.is_file() else {}
+            run_id = m.get("mlflow_run_id") or m.get("run_id")
+        except (ValueError, AttributeError, OSError):
+            run_id = None
+        return {"selected": [run_id]} if isinstance(run_id, str) and run_id else {}
 
     def describe(self) -> dict[str, Any]:
         """Input (hash, upstream selection run), kept/skipped/truncated counts, token totals."""

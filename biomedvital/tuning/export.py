@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
+import os
+import secrets
 import shutil
 from pathlib import Path
 from typing import Any
 
-from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch import LightningModule, Trainer
 
 from biomedvital.data.jsonio import write_json
+from biomedvital.data.outputs import LOCK_NAME, acquire_output, release_output
+from biomedvital.tracking.callbacks import EndOfFit
 from biomedvital.tracking.provenance import git_state
 
 
-class ExportTuned(Callback):
+class ExportTuned(EndOfFit):
     """Writes ``dirpath/`` when training ends (rank zero; with FSDP2 every rank helps gather
     the full tensors first, so the export loads in one process like an unsharded run's):
 
@@ -23,35 +27,65 @@ class ExportTuned(Callback):
     (MLflow run id, git state, final metrics).
 
     Args:
-        dirpath: the export folder.
+        dirpath: the export folder (default ``<trainer.default_root_dir>/export``, so a run
+            moved elsewhere by ``--trainer.default_root_dir`` exports there too).
         adapter: write the PEFT adapter (LoRA mode).
         merged: write the merged model (needs host memory for a second copy of the model).
     """
 
-    def __init__(self, dirpath: str, adapter: bool = True, merged: bool = True) -> None:
-        self.dirpath, self.adapter, self.merged = Path(dirpath), adapter, merged
+    def __init__(
+        self, dirpath: str | None = None, adapter: bool = True, merged: bool = True
+    ) -> None:
+        self.dirpath = Path(dirpath) if dirpath else None  # type: ignore[assignment]
+        self.adapter, self.merged = adapter, merged
+        self._locked: Path | None = None
 
-    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if self.dirpath is None:
+            self.dirpath = Path(trainer.default_root_dir) / "export"
+        # one run per export folder, checked before training rather than after it
+        if stage == "fit" and trainer.is_global_zero and self._locked is None:
+            self._locked = acquire_output(self.dirpath)
+            for stale in self.dirpath.parent.glob(f".{self.dirpath.name}.tmp-*"):
+                shutil.rmtree(stale, ignore_errors=True)  # a killed run's unfinished export
+
+    def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if self._locked is not None:
+            release_output(self._locked)
+            self._locked = None
+
+    def on_exception(
+        self, trainer: Trainer, pl_module: LightningModule, exception: BaseException
+    ) -> None:
+        self.teardown(trainer, pl_module, "fit")
+
+    def end_of_fit(
+        self, trainer: Trainer, pl_module: LightningModule, metrics: dict[str, float]
+    ) -> None:
         out = self.dirpath
         sharded = getattr(pl_module, "is_sharded", lambda: False)()
         if not sharded and not trainer.is_global_zero:
             return
+        # written in full beside the export folder, then swapped in: a killed run leaves the
+        # previous export (or none) and a temporary folder the next run removes
+        tmp = out.with_name(f".{out.name}.tmp-{secrets.token_hex(6)}")
         if trainer.is_global_zero:
-            out.mkdir(parents=True, exist_ok=True)
+            tmp.mkdir(parents=True)
         # sharded (FSDP2): every rank takes part in gathering the full tensors; rank 0 writes
-        written = pl_module.export(out, adapter=self.adapter, merged=self.merged)  # type: ignore[operator]
+        written = pl_module.export(tmp, adapter=self.adapter, merged=self.merged)  # type: ignore[operator]
         if not trainer.is_global_zero:
             trainer.strategy.barrier("export")
             return
+        written = {k: str(out / Path(v).relative_to(tmp)) for k, v in written.items()}
         config = Path(trainer.default_root_dir) / "config.fit.yaml"
         if config.is_file():
-            shutil.copyfile(config, out / "config.yaml")
+            shutil.copyfile(config, tmp / "config.yaml")
         dm = trainer.datamodule
         manifest: dict[str, Any] = dm.describe() if hasattr(dm, "describe") else {}
         manifest["bad_images_during_training"] = getattr(pl_module, "bad_images", 0)
-        write_json(out / "data_manifest.json", manifest)
+        write_json(tmp / "data_manifest.json", manifest)
         write_json(
-            out / "run.json",
+            tmp / "run.json",
             {
                 "mlflow_run_id": getattr(trainer.logger, "run_id", None),
                 "git": git_state(),
@@ -59,12 +93,27 @@ class ExportTuned(Callback):
                 "mode": pl_module.hparams.get("mode"),
                 "global_step": trainer.global_step,
                 "epoch": trainer.current_epoch,
-                "metrics": {k: float(v) for k, v in trainer.callback_metrics.items()},
+                "metrics": metrics,
                 "written": written,
             },
         )
+        _swap_in(tmp, out)
         logger = trainer.logger
         if logger is not None and hasattr(logger, "log_dict"):
             logger.log_dict(manifest, "export/data_manifest.json")
         if sharded:
             trainer.strategy.barrier("export")
+
+
+def _swap_in(tmp: Path, out: Path) -> None:
+    """Put the finished folder ``tmp`` in the place of ``out`` (two renames, old one removed).
+    The folder's lock file moves along (same inode, still locked), so the lock is never lost."""
+    if (out / LOCK_NAME).exists():
+        os.rename(out / LOCK_NAME, tmp / LOCK_NAME)
+    old = None
+    if out.exists():
+        old = out.with_name(f".{out.name}.tmp-{secrets.token_hex(6)}")
+        os.rename(out, old)
+    os.rename(tmp, out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)

@@ -57,6 +57,9 @@ class LlavaTuner(LightningModule):
         min_lr_ratio: the cosine schedule's floor as a share of each group's lr (LLaVA: 0).
         gradient_checkpointing: recompute activations in the backward pass (less memory,
             about a third more compute); non-reentrant, so frozen inputs need no hooks.
+        checkpoint_every: with ``gradient_checkpointing``, recompute only every k-th decoder
+            layer (1: all). Memory left over by a batch is better spent keeping activations
+            than recomputing them: k = 2 halves the recompute (``bench/tuner_mfu.py``).
         dtype: dtype the weights are loaded in (``None``: the checkpoint's for ``hf:``/
             ``local-dir:``, float32 for ``tiny:``). Mixed precision is the trainer's
             ``precision``; on CPU keep float32 (bf16 autocast is slow there).
@@ -87,6 +90,7 @@ class LlavaTuner(LightningModule):
         warmup_ratio: float = 0.03,
         min_lr_ratio: float = 0.0,
         gradient_checkpointing: bool = False,
+        checkpoint_every: int = 1,
         dtype: DType | None = None,
         init_seed: int = 0,
         checkpoint_trainable_only: bool = True,
@@ -102,11 +106,10 @@ class LlavaTuner(LightningModule):
         self.processor = bundle.processor
         base = bundle.model
         base.config.use_cache = False
+        if checkpoint_every < 1:
+            raise ValueError(f"checkpoint_every must be >= 1, got {checkpoint_every}")
         if gradient_checkpointing:
-            if hasattr(base, "activation_checkpointing_enable"):  # transformers >= 5.x name
-                base.activation_checkpointing_enable({"use_reentrant": False})
-            else:
-                base.gradient_checkpointing_enable({"use_reentrant": False})
+            enable_checkpointing(base, checkpoint_every)
         base.requires_grad_(mode == "full")
         if mode == "lora":
             self.model = self._wrap_lora(base)
@@ -418,3 +421,18 @@ def cosine_with_warmup(step: int, warmup: int, total: int, floor: float = 0.0) -
         return (step + 1) / warmup
     progress = min((step - warmup) / max(total - warmup, 1), 1.0)
     return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def enable_checkpointing(model: nn.Module, every: int = 1) -> int:
+    """Non-reentrant activation checkpointing on every ``every``-th language-model decoder
+    layer (all layers of the model when ``every`` is 1); returns how many decoder layers
+    recompute. Layers left out keep their activations: less recompute, more memory."""
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x name
+        model.activation_checkpointing_enable({"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable({"use_reentrant": False})
+    layers = model.model.language_model.layers
+    for i, layer in enumerate(layers):
+        if i % every:
+            layer.gradient_checkpointing = False  # the instance attribute shadows the class's
+    return sum(1 for layer in layers if layer.gradient_checkpointing)

@@ -11,9 +11,11 @@ import pytest
 from fakeapi import KEY_ENV, SECRET, FakeAPI
 
 from biomedvital.generation.client import (
+    ChatClient,
     ChatRequest,
     ClientConfig,
     Journal,
+    JournalBusy,
     TokenBucket,
     cost_of,
     parse_retry_after,
@@ -168,4 +170,31 @@ def test_journal_skips_garbage_lines(tmp_path: Path) -> None:
     p = tmp_path / "j.jsonl"
     p.write_text('{"key": "a", "response": {}}\nnot json\n{"key": "b", "response": {}}\n')
     j = Journal(p)
-    assert set(j.entries) == {"a", "b"} and j.torn_lines == 1
+    assert set(j.keys()) == {"a", "b"} and j.torn_lines == 1
+    j.close()
+
+
+def test_requests_are_pulled_as_room_frees(api: FakeAPI, tmp_path: Path) -> None:
+    """A stream of requests is consumed lazily: never more than ~3 × concurrency ahead."""
+    api.delay_s = 0.01
+    conc = 2
+    ahead: list[int] = []
+    with Journal(tmp_path / "j.jsonl") as journal:
+
+        def stream():
+            for i in range(60):
+                ahead.append(i - len(journal))
+                yield _req(f"q{i}")
+
+        res = ChatClient(_config(api, concurrency=conc), journal).fill(stream(), progress=False)
+    assert res.ledger.done == 60 and max(ahead) <= 3 * conc + 1
+
+
+def test_journal_reads_from_disk_and_is_locked(api: FakeAPI, tmp_path: Path) -> None:
+    path = tmp_path / "journal.jsonl"
+    _run(api, tmp_path, ["a", "b"])
+    with Journal(path) as j:
+        assert len(j) == 2 and all(j.get(k)["response"]["content"] for k in j)
+        with pytest.raises(JournalBusy, match="in use by another process"):
+            Journal(path)
+    Journal(path).close()  # released at close

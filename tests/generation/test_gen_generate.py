@@ -84,20 +84,41 @@ def test_generate_writes_candidates_and_resumes(api: FakeAPI, tmp_path: Path, ml
     assert len(keys) == len(set(keys)) == 4
 
 
-def test_secret_never_written(api: FakeAPI, tmp_path: Path) -> None:
-    store = tmp_path / "mlruns"
-    inputs = write_inputs(tmp_path / "in", n_figures=1)
-    m = _gen(api, inputs, tmp_path / "out", str(store))
-    for p in [*tmp_path.rglob("*")]:
-        if p.is_file():
-            assert SECRET.encode() not in p.read_bytes(), p
+def test_secret_never_written(api: FakeAPI, tmp_path: Path, mlstore: str) -> None:
+    """The key reaches the server only: not the journal, outputs, manifest, MLflow params, tags
+    or artifacts, not even when a server echoes it back in an error or an answer."""
+    inputs = write_inputs(tmp_path / "in", n_figures=3, markers={1: "ECHO-ERR", 2: "ECHO-OK"})
+    api.arm("ECHO-ERR", "echo-auth")
+    api.arm("ECHO-OK", "echo-auth-content")
+    m = _gen(api, inputs, tmp_path / "out", mlstore)
+    assert api.auth[0] == f"Bearer {SECRET}"
+    failed = {f["pair_id"]: f for f in map(json.loads, (tmp_path / "out" / "failed.jsonl").open())}
+    assert failed["PMC1_F1"]["reason"] == "http_401: bad key: Bearer ***"
+    assert "Bearer ***" in failed["PMC2_F2"]["raw"]
+    for root in (tmp_path, Path(mlstore)):
+        for p in root.rglob("*"):
+            if p.is_file():
+                assert SECRET.encode() not in p.read_bytes(), p
     from mlflow.tracking import MlflowClient
 
-    client = MlflowClient(tracking_uri=f"sqlite:///{store.resolve() / 'mlflow.db'}")
+    client = MlflowClient(tracking_uri=f"sqlite:///{Path(mlstore).resolve() / 'mlflow.db'}")
     run = client.get_run(m["mlflow_run_id"])
     assert run.data.params["api_key_env"] == KEY_ENV
     blob = json.dumps([run.data.params, run.data.tags])
     assert SECRET not in blob and run.data.metrics["generate/written"] == 1
+
+
+def test_urls_are_masked_in_records() -> None:
+    from biomedvital.generation.client import ClientConfig, safe_url
+
+    assert (
+        safe_url("https://u:pw@host/v1?api-key=abc&x=1")
+        == "https://u:***@host/v1?api-key=***&x=***"
+    )
+    assert (
+        ClientConfig(base_url="http://tok@h/v1", model="m").public()["base_url"]
+        == "http://***@h/v1"
+    )
 
 
 def test_dry_run_calls_nothing(api: FakeAPI, tmp_path: Path, capsys, monkeypatch) -> None:

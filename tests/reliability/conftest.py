@@ -1,0 +1,30 @@
+"""Session fixtures of the reliability tests: a fork server and the demo chain run once."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+from kill_harness import ForkServer
+from reliability_helpers import KEY_ENVS, SECRET, Chain, build_chain, run_reference
+
+SECRET_ENV: dict[str, str | None] = {k: SECRET for k in KEY_ENVS}
+"""Every run of these tests has a recognisable API key in its environment."""
+
+
+@pytest.fixture(scope="session")
+def fork_server() -> Iterator[ForkServer]:
+    server = ForkServer()
+    try:
+        yield server
+    finally:
+        server.close()
+
+
+@pytest.fixture(scope="session")
+def chain(tmp_path_factory: pytest.TempPathFactory, fork_server: ForkServer) -> Chain:
+    """The demo chain (selector fit, predict, select, tuner fit, test) run once, uninterrupted,
+    with the API key in the environment: the reference of every crash-resume trial."""
+    chain = build_chain(tmp_path_factory.mktemp("chain"))
+    run_reference(chain, fork_server, SECRET_ENV)
+    return chain
