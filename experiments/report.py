@@ -36,7 +36,7 @@ AXES = {"w": "clinician-pair weight w", "k": "top k % of the scored pool kept"} 
 
 
 def _wanted(metric: str) -> bool:
-    return metric in SELECTOR or metric.startswith("test/") or metric.startswith("win_rate")
+    return metric in SELECTOR or metric.startswith(("test/", "win_rate", "pairwise/win_rate"))
 
 
 def collect(grid: str, store: str) -> list[dict]:
@@ -67,7 +67,8 @@ def collect(grid: str, store: str) -> list[dict]:
             {"cell": cell, "base_cell": tags.get("base_cell", cell), "seed": tags.get("seed", "")},
         )
         if metrics:
-            row.update(metrics)
+            # `pairwise` logs pairwise/win_rate_*, `win-rate` plain win_rate_*: one column each
+            row.update({k.removeprefix("pairwise/"): v for k, v in metrics.items()})
             row["run_ids"] = ",".join(filter(None, [row.get("run_ids", ""), r.info.run_id]))
     return [r for r in rows.values() if any(_wanted(k) for k in r)]
 

@@ -176,3 +176,27 @@ def test_repository_grids_expand(monkeypatch: pytest.MonkeyPatch) -> None:
     topk = stage_commands(Path("conf/grids/topk.yaml"), "k10")
     assert [s["stage"] for s in topk] == ["select", "tune", "test"]
     assert "local-dir:outputs/grids/topk/k10/tuner/export/merged" in topk[2]["argv"]
+
+
+def test_report_reads_pairwise_runs(tmp_path: Path) -> None:
+    """``pairwise`` logs ``pairwise/win_rate_*``: the report files it beside ``win-rate``'s."""
+    import importlib.util
+
+    from biomedvital.tracking.mlflow import PipelineRun
+
+    spec = importlib.util.spec_from_file_location("report", REPO / "experiments" / "report.py")
+    report = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(report)
+    store = str(tmp_path / "mlruns")
+    for cell, rate in (("k10", 40.0), ("k100", 55.0)):
+        tags = {"grid": "pw", "cell": cell, "base_cell": cell, "stage": "judge"}
+        with PipelineRun("evaluation", "pairwise", store, tags) as run:
+            run.log_metrics({"pairwise/win_rate_half_ties": rate,
+                             "pairwise/win_rate_half_ties_ci_low": rate - 10,
+                             "pairwise/win_rate_half_ties_ci_high": rate + 10,
+                             "pairwise/n": 12})  # fmt: skip
+    rows = sorted(report.collect("pw", store), key=lambda r: report._order(r["cell"]))
+    assert [(r["cell"], r["win_rate_half_ties"]) for r in rows] == [("k10", 40.0), ("k100", 55.0)]
+    out = tmp_path / "out"
+    out.mkdir()
+    assert "winrate.png" in report.plot(rows, "pw", out)

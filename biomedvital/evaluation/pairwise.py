@@ -89,6 +89,7 @@ def pairwise(
     backoff_base_s: float = 1.0,
     backoff_max_s: float = 60.0,
     progress: bool = True,
+    tags: dict[str, str] | None = None,
 ) -> dict:
     """Win rate of model A over model B on a VQA benchmark, judged pairwise with position swap.
 
@@ -108,6 +109,7 @@ def pairwise(
             backoff_base_s / backoff_max_s / price_per_million: as for ``generate``.
         store: MLflow store folder (experiment ``evaluation``, run ``pairwise``).
         progress: show the progress bar.
+        tags: extra MLflow run tags (a grid's ``grid``/``cell``).
 
     Returns the manifest; its ``win_rate`` is ``win_rate``'s result (model A's side).
     """
@@ -152,7 +154,7 @@ def pairwise(
         "max_tokens": max_tokens,
         "seed": seed,
     }
-    with PipelineRun("evaluation", "pairwise", store, {"model": model}) as run:
+    with PipelineRun("evaluation", "pairwise", store, {**(tags or {}), "model": model}) as run:
         run.log_params(public)
         outcomes, ledger, torn = run_requests(
             config, out / "journal.jsonl", requests, "pairwise", progress
