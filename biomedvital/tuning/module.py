@@ -286,7 +286,10 @@ class LlavaTuner(LightningModule):
     # -- checkpoints -----------------------------------------------------------------------
 
     def trainable_keys(self) -> set[str]:
-        return {n for n, p in self.named_parameters() if p.requires_grad}
+        """State-dict names of the trainable tensors; wrapper prefixes that FSDP (v1), activation
+        checkpointing or ``torch.compile`` insert into parameter names are not in state-dict
+        keys, so they are dropped (else an FSDP run would save no tensor at all)."""
+        return {_unwrapped(n) for n, p in self.named_parameters() if p.requires_grad}
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["mlflow_run_id"] = getattr(self.logger, "run_id", None)
@@ -436,3 +439,12 @@ def enable_checkpointing(model: nn.Module, every: int = 1) -> int:
         if i % every:
             layer.gradient_checkpointing = False  # the instance attribute shadows the class's
     return sum(1 for layer in layers if layer.gradient_checkpointing)
+
+
+_WRAPPERS = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.")
+
+
+def _unwrapped(name: str) -> str:
+    for prefix in _WRAPPERS:
+        name = name.replace(prefix, "")
+    return name

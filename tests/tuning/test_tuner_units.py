@@ -355,3 +355,21 @@ def test_lineage_of_tuning_data_and_export(tmp_path: Path) -> None:
     assert exported_by(f"local-dir:{export / 'merged'}") == "fit456"
     assert exported_by(f"local-dir:{export}") == "fit456"
     assert exported_by("tiny:tiny-llava") is None
+
+
+def test_trainable_keys_match_state_dict_under_wrappers(tuner: LlavaTuner) -> None:
+    """FSDP (v1) and activation-checkpoint wrappers put prefixes into parameter names but not
+    into state-dict keys: a trainable-only checkpoint must still find every trainable tensor
+    (on an H100, FSDP v1 otherwise saved none)."""
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+
+    layers = tuner.model.get_base_model().model.language_model.layers
+    for i, layer in enumerate(layers):
+        layers[i] = checkpoint_wrapper(layer)
+    assert any("_checkpoint_wrapped_module" in n for n, _ in tuner.named_parameters())
+    keys = tuner.trainable_keys()
+    assert any("lora_" in k for k in keys)
+    assert keys <= set(tuner.state_dict())
+    ckpt = {"state_dict": tuner.state_dict()}
+    tuner.on_save_checkpoint(ckpt)
+    assert set(ckpt["state_dict"]) == keys
