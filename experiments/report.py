@@ -151,7 +151,8 @@ def _curves(rows: list[dict], metrics: list[str], title: str, ylabel: str, path:
         ylabel += " (%)"
     ax.set_xlabel(AXES.get(prefix, prefix) or "cell")
     ax.set_ylabel(ylabel)
-    ax.set_title(title)
+    seeded = any(f"{m} sd" in r for r in rows for m in metrics)
+    ax.set_title(title + (" (mean ± sd over seeds)" if seeded else ""))
     ax.grid(alpha=0.3)
     ax.legend(loc="best", fontsize=9)
     fig.tight_layout()

@@ -25,7 +25,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from biomedvital.data.jsonio import PathLike
+from biomedvital.data.jsonio import PathLike, fsync_dir
 
 try:  # advisory lock: one server per annotator journal (POSIX only)
     import fcntl
@@ -214,7 +214,7 @@ class Journal:
                 os.fsync(fd)
             if created:
                 os.fsync(fd)
-                _fsync_dir(self.path.parent)
+                fsync_dir(self.path.parent)
         except BaseException:
             os.close(fd)
             raise
@@ -255,16 +255,3 @@ def _write_all(fd: int, data: bytes) -> None:
     while view:
         n = os.write(fd, view)
         view = view[n:]
-
-
-def _fsync_dir(directory: Path) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:  # pragma: no cover - not possible on every platform
-        return
-    try:
-        os.fsync(fd)
-    except OSError:  # pragma: no cover
-        pass
-    finally:
-        os.close(fd)

@@ -33,6 +33,8 @@ from importlib import metadata, resources
 from pathlib import Path
 from typing import Any
 
+from biomedvital.data.jsonio import fsync_dir
+
 __all__ = [
     "ANNOTATOR",
     "CANDIDATES_PER_IMAGE",
@@ -476,19 +478,6 @@ def _check_replaceable(root: Path) -> None:
     )
 
 
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # pragma: no cover - not possible on every platform
-        return
-    try:
-        os.fsync(fd)
-    except OSError:  # pragma: no cover
-        pass
-    finally:
-        os.close(fd)
-
-
 def _write_file(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "wb") as f:
@@ -523,7 +512,7 @@ def _install(tmp: Path, root: Path, content_hash: str, *, force: bool) -> None:
             if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST):
                 raise
         else:
-            _fsync_dir(root.parent)
+            fsync_dir(root.parent)
             return
         # root is a non-empty directory: a concurrent run may just have installed the same demo.
         if not force and _is_current(root, content_hash):
@@ -541,7 +530,7 @@ def _install(tmp: Path, root: Path, content_hash: str, *, force: bool) -> None:
                 raise
             continue  # another run installed in between; loop re-checks it
         else:
-            _fsync_dir(root.parent)
+            fsync_dir(root.parent)
             return
         finally:
             shutil.rmtree(old, ignore_errors=True)
@@ -582,9 +571,9 @@ def materialize_demo(out_dir: str | Path, *, force: bool = False) -> DemoFiles:
         # The manifest goes last: a directory with a manifest is complete.
         manifest_bytes = (json.dumps(manifest, ensure_ascii=False, indent=2) + "\n").encode("utf-8")
         _write_file(tmp / MANIFEST_FILE, manifest_bytes)
-        _fsync_dir(tmp / IMAGES_DIR)
-        _fsync_dir(tmp / Path(DEMONSTRATIONS_FILE).parent)
-        _fsync_dir(tmp)
+        fsync_dir(tmp / IMAGES_DIR)
+        fsync_dir(tmp / Path(DEMONSTRATIONS_FILE).parent)
+        fsync_dir(tmp)
         _install(tmp, root, content_hash, force=force)
     finally:
         if tmp.exists():

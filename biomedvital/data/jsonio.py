@@ -333,7 +333,7 @@ def check_unique(
 # ----------------------------------------------------------------------------- writing
 
 
-def _fsync_dir(directory: Path) -> None:
+def fsync_dir(directory: Path) -> None:
     # Make the rename itself durable; not possible on every platform, so best effort.
     try:
         fd = os.open(directory, os.O_RDONLY)
@@ -376,7 +376,7 @@ def atomic_write(path: PathLike, mode: str = "w", *, encoding: str = "utf-8") ->
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    _fsync_dir(target.parent)
+    fsync_dir(target.parent)
 
 
 def _json_default(obj: Any) -> Any:
