@@ -131,6 +131,7 @@ def judge(
     temperature: float = 0.0,
     max_tokens: int = 512,
     seed: int = 0,
+    extra_body: dict[str, Any] | None = None,
     concurrency: int = 8,
     requests_per_minute: float | None = None,
     tokens_per_minute: float | None = None,
@@ -156,6 +157,9 @@ def judge(
             lacks them.
         limit: judge only the first ``limit`` questions (trial runs; recorded).
         temperature / max_tokens / seed: judge sampling (part of the cache key).
+        extra_body: extra request fields for the endpoint, sent as given and part of the cache
+            key: e.g. llama.cpp's ``grammar`` or vLLM's ``guided_choice`` to constrain a small
+            local model's reply to the format asked for.
         concurrency / requests_per_minute / tokens_per_minute / max_attempts / timeout_s /
             backoff_base_s / backoff_max_s / price_per_million: as for ``generate``.
         store: MLflow store folder (experiment ``evaluation``).
@@ -191,6 +195,7 @@ def judge(
         )
     figs = _captions(Path(captions) if captions is not None else None)
     params = {"temperature": temperature, "max_tokens": max_tokens, "seed": seed}
+    params.update(extra_body or {})
     requests = []
     for qid in scope:
         q = qmap[qid]
@@ -213,6 +218,7 @@ def judge(
         "temperature": temperature,
         "max_tokens": max_tokens,
         "seed": seed,
+        "extra_body": extra_body,
     }
     with PipelineRun("evaluation", "judge", store, {"model": model}) as run:
         run.log_params(public)

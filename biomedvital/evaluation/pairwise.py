@@ -79,6 +79,7 @@ def pairwise(
     temperature: float = 0.0,
     max_tokens: int = 512,
     seed: int = 0,
+    extra_body: dict[str, Any] | None = None,
     concurrency: int = 8,
     requests_per_minute: float | None = None,
     tokens_per_minute: float | None = None,
@@ -105,6 +106,9 @@ def pairwise(
         limit: judge only the first ``limit`` questions (trial runs; recorded).
         rule / n_boot: how the two orders combine and the bootstrap size (see ``win_rate``).
         temperature / max_tokens / seed: judge sampling (part of the cache key).
+        extra_body: extra request fields for the endpoint, sent as given and part of the cache
+            key: e.g. llama.cpp's ``grammar`` or vLLM's ``guided_choice`` to constrain a small
+            local model's reply to the format asked for.
         concurrency / requests_per_minute / tokens_per_minute / max_attempts / timeout_s /
             backoff_base_s / backoff_max_s / price_per_million: as for ``generate``.
         store: MLflow store folder (experiment ``evaluation``, run ``pairwise``).
@@ -129,6 +133,7 @@ def pairwise(
     scope = range(len(items) if limit is None else min(limit, len(items)))
 
     params = {"temperature": temperature, "max_tokens": max_tokens, "seed": seed}
+    params.update(extra_body or {})
     requests = []
     for i in scope:
         item, text_a, text_b = pairs_a[i][0], pairs_a[i][1], pairs_b[i][1]
@@ -153,6 +158,7 @@ def pairwise(
         "temperature": temperature,
         "max_tokens": max_tokens,
         "seed": seed,
+        "extra_body": extra_body,
     }
     with PipelineRun("evaluation", "pairwise", store, {**(tags or {}), "model": model}) as run:
         run.log_params(public)

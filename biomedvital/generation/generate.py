@@ -267,6 +267,7 @@ def generate(
     temperature: float = 0.7,
     max_tokens: int = 1024,
     seed: int = 0,
+    extra_body: dict[str, Any] | None = None,
     concurrency: int = 8,
     requests_per_minute: float | None = None,
     tokens_per_minute: float | None = None,
@@ -302,6 +303,9 @@ def generate(
         vision: attach the image as a base64 data URL; ``false`` sends text only.
         answers: 1 = conversations; 2 = per question two answers, for clinician marking.
         temperature / max_tokens / seed: sampling parameters (part of the cache key).
+        extra_body: extra request fields for the endpoint, sent as given and part of the cache
+            key: e.g. llama.cpp's ``grammar`` or vLLM's ``guided_choice`` to constrain a small
+            local model's reply to the format asked for.
         concurrency / requests_per_minute / tokens_per_minute: pacing.
         max_attempts / timeout_s / backoff_base_s / backoff_max_s: retry policy (batch mode:
             ``max_attempts`` batch rounds).
@@ -334,6 +338,7 @@ def generate(
         raise ValueError(f"{demonstrations}: no usable demonstrations (n_demos={n_demos})")
     root = ImageRoot(image_root) if vision else None
     params = {"temperature": temperature, "max_tokens": max_tokens, "seed": seed}
+    params.update(extra_body or {})
     estimate = Estimate(config.price_per_million, mode == "batch")
     seen_ids: set[str] = set()
 
@@ -433,6 +438,7 @@ def generate(
             "temperature": temperature,
             "max_tokens": max_tokens,
             "seed": seed,
+            "extra_body": extra_body,
             "min_exchanges": min_exchanges,
             "on_bad_record": on_bad_record,
             "batch_results": [str(p) for p in batch_results] if batch_results else None,

@@ -135,6 +135,7 @@ def rate(
     temperature: float = 0.0,
     max_tokens: int = 256,
     seed: int = 0,
+    extra_body: dict[str, Any] | None = None,
     concurrency: int = 8,
     requests_per_minute: float | None = None,
     tokens_per_minute: float | None = None,
@@ -166,6 +167,9 @@ def rate(
         preferences: clinician pairs (or accept/reject marks): both answers are scored too and
             the agreement with clinicians is reported.
         temperature / max_tokens / seed: judge sampling (part of the cache key).
+        extra_body: extra request fields for the endpoint, sent as given and part of the cache
+            key: e.g. llama.cpp's ``grammar`` or vLLM's ``guided_choice`` to constrain a small
+            local model's reply to the format asked for.
         concurrency / requests_per_minute / tokens_per_minute / max_attempts / timeout_s /
             backoff_base_s / backoff_max_s / price_per_million: as for ``generate``.
         on_bad_record: ``raise`` (before any request) or ``skip`` (counted) for bad input
@@ -194,6 +198,7 @@ def rate(
         prefs = read_preferences(preferences, on_bad_record, reports["preferences"])
     root = ImageRoot(image_root) if vision else None
     params = {"temperature": temperature, "max_tokens": max_tokens, "seed": seed}
+    params.update(extra_body or {})
     estimate = Estimate(config.price_per_million, mode == "batch")
 
     def image_url(rel: str, path: Path, pos: int, kind: Any, build: bool = True) -> str | None:
@@ -295,6 +300,7 @@ def rate(
             "temperature": temperature,
             "max_tokens": max_tokens,
             "seed": seed,
+            "extra_body": extra_body,
             "on_bad_record": on_bad_record,
             "batch_results": [str(p) for p in batch_results] if batch_results else None,
         }

@@ -5,12 +5,14 @@ from __future__ import annotations
 import os
 import pickle
 import secrets
+import time
 from pathlib import Path
 from typing import Any
 from weakref import proxy
 
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.utilities import rank_zero_warn
 
 
 class UnsafeCheckpointError(ValueError):
@@ -68,6 +70,30 @@ class Checkpoints(ModelCheckpoint):
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         self._default_dir(trainer)
         super().setup(trainer, pl_module, stage)
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        # after any restore, before the first save: ``trainer.ckpt_path`` tells a resume apart
+        if trainer.ckpt_path is None and trainer.is_global_zero:
+            self._set_aside_earlier_run()
+        super().on_train_start(trainer, pl_module)
+
+    def _set_aside_earlier_run(self) -> None:
+        # A fit from scratch into a folder holding an earlier run's checkpoints would get
+        # ``last-v1.ckpt`` (Lightning's version counter) while ``last.ckpt`` stays the old run's,
+        # which ``--ckpt_path last``, ``predict`` and make targets then read. The earlier files
+        # are moved (never deleted) into a ``superseded-<time>/`` folder beside them.
+        folder = Path(self.dirpath)
+        old = sorted(p for p in folder.glob("*.ckpt")) if folder.is_dir() else []
+        if not old:
+            return
+        dest = folder / f"superseded-{time.strftime('%Y%m%dT%H%M%S')}-{secrets.token_hex(2)}"
+        dest.mkdir()
+        for p in old:
+            os.replace(p, dest / p.name)
+        rank_zero_warn(
+            f"{len(old)} checkpoint(s) of an earlier run in {folder} moved to {dest}: this fit "
+            "starts from scratch (pass --ckpt_path last to resume instead)"
+        )
 
     def _find_last_checkpoints(self, trainer: Trainer) -> set[str]:
         # ``--ckpt_path last`` is resolved before ``setup``: the folder must be known here too

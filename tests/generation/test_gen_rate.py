@@ -234,3 +234,19 @@ def test_import_skip_counts(tmp_path: Path) -> None:
     src.write_text("id,image,question,preferred,rejected\np1,a.jpg,q,A,B\np2,a.jpg,q,Same,Same\n")
     m = import_preferences(src, tmp_path / "o.jsonl", on_bad_record="skip")
     assert m["preferences"] == 1 and m["records"]["skipped"] == 1
+
+
+def test_extra_body_is_sent_and_keys_the_cache(api: FakeAPI, tmp_path: Path, mlstore: str) -> None:
+    """``extra_body`` (llama.cpp's grammar, vLLM's guided decoding) reaches the endpoint, is part
+    of the cache key (a run with another grammar is not answered from the journal) and is
+    recorded in the manifest."""
+    cands = _cands(tmp_path / "c.jsonl", ["plain"])
+    grammar = {"grammar": 'root ::= ("10" | [0-9]) "\\n" [^\\n]*'}
+    m = _rate(api, cands, tmp_path / "a", mlstore, extra_body=grammar)
+    assert api.seen[-1]["grammar"] == grammar["grammar"]
+    assert json.dumps(grammar) in json.dumps(m)
+    n = api.n_requests
+    _rate(api, cands, tmp_path / "a", mlstore, extra_body=grammar)  # a rerun: the journal answers
+    assert api.n_requests == n
+    _rate(api, cands, tmp_path / "a", mlstore)  # without it: another key, asked again
+    assert api.n_requests == n + 1 and "grammar" not in api.seen[-1]

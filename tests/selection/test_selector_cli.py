@@ -236,3 +236,23 @@ def test_truncation_that_hides_answers_is_reported(tmp_path: Path, pool: dict[st
         > 0
     )
     assert 0 < report["train"]["identical_after_truncation"] < report["train"]["checked"]
+
+
+def test_fresh_fit_sets_earlier_checkpoints_aside(tmp_path: Path, pool: dict[str, Path]) -> None:
+    """A fit from scratch into a folder with an earlier run's checkpoints must leave its own
+    ``last.ckpt`` (not Lightning's ``last-v1.ckpt`` beside a stale one); the earlier files are
+    moved aside, never deleted. A resume keeps them."""
+    import torch
+
+    cfg = _config(tmp_path, pool)
+    ckpts = tmp_path / "out" / "checkpoints"
+    main(["fit", "--config", str(cfg), "--trainer.max_epochs", "1"])
+    first = sorted(p.name for p in ckpts.glob("*.ckpt"))
+    main(["fit", "--config", str(cfg), "--trainer.max_epochs", "2"])
+    assert not list(ckpts.glob("*-v1.ckpt"))
+    assert torch.load(ckpts / "last.ckpt", weights_only=True)["epoch"] == 1
+    (aside,) = ckpts.glob("superseded-*")
+    assert sorted(p.name for p in aside.iterdir()) == first
+    main(["fit", "--config", str(cfg), "--trainer.max_epochs", "3", "--ckpt_path", "last"])
+    assert len(list(ckpts.glob("superseded-*"))) == 1  # a resume sets nothing aside
+    assert torch.load(ckpts / "last.ckpt", weights_only=True)["epoch"] == 2
