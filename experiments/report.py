@@ -103,9 +103,11 @@ def summarise(rows: list[dict], metrics: list[str]) -> list[dict]:
 
 
 def _headline(col: str) -> bool:
-    """Columns of the Markdown table: all but the secondary benchmark metrics (BLEU, counts…),
-    which stay in the CSV."""
+    """Columns of the Markdown table: all but the secondary benchmark metrics (BLEU, counts…) and
+    win rates without ties, which stay in the CSV."""
     metric = col.removesuffix(" sd")
+    if metric.startswith("win_rate"):
+        return metric.startswith(WIN)
     return not metric.startswith("test/") or metric.endswith(("/open_recall", "/closed_acc"))
 
 
