@@ -174,7 +174,7 @@ def test_repository_grids_expand(monkeypatch: pytest.MonkeyPatch) -> None:
                 assert stage["done"].startswith(f"outputs/grids/{path.stem}/{cell}/")
     assert len(cell_names(load_grid(Path("conf/grids/preference_source.yaml")))) == 9
     topk = stage_commands(Path("conf/grids/topk.yaml"), "k10")
-    assert [s["stage"] for s in topk] == ["select", "tune", "test"]
+    assert [s["stage"] for s in topk] == ["select", "tune", "test", "judge"]
     assert "local-dir:outputs/grids/topk/k10/tuner/export/merged" in topk[2]["argv"]
 
 
