@@ -175,8 +175,44 @@ def _cli_class() -> type:
             if is_rank_zero():
                 root = trainer.get("default_root_dir") or os.getcwd()
                 _TRAINER_LOCKS.append(acquire_output(root))
+            if sub == "fit":
+                self._continue_run(self.config[sub], trainer)
+
+        def _continue_run(self, cfg: Any, trainer: Any) -> None:
+            # a resumed fit logs into the MLflow run that wrote its checkpoint: one training,
+            # one run (metrics, artifacts, lineage), however often it was interrupted
+            logger = trainer.get("logger")
+            if not (
+                hasattr(logger, "get")
+                and str(logger.get("class_path", "")).endswith("MLflowLogger")
+            ):
+                return
+            init = logger.get("init_args")
+            if init is None or init.get("run_id") or not cfg.get("ckpt_path"):
+                return
+            path = _resume_file(cfg["ckpt_path"], trainer)
+            if path is None:
+                return
+            trusted = cfg.get("weights_only") is False
+            run_id = load_checkpoint(path, mmap=True, trusted=trusted).get("mlflow_run_id")
+            if isinstance(run_id, str) and run_id:
+                init["run_id"] = run_id
 
     return BiomedCLI
+
+
+def _resume_file(ckpt_path: str, trainer: Any) -> Path | None:
+    """The checkpoint file ``--ckpt_path`` names: a path, or ``last`` in the checkpoint folder
+    (a callback's ``dirpath``, else ``<default_root_dir>/checkpoints``, as ``Checkpoints``)."""
+    if ckpt_path != "last":
+        return Path(ckpt_path) if Path(ckpt_path).is_file() else None
+    folders = []
+    for cb in trainer.get("callbacks") or []:
+        init = cb.get("init_args") if hasattr(cb, "get") else None
+        if init is not None and init.get("dirpath"):
+            folders.append(Path(init["dirpath"]))
+    folders.append(Path(trainer.get("default_root_dir") or os.getcwd()) / "checkpoints")
+    return next((f / "last.ckpt" for f in folders if (f / "last.ckpt").is_file()), None)
 
 
 def _loaded_path(tb: Any) -> str | None:

@@ -52,10 +52,15 @@ def _same_json(ref: Path, got: Path, *names: str) -> None:
 
 
 def _same_config(ref: Path, got: Path) -> None:
-    """The same resolved config, but for the ``ckpt_path`` of the resumed run."""
+    """The same resolved config, but for the ``ckpt_path`` of the resumed run and the MLflow
+    run it continues (the logger's ``run_id``)."""
 
     def lines(p: Path) -> list[str]:
-        return [x for x in p.read_text().splitlines() if not x.startswith("ckpt_path:")]
+        return [
+            x
+            for x in p.read_text().splitlines()
+            if not x.startswith("ckpt_path:") and not x.strip().startswith("run_id:")
+        ]
 
     assert lines(got) == lines(ref)
 

@@ -256,3 +256,22 @@ def test_fresh_fit_sets_earlier_checkpoints_aside(tmp_path: Path, pool: dict[str
     main(["fit", "--config", str(cfg), "--trainer.max_epochs", "3", "--ckpt_path", "last"])
     assert len(list(ckpts.glob("superseded-*"))) == 1  # a resume sets nothing aside
     assert torch.load(ckpts / "last.ckpt", weights_only=True)["epoch"] == 2
+
+
+def test_resumed_fit_continues_its_mlflow_run(tmp_path: Path, pool: dict[str, Path]) -> None:
+    """``fit --ckpt_path last`` logs into the run that wrote the checkpoint: one training, one
+    MLflow run with the metrics of every epoch, finished once the training is."""
+    import torch
+
+    cfg = _config(tmp_path, pool)
+    main(["fit", "--config", str(cfg), "--trainer.max_epochs", "1"])
+    main(["fit", "--config", str(cfg), "--trainer.max_epochs", "2", "--ckpt_path", "last"])
+    client, runs = _runs(tmp_path / "mlruns")
+    fits = [r for r in runs if r.info.run_name == "t"]
+    assert len(fits) == 1
+    run = fits[0]
+    assert run.info.status == "FINISHED" and run.data.tags.get("resumed") == "true"
+    history = client.get_metric_history(run.info.run_id, "val/align_rate")
+    assert len(history) == 2  # epoch 0 from the first process, epoch 1 from the resumed one
+    last = torch.load(tmp_path / "out" / "checkpoints" / "last.ckpt", weights_only=True)
+    assert last["mlflow_run_id"] == run.info.run_id
