@@ -83,9 +83,11 @@ class Checkpoints(ModelCheckpoint):
         # which ``--ckpt_path last``, ``predict`` and make targets then read. The earlier files
         # are moved (never deleted) into a ``superseded-<time>/`` folder beside them.
         folder = Path(self.dirpath)
-        old = sorted(p for p in folder.glob("*.ckpt")) if folder.is_dir() else []
-        if not old:
+        if not (folder / f"{self.CHECKPOINT_NAME_LAST}{self.FILE_EXTENSION}").exists():
+            # no earlier ``last``: nothing stale for ``--ckpt_path last`` or make to pick up (and
+            # a run killed before its first ``last`` keeps Lightning's own handling)
             return
+        old = sorted(folder.glob("*.ckpt"))
         dest = folder / f"superseded-{time.strftime('%Y%m%dT%H%M%S')}-{secrets.token_hex(2)}"
         dest.mkdir()
         for p in old:
