@@ -170,14 +170,6 @@ def stage_commands(grid: Path, cell: str, out_root: str = "outputs/grids") -> li
     return out
 
 
-def cell_args(grid: Path, cell: str, out_root: str = "outputs/grids") -> list[str]:
-    """The arguments (after the verb) of a one-stage grid's cell."""
-    stages = stage_commands(grid, cell, out_root)
-    if len(stages) != 1:
-        raise GridError(f"{grid}: {len(stages)} stages; use stage_commands")
-    return stages[0]["argv"][1:]
-
-
 def _run_stage(argv: list[str]) -> str | None:
     """Run one stage; ``None`` on success, else why it failed. Trainer verbs get a process of
     their own (Lightning and the accelerator keep global state); pipeline verbs run here."""

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -39,6 +38,7 @@ from biomedvital.selection.pairs import (
     split_levels,
 )
 from biomedvital.selection.text import TextRecipe, candidate_text
+from biomedvital.tracking.mlflow import upstream_run_of
 
 OnBad = Literal["raise", "skip"]
 
@@ -572,17 +572,6 @@ def _iter_files(
     for path in paths:
         for pos, kind, obj in iter_objects(path, on_bad=on_bad, report=report):
             yield path, pos, kind, obj
-
-
-def upstream_run_of(path: Path) -> str | None:
-    """The MLflow run that wrote ``path``: ``mlflow_run_id`` of the ``manifest.json`` beside it
-    (``generate`` / ``rate`` outputs), when there is one."""
-    manifest = Path(path).parent / "manifest.json"
-    try:
-        run_id = json.loads(manifest.read_text(encoding="utf-8")).get("mlflow_run_id")
-    except (OSError, ValueError, AttributeError):
-        return None
-    return str(run_id) if run_id else None
 
 
 def _preference_positions(path: Path) -> dict[str, tuple[int, str]]:

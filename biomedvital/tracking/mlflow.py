@@ -6,6 +6,7 @@ and small; the Trainer's logger is :class:`biomedvital.tracking.logger.MLflowLog
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,17 @@ def tracking_uri(store: str | Path = DEFAULT_STORE) -> str:
 def artifact_location(store: str | Path, experiment: str) -> str:
     """Artifacts of ``experiment`` live beside the database, never in the working directory."""
     return (Path(store).resolve() / "artifacts" / experiment).as_uri()
+
+
+def upstream_run_of(path: str | Path) -> str | None:
+    """The MLflow run that wrote ``path``: ``mlflow_run_id`` of the ``manifest.json`` beside it
+    (what ``generate``, ``rate`` and ``select`` write), when there is one."""
+    manifest = Path(path).parent / "manifest.json"
+    try:
+        run_id = json.loads(manifest.read_text(encoding="utf-8")).get("mlflow_run_id")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return str(run_id) if run_id else None
 
 
 def run_tags(extra: dict[str, Any] | None = None) -> dict[str, str]:

@@ -15,6 +15,7 @@ from biomedvital.data.images import ImageRoot, UnsafePathError
 from biomedvital.data.jsonio import bad_from_validation, handle_bad, iter_objects, sha256_file
 from biomedvital.data.records import Turn
 from biomedvital.data.report import BadRecordError, RecordReport
+from biomedvital.tracking.mlflow import upstream_run_of
 from biomedvital.tuning.batching import GroupedBatchSampler, PadCollate, Sample, TuningDataset
 from biomedvital.tuning.conversation import (
     IGNORE_INDEX,
@@ -231,13 +232,8 @@ class TunerDataModule(LightningDataModule):
 
     def upstream_runs(self) -> dict[str, list[str]]:
         """The ``select`` run that wrote the data (its manifest beside it), for lineage tags."""
-        manifest = self.data.parent / "manifest.json"
-        try:
-            m = json.loads(manifest.read_text()) if manifest.is_file() else {}
-            run_id = m.get("mlflow_run_id") or m.get("run_id")
-        except (ValueError, AttributeError, OSError):
-            run_id = None
-        return {"selected": [run_id]} if isinstance(run_id, str) and run_id else {}
+        run_id = upstream_run_of(self.data)
+        return {"selected": [run_id]} if run_id else {}
 
     def describe(self) -> dict[str, Any]:
         """Input (hash, upstream selection run), kept/skipped/truncated counts, token totals."""

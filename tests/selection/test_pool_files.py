@@ -14,9 +14,10 @@ import torch
 
 from biomedvital.data.pool import DemoPool, FilePool
 from biomedvital.data.report import BadRecordError
-from biomedvital.selection.datamodule import CandidateStream, SelectorDataModule, upstream_run_of
+from biomedvital.selection.datamodule import CandidateStream, SelectorDataModule
 from biomedvital.selection.select import select
 from biomedvital.tracking.callbacks import lineage_tags
+from biomedvital.tracking.mlflow import upstream_run_of
 
 
 def _split(path: Path, at: int, a: Path, b: Path) -> tuple[Path, Path]:
