@@ -110,6 +110,7 @@ bench: $(STAMP)  ## run the benchmarks in bench/ (prints ratios against the refe
 	$(BIN)/python bench/generation_throughput.py
 	$(BIN)/python bench/generation_memory.py
 	$(BIN)/python bench/tuner_padding.py
+	$(BIN)/python bench/tuner_activation_memory.py
 	$(BIN)/python bench/tuner_mfu.py --dry-run
 	$(BIN)/python bench/eval_decode.py
 

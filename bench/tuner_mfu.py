@@ -9,6 +9,8 @@ peak FLOP/s (N: all parameters; for LoRA the backward skips the frozen weights' 
 about 4·N is done and MFU by 6·N overstates it: both are printed) and peak GPU memory per device.
 
     torchrun --nproc_per_node 8 bench/tuner_mfu.py --size 13b --gpu h100
+    python bench/tuner_mfu.py --size 13b --batch-size 4 --compile --lora-dropout-recompute \
+        --activation-checkpointing --checkpoint-every 2                # the memory-lean path
     python bench/tuner_mfu.py --size 7b --gpu a100 --batch-size 2         # one GPU
     python bench/tuner_mfu.py --size 13b --dry-run                         # CPU: shapes, N, FLOPs
 """
@@ -113,6 +115,14 @@ def run(args: argparse.Namespace) -> dict:
 
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
         enable_checkpointing(base, args.checkpoint_every)
+    if args.lora_dropout_recompute:
+        from biomedvital.tuning.lora_memory import recompute_lora_dropout
+
+        recompute_lora_dropout(model)
+    if args.compile:
+        from biomedvital.tuning.module import compile_layers
+
+        compile_layers(model.get_base_model() if hasattr(model, "get_base_model") else model)
     n = counts(model)
     shard(model, mesh)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
@@ -165,6 +175,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--activation-checkpointing", action="store_true")
     parser.add_argument("--checkpoint-every", type=int, default=1,
                         help="recompute every k-th decoder layer only (LlavaTuner.checkpoint_every)")  # fmt: skip
+    parser.add_argument("--lora-dropout-recompute", action="store_true",
+                        help="LlavaTuner.lora_dropout_recompute: no dropped input copies kept")  # fmt: skip
+    parser.add_argument("--compile", action="store_true",
+                        help="LlavaTuner.compile: regional torch.compile of every layer")  # fmt: skip
     parser.add_argument("--dry-run", action="store_true", help="shapes and counts only (CPU)")
     args = parser.parse_args(argv)
     if args.seq_len <= 600:

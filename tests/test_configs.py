@@ -18,11 +18,13 @@ DEMO_OVERLAYS = [CONF / "demo" / "generated_pool.yaml"]
 BASES = sorted(
     p
     for p in CONF.rglob("*.yaml")
-    if not {"ablation", "grids", "strategy"} & set(p.parts) and p not in PIPELINE + DEMO_OVERLAYS
+    if not {"ablation", "grids", "strategy", "perf"} & set(p.parts)
+    and p not in PIPELINE + DEMO_OVERLAYS
 )
 STRATEGIES = sorted((CONF / "strategy").glob("*.yaml"))
 OVERLAYS = sorted((CONF / "ablation").glob("*.yaml"))
 GRIDS = sorted((CONF / "grids").glob("*.yaml"))
+PERF = sorted((CONF / "perf").glob("*.yaml"))
 
 
 def _print_config(capsys: pytest.CaptureFixture[str], *configs: Path) -> dict:
@@ -36,7 +38,7 @@ def _print_config(capsys: pytest.CaptureFixture[str], *configs: Path) -> dict:
 
 
 def test_conf_has_files() -> None:
-    assert BASES and OVERLAYS and STRATEGIES
+    assert BASES and OVERLAYS and STRATEGIES and PERF
     assert {p.relative_to(CONF).as_posix() for p in BASES} >= {
         "demo/selector.yaml",
         "paper/selector.yaml",
@@ -68,6 +70,14 @@ def test_ablation_overlay_parses(path: Path, capsys: pytest.CaptureFixture[str])
     for section, body in overlay.items():
         for key, value in body["init_args"].items():
             assert merged[section]["init_args"][key] == value, (section, key)
+
+
+@pytest.mark.parametrize("path", PERF, ids=lambda p: p.name)
+def test_perf_overlay_parses(path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Performance overlays apply to the tuner's paper config; every key they set survives."""
+    merged = _print_config(capsys, CONF / "paper" / "tuner.yaml", path)
+    for key, value in yaml.safe_load(path.read_text())["model"]["init_args"].items():
+        assert merged["model"]["init_args"][key] == value, key
 
 
 @pytest.mark.parametrize("path", PIPELINE, ids=lambda p: p.relative_to(CONF).as_posix())

@@ -133,3 +133,30 @@ def test_fsdp_v1_refused_on_cpu_pointing_at_fsdp2(
         with pytest.raises(Exception, match=r"conf/strategy/fsdp2\.yaml") as info:
             main(["fit", "--config", str(cfg), "--config", overlay, *extra])
         assert "FSDP (v1" in str(info.value)
+
+
+@pytest.mark.slow
+def test_fsdp2_with_the_lean_options_matches_one_eager_process(
+    tmp_path: Path, demo_root: Path
+) -> None:
+    """conf/perf/lean.yaml's options (regional compile, recomputed adapter dropout, every
+    other layer checkpointed) under FSDP2 on 2 processes: the losses of one plain process.
+    Dropout is 0 here (see ``_config``); the recompute's gradients are tested in
+    test_tuner_units.py and test_lora_memory.py."""
+    data = selected_from_demo(demo_root, tmp_path / "selected" / "selected.json", n=12)
+    images = demo_root / "images"
+    one, two = tmp_path / "one", tmp_path / "two"
+    one.mkdir(), two.mkdir()
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent)}
+    sharded = subprocess.run(
+        [sys.executable, "-m", "biomedvital", "fit", "--config", str(_config(two, data, images, 2)),
+         "--config", "conf/strategy/fsdp2.yaml", "--config", "conf/perf/lean.yaml",
+         "--trainer.devices", "2"],
+        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        timeout=600,
+    )  # fmt: skip
+    assert sharded.returncode == 0, sharded.stdout[-4000:]
+    main(["fit", "--config", str(_config(one, data, images, devices=1))])
+    a, b = _losses(one), _losses(two)
+    assert len(a) == len(b) == 3
+    torch.testing.assert_close(torch.tensor(b), torch.tensor(a), rtol=0, atol=1e-4)

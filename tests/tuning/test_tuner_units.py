@@ -373,3 +373,100 @@ def test_trainable_keys_match_state_dict_under_wrappers(tuner: LlavaTuner) -> No
     ckpt = {"state_dict": tuner.state_dict()}
     tuner.on_save_checkpoint(ckpt)
     assert set(ckpt["state_dict"]) == keys
+
+
+def _one_batch(tuner: LlavaTuner) -> dict[str, torch.Tensor]:
+    from PIL import Image
+
+    tok = tuner.processor.tokenizer
+    enc = encode(
+        render(_turns(("<image>\nQ?", "An answer."), ("And then?", "More text here."))),
+        tok,
+        image_token_count(tuner.processor),
+    )
+    pix = tuner.processor.image_processor(
+        images=Image.new("RGB", (64, 64), (9, 90, 200)), return_tensors="pt"
+    )
+    return {
+        "input_ids": torch.tensor(enc.input_ids)[None],
+        "labels": torch.tensor(enc.labels)[None],
+        "attention_mask": torch.ones(1, len(enc.input_ids), dtype=torch.long),
+        "pixel_values": pix["pixel_values"],
+    }
+
+
+def _grads(tuner: LlavaTuner, batch: dict[str, torch.Tensor], seed: int = 7) -> dict:
+    gen = torch.Generator().manual_seed(3)
+    with torch.no_grad():  # lora_B starts at zero, which would hide the adapters' paths
+        for name, p in sorted(tuner.named_parameters()):
+            if "lora_B" in name:
+                p.copy_(0.1 * torch.randn(p.shape, generator=gen))
+    tuner.train()
+    torch.manual_seed(seed)  # the same dropout masks for both paths
+    loss = tuner(batch).loss
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in tuner.named_parameters() if p.requires_grad}
+    return {"loss": loss.detach(), **grads}
+
+
+def test_lora_dropout_recompute_gives_peft_gradients_and_keeps_keys(tuner: LlavaTuner) -> None:
+    from biomedvital.tuning.lora_memory import RecomputedDropoutLinear
+
+    batch = _one_batch(tuner)
+    kw = {"lora_r": 4, "lora_alpha": 8, "lora_dropout": 0.3}
+    plain = LlavaTuner("tiny:tiny-llava", **kw)
+    folded = LlavaTuner("tiny:tiny-llava", lora_dropout_recompute=True, **kw)
+    a_mods = [m for n, m in folded.named_modules() if n.endswith("lora_A.default")]
+    assert a_mods and all(type(m) is RecomputedDropoutLinear for m in a_mods)
+    assert all(m.input_dropout == 0.3 for m in a_mods)
+    assert folded.state_dict().keys() == plain.state_dict().keys()
+    ref, got = _grads(plain, batch), _grads(folded, batch)
+    torch.testing.assert_close(got["loss"], ref["loss"], rtol=0, atol=0)
+    without = _grads(LlavaTuner("tiny:tiny-llava", lora_r=4, lora_alpha=8, lora_dropout=0.0), batch)
+    assert not torch.equal(without["loss"], ref["loss"])  # dropout is active in both paths
+    lora_a = [n for n in ref if "lora_A" in n]
+    assert lora_a and all(ref[n].abs().sum() > 0 for n in lora_a)
+    for n, g in ref.items():
+        torch.testing.assert_close(got[n], g, rtol=1e-5, atol=1e-7, msg=n)
+    # and it recomputes instead of saving a dropped copy of each adapter's input
+    saved: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    sizes = []
+    for model in (plain, folded):
+        saved.clear()
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            model(batch)
+        params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+        sizes.append(sum(v for k, v in saved.items() if k not in params))
+    assert sizes[1] < 0.85 * sizes[0], sizes
+
+
+def test_regional_compile_matches_eager(tuner: LlavaTuner) -> None:
+    from biomedvital.tuning.module import compile_layers
+
+    batch = _one_batch(tuner)
+    kw = {"lora_r": 4, "lora_alpha": 8, "lora_dropout": 0.0}
+    eager = LlavaTuner("tiny:tiny-llava", **kw)
+    compiled = LlavaTuner("tiny:tiny-llava", compile=True, **kw)
+    layers = compiled.llava().model.language_model.layers
+    assert all(layer._compiled_call_impl is not None for layer in layers)
+    assert compiled.state_dict().keys() == eager.state_dict().keys()
+    ref, got = _grads(eager, batch), _grads(compiled, batch)
+    for n, g in ref.items():
+        torch.testing.assert_close(got[n], g, rtol=1e-4, atol=1e-5, msg=n)
+    assert compile_layers(LlavaTuner("tiny:tiny-llava", **kw).llava()) == len(layers) + len(
+        compiled.llava().model.vision_tower.encoder.layers
+    )
+    # with dropout: inductor draws its own masks (not eager's), the same for both adapter paths
+    kw["lora_dropout"] = 0.3
+    peft_path = _grads(LlavaTuner("tiny:tiny-llava", compile=True, **kw), batch)
+    folded = _grads(
+        LlavaTuner("tiny:tiny-llava", compile=True, lora_dropout_recompute=True, **kw), batch
+    )
+    assert not torch.equal(peft_path["loss"], ref["loss"])
+    for n, g in peft_path.items():
+        torch.testing.assert_close(folded[n], g, rtol=1e-5, atol=1e-7, msg=n)
