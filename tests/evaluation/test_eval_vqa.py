@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from tiny_tuner import tiny_tuner_data, tiny_tuner_model
 
 from biomedvital.cli import main
 from biomedvital.data.demo import materialize_demo
@@ -24,20 +25,8 @@ def _tuner_config(tmp: Path, selected: Path, images: Path, store: Path) -> Path:
     out = tmp / "tuner"
     cfg = {
         "seed_everything": 0,
-        "model": {
-            "class_path": "biomedvital.tuning.LlavaTuner",
-            "init_args": {"model": "tiny:tiny-llava", "lora_r": 4, "lora_alpha": 8, "lr": 1e-3},
-        },
-        "data": {
-            "class_path": "biomedvital.tuning.TunerDataModule",
-            "init_args": {
-                "data": str(selected),
-                "image_root": str(images),
-                "max_length": 192,
-                "batch_size": 4,
-                "num_workers": 0,
-            },
-        },
+        "model": tiny_tuner_model(),
+        "data": tiny_tuner_data(selected, images),
         "trainer": {
             "max_steps": 2,
             "accelerator": "cpu",

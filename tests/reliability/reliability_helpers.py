@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from tiny_tuner import tiny_tuner_data, tiny_tuner_model
 
 from biomedvital.data.demo import materialize_demo
 from biomedvital.evaluation.demo_vqa import write_demo_vqa
@@ -83,28 +84,8 @@ def tuner_config(selected: Path, images: Path, store: Path) -> dict[str, Any]:
     """A tiny LLaVA tuned with LoRA: 2 epochs of 1 step, last checkpoint, adapter and merged export."""
     return {
         "seed_everything": 0,
-        "model": {
-            "class_path": "biomedvital.tuning.LlavaTuner",
-            "init_args": {
-                "model": "tiny:tiny-llava",
-                "lora_r": 4,
-                "lora_alpha": 8,
-                "lora_dropout": 0.1,
-                "lr": 1e-3,
-                "projector_lr": 1e-4,
-                "warmup_ratio": 0.25,
-            },
-        },
-        "data": {
-            "class_path": "biomedvital.tuning.TunerDataModule",
-            "init_args": {
-                "data": str(selected),
-                "image_root": str(images),
-                "max_length": 160,
-                "batch_size": 2,
-                "num_workers": 0,
-            },
-        },
+        "model": tiny_tuner_model(),
+        "data": tiny_tuner_data(selected, images, max_length=160, batch_size=2),
         "trainer": {
             "max_epochs": 2,
             "limit_train_batches": 1,

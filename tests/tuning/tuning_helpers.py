@@ -7,6 +7,7 @@ from pathlib import Path
 
 import yaml
 from lightning.pytorch import Callback, LightningModule, Trainer
+from tiny_tuner import tiny_tuner_data, tiny_tuner_model
 
 
 class StopAfterEpoch(Callback):
@@ -43,29 +44,8 @@ def tuner_config(
     out = tmp / "out"
     cfg = {
         "seed_everything": 0,
-        "model": {
-            "class_path": "biomedvital.tuning.LlavaTuner",
-            "init_args": {
-                "model": "tiny:tiny-llava",
-                "lora_r": 4,
-                "lora_alpha": 8,
-                "lora_dropout": 0.1,
-                "lr": 1e-3,
-                "projector_lr": 1e-4,
-                "warmup_ratio": 0.25,
-                **model,
-            },
-        },
-        "data": {
-            "class_path": "biomedvital.tuning.TunerDataModule",
-            "init_args": {
-                "data": str(data),
-                "image_root": str(image_root),
-                "max_length": 192,
-                "batch_size": 4,
-                "num_workers": 0,
-            },
-        },
+        "model": tiny_tuner_model(**model),
+        "data": tiny_tuner_data(data, image_root),
         "trainer": {
             "max_epochs": 2,
             "accelerator": "cpu",
