@@ -171,6 +171,18 @@ def _check_split_name(path: Path, split: str, stem: str) -> None:
 # ----------------------------------------------------------------------------- loaders
 
 
+def _official_item(obj: dict[str, Any], where: _Where, image_key: str, split: str) -> VQAItem:
+    """One record of VQA-RAD's or SLAKE's official JSON (they differ in the image's key)."""
+    return VQAItem(
+        question_id=_qid(_get(obj, "qid", where), where, "qid"),
+        image=_text(_get(obj, image_key, where), where, image_key),
+        question=_text(_get(obj, "question", where), where, "question"),
+        answer=_answer(_get(obj, "answer", where), where, "answer"),
+        answer_type=_answer_type(_get(obj, "answer_type", where), where),
+        split=split,
+    )
+
+
 def load_vqa_rad(path: PathLike, split: str = "test") -> list[VQAItem]:
     """VQA-RAD from the official JSON (or the folder holding it); ``split``: test, train or all.
 
@@ -193,16 +205,7 @@ def load_vqa_rad(path: PathLike, split: str = "test") -> list[VQAItem]:
             )
         if split != "all" and rec_split != split:
             continue
-        items.append(
-            VQAItem(
-                question_id=_qid(_get(obj, "qid", where), where, "qid"),
-                image=_text(_get(obj, "image_name", where), where, "image_name"),
-                question=_text(_get(obj, "question", where), where, "question"),
-                answer=_answer(_get(obj, "answer", where), where, "answer"),
-                answer_type=_answer_type(_get(obj, "answer_type", where), where),
-                split=rec_split,
-            )
-        )
+        items.append(_official_item(obj, where, "image_name", rec_split))
         wheres.append(where)
     return _check_unique(items, wheres)
 
@@ -226,16 +229,7 @@ def load_slake(path: PathLike, split: str = "test", lang: str | None = "en") -> 
             q_lang = _get(obj, "q_lang", where)
             if q_lang != lang:
                 continue
-        items.append(
-            VQAItem(
-                question_id=_qid(_get(obj, "qid", where), where, "qid"),
-                image=_text(_get(obj, "img_name", where), where, "img_name"),
-                question=_text(_get(obj, "question", where), where, "question"),
-                answer=_answer(_get(obj, "answer", where), where, "answer"),
-                answer_type=_answer_type(_get(obj, "answer_type", where), where),
-                split=split,
-            )
-        )
+        items.append(_official_item(obj, where, "img_name", split))
         wheres.append(where)
     return _check_unique(items, wheres)
 
