@@ -131,6 +131,8 @@ def run(args: argparse.Namespace) -> dict:
     ids[:, 1:577] = IMAGE_TOKEN
     labels = ids.clone()
     labels[:, :600] = -100
+    targets = torch.nn.functional.pad(labels, (0, 1), value=-100)[:, 1:]
+    keep = targets != -100
     pixels = torch.randn(b, 3, 336, 336, device=device, dtype=torch.bfloat16)
     mask = torch.ones_like(ids)
     torch.cuda.reset_peak_memory_stats(device)
@@ -138,7 +140,13 @@ def run(args: argparse.Namespace) -> dict:
     for step in range(args.warmup + args.steps):
         torch.cuda.synchronize(device)
         t0 = time.perf_counter()
-        loss = model(input_ids=ids, attention_mask=mask, pixel_values=pixels, labels=labels).loss
+        if args.loss == "hf":
+            out = model(input_ids=ids, attention_mask=mask, pixel_values=pixels, labels=labels)
+            loss = out.loss
+        else:  # as LlavaTuner.supervised_loss: logits at supervised positions only
+            logits = model(input_ids=ids, attention_mask=mask, pixel_values=pixels,
+                           logits_to_keep=keep).logits  # fmt: skip
+            loss = torch.nn.functional.cross_entropy(logits.float(), targets[keep])
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -179,6 +187,9 @@ def main(argv: list[str] | None = None) -> dict:
                         help="LlavaTuner.lora_dropout_recompute: no dropped input copies kept")  # fmt: skip
     parser.add_argument("--compile", action="store_true",
                         help="LlavaTuner.compile: regional torch.compile of every layer")  # fmt: skip
+    parser.add_argument("--loss", choices=["supervised", "hf"], default="supervised",
+                        help="logits at supervised positions only (LlavaTuner) or Hugging "
+                        "Face's loss over every position (the figures measured before it)")  # fmt: skip
     parser.add_argument("--dry-run", action="store_true", help="shapes and counts only (CPU)")
     args = parser.parse_args(argv)
     if args.seq_len <= 600:

@@ -11,7 +11,7 @@ set -u
 gpu=${1:-h100}
 out=${OUT:-bench/results}/tuner_mfu_sweep.jsonl
 cap=${CAP:-120}
-runs=" ${RUNS:-1 2 3 4 5} "
+runs=" ${RUNS:-1 2 3 4 5 6} "
 n=0
 mkdir -p "$(dirname "$out")"
 run() {
@@ -28,7 +28,8 @@ run() {
   tail -n 1 "$out"
 }
 ac=(--activation-checkpointing --checkpoint-every 2)
-run --batch-size 3 "${ac[@]}"                                           # the measured 38.5 %
+run --batch-size 3 "${ac[@]}" --loss hf                                # the measured 38.5 %
+run --batch-size 3 "${ac[@]}"                                           # + supervised logits only
 run --batch-size 4 "${ac[@]}" --lora-dropout-recompute
 run --batch-size 4 "${ac[@]}" --lora-dropout-recompute --compile
 run --batch-size 2 --lora-dropout-recompute --compile                  # no recompute at all

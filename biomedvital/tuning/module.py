@@ -236,12 +236,13 @@ class LlavaTuner(LightningModule):
         if n == 0:
             return None
         world = self.trainer.world_size if self._trainer is not None else 1
+        summed, count = self.supervised_loss(batch)
         if world > 1:
-            loss = self.distributed_loss(batch, world)
+            loss = self.distributed_share(summed, count, world)
             # the mean of the ranks' losses is the global batch's token-weighted mean
             self.log("train/loss", loss.detach(), prog_bar=True, batch_size=n, sync_dist=True)
         else:
-            loss = self(batch).loss
+            loss = summed / count.clamp_min(1).to(summed.dtype)
             self.log("train/loss", loss, prog_bar=True, batch_size=n)
         self.log(
             "train/supervised_tokens",
@@ -254,37 +255,51 @@ class LlavaTuner(LightningModule):
                 self.log(f"train/lr_{group.get('name', 'model')}", group["lr"], batch_size=n)
         return loss
 
-    def distributed_loss(self, batch: dict[str, Any], world: int) -> torch.Tensor:
-        """This rank's share of the global batch's loss: summed over its supervised tokens and
-        divided by the global batch's supervised tokens / ``world``. Data-parallel gradient
-        averaging then gives exactly the gradient of the global batch's token-weighted mean,
-        as one process would compute it (a mean of per-rank means would weight the tokens of
-        short ranks more)."""
-        import torch.distributed as dist
+    def supervised_loss(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The cross-entropy summed over the batch's supervised tokens, and their count.
+
+        Logits are computed only where a token is supervised (``logits_to_keep`` with a
+        boolean mask): the image, system and user positions, often most of a LLaVA sequence,
+        never go through ``lm_head`` nor the float32 softmax over the vocabulary. The mean is
+        the same as Hugging Face's loss over the full logits (a test)."""
         import torch.nn.functional as F
 
         labels = batch["labels"]
-        shifted = F.pad(labels, (0, 1), value=IGNORE_INDEX)[:, 1:]  # token t predicts t + 1
-        count = (shifted != IGNORE_INDEX).sum().to(torch.float64)
-        dist.all_reduce(count)  # the global batch's supervised tokens
+        targets = F.pad(labels, (0, 1), value=IGNORE_INDEX)[:, 1:]  # token t predicts t + 1
+        keep = targets != IGNORE_INDEX
         logits = self.model(
             input_ids=batch["input_ids"],
             attention_mask=batch["attention_mask"],
             pixel_values=batch["pixel_values"].to(self.dtype_of_inputs()),
+            logits_to_keep=keep.to(labels.device),
             use_cache=False,
         ).logits
         summed = F.cross_entropy(
-            logits.float().flatten(0, 1),
-            shifted.flatten().to(logits.device),
-            ignore_index=IGNORE_INDEX,
+            logits.float().reshape(-1, logits.shape[-1]),
+            targets[keep].to(logits.device),
             reduction="sum",
         )
-        return summed * world / count.clamp_min(1).to(summed.dtype)
+        return summed, keep.sum()
+
+    def distributed_share(
+        self, summed: torch.Tensor, count: torch.Tensor, world: int
+    ) -> torch.Tensor:
+        """This rank's share of the global batch's loss: its summed loss divided by the global
+        batch's supervised tokens / ``world``. Data-parallel gradient averaging then gives
+        exactly the gradient of the global batch's token-weighted mean, as one process would
+        compute it (a mean of per-rank means would weight the tokens of short ranks more)."""
+        import torch.distributed as dist
+
+        total = count.to(device=summed.device, dtype=torch.float64)
+        dist.all_reduce(total)  # the global batch's supervised tokens
+        return summed * world / total.clamp_min(1).to(summed.dtype)
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         n = len(batch["ids"])
         if n:
-            self.log("val/loss", self(batch).loss, prog_bar=True, batch_size=n, sync_dist=True)
+            summed, count = self.supervised_loss(batch)
+            loss = summed / count.clamp_min(1).to(summed.dtype)
+            self.log("val/loss", loss, prog_bar=True, batch_size=n, sync_dist=True)
 
     def configure_optimizers(self) -> dict[str, Any]:
         hp = self.hparams

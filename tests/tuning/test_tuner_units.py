@@ -470,3 +470,32 @@ def test_regional_compile_matches_eager(tuner: LlavaTuner) -> None:
     assert not torch.equal(peft_path["loss"], ref["loss"])
     for n, g in peft_path.items():
         torch.testing.assert_close(folded[n], g, rtol=1e-5, atol=1e-7, msg=n)
+
+
+def test_supervised_loss_is_hugging_face_loss_without_unsupervised_logits(
+    tuner: LlavaTuner,
+) -> None:
+    one = _one_batch(tuner)
+    batch = {k: torch.cat([v, v]) for k, v in one.items()}
+    batch["labels"][1, -6:] = -100  # rows with different supervised spans
+    batch["attention_mask"][1, -3:] = 0
+    model = LlavaTuner("tiny:tiny-llava", lora_r=4, lora_alpha=8, lora_dropout=0.0)
+    model.train()
+    torch.manual_seed(0)
+    ref = model(batch)
+    ref.loss.backward()
+    want = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    model.zero_grad()
+    seen: list[int] = []
+    hook = model.llava().lm_head.register_forward_hook(lambda m, i, o: seen.append(i[0].shape[-2]))
+    summed, count = model.supervised_loss(batch)
+    hook.remove()
+    loss = summed / count
+    loss.backward()
+    shifted = torch.nn.functional.pad(batch["labels"], (0, 1), value=-100)[:, 1:]
+    assert count == (shifted != -100).sum() and seen == [int(count)]  # only those logits
+    assert int(count) < batch["labels"].numel() / 2
+    torch.testing.assert_close(loss, ref.loss, rtol=1e-6, atol=1e-6)
+    params = dict(model.named_parameters())
+    for n, g in want.items():
+        torch.testing.assert_close(params[n].grad, g, msg=n)
