@@ -422,12 +422,17 @@ def test_lora_dropout_recompute_gives_peft_gradients_and_keeps_keys(tuner: Llava
     assert folded.state_dict().keys() == plain.state_dict().keys()
     ref, got = _grads(plain, batch), _grads(folded, batch)
     torch.testing.assert_close(got["loss"], ref["loss"], rtol=0, atol=0)
+    nested = LlavaTuner(  # its checkpoint inside each layer's
+        "tiny:tiny-llava", lora_dropout_recompute=True, gradient_checkpointing=True, **kw
+    )
+    in_checkpointed_layers = _grads(nested, batch)
     without = _grads(LlavaTuner("tiny:tiny-llava", lora_r=4, lora_alpha=8, lora_dropout=0.0), batch)
     assert not torch.equal(without["loss"], ref["loss"])  # dropout is active in both paths
     lora_a = [n for n in ref if "lora_A" in n]
     assert lora_a and all(ref[n].abs().sum() > 0 for n in lora_a)
     for n, g in ref.items():
         torch.testing.assert_close(got[n], g, rtol=1e-5, atol=1e-7, msg=n)
+        torch.testing.assert_close(in_checkpointed_layers[n], g, rtol=1e-5, atol=1e-7, msg=n)
     # and it recomputes instead of saving a dropped copy of each adapter's input
     saved: dict[int, int] = {}
 
