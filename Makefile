@@ -37,7 +37,8 @@ demo: $(DEMO)/judge/manifest.json  ## the main job on the embedded demo: generat
 	@echo "selected: $(DEMO)/selected/selected.json; tuned: $(DEMO)/tuner/export/; VQA: $(DEMO)/eval/demo_vqa/scores.json; judge: $(DEMO)/judge/manifest.json — runs: make ui"
 
 # generate and rate start a local OpenAI-compatible server (llama-cpp-python, SmolLM2-135M) on a
-# free loopback port for the stage and stop it after (base_url: local:smollm2 in their configs)
+# free loopback port for the stage and stop it after (client.base_url: local:smollm2 in their
+# configs; --config conf/endpoints/openai.yaml after a verb's config points it at OpenAI instead)
 $(DEMO)/generate/manifest.json: $(STAMP) conf/demo/generate.yaml
 	$(BIN)/python -m biomedvital demo --out_dir data/demo > /dev/null
 	$(BIN)/python -m biomedvital generate --config conf/demo/generate.yaml

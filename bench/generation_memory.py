@@ -49,6 +49,7 @@ def write_figures(root: Path, n: int) -> dict[str, Path]:
 
 
 def child(args: argparse.Namespace) -> None:
+    from biomedvital.generation.client import ClientConfig
     from biomedvital.generation.generate import generate
 
     root = Path(args.dir)
@@ -58,11 +59,13 @@ def child(args: argparse.Namespace) -> None:
         image_root=root / "images",
         demonstrations=root / "demos.json",
         out=root / "out",
-        base_url=args.base_url,
-        model="bench-model",
-        api_key_env=KEY_ENV,
-        concurrency=32,
-        timeout_s=60,
+        client=ClientConfig(
+            base_url=args.base_url,
+            model="bench-model",
+            api_key_env=KEY_ENV,
+            concurrency=32,
+            timeout_s=60,
+        ),
         store=str(root / "mlruns"),
         progress=False,
     )

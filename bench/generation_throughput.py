@@ -19,6 +19,10 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from biomedvital.generation.client import ClientConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import REPO, save  # noqa: E402
@@ -59,17 +63,25 @@ class Server:
         self.proc.wait(timeout=10)
 
 
-def client_run(base_url: str, journal: Path, n: int, concurrency: int) -> tuple[float, dict]:
-    from biomedvital.generation.client import ChatClient, ChatRequest, ClientConfig, Journal
+def bench_client(base_url: str, concurrency: int, **settings: Any) -> ClientConfig:
+    """The client block of both timings (the bench server, its key variable) plus ``settings``."""
+    from biomedvital.generation.client import ClientConfig
 
-    config = ClientConfig(
+    return ClientConfig(
         base_url=base_url,
         model="bench-model",
         api_key_env=KEY_ENV,
         concurrency=concurrency,
-        max_attempts=3,
         timeout_s=30,
-        price_per_million={"input": 2.5, "output": 10.0},
+        **settings,
+    )
+
+
+def client_run(base_url: str, journal: Path, n: int, concurrency: int) -> tuple[float, dict]:
+    from biomedvital.generation.client import ChatClient, ChatRequest, Journal
+
+    config = bench_client(
+        base_url, concurrency, max_attempts=3, price_per_million={"input": 2.5, "output": 10.0}
     )
     requests = (
         ChatRequest(
@@ -95,12 +107,8 @@ def verb_run(base_url: str, root: Path, n: int, concurrency: int) -> float:
     m = generate(
         out=root / "out",
         **inputs,
-        base_url=base_url,
-        model="bench-model",
-        api_key_env=KEY_ENV,
+        client=bench_client(base_url, concurrency),
         vision=False,
-        concurrency=concurrency,
-        timeout_s=30,
         store=str(root / "mlruns"),
         progress=False,
     )

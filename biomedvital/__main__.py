@@ -14,6 +14,7 @@ USER_ERRORS = {
     "biomedvital.data.report": ("BadRecordError",),
     "biomedvital.data.images": ("UnsafePathError", "ImageLoadError"),
     "biomedvital.data.outputs": ("OutputFolderBusy",),
+    "biomedvital.generation.client": ("ClientConfigError",),
     "biomedvital.tracking.checkpoints": ("UnsafeCheckpointError",),
 }
 
@@ -36,7 +37,7 @@ def run() -> None:
         if not isinstance(e, user_errors()) or os.environ.get("BIOMEDVITAL_TRACEBACK"):
             raise
         print(f"biomedvital: error: {e}", file=sys.stderr)
-        raise SystemExit(2 if type(e).__name__ == "ConfigError" else 1) from None
+        raise SystemExit(2 if type(e).__name__.endswith("ConfigError") else 1) from None
 
 
 if __name__ == "__main__":

@@ -138,6 +138,18 @@ def _fill(value: Any, names: dict[str, Any]) -> str:
     return str(value).format(**names) if isinstance(value, str) else json.dumps(value)
 
 
+def _takes_tags(verb: str) -> bool:
+    """Whether a pipeline verb logs an MLflow run that can carry the cell's tags (``demo``,
+    ``score-vqa`` and the like have no ``tags`` argument and would refuse one)."""
+    import inspect
+
+    from biomedvital.cli import PIPELINE_VERBS, _load
+
+    if verb not in PIPELINE_VERBS:
+        raise GridError(f"unknown verb {verb!r}")
+    return "tags" in inspect.signature(_load(PIPELINE_VERBS[verb][0])).parameters
+
+
 def stage_commands(grid: Path, cell: str, out_root: str = "outputs/grids") -> list[dict]:
     """Each stage of a cell: its name, argv (after ``python -m biomedvital``) and done file."""
     spec = load_grid(grid)
@@ -162,7 +174,7 @@ def stage_commands(grid: Path, cell: str, out_root: str = "outputs/grids") -> li
             args.setdefault("trainer.default_root_dir", "{cell_dir}")
             args["trainer.logger.init_args.run_name"] = f"{name}/{cell}/{stage_name}"
             args["trainer.logger.init_args.tags"] = {**tags, "stage": stage_name}
-        else:
+        elif _takes_tags(verb):
             args["tags"] = {**tags, "stage": stage_name}
         for key, value in args.items():
             argv += [f"--{key}", _fill(value, names)]

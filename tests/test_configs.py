@@ -18,9 +18,12 @@ DEMO_OVERLAYS = [CONF / "demo" / "generated_pool.yaml"]
 BASES = sorted(
     p
     for p in CONF.rglob("*.yaml")
-    if not {"ablation", "grids", "strategy", "perf"} & set(p.parts)
+    if not {"ablation", "grids", "strategy", "perf", "endpoints"} & set(p.parts)
     and p not in PIPELINE + DEMO_OVERLAYS
 )
+ENDPOINTS = sorted((CONF / "endpoints").glob("*.yaml"))
+CLIENT_VERBS = ("generate", "rate", "judge", "pairwise")
+"""The verbs that share the ``client`` block (an endpoint file overlays any of them)."""
 STRATEGIES = sorted((CONF / "strategy").glob("*.yaml"))
 OVERLAYS = sorted((CONF / "ablation").glob("*.yaml"))
 GRIDS = sorted((CONF / "grids").glob("*.yaml"))
@@ -38,7 +41,8 @@ def _print_config(capsys: pytest.CaptureFixture[str], *configs: Path) -> dict:
 
 
 def test_conf_has_files() -> None:
-    assert BASES and OVERLAYS and STRATEGIES and PERF
+    assert BASES and OVERLAYS and STRATEGIES and PERF and ENDPOINTS
+    assert {p.stem for p in PIPELINE} == {"generate", "rate", "judge"}
     assert {p.relative_to(CONF).as_posix() for p in BASES} >= {
         "demo/selector.yaml",
         "paper/selector.yaml",
@@ -80,16 +84,79 @@ def test_perf_overlay_parses(path: Path, capsys: pytest.CaptureFixture[str]) -> 
         assert merged["model"]["init_args"][key] == value, key
 
 
+def _pipeline_config(capsys: pytest.CaptureFixture[str], verb: str, *argv: str) -> dict:
+    with pytest.raises(SystemExit) as e:
+        main([verb, *argv, "--print_config"])
+    assert e.value.code in (0, None)
+    return yaml.safe_load(capsys.readouterr().out)
+
+
 @pytest.mark.parametrize("path", PIPELINE, ids=lambda p: p.relative_to(CONF).as_posix())
 def test_pipeline_config_parses(path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    """conf/demo/<verb>.yaml is accepted by its verb; every key it sets survives."""
-    with pytest.raises(SystemExit) as e:
-        main([path.stem, "--config", str(path), "--print_config"])
-    assert e.value.code in (0, None)
-    cfg = yaml.safe_load(capsys.readouterr().out)
+    """conf/demo/<verb>.yaml is accepted by its verb; every key it sets survives; the endpoint
+    settings are one ``client`` block, not flat keys."""
+    cfg = _pipeline_config(capsys, path.stem, "--config", str(path))
     for key, value in yaml.safe_load(path.read_text()).items():
-        assert cfg[key] == value, key
-    assert cfg["base_url"] == "local:smollm2"
+        if isinstance(value, dict) and key == "client":
+            assert value.items() <= cfg[key].items(), key
+        else:
+            assert cfg[key] == value, key
+    assert cfg["client"]["base_url"] == "local:smollm2"
+    assert cfg["client"]["concurrency"] == 1  # the demo's llama.cpp: one request at a time
+    assert not {"base_url", "model", "concurrency", "mode", "price_per_million"} & set(cfg)
+
+
+@pytest.mark.parametrize("endpoint", ENDPOINTS, ids=lambda p: p.name)
+@pytest.mark.parametrize("path", PIPELINE, ids=lambda p: p.stem)
+def test_endpoint_overlay_parses(
+    path: Path, endpoint: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """conf/endpoints/*.yaml overlays a verb's config: its client keys win, key by key; the
+    rest of the verb's config (the demo's other client settings among it) stays."""
+    base = yaml.safe_load(path.read_text())
+    overlay = yaml.safe_load(endpoint.read_text())
+    assert set(overlay) == {"client"}, "an endpoint file sets the client block only"
+    cfg = _pipeline_config(capsys, path.stem, "--config", str(path), "--config", str(endpoint))
+    assert cfg["client"] == {**cfg["client"], **base["client"], **overlay["client"]}
+    for key, value in base.items():
+        if key != "client":
+            assert cfg[key] == value, key
+
+
+def test_one_endpoint_file_sets_the_client_of_every_verb(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The four verbs take the same ``client`` block: one overlay (or ``--client.*`` flags)
+    changes the endpoint of each, and a ``client`` key they do not know is refused."""
+    from biomedvital.cli import ConfigError
+
+    endpoint = tmp_path / "endpoint.yaml"
+    endpoint.write_text(
+        "client: {base_url: http://vllm:8000/v1, model: served, concurrency: 3,"
+        " price_per_million: {input: 2.5, output: 10, batch: 0.5}}\n"
+    )
+    required = {
+        "generate": ["--figures", "f", "--image_root", "i", "--demonstrations", "d", "--out", "o"],
+        "rate": ["--candidates", "c", "--out", "o"],
+        "judge": ["--questions", "q", "--answers", "a", "--out", "o"],
+        "pairwise": ["--questions", "q", "--answers_a", "a", "--answers_b", "b", "--out", "o"],
+    }
+    assert set(required) == set(CLIENT_VERBS)
+    for verb, argv in required.items():
+        cfg = _pipeline_config(
+            capsys, verb, *argv, "--config", str(endpoint), "--client.timeout_s", "30"
+        )
+        client = cfg["client"]
+        assert (client["base_url"], client["model"], client["concurrency"]) == (
+            "http://vllm:8000/v1",
+            "served",
+            3,
+        ), verb
+        assert client["price_per_million"] == {"input": 2.5, "output": 10.0, "batch": 0.5}
+        assert client["timeout_s"] == 30 and client["api_key_env"] == "OPENAI_API_KEY"
+        assert not {"base_url", "model", "api_key_env", "concurrency"} & set(cfg), verb
+        with pytest.raises(ConfigError, match="concurency"):
+            main([verb, *argv, "--config", str(endpoint), "--client.concurency", "2"])
 
 
 def test_generated_pool_overlay_parses(capsys: pytest.CaptureFixture[str]) -> None:

@@ -164,6 +164,21 @@ def test_grid_stage_without_done_file(tmp_path: Path) -> None:
         load_grid(grid)
 
 
+def test_cell_tags_go_to_the_verbs_that_log_runs(tmp_path: Path) -> None:
+    grid = tmp_path / "g.yaml"
+    stages = {
+        "gen": {"verb": "generate", "config": ["conf/demo/generate.yaml"], "done": "{cell_dir}/g"},
+        "bench": {"verb": "demo-vqa", "args": {"out": "{cell_dir}/q.json"}, "done": "{cell_dir}/q"},
+        "chat": {"verb": "score-chat", "args": {"reviews": "r.jsonl"}, "done": "{cell_dir}/c"},
+    }
+    grid.write_text(yaml.safe_dump({"stages": stages, "cells": {"a": {}}}))
+    argvs = {s["stage"]: s["argv"] for s in stage_commands(grid, "a")}
+    assert "--tags" in argvs["gen"] and "--tags" in argvs["chat"]
+    assert "--tags" not in argvs["bench"]  # demo-vqa logs no run and has no such option
+    gen = argvs["gen"]
+    assert yaml.safe_load(gen[gen.index("--tags") + 1])["stage"] == "gen"
+
+
 def test_repository_grids_expand(monkeypatch: pytest.MonkeyPatch) -> None:
     # every grid in conf/grids/ loads, and each cell's stages write under its own folder
     monkeypatch.chdir(REPO)
@@ -176,6 +191,9 @@ def test_repository_grids_expand(monkeypatch: pytest.MonkeyPatch) -> None:
     topk = stage_commands(Path("conf/grids/topk.yaml"), "k10")
     assert [s["stage"] for s in topk] == ["select", "tune", "test", "judge"]
     assert "local-dir:outputs/grids/topk/k10/tuner/export/merged" in topk[2]["argv"]
+    judge = topk[3]["argv"]  # the judge's endpoint goes in pairwise's client block
+    assert judge[judge.index("--client.base_url") + 1] == "local:smollm2"
+    assert "--base_url" not in judge and "--model" not in judge
 
 
 def test_report_reads_pairwise_runs(tmp_path: Path) -> None:

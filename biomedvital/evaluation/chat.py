@@ -279,6 +279,7 @@ def score_chat(
     captions: Path | None = None,
     out: Path | None = None,
     store: str | None = None,
+    tags: dict[str, str] | None = None,
 ) -> dict:
     """Relative scores of a LLaVA-Med-Bench review file, per type, per domain and overall.
 
@@ -290,6 +291,7 @@ def score_chat(
         captions: LLaVA-Med's caption file, giving each figure's domain by ``pair_id``.
         out: also write the result here as JSON (atomically).
         store: MLflow store folder; when given, the summary is logged as a run of ``evaluation``.
+        tags: extra MLflow run tags (a grid's ``grid``/``cell``/``stage``).
 
     Returns one dict. ``relative_mean_of_ratios`` is LLaVA-Med's published figure,
     ``relative_ratio_of_means`` LLaVA's; both in percent.
@@ -322,14 +324,14 @@ def score_chat(
     if out is not None:
         write_json(out, result)
     if store is not None:
-        _log(result, store)
+        _log(result, store, tags)
     return result
 
 
-def _log(result: dict[str, Any], store: str) -> None:
+def _log(result: dict[str, Any], store: str, tags: dict[str, str] | None = None) -> None:
     from biomedvital.tracking.mlflow import PipelineRun
 
-    with PipelineRun("evaluation", "score_chat", store) as run:
+    with PipelineRun("evaluation", "score_chat", store, tags) as run:
         run.log_params(
             {"reviews": result["reviews"]["path"], "sha256": result["reviews"]["sha256"]}
         )

@@ -123,24 +123,15 @@ def judge(
     questions: Path,
     answers: Path,
     out: Path,
-    base_url: str,
-    model: str,
-    api_key_env: str = "OPENAI_API_KEY",
+    client: ClientConfig,
     captions: Path | None = None,
     limit: int | None = None,
     temperature: float = 0.0,
     max_tokens: int = 512,
     seed: int = 0,
     extra_body: dict[str, Any] | None = None,
-    concurrency: int = 8,
-    requests_per_minute: float | None = None,
-    tokens_per_minute: float | None = None,
-    max_attempts: int = 5,
-    timeout_s: float = 120,
-    price_per_million: dict[str, float] | None = None,
     store: str = DEFAULT_STORE,
-    backoff_base_s: float = 1.0,
-    backoff_max_s: float = 60.0,
+    tags: dict[str, str] | None = None,
     progress: bool = True,
 ) -> dict:
     """Score the reference and a model's answers to LLaVA-Med-Bench with a text-only judge.
@@ -152,7 +143,9 @@ def judge(
         answers: the model's answers, JSONL of ``question_id`` and ``text`` (``model_vqa``'s).
         out: output folder: ``reviews.jsonl`` (for ``score-chat``), ``failed.jsonl``,
             ``journal.jsonl`` (request cache), ``manifest.json`` and ``scores.json``.
-        base_url / model / api_key_env: the judge endpoint (the key only from that variable).
+        client: the judge endpoint and how to call it, as for ``generate``: ``base_url``,
+            ``model``, ``api_key_env`` (the key only from that variable), pacing, retries and
+            prices; online only (``mode: batch`` is refused).
         captions: LLaVA-Med's caption file: caption and mentions by ``pair_id`` when a question
             lacks them.
         limit: judge only the first ``limit`` questions (trial runs; recorded).
@@ -160,9 +153,8 @@ def judge(
         extra_body: extra request fields for the endpoint, sent as given and part of the cache
             key: e.g. llama.cpp's ``grammar`` or vLLM's ``guided_choice`` to constrain a small
             local model's reply to the format asked for.
-        concurrency / requests_per_minute / tokens_per_minute / max_attempts / timeout_s /
-            backoff_base_s / backoff_max_s / price_per_million: as for ``generate``.
         store: MLflow store folder (experiment ``evaluation``).
+        tags: extra MLflow run tags (a grid's ``grid``/``cell``/``stage``).
         progress: show the progress bar.
 
     Every question in scope needs exactly one answer; an answer whose id is not a question is
@@ -171,7 +163,7 @@ def judge(
     from .chat import score_chat
 
     questions, answers, out = Path(questions), Path(answers), Path(out)
-    config = ClientConfig.from_knobs(locals())
+    client.require_online("judge")
     qmap = _read_questions(questions)
     preds = read_predictions(answers)
     extra = [qid for qid in preds if qid not in qmap]
@@ -204,13 +196,13 @@ def judge(
         mentions = _mentions(q.get("in_text_mention") or fig.get("in_text_mention"))
         msgs = judge_messages(_question_text(q), caption, mentions, q["gpt4_answer"], preds[qid])
         req = ChatRequest(msgs, dict(params), meta={"question_id": qid})
-        req.key = request_key(model, msgs, req.params)
+        req.key = request_key(client.model, msgs, req.params)
         requests.append(req)
 
     out.mkdir(parents=True, exist_ok=True)
     journal = out / "journal.jsonl"
     public = {
-        **config.public(),
+        **client.public(),
         "questions": str(questions),
         "answers": str(answers),
         "captions": str(captions) if captions else None,
@@ -220,9 +212,9 @@ def judge(
         "seed": seed,
         "extra_body": extra_body,
     }
-    with PipelineRun("evaluation", "judge", store, {"model": model}) as run:
+    with PipelineRun("evaluation", "judge", store, {**(tags or {}), "model": client.model}) as run:
         run.log_params(public)
-        first, ledger1, torn = run_requests(config, journal, requests, "judge", progress)
+        first, ledger1, torn = run_requests(client, journal, requests, "judge", progress)
         verdicts: dict[str, str] = {}
         failures: dict[str, str] = {}
         again: dict[str, ChatRequest] = {}
@@ -239,12 +231,12 @@ def judge(
                     {"role": "user", "content": REASK_PROMPT},
                 ]
                 again[qid] = ChatRequest(msgs, dict(params), meta=req.meta)
-                again[qid].key = request_key(model, msgs, again[qid].params)
+                again[qid].key = request_key(client.model, msgs, again[qid].params)
         ledger2 = None
         by_qid = {r.meta["question_id"]: r for r in requests}
         if again:
             second, ledger2, _ = run_requests(
-                config, journal, list(again.values()), "judge (re-ask)", progress
+                client, journal, list(again.values()), "judge (re-ask)", progress
             )
             for qid, req in again.items():
                 res = second[req.key]

@@ -67,9 +67,7 @@ def pairwise(
     answers_a: Path,
     answers_b: Path,
     out: Path,
-    base_url: str,
-    model: str,
-    api_key_env: str = "OPENAI_API_KEY",
+    client: ClientConfig,
     benchmark: Benchmark = "vqa_rad",
     split: str = "test",
     image_cache: Path | None = None,
@@ -80,15 +78,7 @@ def pairwise(
     max_tokens: int = 512,
     seed: int = 0,
     extra_body: dict[str, Any] | None = None,
-    concurrency: int = 8,
-    requests_per_minute: float | None = None,
-    tokens_per_minute: float | None = None,
-    max_attempts: int = 5,
-    timeout_s: float = 120,
-    price_per_million: dict[str, float] | None = None,
     store: str = DEFAULT_STORE,
-    backoff_base_s: float = 1.0,
-    backoff_max_s: float = 60.0,
     progress: bool = True,
     tags: dict[str, str] | None = None,
 ) -> dict:
@@ -101,7 +91,9 @@ def pairwise(
             refused (as ``score-vqa`` does).
         out: output folder: ``verdicts.jsonl`` (for ``win-rate``), ``journal.jsonl`` (request
             cache), ``win_rate.json`` and ``manifest.json``.
-        base_url / model / api_key_env: the judge endpoint (the key only from that variable).
+        client: the judge endpoint and how to call it, as for ``generate``: ``base_url``,
+            ``model``, ``api_key_env`` (the key only from that variable), pacing, retries and
+            prices; online only (``mode: batch`` is refused).
         benchmark / split / image_cache: which questions (``image_cache``: PathVQA parquet only).
         limit: judge only the first ``limit`` questions (trial runs; recorded).
         rule / n_boot: how the two orders combine and the bootstrap size (see ``win_rate``).
@@ -109,8 +101,6 @@ def pairwise(
         extra_body: extra request fields for the endpoint, sent as given and part of the cache
             key: e.g. llama.cpp's ``grammar`` or vLLM's ``guided_choice`` to constrain a small
             local model's reply to the format asked for.
-        concurrency / requests_per_minute / tokens_per_minute / max_attempts / timeout_s /
-            backoff_base_s / backoff_max_s / price_per_million: as for ``generate``.
         store: MLflow store folder (experiment ``evaluation``, run ``pairwise``).
         progress: show the progress bar.
         tags: extra MLflow run tags (a grid's ``grid``/``cell``).
@@ -123,7 +113,7 @@ def pairwise(
         Path(answers_b),
         Path(out),
     )
-    config = ClientConfig.from_knobs(locals())
+    client.require_online("pairwise")
     items = load_benchmark(benchmark, questions, split, image_cache)
     if not items:
         raise ValueError(f"{questions}: no {benchmark} questions in split {split!r}")
@@ -141,12 +131,12 @@ def pairwise(
             msgs = pairwise_messages(item.question, item.answer, first, second)
             req = ChatRequest(msgs, dict(params), meta={"question_id": item.question_id})
             req.meta["order"] = order
-            req.key = request_key(model, msgs, req.params)
+            req.key = request_key(client.model, msgs, req.params)
             requests.append(req)
 
     out.mkdir(parents=True, exist_ok=True)
     public = {
-        **config.public(),
+        **client.public(),
         "benchmark": benchmark,
         "split": split,
         "questions": str(questions),
@@ -160,10 +150,12 @@ def pairwise(
         "seed": seed,
         "extra_body": extra_body,
     }
-    with PipelineRun("evaluation", "pairwise", store, {**(tags or {}), "model": model}) as run:
+    with PipelineRun(
+        "evaluation", "pairwise", store, {**(tags or {}), "model": client.model}
+    ) as run:
         run.log_params(public)
         outcomes, ledger, torn = run_requests(
-            config, out / "journal.jsonl", requests, "pairwise", progress
+            client, out / "journal.jsonl", requests, "pairwise", progress
         )
         records = []
         for req in requests:

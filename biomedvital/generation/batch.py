@@ -4,7 +4,8 @@ The Batch API answers within a 24-hour window for about half the online price. R
 answers go through the same journal as online mode, so either mode resumes the other and a later
 online rerun makes no request.
 
-``batch_runner: openai`` (the endpoint's ``/v1/files`` and ``/v1/batches``):
+``client: {mode: batch}`` in a ``generate`` or ``rate`` config (``--client.mode batch``) turns
+it on. ``client.batch_runner: openai`` (the endpoint's ``/v1/files`` and ``/v1/batches``):
 
 1. every request not yet in the journal becomes one line of a JSONL request file
    (``{"custom_id": <cache key>, "method": "POST", "url": "/v1/chat/completions", "body"}``),
@@ -20,8 +21,8 @@ A restart reads ``batch/batches.jsonl``: a submitted batch is polled and collect
 submitted again; an upload whose batch id was not journaled (killed between the two calls) is
 matched to its batch through the batch list before anything new is created.
 
-``batch_runner: file`` writes ``batch/<stage>.requests.jsonl`` and stops (:class:`BatchPending`)
-with the command that runs it offline::
+``client.batch_runner: file`` writes ``batch/<stage>.requests.jsonl`` and stops
+(:class:`BatchPending`) with the command that runs it offline::
 
     python -m vllm.entrypoints.openai.run_batch -i requests.jsonl -o results.jsonl --model …
 

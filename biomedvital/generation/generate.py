@@ -7,8 +7,8 @@ the outputs are assembled afterwards, in figure order, from the plan and the jou
 therefore stays flat in the number of figures (the journal's key index and the set of seen
 ``pair_id`` values are all that grow). Outputs are written at the end, atomically.
 
-``mode: batch`` sends the same requests as Batch API jobs (or writes them for vLLM's offline
-batch runner), see :mod:`biomedvital.generation.batch`.
+``client.mode: batch`` sends the same requests as Batch API jobs (or writes them for vLLM's
+offline batch runner), see :mod:`biomedvital.generation.batch`.
 """
 
 from __future__ import annotations
@@ -258,9 +258,7 @@ def generate(
     image_root: Path,
     demonstrations: Path,
     out: Path,
-    base_url: str,
-    model: str,
-    api_key_env: str = "OPENAI_API_KEY",
+    client: ClientConfig,
     n_demos: int = 5,
     vision: bool = True,
     answers: int = 1,
@@ -268,24 +266,13 @@ def generate(
     max_tokens: int = 1024,
     seed: int = 0,
     extra_body: dict[str, Any] | None = None,
-    concurrency: int = 8,
-    requests_per_minute: float | None = None,
-    tokens_per_minute: float | None = None,
-    max_attempts: int = 5,
-    timeout_s: float = 120,
-    price_per_million: dict[str, float] | None = None,
     on_bad_record: Literal["raise", "skip"] = "raise",
     dry_run: bool = False,
     store: str = DEFAULT_STORE,
+    tags: dict[str, str] | None = None,
     min_exchanges: int = 4,
-    backoff_base_s: float = 1.0,
-    backoff_max_s: float = 60.0,
     progress: bool = True,
-    mode: Literal["online", "batch"] = "online",
-    batch_runner: Literal["openai", "file"] = "openai",
     batch_results: list[Path] | Path | None = None,
-    batch_poll_s: float = 60.0,
-    batch_wait_s: float | None = None,
 ) -> dict:
     """Generate candidate conversations (or answer pairs) for each figure with a chat model.
 
@@ -296,9 +283,10 @@ def generate(
         out: output folder: ``candidates.jsonl`` (``answers=1``) or ``pairs.jsonl``
             (``answers=2``), ``journal.jsonl``, ``failed.jsonl``, ``manifest.json``
             (``batch/`` in batch mode).
-        base_url: OpenAI-compatible endpoint.
-        model: model name (paper: ``gpt-4-vision-preview``).
-        api_key_env: name of the environment variable holding the API key (never the key).
+        client: the endpoint and how to call it, shared with ``rate``, ``judge`` and
+            ``pairwise``: ``base_url``, ``model`` (paper: ``gpt-4-vision-preview``),
+            ``api_key_env`` (the variable's name, never the key), pacing, retries, prices and
+            ``mode: batch`` (Batch API jobs at about half the price, 24 h window).
         n_demos: demonstrations per prompt, one per modality (paper: 5).
         vision: attach the image as a base64 data URL; ``false`` sends text only.
         answers: 1 = conversations; 2 = per question two answers, for clinician marking.
@@ -306,32 +294,23 @@ def generate(
         extra_body: extra request fields for the endpoint, sent as given and part of the cache
             key: e.g. llama.cpp's ``grammar`` or vLLM's ``guided_choice`` to constrain a small
             local model's reply to the format asked for.
-        concurrency / requests_per_minute / tokens_per_minute: pacing.
-        max_attempts / timeout_s / backoff_base_s / backoff_max_s: retry policy (batch mode:
-            ``max_attempts`` batch rounds).
-        price_per_million: ``{"input": $, "output": $}`` per 1M tokens for the cost ledger
-            (``batch``: the Batch API's factor, default 0.5).
         on_bad_record: ``raise`` (before any request is sent: an error naming the file and the
             record) or ``skip`` (counted in the manifest) for figures without a caption, with
             unknown domain flags or a missing image, and for malformed demonstrations.
         dry_run: print the first full prompt and the estimated cost; send nothing, write nothing.
         store: MLflow store folder (experiment ``generation``).
+        tags: extra MLflow run tags (a grid's ``grid``/``cell``/``stage``).
         min_exchanges: conversations with fewer question-answer exchanges are rejected
             (``answers=2`` needs one complete question).
         progress: show the progress bar.
-        mode: ``online`` or ``batch`` (Batch API jobs at about half the price, 24 h window).
-        batch_runner: ``openai`` (submit through the endpoint) or ``file`` (write the request
-            file for ``python -m vllm.entrypoints.openai.run_batch`` and stop).
-        batch_results: results file(s) of the offline runner to import (``batch_runner: file``).
-        batch_poll_s / batch_wait_s: status poll interval; stop waiting after this long (a
-            rerun collects the journaled batch).
+        batch_results: results file(s) of the offline runner to import (``client.batch_runner:
+            file``).
     """
     figures, demonstrations, out = Path(figures), Path(demonstrations), Path(out)
     if answers not in (1, 2):
         raise ValueError(f"answers must be 1 or 2, got {answers}")
     if isinstance(batch_results, str | Path):
         batch_results = [Path(batch_results)]
-    config = ClientConfig.from_knobs(locals())
     reports = {"figures": RecordReport(), "demonstrations": RecordReport()}
     demos = load_demonstrations(demonstrations, on_bad_record, reports["demonstrations"])
     if n_demos > 0 and not demos:
@@ -339,7 +318,7 @@ def generate(
     root = ImageRoot(image_root) if vision else None
     params = {"temperature": temperature, "max_tokens": max_tokens, "seed": seed}
     params.update(extra_body or {})
-    estimate = Estimate(config.price_per_million, mode == "batch")
+    estimate = Estimate(client.price_per_million, client.mode == "batch")
     seen_ids: set[str] = set()
 
     def checked(report: RecordReport, on_bad: OnBad) -> Iterator[tuple[SourceFigure, Any]]:
@@ -390,7 +369,7 @@ def generate(
             chosen = select_demonstrations(demos, n_demos, seed, str(fig.pair_id))
             msgs = build_messages(fig, chosen, url, answers)
             req = ChatRequest(msgs, dict(params), meta={"pair_id": fig.pair_id})
-            req.key = request_key(model, msgs, req.params)
+            req.key = request_key(client.model, msgs, req.params)
             estimate.add(req)
             if plan is not None:
                 line = {
@@ -420,14 +399,14 @@ def generate(
             f"\n{est['requests']} requests, ~{est['input_tokens']} input tokens, "
             f"<= {est['max_output_tokens']} output tokens, "
             f"estimated cost <= ${est['cost_usd_upper_bound']:.4f}"
-            + (" (batch price)" if mode == "batch" else "")
+            + (" (batch price)" if client.mode == "batch" else "")
         )
         return {"dry_run": True, "estimate": est}
 
     # one run per output folder; taking the lock removes temporaries of a killed run
     with output_lock(out):
         public = {
-            **config.public(),
+            **client.public(),
             "figures": str(figures),
             "image_root": str(image_root),
             "demonstrations": str(demonstrations),
@@ -446,13 +425,15 @@ def generate(
         version = prompt_version(answers)
         plan_path = out / ".generate.plan.jsonl"
         name = "candidates.jsonl" if answers == 1 else "pairs.jsonl"
-        with PipelineRun("generation", "generate", store, {"model": model}) as run:
+        with PipelineRun(
+            "generation", "generate", store, {**(tags or {}), "model": client.model}
+        ) as run:
             run.log_params(public)
             with Journal(out / "journal.jsonl") as journal:
                 try:
                     with open(plan_path, "w", encoding="utf-8") as plan:
                         result = fill_requests(
-                            config,
+                            client,
                             journal,
                             requests(plan),
                             "generate",
@@ -467,12 +448,12 @@ def generate(
                     plan_path,
                     journal,
                     result.failures,
-                    config,
+                    client,
                     out / name,
                     out / "failed.jsonl",
                     answers,
                     min_exchanges,
-                    {"model": model, "prompt_version": version, "params": params},
+                    {"model": client.model, "prompt_version": version, "params": params},
                 )
                 torn = journal.torn_lines
             plan_path.unlink(missing_ok=True)

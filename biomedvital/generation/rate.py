@@ -10,7 +10,8 @@ reports how often it agrees with the clinicians (preferred scored above rejected
 
 Candidates are streamed like ``generate``'s figures: requests are built as the client has room,
 a plan line per item is spooled to disk, and the outputs are assembled from the plan and the
-journal in input order. ``mode: batch`` runs both passes (scores, then re-asks) as batch jobs.
+journal in input order. ``client.mode: batch`` runs both passes (scores, then re-asks) as batch
+jobs.
 """
 
 from __future__ import annotations
@@ -125,9 +126,7 @@ def _reask(messages: list[dict[str, Any]], reply: str) -> list[dict[str, Any]]:
 def rate(
     candidates: Path,
     out: Path,
-    base_url: str,
-    model: str,
-    api_key_env: str = "OPENAI_API_KEY",
+    client: ClientConfig,
     figures: Path | None = None,
     image_root: Path | None = None,
     vision: bool = False,
@@ -136,23 +135,12 @@ def rate(
     max_tokens: int = 256,
     seed: int = 0,
     extra_body: dict[str, Any] | None = None,
-    concurrency: int = 8,
-    requests_per_minute: float | None = None,
-    tokens_per_minute: float | None = None,
-    max_attempts: int = 5,
-    timeout_s: float = 120,
-    price_per_million: dict[str, float] | None = None,
     on_bad_record: Literal["raise", "skip"] = "raise",
     dry_run: bool = False,
     store: str = DEFAULT_STORE,
-    backoff_base_s: float = 1.0,
-    backoff_max_s: float = 60.0,
+    tags: dict[str, str] | None = None,
     progress: bool = True,
-    mode: Literal["online", "batch"] = "online",
-    batch_runner: Literal["openai", "file"] = "openai",
     batch_results: list[Path] | Path | None = None,
-    batch_poll_s: float = 60.0,
-    batch_wait_s: float | None = None,
 ) -> dict:
     """Score each candidate 0-10 with a judge model; write ``ratings.jsonl`` (Rating records).
 
@@ -160,7 +148,9 @@ def rate(
         candidates: generated conversations (LLaVA layout, JSONL or JSON array).
         out: output folder: ``ratings.jsonl``, ``failed.jsonl``, ``journal.jsonl``,
             ``manifest.json`` and, with ``preferences``, ``preference_scores.jsonl``.
-        base_url / model / api_key_env: the judge endpoint (key read from that variable only).
+        client: the judge endpoint and how to call it, as for ``generate``: ``base_url``,
+            ``model``, ``api_key_env`` (the key is read from that variable only), pacing,
+            retries, prices and batch mode (the re-asks are a second batch).
         figures: figures to take captions and mentions from, joined on ``pair_id`` (else the
             candidates' own ``fig_caption`` / ``in_text_mention`` fields are used).
         image_root / vision: attach each candidate's image to the judge's request.
@@ -170,22 +160,20 @@ def rate(
         extra_body: extra request fields for the endpoint, sent as given and part of the cache
             key: e.g. llama.cpp's ``grammar`` or vLLM's ``guided_choice`` to constrain a small
             local model's reply to the format asked for.
-        concurrency / requests_per_minute / tokens_per_minute / max_attempts / timeout_s /
-            backoff_base_s / backoff_max_s / price_per_million: as for ``generate``.
         on_bad_record: ``raise`` (before any request) or ``skip`` (counted) for bad input
             records: invalid candidates, duplicate ids, missing images.
         dry_run: print the first judge prompt and the estimated cost; send nothing.
         store: MLflow store folder (experiment ``rating``).
+        tags: extra MLflow run tags (a grid's ``grid``/``cell``/``stage``).
         progress: show the progress bar.
-        mode / batch_runner / batch_results / batch_poll_s / batch_wait_s: batch mode, as for
-            ``generate`` (the re-asks are a second batch).
+        batch_results: results file(s) of the offline runner to import
+            (``client.batch_runner: file``), as for ``generate``.
     """
     candidates, out = Path(candidates), Path(out)
     if vision and image_root is None:
         raise ValueError("vision=True needs image_root")
     if isinstance(batch_results, str | Path):
         batch_results = [Path(batch_results)]
-    config = ClientConfig.from_knobs(locals())
     reports = {"candidates": RecordReport()}
     by_pair: dict[str, tuple[str, str]] = {}
     if figures is not None:
@@ -199,7 +187,7 @@ def rate(
     root = ImageRoot(image_root) if vision else None
     params = {"temperature": temperature, "max_tokens": max_tokens, "seed": seed}
     params.update(extra_body or {})
-    estimate = Estimate(config.price_per_million, mode == "batch")
+    estimate = Estimate(client.price_per_million, client.mode == "batch")
 
     def image_url(rel: str, path: Path, pos: int, kind: Any, build: bool = True) -> str | None:
         if root is None:
@@ -265,7 +253,7 @@ def rate(
     def first_requests(plan: IO[str] | None) -> Iterator[ChatRequest]:
         for kind, item_id, msgs in items(reports["candidates"], on_bad_record):
             req = ChatRequest(msgs, dict(params), meta={"kind": kind, "id": item_id})
-            req.key = request_key(model, msgs, req.params)
+            req.key = request_key(client.model, msgs, req.params)
             estimate.add(req)
             if plan is not None:
                 line = {"kind": kind, "id": item_id, "key": req.key, "user": msgs[1]["content"]}
@@ -292,7 +280,7 @@ def rate(
     # one run per output folder; taking the lock removes temporaries of a killed run
     with output_lock(out):
         public = {
-            **config.public(),
+            **client.public(),
             "candidates": str(candidates),
             "figures": str(figures) if figures else None,
             "preferences": str(preferences) if preferences else None,
@@ -305,13 +293,13 @@ def rate(
             "batch_results": [str(p) for p in batch_results] if batch_results else None,
         }
         plan_path = out / ".rate.plan.jsonl"
-        with PipelineRun("rating", "rate", store, {"model": model}) as run:
+        with PipelineRun("rating", "rate", store, {**(tags or {}), "model": client.model}) as run:
             run.log_params(public)
             with Journal(out / "journal.jsonl") as journal:
                 try:
                     with open(plan_path, "w", encoding="utf-8") as plan:
                         first = fill_requests(
-                            config,
+                            client,
                             journal,
                             first_requests(plan),
                             "rate",
@@ -319,9 +307,9 @@ def rate(
                             batch_results=batch_results,
                         )
                     second = fill_requests(
-                        config,
+                        client,
                         journal,
-                        _reask_requests(plan_path, journal, model, params),
+                        _reask_requests(plan_path, journal, client.model, params),
                         "rate-reask",
                         progress,
                         batch_results=batch_results,
@@ -330,7 +318,7 @@ def rate(
                     plan_path.unlink(missing_ok=True)
                     return pending_result(exc, run)
                 counts, pref_rows = _assemble(
-                    plan_path, journal, first, second, config, model, params, out
+                    plan_path, journal, first, second, client, params, out
                 )
                 torn = journal.torn_lines
             plan_path.unlink(missing_ok=True)
@@ -361,7 +349,9 @@ def rate(
                 "cost_usd": round(cost, 6),
                 "torn_journal_lines": torn,
                 "estimate": estimate.as_dict(),
-                "batch": {"first": first.batch, "reask": second.batch} if mode == "batch" else None,
+                "batch": {"first": first.batch, "reask": second.batch}
+                if client.mode == "batch"
+                else None,
                 "inputs": inputs,
                 "records": {k: r.as_dict() for k, r in reports.items()},
                 "config": public,
@@ -413,12 +403,11 @@ def _assemble(
     first: FillResult,
     second: FillResult,
     config: ClientConfig,
-    model: str,
     params: dict[str, Any],
     out: Path,
 ) -> tuple[dict[str, Any], dict[str, dict[str, int]]]:
     """Write ratings and failures in input order; return the counts and pair scores."""
-    prices = config.price_per_million
+    prices, model = config.price_per_million, config.model
     rated = failed = reasked = unparsable = 0
     pref_scores: dict[str, dict[str, int]] = {}
 

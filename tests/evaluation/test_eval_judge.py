@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "generation"))
-from fakeapi import KEY_ENV, SHARED, FakeAPI, running_api  # noqa: E402
+from fakeapi import SHARED, FakeAPI, fake_client, running_api  # noqa: E402
 
 from biomedvital.evaluation.chat import score_chat  # noqa: E402
 from biomedvital.evaluation.judge import judge, parse_verdict  # noqa: E402
@@ -49,21 +49,17 @@ def _run(api: FakeAPI, tmp: Path, **kw: object) -> dict:
             for i, q in enumerate(_first_questions())
         )
     )
-    return judge(
-        QUESTIONS,
-        answers,
-        tmp / "judge",
-        base_url=api.base_url,
-        model="judge-x",
-        api_key_env=KEY_ENV,
+    args = dict(
+        client=fake_client(
+            api, "judge-x", backoff_base_s=0.01, price_per_million={"input": 1.0, "output": 2.0}
+        ),
         captions=CAPTIONS,
         limit=N,
-        backoff_base_s=0.01,
-        price_per_million={"input": 1.0, "output": 2.0},
         store=str(tmp / "mlruns"),
         progress=False,
-        **kw,
     )
+    args.update(kw)
+    return judge(QUESTIONS, answers, tmp / "judge", **args)
 
 
 def test_parse_verdict() -> None:
@@ -124,30 +120,22 @@ def test_answers_must_match_questions(api: FakeAPI, tmp_path: Path) -> None:
     from biomedvital.data.report import BadRecordError
 
     answers = tmp_path / "answers.jsonl"
-    answers.write_text(json.dumps({"question_id": 0, "text": "only one"}) + "\n")
-    with pytest.raises(BadRecordError, match="have no answer"):
-        judge(
-            QUESTIONS,
-            answers,
-            tmp_path / "o",
-            api.base_url,
-            "m",
-            KEY_ENV,
-            limit=3,
-            store=str(tmp_path / "mlruns"),
-            progress=False,
-        )
-    answers.write_text(json.dumps({"question_id": 99999, "text": "stray"}) + "\n")
-    with pytest.raises(BadRecordError, match="not questions"):
-        judge(
-            QUESTIONS,
-            answers,
-            tmp_path / "o",
-            api.base_url,
-            "m",
-            KEY_ENV,
-            limit=1,
-            store=str(tmp_path / "mlruns"),
-            progress=False,
-        )
+    for qid, limit, problem in ((0, 3, "have no answer"), (99999, 1, "not questions")):
+        answers.write_text(json.dumps({"question_id": qid, "text": "an answer"}) + "\n")
+        with pytest.raises(BadRecordError, match=problem):
+            judge(
+                QUESTIONS,
+                answers,
+                tmp_path / "o",
+                fake_client(api),
+                limit=limit,
+                store=str(tmp_path / "mlruns"),
+                progress=False,
+            )
     assert api.seen == []
+
+
+def test_judge_refuses_batch_mode(api: FakeAPI, tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="judge runs online only"):
+        _run(api, tmp_path, client=fake_client(api, mode="batch"))
+    assert api.seen == [] and not (tmp_path / "judge" / "journal.jsonl").exists()

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "generation"))
-from fakeapi import KEY_ENV, SHARED, FakeAPI, running_api  # noqa: E402
+from fakeapi import SHARED, FakeAPI, fake_client, running_api  # noqa: E402
 
 from biomedvital.data.report import BadRecordError  # noqa: E402
 from biomedvital.evaluation.benchmarks import VQA_RAD_FILE, load_benchmark  # noqa: E402
@@ -64,13 +64,11 @@ def _run(api: FakeAPI, tmp: Path, a: Path, b: Path) -> dict:
         a,
         b,
         tmp / "pairwise",
-        base_url=api.base_url,
-        model="judge-x",
-        api_key_env=KEY_ENV,
+        client=fake_client(
+            api, "judge-x", backoff_base_s=0.01, price_per_million={"input": 1.0, "output": 2.0}
+        ),
         limit=N,
         n_boot=200,
-        backoff_base_s=0.01,
-        price_per_million={"input": 1.0, "output": 2.0},
         store=str(tmp / "mlruns"),
         progress=False,
     )
@@ -135,4 +133,11 @@ def test_answers_must_match_questions(api: FakeAPI, tmp_path: Path) -> None:
     b.write_text("\n".join([*lines, lines[0]]) + "\n")
     with pytest.raises(BadRecordError, match="duplicate question_id"):
         _run(api, tmp_path, a, b)
+    assert api.seen == []
+
+
+def test_pairwise_refuses_batch_mode(api: FakeAPI, tmp_path: Path) -> None:
+    a, b, _ = _answers(tmp_path)
+    with pytest.raises(ValueError, match="pairwise runs online only"):
+        pairwise(DATA, a, b, tmp_path / "pairwise", fake_client(api, mode="batch"), limit=1)
     assert api.seen == []

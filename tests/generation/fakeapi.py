@@ -39,7 +39,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
-from biomedvital.generation.client import request_key
+from biomedvital.generation.client import ClientConfig, request_key
 
 SECRET = "sk-test-DO-NOT-LEAK-4f9c2b7e"
 KEY_ENV = "BIOMEDVITAL_TEST_KEY"
@@ -491,6 +491,26 @@ def write_inputs(root: Path, n_figures: int = 3, markers: dict[int, str] | None 
     }
 
 
+def write_candidates(path: Path, n: int, markers: dict[int, str] | None = None) -> Path:
+    """``n`` one-exchange candidates (``c<i>``) to rate as JSONL; ``markers`` appends a tag to
+    the captions of some (e.g. ``NOSCORE`` for a judge that then gives no score)."""
+    rows = [
+        {
+            "id": f"c{i}",
+            "image": f"c{i}.jpg",
+            "fig_caption": f"CT of case {i}"
+            + (f" {markers[i]}" if markers and i in markers else ""),
+            "conversations": [
+                {"from": "human", "value": "<image>\nWhat is shown?"},
+                {"from": "gpt", "value": f"A lesion of {i} mm."},
+            ],
+        }
+        for i in range(n)
+    ]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
 @dataclass
 class Served:
     """A FakeAPI served from a thread of this process; ``stop()`` shuts it down."""
@@ -525,6 +545,12 @@ def running_api(monkeypatch: Any) -> Iterator[FakeAPI]:
         yield served.api
     finally:
         served.stop()
+
+
+def fake_client(api: FakeAPI, model: str = "m", **settings: Any) -> ClientConfig:
+    """The ``client`` block of a verb pointed at ``api``: its URL and key variable, plus
+    ``settings`` (concurrency, retries, prices, batch mode...)."""
+    return ClientConfig(base_url=api.base_url, model=model, api_key_env=KEY_ENV, **settings)
 
 
 def digest(path: Path) -> str:

@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
-from fakeapi import KEY_ENV, FakeAPI, write_inputs
+from fakeapi import FakeAPI, fake_client, write_inputs
 
 from biomedvital.data.report import BadRecordError
 from biomedvital.generation.generate import generate
@@ -47,12 +47,7 @@ BAD_FIGURES = {
 
 def _gen(api: FakeAPI, inputs: dict, out: Path, store: str, **kw) -> dict:
     args = dict(
-        base_url=api.base_url,
-        model="m",
-        api_key_env=KEY_ENV,
-        concurrency=2,
-        max_attempts=1,
-        timeout_s=5,
+        client=fake_client(api, concurrency=2, max_attempts=1, timeout_s=5),
         store=store,
         progress=False,
     )
@@ -166,3 +161,29 @@ def test_bad_demonstrations_skipped_counted_and_none_left(
     inputs["demonstrations"].write_text(json.dumps(bad[:3]))
     with pytest.raises(ValueError, match="no usable demonstrations"):
         _gen(api, inputs, tmp_path / "out2", mlstore, on_bad_record="skip")
+
+
+@pytest.mark.parametrize(
+    ("flag", "value", "message"),
+    [
+        ("--client.concurrency", "0", "client.concurrency must be >= 1, got 0"),
+        ("--client.requests_per_minute", "-5", "client.requests_per_minute must be > 0"),
+        ("--client.price_per_million", "{inputs: 1}", "client.price_per_million keys"),
+    ],
+)
+def test_bad_client_setting_is_one_line_before_any_request(
+    tmp_path: Path, flag: str, value: str, message: str
+) -> None:
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parents[2]
+    proc = subprocess.run(
+        [sys.executable, "-m", "biomedvital", "rate", "--config", "conf/demo/rate.yaml",
+         "--out", str(tmp_path / "rate"), "--store", str(tmp_path / "mlruns"), flag, value],
+        cwd=repo, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert proc.stderr.startswith(f"biomedvital: error: {message}")
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "rate").exists() and not (tmp_path / "mlruns").exists()

@@ -8,31 +8,34 @@ from collections import deque
 from pathlib import Path
 
 import pytest
-from fakeapi import KEY_ENV, SECRET, FakeAPI, default_responder, write_inputs
+from fakeapi import KEY_ENV, SECRET, FakeAPI, default_responder, fake_client, write_inputs
 
 from biomedvital.generation.generate import generate
 from biomedvital.generation.rate import REASK_PROMPT, rate
 
 
-def _gen(api: FakeAPI, inputs: dict, out: Path, store: str, **kw) -> dict:
-    args = dict(
-        base_url=api.base_url,
-        model="fake-vlm",
-        api_key_env=KEY_ENV,
-        vision=False,
+def _gen(api: FakeAPI, inputs: dict, out: Path, store: str, batch_results=None, **kw) -> dict:
+    """``generate`` in batch mode; ``kw`` overrides the client block's settings."""
+    settings = dict(
         concurrency=3,
         max_attempts=3,
         timeout_s=5,
         backoff_base_s=0.01,
         backoff_max_s=0.02,
         price_per_million={"input": 10.0, "output": 30.0},
-        store=store,
-        progress=False,
         mode="batch",
         batch_poll_s=0.02,
     )
-    args.update(kw)
-    return generate(out=out, **inputs, **args)
+    settings.update(kw)
+    return generate(
+        out=out,
+        **inputs,
+        client=fake_client(api, "fake-vlm", **settings),
+        vision=False,
+        store=store,
+        progress=False,
+        batch_results=batch_results,
+    )
 
 
 def _events(out: Path) -> list[dict]:
@@ -217,13 +220,9 @@ def test_rate_in_batch_mode_reasks_in_a_second_batch(
     m = rate(
         cands,
         tmp_path / "out",
-        base_url=api.base_url,
-        model="judge",
-        api_key_env=KEY_ENV,
+        client=fake_client(api, "judge", mode="batch", batch_poll_s=0.02),
         store=mlstore,
         progress=False,
-        mode="batch",
-        batch_poll_s=0.02,
     )
     assert m["counts"]["rated"] == 3 and m["counts"]["reasked"] == 1
     assert _batch_sizes(api) == [3, 1]

@@ -8,7 +8,7 @@ import json
 import time
 from pathlib import Path
 
-from fakeapi import KEY_ENV, RANDOM_FAULTS, FakeAPI, write_inputs
+from fakeapi import RANDOM_FAULTS, FakeAPI, fake_client, write_candidates, write_inputs
 
 from biomedvital.generation.generate import generate
 from biomedvital.generation.rate import rate
@@ -17,15 +17,10 @@ N = 40
 BOUND_S = 30.0
 """Per item at most 2 attempts × (0.25 s timeout + 0.05 s back-off); 40 items at concurrency 8."""
 
-KNOBS = dict(
-    api_key_env=KEY_ENV,
-    concurrency=8,
-    max_attempts=2,
-    timeout_s=0.25,
-    backoff_base_s=0.01,
-    backoff_max_s=0.05,
-    progress=False,
+SETTINGS = dict(
+    concurrency=8, max_attempts=2, timeout_s=0.25, backoff_base_s=0.01, backoff_max_s=0.05
 )
+"""The client block's settings: short timeouts and back-off."""
 
 
 def _faulty(api: FakeAPI, seed: int) -> None:
@@ -39,9 +34,8 @@ def test_generate_under_random_faults(api: FakeAPI, tmp_path: Path, mlstore: str
     out = tmp_path / "out"
     _faulty(api, seed=3)
     t0 = time.monotonic()
-    m = generate(
-        out=out, **inputs, base_url=api.base_url, model="m", vision=False, store=mlstore, **KNOBS
-    )
+    client = fake_client(api, **SETTINGS)
+    m = generate(out=out, **inputs, client=client, vision=False, store=mlstore, progress=False)
     assert time.monotonic() - t0 < BOUND_S
     injected = sum(api.faults_injected.values())
     assert set(api.faults_injected) == set(RANDOM_FAULTS)
@@ -59,42 +53,28 @@ def test_generate_under_random_faults(api: FakeAPI, tmp_path: Path, mlstore: str
 
     api.random_faults(0)
     api.reset()
-    m2 = generate(
-        out=out, **inputs, base_url=api.base_url, model="m", vision=False, store=mlstore, **KNOBS
-    )
+    m2 = generate(out=out, **inputs, client=client, vision=False, store=mlstore, progress=False)
     assert sorted(api.sent_keys) == sorted(f["key"] for f in request_failed)
     assert m2["counts"]["failed"] == 0 and api.paid_twice() == []
 
 
 def test_rate_under_random_faults(api: FakeAPI, tmp_path: Path, mlstore: str) -> None:
-    rows = [
-        {
-            "id": f"c{i}",
-            "image": f"c{i}.jpg",
-            "fig_caption": f"CT of case {i}",
-            "conversations": [
-                {"from": "human", "value": "<image>\nWhat is shown?"},
-                {"from": "gpt", "value": f"A lesion of {i} mm."},
-            ],
-        }
-        for i in range(N)
-    ]
-    cands = tmp_path / "c.jsonl"
-    cands.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cands = write_candidates(tmp_path / "c.jsonl", N)
     out = tmp_path / "out"
     _faulty(api, seed=5)
     t0 = time.monotonic()
-    m = rate(cands, out, base_url=api.base_url, model="judge", store=mlstore, **KNOBS)
+    client = fake_client(api, "judge", **SETTINGS)
+    m = rate(cands, out, client=client, store=mlstore, progress=False)
     assert time.monotonic() - t0 < BOUND_S
     rated = [json.loads(x)["candidate_id"] for x in (out / "ratings.jsonl").open()]
     failed = [json.loads(x) for x in (out / "failed.jsonl").open()]
     assert all(f["reason"] for f in failed)
-    assert sorted(rated + [f["id"] for f in failed]) == sorted(r["id"] for r in rows)
+    assert sorted(rated + [f["id"] for f in failed]) == sorted(f"c{i}" for i in range(N))
     retryable = [f for f in failed if not f["reason"].startswith("unparsable_score")]
     assert retryable and m["counts"]["reasked"] > 0  # refusals were re-asked
 
     api.random_faults(0)
     api.reset()
-    m2 = rate(cands, out, base_url=api.base_url, model="judge", store=mlstore, **KNOBS)
+    m2 = rate(cands, out, client=client, store=mlstore, progress=False)
     assert api.n_requests == len(retryable)  # only the failed items are asked again
     assert m2["counts"]["failed"] == len(failed) - len(retryable)

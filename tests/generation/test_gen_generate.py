@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
-from fakeapi import KEY_ENV, SECRET, SHARED, FakeAPI, write_inputs
+from fakeapi import KEY_ENV, SECRET, SHARED, FakeAPI, fake_client, write_inputs
 
 from biomedvital.data.records import Candidate, Demonstration, read_demonstrations, read_figures
 from biomedvital.generation.generate import generate
@@ -14,20 +14,19 @@ from biomedvital.generation.parse import REJECT_REASONS, Rejected, parse_convers
 from biomedvital.generation.prompts import MODALITIES, build_messages, select_demonstrations
 
 
-def _gen(api: FakeAPI, inputs: dict, out: Path, store: str, **kw) -> dict:
-    args = dict(
-        base_url=api.base_url,
-        model="fake-vlm",
-        api_key_env=KEY_ENV,
+def _gen(
+    api: FakeAPI, inputs: dict, out: Path, store: str, client: dict | None = None, **kw
+) -> dict:
+    settings = dict(
         concurrency=3,
         max_attempts=2,
         timeout_s=5,
         backoff_base_s=0.01,
         backoff_max_s=0.02,
         price_per_million={"input": 10.0, "output": 30.0},
-        store=store,
-        progress=False,
     )
+    settings.update(client or {})
+    args = dict(client=fake_client(api, "fake-vlm", **settings), store=store, progress=False)
     args.update(kw)
     return generate(out=out, **inputs, **args)
 
@@ -90,7 +89,7 @@ def test_secret_never_written(api: FakeAPI, tmp_path: Path, mlstore: str) -> Non
     inputs = write_inputs(tmp_path / "in", n_figures=3, markers={1: "ECHO-ERR", 2: "ECHO-OK"})
     api.arm("ECHO-ERR", "echo-auth")
     api.arm("ECHO-OK", "echo-auth-content")
-    m = _gen(api, inputs, tmp_path / "out", mlstore)
+    m = _gen(api, inputs, tmp_path / "out", mlstore, tags={"grid": "g", "cell": "c1"})
     assert api.auth[0] == f"Bearer {SECRET}"
     failed = {f["pair_id"]: f for f in map(json.loads, (tmp_path / "out" / "failed.jsonl").open())}
     assert failed["PMC1_F1"]["reason"] == "http_401: bad key: Bearer ***"
@@ -106,6 +105,7 @@ def test_secret_never_written(api: FakeAPI, tmp_path: Path, mlstore: str) -> Non
     assert run.data.params["api_key_env"] == KEY_ENV
     blob = json.dumps([run.data.params, run.data.tags])
     assert SECRET not in blob and run.data.metrics["generate/written"] == 1
+    assert run.data.tags["grid"] == "g" and run.data.tags["cell"] == "c1"  # a grid's cell tags
 
 
 def test_urls_are_masked_in_records() -> None:
@@ -156,7 +156,7 @@ def test_real_figures_text_only(api: FakeAPI, tmp_path: Path, mlstore: str) -> N
         tmp_path / "out",
         mlstore,
         vision=False,
-        concurrency=8,
+        client={"concurrency": 8},
     )
     assert m["counts"]["figures"] == 50 and m["counts"]["written"] == 50
     msgs = api.seen[0]["messages"]

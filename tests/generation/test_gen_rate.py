@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
-from fakeapi import KEY_ENV, FakeAPI, default_responder
+from fakeapi import FakeAPI, default_responder, fake_client
 
 from biomedvital.data.records import Rating, read_preferences
 from biomedvital.data.report import BadRecordError
@@ -33,17 +33,10 @@ def _cands(path: Path, tags: list[str]) -> Path:
 
 
 def _rate(api: FakeAPI, cands: Path, out: Path, store: str, **kw) -> dict:
-    args = dict(
-        base_url=api.base_url,
-        model="judge",
-        api_key_env=KEY_ENV,
-        max_attempts=2,
-        timeout_s=5,
-        backoff_base_s=0.01,
-        backoff_max_s=0.02,
-        store=store,
-        progress=False,
+    client = fake_client(
+        api, "judge", max_attempts=2, timeout_s=5, backoff_base_s=0.01, backoff_max_s=0.02
     )
+    args = dict(client=client, store=store, progress=False)
     args.update(kw)
     return rate(cands, out, **args)
 

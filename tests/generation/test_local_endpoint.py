@@ -1,5 +1,5 @@
 """The local OpenAI-compatible endpoint: a real llama-cpp-python server with SmolLM2-135M on a
-free loopback port, started for a batch of requests and stopped after it (``base_url:
+free loopback port, started for a batch of requests and stopped after it (``client.base_url:
 local:smollm2``), answering ``generate`` and ``rate``; clear errors when the model is missing or
 dead; the demo's generation inputs."""
 
@@ -19,6 +19,7 @@ import pytest
 
 from biomedvital.data.records import Candidate, Rating, read_demonstrations, read_figures
 from biomedvital.generation import local_server
+from biomedvital.generation.client import ClientConfig
 from biomedvital.generation.local_server import (
     LocalModel,
     LocalServer,
@@ -75,16 +76,15 @@ def test_generate_and_rate_against_the_local_server(
     figs = demo_files.generation_figures.read_text().splitlines()[:2]
     figures = tmp_path / "figures.jsonl"
     figures.write_text("\n".join(figs) + "\n")
-    common = dict(
+    client = ClientConfig(
         base_url="local:smollm2",
         model="smollm2-135m-instruct-q4_1",
         api_key_env="BIOMEDVITAL_UNSET_KEY",  # a local endpoint needs no key
         concurrency=1,
         max_attempts=1,
         timeout_s=300,
-        store=mlstore,
-        progress=False,
     )
+    common = dict(client=client, store=mlstore, progress=False)
     gen = generate(
         figures=figures,
         image_root=demo_files.images,
@@ -190,9 +190,7 @@ def test_a_dead_model_fails_clearly(tmp_path: Path, mlstore: str, demo_files) ->
         rate(
             candidates=cands,
             out=tmp_path / "rate",
-            base_url=f"local:{bad}",
-            model="broken",
-            max_attempts=1,
+            client=ClientConfig(base_url=f"local:{bad}", model="broken", max_attempts=1),
             store=mlstore,
             progress=False,
         )

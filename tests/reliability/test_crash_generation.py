@@ -26,7 +26,15 @@ from kill_harness import ForkServer
 from reliability_helpers import leftovers
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "generation"))
-from fakeapi import KEY_ENV, SECRET, FakeAPI, default_responder, running_api, write_inputs  # noqa: E402
+from fakeapi import (  # noqa: E402
+    KEY_ENV,
+    SECRET,
+    FakeAPI,
+    default_responder,
+    running_api,
+    write_candidates,
+    write_inputs,
+)
 
 CI_TRIALS = 2
 SLOW_TRIALS = 20
@@ -64,35 +72,25 @@ class Stage:
 
 def _stage(name: str, root: Path, api: FakeAPI, store: str) -> Stage:
     common = [
-        "--base_url", api.base_url, "--api_key_env", KEY_ENV, "--store", store,
-        "--progress", "false", "--concurrency", "4", "--max_attempts", "3",
-        "--timeout_s", "10", "--backoff_base_s", "0.01", "--backoff_max_s", "0.05",
+        "--client.base_url", api.base_url, "--client.api_key_env", KEY_ENV, "--store", store,
+        "--progress", "false", "--client.concurrency", "4", "--client.max_attempts", "3",
+        "--client.timeout_s", "10", "--client.backoff_base_s", "0.01",
+        "--client.backoff_max_s", "0.05",
     ]  # fmt: skip
     if name.startswith("generate"):
         inputs = write_inputs(root / "in", n_figures=N_ITEMS, markers={5: "REFUSE-ME"})
         argv = ["generate", "--figures", str(inputs["figures"])]
         argv += ["--image_root", str(inputs["image_root"]), "--demonstrations"]
-        argv += [str(inputs["demonstrations"]), "--model", "gen", "--vision", "false"]
+        argv += [str(inputs["demonstrations"]), "--client.model", "gen", "--vision", "false"]
         argv += ["--out", "out", *common]
         batch = name == "generate_batch"
         if batch:
-            argv += ["--mode", "batch", "--batch_poll_s", "0.05"]
+            argv += ["--client.mode", "batch", "--client.batch_poll_s", "0.05"]
         return Stage(argv, ("candidates.jsonl", "failed.jsonl"), batch)
-    rows = [
-        {
-            "id": f"c{i}",
-            "image": f"c{i}.jpg",
-            "fig_caption": f"CT of case {i}{' NOSCORE' if i % 7 == 0 else ''}",
-            "conversations": [
-                {"from": "human", "value": "<image>\nWhat is shown?"},
-                {"from": "gpt", "value": f"A lesion of {i} mm."},
-            ],
-        }
-        for i in range(N_ITEMS)
-    ]
-    cands = root / "candidates.jsonl"
-    cands.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    argv = ["rate", "--candidates", str(cands), "--model", "judge", "--out", "out", *common]
+    noscore = {i: "NOSCORE" for i in range(0, N_ITEMS, 7)}
+    cands = write_candidates(root / "candidates.jsonl", N_ITEMS, noscore)
+    argv = ["rate", "--candidates", str(cands), "--client.model", "judge", "--out", "out"]
+    argv += common
     return Stage(argv, ("ratings.jsonl", "failed.jsonl"))
 
 

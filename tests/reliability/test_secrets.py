@@ -77,8 +77,9 @@ def test_api_key_appears_nowhere(
             monkeypatch.setenv(name, SECRET)
         inputs = fakeapi.write_inputs(tmp_path / "in", n_figures=3)
         common = [
-            "--base_url", api.base_url, "--model", "fake", "--api_key_env", "BIOMEDVITAL_TEST_KEY",
-            "--store", str(chain.store), "--max_attempts", "1", "--progress", "false",
+            "--client.base_url", api.base_url, "--client.model", "fake",
+            "--client.api_key_env", "BIOMEDVITAL_TEST_KEY", "--client.max_attempts", "1",
+            "--store", str(chain.store), "--progress", "false",
         ]  # fmt: skip
         gen = tmp_path / "generated"
         main(
