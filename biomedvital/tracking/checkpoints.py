@@ -60,8 +60,15 @@ class Checkpoints(ModelCheckpoint):
     Single-file checkpoints are written to a temporary file beside the target and renamed onto
     it (Lightning's own transaction stages them in the system temp folder, which is a copy, not
     a rename, when that is another file system): a killed run leaves the previous checkpoint
-    whole. Every argument is ``ModelCheckpoint``'s.
+    whole. Every argument is ``ModelCheckpoint``'s; ``enable_version_counter`` defaults to
+    ``False`` here: the folder belongs to one run at a time (a lock; an earlier run's files are
+    set aside), so a file already named as the one being written is a leftover of this run's
+    killed attempt (killed between its best and its ``last`` save), and is replaced; Lightning's
+    ``-v1`` copy beside it would make a resumed run's folder differ from an uninterrupted one's.
     """
+
+    def __init__(self, *args: Any, enable_version_counter: bool = False, **kwargs: Any) -> None:
+        super().__init__(*args, enable_version_counter=enable_version_counter, **kwargs)
 
     def _default_dir(self, trainer: Trainer) -> None:
         if self.dirpath is None:

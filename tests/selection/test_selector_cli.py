@@ -258,6 +258,28 @@ def test_fresh_fit_sets_earlier_checkpoints_aside(tmp_path: Path, pool: dict[str
     assert torch.load(ckpts / "last.ckpt", weights_only=True)["epoch"] == 2
 
 
+def test_leftover_of_a_killed_attempt_is_replaced_not_versioned(
+    tmp_path: Path, pool: dict[str, Path]
+) -> None:
+    """A run killed between its best and its ``last`` save leaves ``epoch=0-step=N.ckpt`` and
+    no ``last.ckpt``; the rerun writes that name again and must replace it (Lightning's
+    version counter would add ``epoch=0-step=N-v1.ckpt``: a folder unlike an uninterrupted
+    run's, and a stale best checkpoint)."""
+    import torch
+
+    cfg = _config(tmp_path, pool)
+    ckpts = tmp_path / "out" / "checkpoints"
+    main(["fit", "--config", str(cfg), "--trainer.max_epochs", "1"])
+    uninterrupted = sorted(p.name for p in ckpts.glob("*.ckpt"))
+    (best,) = [ckpts / n for n in uninterrupted if n != "last.ckpt"]
+    (ckpts / "last.ckpt").unlink()
+    best.write_bytes(b"a torn checkpoint of the killed attempt")
+    main(["fit", "--config", str(cfg), "--trainer.max_epochs", "1"])
+    assert sorted(p.name for p in ckpts.glob("*.ckpt")) == uninterrupted
+    assert torch.load(best, weights_only=True)["epoch"] == 0
+    assert not list(ckpts.glob("superseded-*"))
+
+
 def test_resumed_fit_continues_its_mlflow_run(tmp_path: Path, pool: dict[str, Path]) -> None:
     """``fit --ckpt_path last`` logs into the run that wrote the checkpoint: one training, one
     MLflow run with the metrics of every epoch, finished once the training is."""
