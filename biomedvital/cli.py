@@ -104,6 +104,12 @@ def _config_error(verb: str, err: Exception, files: list[str]) -> ConfigError:
     text = str(err).strip()
     m = re.search(r'(?:Parser key|Key) "([^"]+)"', text)
     key = m.group(1) if m else None
+    if key is None:  # an unknown key: "Option 'x' is not accepted", "Group 'g' does not ..."
+        m = re.search(r"Group '([^']+)' does not accept option '([^']+)'", text)
+        if m:
+            key = f"{m.group(1)}.{m.group(2)}"
+        elif m := re.search(r"Option '([^']+)' is not accepted", text):
+            key = m.group(1)
     source = None
     for name in reversed(files):  # later files overlay earlier ones
         node = yaml.safe_load(open(name, encoding="utf-8"))  # noqa: SIM115 - checked above
@@ -113,7 +119,8 @@ def _config_error(verb: str, err: Exception, files: list[str]) -> ConfigError:
             source = name
             break
     if source is None:
-        source = ", ".join(files) if files else "the command line"
+        flags = text.startswith("unrecognized arguments")  # flags, never a file's keys
+        source = ", ".join(files) if files and not flags else "the command line"
     first = text.splitlines()[0] if text else type(err).__name__
     rest = "\n".join(text.splitlines()[1:])
     return ConfigError(f"{verb}: {source}: {first}" + (f"\n{rest}" if rest else ""))

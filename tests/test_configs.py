@@ -159,6 +159,22 @@ def test_one_endpoint_file_sets_the_client_of_every_verb(
             main([verb, *argv, "--config", str(endpoint), "--client.concurency", "2"])
 
 
+def test_unknown_key_error_names_the_file_or_flag_that_sets_it(tmp_path: Path) -> None:
+    from biomedvital.cli import ConfigError
+
+    base = str(CONF / "demo" / "rate.yaml")
+    nested, top = tmp_path / "nested.yaml", tmp_path / "top.yaml"
+    nested.write_text("client:\n  concurency: 3\n")
+    top.write_text("temprature: 0.1\n")
+    for overlay, where in ((nested, "concurency"), (top, "temprature")):
+        with pytest.raises(ConfigError) as info:
+            main(["rate", "--config", base, "--config", str(overlay)])
+        assert str(info.value).startswith(f"rate: {overlay}: ") and where in str(info.value)
+    with pytest.raises(ConfigError) as info:
+        main(["rate", "--config", base, "--client.concurency", "3"])
+    assert str(info.value).startswith("rate: the command line: ")
+
+
 def test_generated_pool_overlay_parses(capsys: pytest.CaptureFixture[str]) -> None:
     merged = _print_config(capsys, CONF / "demo" / "selector.yaml", *DEMO_OVERLAYS)
     pool = merged["data"]["init_args"]["pool"]
