@@ -30,11 +30,16 @@ TEXT = {
            "num_attention_heads": 32, "num_key_value_heads": 32},
     "13b": {"hidden_size": 5120, "intermediate_size": 13824, "num_hidden_layers": 40,
             "num_attention_heads": 40, "num_key_value_heads": 40},
+    # a smoke test of this script on CPU (--device cpu), the same code path at toy widths
+    "tiny": {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+             "num_attention_heads": 4, "num_key_value_heads": 4},
 }  # fmt: skip
 VISION = {  # CLIP ViT-L/14 at 336 px (LLaVA-1.5's tower)
     "hidden_size": 1024, "intermediate_size": 4096, "num_hidden_layers": 24,
     "num_attention_heads": 16, "image_size": 336, "patch_size": 14, "projection_dim": 768,
 }  # fmt: skip
+TINY_VISION = {**VISION, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+               "num_attention_heads": 2, "projection_dim": 32}  # fmt: skip
 VOCAB, IMAGE_TOKEN = 32064, 32000
 
 
@@ -43,8 +48,9 @@ def llava_config(size: str):
 
     text = LlamaConfig(vocab_size=VOCAB, max_position_embeddings=4096, rms_norm_eps=1e-5,
                        tie_word_embeddings=False, **TEXT[size])  # fmt: skip
+    vision = TINY_VISION if size == "tiny" else VISION
     return LlavaConfig(
-        vision_config=CLIPVisionConfig(**VISION), text_config=text,
+        vision_config=CLIPVisionConfig(**vision), text_config=text,
         image_token_index=IMAGE_TOKEN, projector_hidden_act="gelu", vision_feature_layer=-2,
         vision_feature_select_strategy="default", image_seq_length=576,
         tie_word_embeddings=False,
@@ -103,11 +109,14 @@ def run(args: argparse.Namespace) -> dict:
     rank = int(os.environ.get("RANK", "0"))
     local = int(os.environ.get("LOCAL_RANK", "0"))
     if "MASTER_ADDR" not in os.environ:  # plain `python`: a process group of one
-        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT="29511")
-    torch.cuda.set_device(local)
-    dist.init_process_group("nccl", rank=rank, world_size=world)
-    mesh = init_device_mesh("cuda", (world,))
-    device = torch.device("cuda", local)
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(args.port))
+    cuda = args.device == "cuda"
+    if cuda:
+        torch.cuda.set_device(local)
+    dist.init_process_group("nccl" if cuda else "gloo", rank=rank, world_size=world)
+    mesh = init_device_mesh("cuda" if cuda else "cpu", (world,))
+    device = torch.device("cuda", local) if cuda else torch.device("cpu")
+    sync = torch.cuda.synchronize if cuda else (lambda device: None)
     torch.manual_seed(0)
     model = build(args.size, args.mode, args.lora_r, device)
     if args.activation_checkpointing:
@@ -135,10 +144,11 @@ def run(args: argparse.Namespace) -> dict:
     keep = targets != -100
     pixels = torch.randn(b, 3, 336, 336, device=device, dtype=torch.bfloat16)
     mask = torch.ones_like(ids)
-    torch.cuda.reset_peak_memory_stats(device)
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(device)
     times = []
     for step in range(args.warmup + args.steps):
-        torch.cuda.synchronize(device)
+        sync(device)
         t0 = time.perf_counter()
         if args.loss == "hf":
             out = model(input_ids=ids, attention_mask=mask, pixel_values=pixels, labels=labels)
@@ -150,13 +160,18 @@ def run(args: argparse.Namespace) -> dict:
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-        torch.cuda.synchronize(device)
+        sync(device)
         if step >= args.warmup:
             times.append(time.perf_counter() - t0)
     step_s = sum(times) / len(times)
     tokens_per_s_gpu = b * s / step_s
     peak = PEAK_TFLOPS[args.gpu] * 1e12 if args.peak_tflops is None else args.peak_tflops * 1e12
-    peak_mem = torch.tensor([torch.cuda.max_memory_allocated(device) / 2**30], device=device)
+    if cuda:
+        peak_mem = torch.tensor([torch.cuda.max_memory_allocated(device) / 2**30], device=device)
+    else:  # the process's peak resident memory (KiB on Linux)
+        import resource
+
+        peak_mem = torch.tensor([resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20])
     all_mem = [torch.zeros_like(peak_mem) for _ in range(world)]
     dist.all_gather(all_mem, peak_mem)
     dist.destroy_process_group()
@@ -190,6 +205,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--loss", choices=["supervised", "hf"], default="supervised",
                         help="logits at supervised positions only (LlavaTuner) or Hugging "
                         "Face's loss over every position (the figures measured before it)")  # fmt: skip
+    parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda",
+                        help="cpu: gloo and CPU tensors, a smoke test of this script (--size tiny)")  # fmt: skip
+    parser.add_argument("--port", type=int, default=29511, help="rendezvous port (plain python)")
     parser.add_argument("--dry-run", action="store_true", help="shapes and counts only (CPU)")
     args = parser.parse_args(argv)
     if args.seq_len <= 600:
@@ -208,8 +226,8 @@ def main(argv: list[str] | None = None) -> dict:
             "bf16_weights_gib": round(2 * n["params"] / 2**30, 2),
         }  # fmt: skip
     else:
-        if not torch.cuda.is_available():
-            parser.error("needs CUDA GPUs (use --dry-run on a CPU)")
+        if args.device == "cuda" and not torch.cuda.is_available():
+            parser.error("needs CUDA GPUs (use --dry-run, or --device cpu --size tiny, on a CPU)")
         result = run(args)
     if int(os.environ.get("RANK", "0")) == 0:
         print(json.dumps(result, indent=2))

@@ -6,7 +6,9 @@
 # results go to $OUT (or bench/results) as JSON lines, failures with their last lines.
 #   bash bench/tuner_mfu_sweep.sh h100        # or h200, a100
 #   RUNS="1 3" CAP=150 bash bench/tuner_mfu_sweep.sh h100   # some runs only, 150 s each at most
-# Compiled runs spend about a minute compiling in their warmup steps.
+# Compiled runs spend about a minute compiling in their warmup steps. SWEEP_EXTRA is appended to
+# every run (later flags win): the tests smoke-run the sweep on CPU with
+#   SWEEP_EXTRA="--size tiny --device cpu --seq-len 640 --steps 1 --warmup 1"
 set -u
 gpu=${1:-h100}
 out=${OUT:-bench/results}/tuner_mfu_sweep.jsonl
@@ -18,7 +20,8 @@ run() {
   n=$((n + 1))
   [[ $runs == *" $n "* ]] || return 0
   local log
-  log=$(timeout "$cap" python bench/tuner_mfu.py --size 13b --gpu "$gpu" --steps 6 "$@" 2>&1)
+  # shellcheck disable=SC2086  # SWEEP_EXTRA is a list of flags
+  log=$(timeout "$cap" python bench/tuner_mfu.py --size 13b --gpu "$gpu" --steps 6 "$@" ${SWEEP_EXTRA:-} 2>&1)
   local rc=$?
   if [ $rc -eq 0 ]; then
     python -c 'import json,re,sys; t=re.findall(r"(?ms)^\{$.*?^\}$", sys.stdin.read())[-1]; print(json.dumps(json.loads(t)))' <<<"$log" >>"$out"
