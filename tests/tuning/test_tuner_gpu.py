@@ -1,5 +1,6 @@
 """On a CUDA device: the tuner trains in bf16 under FSDP (v1, auto-wrapped layers) and FSDP2,
-with activation checkpointing, and its checkpoint reloads without pickle.
+with activation checkpointing, plainly and with conf/perf/lean.yaml's options (regional
+compile, recomputed adapter dropout), and its checkpoint reloads without pickle.
 
 Opt in: ``python -m pytest -m gpu tests/tuning/test_tuner_gpu.py`` on a machine with a GPU.
 """
@@ -32,11 +33,18 @@ class Losses(Callback):
         self.values.append(float(outputs["loss"]))
 
 
-def _fit(strategy, selected: Path, demo_root: Path, tmp_path: Path) -> tuple[L.Trainer, list]:  # noqa: ANN001
+def _fit(
+    strategy,
+    selected: Path,
+    demo_root: Path,
+    tmp_path: Path,
+    lean: bool = False,  # noqa: ANN001
+) -> tuple[L.Trainer, list]:
     L.seed_everything(0, verbose=False)
     model = LlavaTuner(
         "tiny:tiny-llava", lora_r=4, lora_alpha=8, lr=1e-3, projector_lr=1e-4,
         gradient_checkpointing=True, checkpoint_every=2,
+        compile=lean, lora_dropout_recompute=lean,
     )  # fmt: skip
     data = TunerDataModule(
         str(selected), str(demo_root / "images"), max_length=192, batch_size=4, num_workers=0,
@@ -66,7 +74,11 @@ def _check(trainer: L.Trainer, losses: list[float], tmp_path: Path) -> None:
     assert lora and all(torch.isfinite(ckpt["state_dict"][k].float()).all() for k in lora)
 
 
-def test_fsdp_v1_bf16_on_gpu(selected: Path, demo_root: Path, tmp_path: Path) -> None:
+LEAN = pytest.mark.parametrize("lean", [False, True], ids=["plain", "lean"])
+
+
+@LEAN
+def test_fsdp_v1_bf16_on_gpu(selected: Path, demo_root: Path, tmp_path: Path, lean: bool) -> None:
     from transformers.models.clip.modeling_clip import CLIPEncoderLayer
     from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 
@@ -75,13 +87,14 @@ def test_fsdp_v1_bf16_on_gpu(selected: Path, demo_root: Path, tmp_path: Path) ->
     strategy = GPUFSDPStrategy(
         sharding_strategy="FULL_SHARD", auto_wrap_policy={LlamaDecoderLayer, CLIPEncoderLayer}
     )
-    trainer, losses = _fit(strategy, selected, demo_root, tmp_path)
+    trainer, losses = _fit(strategy, selected, demo_root, tmp_path, lean)
     _check(trainer, losses, tmp_path)
 
 
-def test_fsdp2_bf16_on_gpu(selected: Path, demo_root: Path, tmp_path: Path) -> None:
+@LEAN
+def test_fsdp2_bf16_on_gpu(selected: Path, demo_root: Path, tmp_path: Path, lean: bool) -> None:
     from lightning.pytorch.strategies import ModelParallelStrategy
 
     strategy = ModelParallelStrategy(data_parallel_size=1, tensor_parallel_size=1)
-    trainer, losses = _fit(strategy, selected, demo_root, tmp_path)
+    trainer, losses = _fit(strategy, selected, demo_root, tmp_path, lean)
     _check(trainer, losses, tmp_path)
