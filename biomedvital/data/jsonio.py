@@ -11,6 +11,7 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import secrets
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -258,10 +259,109 @@ def iter_objects(
         return iter(())
     if fmt == "jsonl":
         return ((n, "line", obj) for n, obj in _iter_jsonl_objects(path, on_bad, report))
-    data = load_json(path)
-    if not isinstance(data, list):  # pragma: no cover - detect_format saw '['
-        raise BadRecordError(path, None, "expected a JSON array", category="not_an_array")
-    return ((i, "record", obj) for i, obj in enumerate(data, start=1))
+    return ((i, "record", obj) for i, obj in iter_array(path))
+
+
+_ARRAY_CHUNK = 1 << 20
+_SPACE = re.compile(r"[ \t\n\r]*")
+_DELIMITERS = frozenset(" \t\n\r,]")
+
+
+def iter_array(path: PathLike, chunk_chars: int = _ARRAY_CHUNK) -> Iterator[tuple[int, Any]]:
+    """Yield ``(index, element)`` (1-based) of a file holding one JSON array, one element at a
+    time: LLaVA-Med releases its figures and conversations as arrays of hundreds of MB, which
+    ``json.load`` would hold whole. Each element is parsed by the standard decoder as the
+    buffer holds it whole; an element is held only while it is parsed.
+
+    A syntax error raises :class:`BadRecordError` with its line and column (a broken array
+    cannot be resynchronised, so it cannot be skipped), after the elements before it.
+    """
+    import codecs
+
+    decoder = json.JSONDecoder()
+    utf8 = codecs.getincrementaldecoder("utf-8-sig")()
+    with open(path, "rb") as f:
+        buf, pos, eof = "", 0, False
+        lines_before = 0  # newlines in the text dropped from the buffer
+        column_before = 0  # characters after the last of them: the buffer's start column
+        consumed_bytes = 0
+
+        def more() -> bool:
+            nonlocal buf, pos, eof, lines_before, column_before, consumed_bytes
+            if eof:
+                return False
+            raw = f.read(chunk_chars)
+            try:
+                text = utf8.decode(raw, final=not raw)
+            except UnicodeDecodeError as e:
+                at = consumed_bytes + e.start
+                raise BadRecordError(
+                    path, None, f"invalid UTF-8 at byte {at}", category="invalid_utf8"
+                ) from e
+            consumed_bytes += len(raw)
+            eof = not raw
+            newlines = buf.count("\n", 0, pos)
+            lines_before += newlines
+            last = buf.rfind("\n", 0, pos)
+            column_before = pos - last - 1 if newlines else column_before + pos
+            buf = buf[pos:] + text
+            pos = 0
+            return True
+
+        def fail(msg: str, at: int) -> BadRecordError:
+            line = lines_before + buf.count("\n", 0, at) + 1
+            last = buf.rfind("\n", 0, at)
+            column = at - last if last >= 0 else column_before + at + 1
+            return BadRecordError(
+                path, line, f"invalid JSON ({msg} at column {column})", category="invalid_json"
+            )
+
+        def skip_space() -> str:
+            """The next non-space character (``""`` at the end), reading as needed."""
+            nonlocal pos
+            while True:
+                pos = _SPACE.match(buf, pos).end()
+                if pos < len(buf) or not more():
+                    return buf[pos : pos + 1]
+
+        if skip_space() != "[":
+            raise fail("expected a JSON array", pos)
+        pos += 1
+        index = 0
+        if skip_space() == "]":
+            pos += 1
+        else:
+            while True:
+                if not skip_space():
+                    raise fail("unexpected end of file in the array", pos)
+                while True:  # parse one element: complete once a delimiter or EOF follows
+                    try:  # (a number cut by the buffer, "3.5" read as "3", is not complete)
+                        obj, end = decoder.raw_decode(buf, pos)
+                        if eof or (end < len(buf) and buf[end] in _DELIMITERS):
+                            break
+                    except json.JSONDecodeError as e:
+                        if eof:
+                            raise fail(e.msg, e.pos) from None
+                    if not more():
+                        continue  # now at EOF: the next try decides
+                index += 1
+                pos = end
+                yield index, obj
+                sep = skip_space()
+                if sep == ",":
+                    pos += 1
+                    if skip_space() == "]":
+                        raise fail("trailing comma before ']'", pos)
+                    continue
+                if sep == "]":
+                    pos += 1
+                    break
+                raise fail(
+                    "expected ',' or ']' after an element" if sep else "unexpected end of file",
+                    pos,
+                )
+        if skip_space():
+            raise fail("extra data after the array", pos)
 
 
 def read_records(

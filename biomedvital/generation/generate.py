@@ -73,9 +73,13 @@ def figure_image(fig: SourceFigure) -> str:
 # ----------------------------------------------------------------------------- reading input
 
 
-def _jsonl_of_objects(path: Path) -> bool:
-    """Whether ``path`` is JSONL whose first line is one figure (streamable), not one document."""
-    if detect_format(path) != "jsonl":
+def _streamable(path: Path) -> bool:
+    """Whether ``path`` can be read one figure at a time: a JSON array, or JSONL whose first
+    line is one figure (not LLaVA-Med's ``{domain: [figures]}`` document)."""
+    fmt = detect_format(path)
+    if fmt == "array":
+        return True
+    if fmt != "jsonl":
         return False
     with open(path, "rb") as f:
         for raw in f:
@@ -95,11 +99,11 @@ def iter_figures(
 ) -> Iterator[tuple[int, PositionKind, SourceFigure]]:
     """``(position, kind, figure)`` one at a time; bad records raised or skipped (counted).
 
-    JSONL is streamed line by line. A JSON array or LLaVA-Med's ``{domain: [figures]}`` file is
-    one document and is read whole (positions: 1-based record index). Kept records are not
+    JSONL is streamed line by line and a JSON array element by element (positions: 1-based
+    record index); LLaVA-Med's ``{domain: [figures]}`` file is read whole. Kept records are not
     counted here: the caller counts them once its own checks pass.
     """
-    if _jsonl_of_objects(path):
+    if _streamable(path):
         for pos, kind, obj in iter_objects(path, on_bad=on_bad, report=report):
             try:
                 fig = parse_record(obj, SourceFigure, path, pos, kind)

@@ -281,3 +281,27 @@ def test_images_are_references_until_sent(tmp_path: Path) -> None:
     assert msgs[0]["content"][0]["image_url"]["url"] == ref  # the queued copy is untouched
     img.write_bytes(img.read_bytes()[:-10])
     assert image_ref(img) != ref
+
+
+def test_figures_in_a_json_array_stream_like_jsonl(
+    api: FakeAPI, tmp_path: Path, mlstore: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """LLaVA-Med releases figures as one JSON array: read element by element (never whole
+    through ``read_figures``), with the same candidates as from JSONL."""
+    import biomedvital.generation.generate as gen
+
+    inputs = write_inputs(tmp_path / "in", n_figures=3)
+    rows = [json.loads(x) for x in inputs["figures"].read_text().splitlines()]
+    array = tmp_path / "in" / "figures.json"
+    array.write_text(json.dumps(rows, indent=2))
+    from_jsonl = _gen(api, inputs, tmp_path / "jsonl", mlstore)
+
+    def whole(*args: object, **kw: object) -> None:
+        raise AssertionError("a JSON array of figures was read whole")
+
+    monkeypatch.setattr(gen, "read_figures", whole)
+    from_array = _gen(api, {**inputs, "figures": array}, tmp_path / "array", mlstore)
+    assert from_array["counts"] == from_jsonl["counts"]
+    assert (tmp_path / "array" / "candidates.jsonl").read_text() == (
+        tmp_path / "jsonl" / "candidates.jsonl"
+    ).read_text()
