@@ -29,17 +29,13 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from tuner_mfu import TEXT  # noqa: E402  (the 7B / 13B shapes the MFU bench uses)
 
 from biomedvital.tuning.lora_memory import recompute_lora_dropout  # noqa: E402
 from biomedvital.tuning.module import LLAMA_LINEAR  # noqa: E402
 
-TEXT = {
-    "7b": {"hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32,
-           "num_attention_heads": 32},
-    "13b": {"hidden_size": 5120, "intermediate_size": 13824, "num_hidden_layers": 40,
-            "num_attention_heads": 40},
-}  # fmt: skip
 OPTIONS = ("peft", "recompute", "no-dropout")
 
 
@@ -49,10 +45,7 @@ def saved_bytes(size: str, option: str, compiled: bool, seq: int, lora_r: int) -
     from transformers import LlamaConfig, LlamaForCausalLM
 
     shape = TEXT[size]
-    config = LlamaConfig(
-        vocab_size=256, num_key_value_heads=shape["num_attention_heads"],
-        **{**shape, "num_hidden_layers": 1},
-    )  # fmt: skip
+    config = LlamaConfig(vocab_size=256, **{**shape, "num_hidden_layers": 1})
     torch.manual_seed(0)
     model = LlamaForCausalLM._from_config(config, dtype=torch.bfloat16)
     model.requires_grad_(False)
@@ -102,7 +95,6 @@ def main(argv: list[str] | None = None) -> list[dict]:
         "--out", type=Path, default=Path("bench/results/tuner_activation_memory.json")
     )
     args = parser.parse_args(argv)
-    torch.set_num_threads(max(torch.get_num_threads(), 1))
     shape = TEXT[args.size]
     hidden, layers = shape["hidden_size"], shape["num_hidden_layers"]
     unit = args.seq * hidden * 2

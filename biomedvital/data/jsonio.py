@@ -342,8 +342,7 @@ def iter_array(path: PathLike, chunk_chars: int = _ARRAY_CHUNK) -> Iterator[tupl
                     except json.JSONDecodeError as e:
                         if eof:
                             raise fail(e.msg, e.pos) from None
-                    if not more():
-                        continue  # now at EOF: the next try decides
+                    more()  # incomplete so far: read on (at EOF the next try decides)
                 index += 1
                 pos = end
                 yield index, obj

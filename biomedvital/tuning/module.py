@@ -271,7 +271,7 @@ class LlavaTuner(LightningModule):
             input_ids=batch["input_ids"],
             attention_mask=batch["attention_mask"],
             pixel_values=batch["pixel_values"].to(self.dtype_of_inputs()),
-            logits_to_keep=keep.to(labels.device),
+            logits_to_keep=keep,
             use_cache=False,
         ).logits
         summed = F.cross_entropy(
