@@ -22,7 +22,11 @@ Which weights are evaluated:
   replaces the configured model class by the checkpoint's own (``LlavaTuner``) before that, so
   through the CLI use ``checkpoint`` (or a CLI that keeps the configured class).
 
-Evaluation runs in one process (``trainer.devices: 1``): predictions are written by that process.
+Several processes (``--trainer.devices 8 --trainer.strategy ddp``, or ``torchrun``) answer
+whole batches dealt round-robin (:class:`.sharding.BatchShards`: no question repeated or
+dropped, every batch as one process would form it); the answers are gathered to rank 0, which
+writes them in the benchmark's order, and the metrics' sums are reduced across processes. So the
+files and scores are those of a one-process run (a test runs 2 processes against 1).
 """
 
 from __future__ import annotations
@@ -44,6 +48,7 @@ from biomedvital.data.report import BadRecordError
 
 from .benchmarks import BENCHMARKS, VQAItem, load_benchmark, split_stats
 from .metrics import CLOSED_RULES, ClosedRule, VQAClosedAccuracy, VQAOpenMetrics
+from .sharding import BatchShards
 
 DType = Literal["float32", "bfloat16", "float16"]
 PREDICTIONS_FILE = "predictions.jsonl"
@@ -62,12 +67,17 @@ class _VQADataset(Dataset):
 
     def __getitem__(self, i: int) -> dict[str, Any]:
         item = self.items[i]
-        return {"item": item, "image": self.root.load(item.image)}
+        return {"item": item, "image": self.root.load(item.image), "index": i}
 
 
 def collate_vqa(rows: list[dict[str, Any]]) -> dict[str, list[Any]]:
-    """Questions and decoded images as lists; tokenisation belongs to the model's processor."""
-    return {"items": [r["item"] for r in rows], "images": [r["image"] for r in rows]}
+    """Questions, decoded images and their places in the split, as lists; tokenisation belongs
+    to the model's processor."""
+    return {
+        "items": [r["item"] for r in rows],
+        "images": [r["image"] for r in rows],
+        "indices": [r.get("index") for r in rows],
+    }
 
 
 class VQADataModule(LightningDataModule):
@@ -135,10 +145,17 @@ class VQADataModule(LightningDataModule):
                 ) from err
 
     def test_dataloader(self) -> DataLoader:
+        dataset = _VQADataset(self.load_items(), ImageRoot(self.image_root))
+        trainer = self.trainer  # None when the DataModule is used without a Trainer
+        world = trainer.world_size if trainer is not None else 1
+        sampler = None
+        if world > 1:  # whole batches per process, none padded or repeated
+            sampler = BatchShards(dataset, self.batch_size, world, trainer.global_rank)
         return DataLoader(
-            _VQADataset(self.load_items(), ImageRoot(self.image_root)),
+            dataset,
             batch_size=self.batch_size,
             shuffle=False,
+            sampler=sampler,
             num_workers=self.num_workers,
             collate_fn=collate_vqa,
         )
@@ -234,6 +251,7 @@ class VQAEvaluator(LightningModule):
         self.open_metric = VQAOpenMetrics()
         self.closed_metric = VQAClosedAccuracy(closed_rule)
         self.rows: list[dict[str, Any]] = []
+        self.indices: list[int] = []  # each row's place in the split (rows of several ranks merge)
         self.upstream_run: str | None = None
 
     # -- building ----------------------------------------------------------------------------
@@ -304,8 +322,6 @@ class VQAEvaluator(LightningModule):
         self._attach(tuner.model, tuner.processor, f"{name} + {source}")
 
     def setup(self, stage: str) -> None:
-        if self.trainer.world_size > 1:
-            raise RuntimeError("VQA evaluation runs in one process: set --trainer.devices 1")
         self.build()
         logger = self.logger
         if self.upstream_run and logger is not None and hasattr(logger, "run_id"):
@@ -359,6 +375,10 @@ class VQAEvaluator(LightningModule):
         items: list[VQAItem] = batch["items"]
         prompts = [self.question_text(it) for it in items]
         texts = self.answer(batch["images"], prompts)
+        indices = batch.get("indices")
+        if not indices or None in indices:  # a batch collated by hand: in arrival order
+            indices = range(len(self.indices), len(self.indices) + len(items))
+        self.indices.extend(indices)
         for it, p, text in zip(items, prompts, texts, strict=True):
             self.rows.append(
                 {"question_id": it.question_id, "prompt": p, "text": text, "model_id": self.source}
@@ -376,6 +396,7 @@ class VQAEvaluator(LightningModule):
 
     def on_test_epoch_start(self) -> None:
         self.rows = []
+        self.indices = []
         self.open_metric.reset()
         self.closed_metric.reset()
 
@@ -391,14 +412,37 @@ class VQAEvaluator(LightningModule):
             v = float(value)
             scores[key] = int(v) if key.startswith("n_") else (None if math.isnan(v) else v)
         logged = {f"test/{name}/{k}": float(v) for k, v in scores.items() if v is not None}
-        self.log_dict(logged, batch_size=max(len(self.rows), 1))
+        rows = self.gathered_rows()
+        # the metrics were reduced across processes already: every rank logs the same values
+        self.log_dict(logged, batch_size=max(len(rows), 1), sync_dist=self.trainer.world_size > 1)
         if self.hparams.write_predictions and self.trainer.is_global_zero:
-            self._write(name, scores)
+            self._write(name, scores, rows)
 
-    def _write(self, name: str, scores: dict[str, Any]) -> None:
+    def gathered_rows(self) -> list[dict[str, Any]]:
+        """Every process's answers, in the split's order (one process: its own rows)."""
+        world = self.trainer.world_size
+        if world == 1:
+            return self.rows
+        import torch.distributed as dist
+
+        parts: list[Any] = [None] * world
+        dist.all_gather_object(parts, (self.indices, self.rows))
+        merged = sorted(
+            ((i, row) for indices, rows in parts for i, row in zip(indices, rows, strict=True)),
+            key=lambda pair: pair[0],
+        )
+        order = [i for i, _ in merged]
+        if len(set(order)) != len(order):
+            raise RuntimeError(
+                "a question was answered by two processes: the test DataLoader's sampler was "
+                "replaced (keep VQADataModule's BatchShards)"
+            )
+        return [row for _, row in merged]
+
+    def _write(self, name: str, scores: dict[str, Any], rows: list[dict[str, Any]]) -> None:
         out = Path(self.trainer.default_root_dir)
         preds = out / PREDICTIONS_FILE
-        write_jsonl(preds, self.rows)
+        write_jsonl(preds, rows)
         dm = self.trainer.datamodule
         result = {
             "name": name,

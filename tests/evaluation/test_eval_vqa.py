@@ -243,3 +243,50 @@ def test_cli_ckpt_path_evaluates_a_tuner_checkpoint(
     )
     got, want = _predictions(root), _predictions(merged_run)
     assert sum(a["text"] == b["text"] for a, b in zip(got, want, strict=True)) >= len(want) - 1
+
+
+def test_two_processes_write_what_one_writes(setup: dict[str, Path]) -> None:
+    """DDP over 2 gloo processes: each answers whole batches (16 + 13 of 29 questions), rank 0
+    writes them in the split's order; files and MLflow metrics equal the one-process run's.
+    (Lightning's own sampler would pad the 29 to 30, answering one question twice.)"""
+    import os
+    import subprocess
+    import sys
+
+    from mlflow.tracking import MlflowClient
+
+    from biomedvital.tracking.mlflow import tracking_uri
+
+    limit = ("--data.init_args.limit", "29")
+    model = ("--model.init_args.model", f"local-dir:{setup['merged']}")
+    single = _test(setup, "merged-29", *model, *limit)
+    root = setup["tmp"] / "merged-ddp"
+    args = [
+        sys.executable, "-m", "biomedvital", "test", "--config", str(CONF),
+        "--data.init_args.data", str(setup["questions"]),
+        "--data.init_args.image_root", str(setup["images"]),
+        "--trainer.default_root_dir", str(root),
+        "--trainer.logger.init_args.store", str(setup["store"]),
+        *model, *limit, "--trainer.devices", "2", "--trainer.strategy", "ddp",
+    ]  # fmt: skip
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE")}
+    done = subprocess.run(
+        args, cwd=CONF.parents[2], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert _predictions(root) == _predictions(single)
+    one = json.loads((single / "scores.json").read_text())
+    two = json.loads((root / "scores.json").read_text())
+    for key, value in one.items():
+        if key in ("data", "predictions"):
+            continue
+        assert two[key] == (pytest.approx(value) if isinstance(value, float) else value), key
+    assert two["predictions"]["sha256"] == one["predictions"]["sha256"]
+    client = MlflowClient(tracking_uri(setup["store"]))
+    run_one = json.loads((single / "run.test.json").read_text())["mlflow_run_id"]
+    run_two = json.loads((root / "run.test.json").read_text())["mlflow_run_id"]
+    m1 = client.get_run(run_one).data.metrics
+    m2 = client.get_run(run_two).data.metrics
+    assert m2.keys() == m1.keys()
+    for key, value in m1.items():
+        assert m2[key] == pytest.approx(value, rel=1e-6), key
