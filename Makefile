@@ -85,8 +85,12 @@ $(DEMO)/eval/demo_vqa/scores.json: $(DEMO)/tuner/export/run.json data/demo_vqa/d
 data/demo_vqa/demo_chat.jsonl: data/demo_vqa/demo_vqa.json  # written with it (missing: older demo-vqa)
 	$(BIN)/python -m biomedvital demo-vqa
 
-# the local SmolLM2 judges the tuned model's demo VQA answers against the ground truth
-$(DEMO)/judge/manifest.json: $(DEMO)/eval/demo_vqa/scores.json data/demo_vqa/demo_chat.jsonl conf/demo/judge.yaml
+# the tuned model answers the chat questions (LLaVA-Med-Bench layout), as on the real benchmark
+$(DEMO)/eval/demo_chat/scores.json: $(DEMO)/tuner/export/run.json data/demo_vqa/demo_chat.jsonl conf/eval/demo_chat.yaml
+	$(BIN)/python -m biomedvital test --config conf/eval/demo_chat.yaml
+
+# the local SmolLM2 judges those answers against the reference answers
+$(DEMO)/judge/manifest.json: $(DEMO)/eval/demo_chat/scores.json data/demo_vqa/demo_chat.jsonl conf/demo/judge.yaml
 	$(BIN)/python -m biomedvital judge --config conf/demo/judge.yaml
 
 test: $(STAMP)  ## run the test suite (tiny models, CPU; add PYTEST_ARGS="-m slow" for the long checks)

@@ -36,7 +36,18 @@ AXES = {"w": "clinician-pair weight w", "k": "top k % of the scored pool kept"} 
 
 
 def _wanted(metric: str) -> bool:
-    return metric in SELECTOR or metric.startswith(("test/", "win_rate", "pairwise/win_rate"))
+    """An MLflow metric the report keeps."""
+    return metric in SELECTOR or metric.startswith(("test/", "win_rate/win", "pairwise/win"))
+
+
+def _column(metric: str) -> str:
+    """Its column: `pairwise` logs pairwise/win_rate_*, `win-rate` win_rate/win_rate_*, one
+    column each."""
+    return metric.removeprefix("pairwise/").removeprefix("win_rate/")
+
+
+def _is_column(key: str) -> bool:
+    return key in SELECTOR or key.startswith(("test/", "win_rate"))
 
 
 def collect(grid: str, store: str) -> list[dict]:
@@ -67,10 +78,9 @@ def collect(grid: str, store: str) -> list[dict]:
             {"cell": cell, "base_cell": tags.get("base_cell", cell), "seed": tags.get("seed", "")},
         )
         if metrics:
-            # `pairwise` logs pairwise/win_rate_*, `win-rate` plain win_rate_*: one column each
-            row.update({k.removeprefix("pairwise/"): v for k, v in metrics.items()})
+            row.update({_column(k): v for k, v in metrics.items()})
             row["run_ids"] = ",".join(filter(None, [row.get("run_ids", ""), r.info.run_id]))
-    return [r for r in rows.values() if any(_wanted(k) for k in r)]
+    return [r for r in rows.values() if "run_ids" in r]  # cells with a wanted metric
 
 
 def _order(cell: str) -> tuple:
@@ -80,7 +90,7 @@ def _order(cell: str) -> tuple:
 
 
 def metric_columns(rows: list[dict]) -> list[str]:
-    present = {k for r in rows for k in r if _wanted(k)}
+    present = {k for r in rows for k in r if _is_column(k)}
     ordered = [m for m in SELECTOR if m in present]
     return ordered + sorted(present - set(SELECTOR))
 

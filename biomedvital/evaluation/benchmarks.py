@@ -26,12 +26,17 @@ Published layouts handled:
   Question id = ``"<file stem>_<row>"`` (row 0-based within the file, e.g.
   ``"test-00000-of-00003_17"``); images are written once under an image cache folder, named by
   the SHA-256 of their bytes (see :func:`load_pathvqa_parquet`); closed = the answer is yes/no.
+* LLaVA-Med-Bench ``llava_med_eval_qa50_qa.jsonl`` (open-ended chat, one split): ``question_id``,
+  ``image``, ``text`` (the question, ``<image>`` removed), ``gpt4_answer`` (the reference the
+  judge compares with), ``type``. Its items are ``answer_type="chat"``: answered and written,
+  never scored by the VQA metrics (``judge`` scores them).
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,12 +45,14 @@ from typing import Any, Literal
 from biomedvital.data.jsonio import iter_objects
 from biomedvital.data.report import BadRecordError, PositionKind
 
-Benchmark = Literal["vqa_rad", "slake", "pathvqa"]
-AnswerType = Literal["open", "closed"]
+VQABenchmark = Literal["vqa_rad", "slake", "pathvqa"]  # scored by LLaVA-Med's VQA metrics
+Benchmark = VQABenchmark | Literal["llava_med_bench"]
+AnswerType = Literal["open", "closed", "chat"]
 PathLike = str | os.PathLike[str]
 
-BENCHMARKS: tuple[str, ...] = ("vqa_rad", "slake", "pathvqa")
+BENCHMARKS: tuple[str, ...] = ("vqa_rad", "slake", "pathvqa", "llava_med_bench")
 VQA_RAD_FILE = "VQA_RAD Dataset Public.json"
+LLAVA_MED_BENCH_FILE = "llava_med_eval_qa50_qa.jsonl"
 _VQA_RAD_SPLITS = {
     "test_freeform": "test",
     "test_para": "test",
@@ -442,6 +449,34 @@ def _llava_items(records: list[tuple[_Where, dict[str, Any]]], split: str) -> li
     return _check_unique(items, wheres)
 
 
+def load_llava_med_bench(path: PathLike, split: str = "test") -> list[VQAItem]:
+    """LLaVA-Med-Bench's questions (a file, or the folder holding ``llava_med_eval_qa50_qa.jsonl``):
+    193 open-ended questions on 50 figures; the reference answer is ``gpt4_answer``.
+
+    The benchmark has one split, ``test``; its items are ``answer_type="chat"``.
+    """
+    if split != "test":
+        raise ValueError(f"LLaVA-Med-Bench has one split, 'test'; got {split!r}")
+    path = _resolve(Path(path), [LLAVA_MED_BENCH_FILE])
+    items, wheres = [], []
+    for where, obj in _records(path):
+        question = _text(_get(obj, "text", where), where, "text").replace("<image>", "").strip()
+        if not question:
+            raise where.error("empty question", "text", "empty:text")
+        items.append(
+            VQAItem(
+                question_id=_qid(_get(obj, "question_id", where), where, "question_id"),
+                image=_text(_get(obj, "image", where), where, "image"),
+                question=question,
+                answer=_text(_get(obj, "gpt4_answer", where), where, "gpt4_answer"),
+                answer_type="chat",
+                split=split,
+            )
+        )
+        wheres.append(where)
+    return _check_unique(items, wheres)
+
+
 def _group_list(obj: dict[str, Any], key: str, where: _Where) -> list[Any]:
     group = _get(obj, key, where)
     if not isinstance(group, dict):
@@ -469,6 +504,7 @@ _LOADERS: dict[str, Callable[..., list[VQAItem]]] = {
     "vqa_rad": load_vqa_rad,
     "slake": load_slake,
     "pathvqa": load_pathvqa,
+    "llava_med_bench": load_llava_med_bench,
 }
 
 
@@ -492,12 +528,16 @@ def load_benchmark(
 
 
 def split_stats(items: Iterable[VQAItem]) -> dict[str, int]:
-    """Images / QA / open / closed counts, the figures papers publish for each split."""
+    """Images / QA / open / closed counts, the figures papers publish for each split (and the
+    open-ended chat questions, where there are any)."""
     items = list(items)
-    n_closed = sum(1 for it in items if it.answer_type == "closed")
-    return {
+    types = Counter(it.answer_type for it in items)
+    stats = {
         "images": len({it.image for it in items}),
         "qa": len(items),
-        "open": len(items) - n_closed,
-        "closed": n_closed,
+        "open": types["open"],
+        "closed": types["closed"],
     }
+    if types["chat"]:
+        stats["chat"] = types["chat"]
+    return stats

@@ -340,6 +340,6 @@ def _log(result: dict[str, Any], store: str, tags: dict[str, str] | None = None)
         for name, g in groups.items():
             for key in ("n", "relative_mean_of_ratios", "relative_ratio_of_means"):
                 if key in g:
-                    metrics[f"chat_{name}_{key}"] = g[key]
+                    metrics[f"score_chat/{name}/{key}"] = g[key]
         run.log_metrics(metrics)
         run.log_dict(result, "chat_scores.json")

@@ -17,7 +17,7 @@ from biomedvital.data.jsonio import iter_objects, sha256_file, write_json
 from biomedvital.data.outputs import locks_output
 from biomedvital.data.report import BadRecordError
 
-from .benchmarks import Benchmark, VQAItem, load_benchmark
+from .benchmarks import VQABenchmark, VQAItem, load_benchmark
 from .metrics import CLOSED_RULES, ClosedRule, VQAClosedAccuracy, VQAOpenMetrics
 
 _N_EXAMPLES = 5
@@ -106,7 +106,7 @@ def _number(value: Any) -> float | int | None:
 
 @locks_output("out", parent=True)
 def score_vqa(
-    benchmark: Benchmark,
+    benchmark: VQABenchmark,
     data: Path,
     predictions: Path,
     closed_rule: ClosedRule = "llava_med",
@@ -130,6 +130,11 @@ def score_vqa(
     data, predictions = Path(data), Path(predictions)
     if closed_rule not in CLOSED_RULES:
         raise ValueError(f"closed_rule must be one of {CLOSED_RULES}, got {closed_rule!r}")
+    if benchmark == "llava_med_bench":
+        raise ValueError(
+            "llava_med_bench answers are open-ended chat, not VQA: score them with "
+            "`judge --answers FILE` and `score-chat`"
+        )
     items = load_benchmark(benchmark, data, split)
     if not items:
         raise ValueError(f"{data}: no {benchmark} questions in split {split!r}")

@@ -85,7 +85,8 @@ class VQADataModule(LightningDataModule):
 
     Args:
         benchmark: file layout: ``vqa_rad``, ``slake`` (English) or ``pathvqa`` (see
-            ``benchmarks``; LLaVA-Med's converted layout is recognised by any of them).
+            ``benchmarks``; LLaVA-Med's converted layout is recognised by any of them), or
+            ``llava_med_bench`` (open-ended chat: answers are written for ``judge``, not scored).
         data: the benchmark's published file, or the folder holding it.
         image_root: folder the questions' image paths are relative to (escapes are refused).
         split: benchmark split (``test``).
@@ -252,6 +253,7 @@ class VQAEvaluator(LightningModule):
         self.closed_metric = VQAClosedAccuracy(closed_rule)
         self.rows: list[dict[str, Any]] = []
         self.indices: list[int] = []  # each row's place in the split (rows of several ranks merge)
+        self.kinds: list[str] = []  # each row's answer type (chat answers are counted, not scored)
         self.upstream_run: str | None = None
 
     # -- building ----------------------------------------------------------------------------
@@ -379,6 +381,7 @@ class VQAEvaluator(LightningModule):
         if not indices or None in indices:  # a batch collated by hand: in arrival order
             indices = range(len(self.indices), len(self.indices) + len(items))
         self.indices.extend(indices)
+        self.kinds.extend(it.answer_type for it in items)
         for it, p, text in zip(items, prompts, texts, strict=True):
             self.rows.append(
                 {"question_id": it.question_id, "prompt": p, "text": text, "model_id": self.source}
@@ -397,6 +400,7 @@ class VQAEvaluator(LightningModule):
     def on_test_epoch_start(self) -> None:
         self.rows = []
         self.indices = []
+        self.kinds = []
         self.open_metric.reset()
         self.closed_metric.reset()
 
@@ -411,33 +415,40 @@ class VQAEvaluator(LightningModule):
         for key, value in values.items():
             v = float(value)
             scores[key] = int(v) if key.startswith("n_") else (None if math.isnan(v) else v)
+        rows, kinds = self.gathered()
+        if "chat" in kinds:  # open-ended answers: written for ``judge``, scored there
+            scores["n_chat"] = kinds.count("chat")
         logged = {f"test/{name}/{k}": float(v) for k, v in scores.items() if v is not None}
-        rows = self.gathered_rows()
         # the metrics were reduced across processes already: every rank logs the same values
         self.log_dict(logged, batch_size=max(len(rows), 1), sync_dist=self.trainer.world_size > 1)
         if self.hparams.write_predictions and self.trainer.is_global_zero:
             self._write(name, scores, rows)
 
-    def gathered_rows(self) -> list[dict[str, Any]]:
-        """Every process's answers, in the split's order (one process: its own rows)."""
+    def gathered(self) -> tuple[list[dict[str, Any]], list[str]]:
+        """Every process's answers and their answer types, in the split's order (one process:
+        its own)."""
         world = self.trainer.world_size
         if world == 1:
-            return self.rows
+            return self.rows, self.kinds
         import torch.distributed as dist
 
         parts: list[Any] = [None] * world
-        dist.all_gather_object(parts, (self.indices, self.rows))
+        dist.all_gather_object(parts, (self.indices, self.rows, self.kinds))
         merged = sorted(
-            ((i, row) for indices, rows in parts for i, row in zip(indices, rows, strict=True)),
-            key=lambda pair: pair[0],
+            (
+                (i, row, kind)
+                for indices, rows, kinds in parts
+                for i, row, kind in zip(indices, rows, kinds, strict=True)
+            ),
+            key=lambda entry: entry[0],
         )
-        order = [i for i, _ in merged]
+        order = [i for i, _, _ in merged]
         if len(set(order)) != len(order):
             raise RuntimeError(
                 "a question was answered by two processes: the test DataLoader's sampler was "
                 "replaced (keep VQADataModule's BatchShards)"
             )
-        return [row for _, row in merged]
+        return [row for _, row, _ in merged], [kind for _, _, kind in merged]
 
     def _write(self, name: str, scores: dict[str, Any], rows: list[dict[str, Any]]) -> None:
         out = Path(self.trainer.default_root_dir)

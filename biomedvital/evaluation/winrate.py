@@ -301,5 +301,5 @@ def _log(result: dict[str, Any], store: str, tags: dict[str, str] | None = None)
                     metrics[f"{key}_ci_low"], metrics[f"{key}_ci_high"] = result[f"{key}_ci"]
         if result["position_consistency"] is not None:
             metrics["position_consistency"] = result["position_consistency"]
-        run.log_metrics(metrics)
+        run.log_metrics({f"win_rate/{k}": v for k, v in metrics.items()})
         run.log_dict(result, "win_rate.json")

@@ -226,5 +226,5 @@ def test_logs_to_mlflow_store(tmp_path: Path) -> None:
     exp = client.get_experiment_by_name("evaluation")
     (run,) = client.search_runs([exp.experiment_id])
     assert run.info.status == "FINISHED"
-    assert run.data.metrics["chat_overall_relative_mean_of_ratios"] == pytest.approx(50.0)
-    assert run.data.metrics["chat_mri_n"] == 1
+    assert run.data.metrics["score_chat/overall/relative_mean_of_ratios"] == pytest.approx(50.0)
+    assert run.data.metrics["score_chat/mri/n"] == 1

@@ -290,3 +290,38 @@ def test_two_processes_write_what_one_writes(setup: dict[str, Path]) -> None:
     assert m2.keys() == m1.keys()
     for key, value in m1.items():
         assert m2[key] == pytest.approx(value, rel=1e-6), key
+
+
+def test_chat_answers_for_the_judge(setup: dict[str, Path], merged_run: Path) -> None:
+    """``benchmark: llava_med_bench`` answers LLaVA-Med-Bench-layout questions into a predictions
+    file the judge reads, counted (``n_chat``) but not scored by the VQA metrics. The demo's chat
+    questions are its VQA questions, so the answers are the VQA run's (one prompt format)."""
+    from mlflow.tracking import MlflowClient
+
+    from biomedvital.evaluation.chat import read_questions
+    from biomedvital.tracking.mlflow import tracking_uri
+
+    chat = setup["questions"].with_name("demo_chat.jsonl")
+    root = setup["tmp"] / "chat"
+    main(
+        [
+            "test", "--config", str(CONF.with_name("demo_chat.yaml")),
+            "--data.init_args.data", str(chat),
+            "--data.init_args.image_root", str(setup["images"]),
+            "--trainer.default_root_dir", str(root),
+            "--trainer.logger.init_args.store", str(setup["store"]),
+            "--model.init_args.model", f"local-dir:{setup['merged']}",
+        ]
+    )  # fmt: skip
+    preds = _predictions(root)
+    assert [p["question_id"] for p in preds] == list(read_questions(chat))
+    assert [p["text"] for p in preds] == [p["text"] for p in _predictions(merged_run)]
+    scores = json.loads((root / "scores.json").read_text())
+    assert scores["n_chat"] == 30 and scores["n_open"] == scores["n_closed"] == 0
+    assert scores["open_recall"] is None and scores["closed_acc"] is None
+    record = json.loads((root / "run.test.json").read_text())
+    metrics = (
+        MlflowClient(tracking_uri(setup["store"])).get_run(record["mlflow_run_id"]).data.metrics
+    )
+    assert metrics["test/demo_chat/n_chat"] == 30
+    assert not any(k.endswith(("open_recall", "closed_acc")) for k in metrics)

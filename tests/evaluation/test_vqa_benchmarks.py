@@ -223,3 +223,72 @@ def test_pathvqa_grouped_layout_and_errors(tmp_path: Path) -> None:
         load_pathvqa(tmp_path / "pvqa_val.json", "test")
     with pytest.raises(ValueError, match="PathVQA split"):
         load_pathvqa(tmp_path, "validate")
+
+
+# ----------------------------------------------------------------------------- LLaVA-Med-Bench
+
+
+@needs_shared
+def test_llava_med_bench_real_file() -> None:
+    """193 open-ended questions on 50 figures; the folder resolves to the question file; the
+    reference answer is gpt4_answer; no ``<image>`` token left in a question."""
+    from biomedvital.evaluation.benchmarks import load_llava_med_bench
+
+    folder = SHARED / "llava-med"
+    items = load_benchmark("llava_med_bench", folder)
+    assert items == load_llava_med_bench(folder / "llava_med_eval_qa50_qa.jsonl")
+    assert split_stats(items) == {"images": 50, "qa": 193, "open": 0, "closed": 0, "chat": 193}
+    assert len({it.question_id for it in items}) == 193
+    assert all("<image>" not in it.question and it.question == it.question.strip() for it in items)
+    first = json.loads((folder / "llava_med_eval_qa50_qa.jsonl").open().readline())
+    assert items[0].question_id == str(first["question_id"])
+    assert items[0].answer == first["gpt4_answer"] and items[0].image == first["image"]
+
+
+@pytest.mark.parametrize(
+    ("row", "field", "category"),
+    [
+        ({"question_id": 1, "image": "a.jpg", "gpt4_answer": "x"}, "text", "missing:text"),
+        ({"question_id": 1, "image": "a.jpg", "text": "<image>\n ", "gpt4_answer": "x"}, "text", "empty:text"),
+        ({"question_id": 1, "image": "a.jpg", "text": "q?"}, "gpt4_answer", "missing:gpt4_answer"),
+        ({"question_id": None, "image": "a.jpg", "text": "q?", "gpt4_answer": "x"}, "question_id", None),
+    ],
+)  # fmt: skip
+def test_llava_med_bench_errors_name_the_field(
+    tmp_path: Path, row: dict, field: str, category: str | None
+) -> None:
+    from biomedvital.evaluation.benchmarks import load_llava_med_bench
+
+    good = {
+        "question_id": 0,
+        "image": "a.jpg",
+        "text": "What is shown?\n<image>",
+        "gpt4_answer": "x",
+    }
+    path = tmp_path / "qa.jsonl"
+    path.write_text(json.dumps(good) + "\n" + json.dumps(row) + "\n")
+    with pytest.raises(BadRecordError) as err:
+        load_llava_med_bench(path)
+    assert err.value.field == field and err.value.line == 2
+    if category:
+        assert err.value.category == category
+
+
+def test_llava_med_bench_duplicate_ids_and_splits(tmp_path: Path) -> None:
+    from biomedvital.evaluation.benchmarks import load_llava_med_bench
+
+    row = {"question_id": 3, "image": "a.jpg", "text": "q?", "gpt4_answer": "x"}
+    path = tmp_path / "qa.jsonl"
+    path.write_text(json.dumps(row) + "\n" + json.dumps({**row, "question_id": "3"}) + "\n")
+    with pytest.raises(BadRecordError, match="duplicate question id '3'"):
+        load_llava_med_bench(path)
+    with pytest.raises(ValueError, match="one split"):
+        load_llava_med_bench(path, "train")
+
+
+def test_score_vqa_refuses_chat_answers(tmp_path: Path) -> None:
+    """Chat answers have no VQA score: the library says where they are scored instead."""
+    from biomedvital.evaluation.score_vqa import score_vqa
+
+    with pytest.raises(ValueError, match="judge"):
+        score_vqa("llava_med_bench", tmp_path, tmp_path / "p.jsonl")  # type: ignore[arg-type]

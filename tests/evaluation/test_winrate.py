@@ -179,6 +179,6 @@ def test_logs_to_mlflow_store(tmp_path: Path) -> None:
     client = MlflowClient(tracking_uri=tracking_uri(store))
     (run,) = client.search_runs([client.get_experiment_by_name("evaluation").experiment_id])
     assert run.info.status == "FINISHED"
-    assert run.data.metrics["win_rate_half_ties"] == pytest.approx(60.0)
+    assert run.data.metrics["win_rate/win_rate_half_ties"] == pytest.approx(60.0)
     assert run.data.metrics["n_failed"] == 1
     assert run.data.params["rule"] == "sum"
