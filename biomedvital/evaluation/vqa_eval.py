@@ -24,9 +24,13 @@ Which weights are evaluated:
 
 Several processes (``--trainer.devices 8 --trainer.strategy ddp``, or ``torchrun``) answer
 whole batches dealt round-robin (:class:`.sharding.BatchShards`: no question repeated or
-dropped, every batch as one process would form it); the answers are gathered to rank 0, which
-writes them in the benchmark's order, and the metrics' sums are reduced across processes. So the
-files and scores are those of a one-process run (a test runs 2 processes against 1).
+dropped, every batch as one process would form it); the answers are gathered, and the metrics
+computed from them in the benchmark's order, batch by batch, as one process would. So the files
+and scores are those of a one-process run (a test runs 2 processes against 1).
+
+Answers are journaled batch by batch in the run folder (:mod:`.answer_journal`): a killed run,
+rerun with the same command (and any number of processes), answers only the batches it had not
+answered, and writes what an uninterrupted run writes (tests kill it at random instants).
 """
 
 from __future__ import annotations
@@ -46,9 +50,10 @@ from biomedvital.data.images import ImageRoot, UnsafePathError
 from biomedvital.data.jsonio import sha256_file, write_json, write_jsonl
 from biomedvital.data.report import BadRecordError
 
+from .answer_journal import AnswerJournal, files_signature
 from .benchmarks import BENCHMARKS, VQAItem, load_benchmark, split_stats
 from .metrics import CLOSED_RULES, ClosedRule, VQAClosedAccuracy, VQAOpenMetrics
-from .sharding import BatchShards
+from .sharding import BatchShards, batches_to_answer
 
 DType = Literal["float32", "bfloat16", "float16"]
 PREDICTIONS_FILE = "predictions.jsonl"
@@ -148,10 +153,12 @@ class VQADataModule(LightningDataModule):
     def test_dataloader(self) -> DataLoader:
         dataset = _VQADataset(self.load_items(), ImageRoot(self.image_root))
         trainer = self.trainer  # None when the DataModule is used without a Trainer
-        world = trainer.world_size if trainer is not None else 1
-        sampler = None
-        if world > 1:  # whole batches per process, none padded or repeated
-            sampler = BatchShards(dataset, self.batch_size, world, trainer.global_rank)
+        world, rank, done = 1, 0, frozenset()
+        if trainer is not None:
+            world, rank = trainer.world_size, trainer.global_rank
+            done = getattr(trainer.lightning_module, "done_batches", frozenset())
+        # whole batches per process, none padded or repeated; those a killed run answered skipped
+        sampler = BatchShards(dataset, self.batch_size, world, rank, done)
         return DataLoader(
             dataset,
             batch_size=self.batch_size,
@@ -224,6 +231,8 @@ class VQAEvaluator(LightningModule):
         seed: seed of random weights (``tiny:`` only).
         write_predictions: write ``predictions.jsonl`` and ``scores.json`` into the run folder
             and log them to MLflow.
+        resume: journal the answers batch by batch in the run folder, and take those of a killed
+            run with the same model, settings and data instead of answering them again.
     """
 
     def __init__(
@@ -239,6 +248,7 @@ class VQAEvaluator(LightningModule):
         dtype: DType | None = None,
         seed: int = 0,
         write_predictions: bool = True,
+        resume: bool = True,
     ) -> None:
         super().__init__()
         if closed_rule not in CLOSED_RULES:
@@ -249,11 +259,15 @@ class VQAEvaluator(LightningModule):
         self.model: Any = None
         self.processor: Any = None
         self.source: str | None = None
-        self.open_metric = VQAOpenMetrics()
-        self.closed_metric = VQAClosedAccuracy(closed_rule)
+        # computed from every answer on each process (never summed across processes)
+        self.open_metric = VQAOpenMetrics(sync_on_compute=False)
+        self.closed_metric = VQAClosedAccuracy(closed_rule, sync_on_compute=False)
         self.rows: list[dict[str, Any]] = []
         self.indices: list[int] = []  # each row's place in the split (rows of several ranks merge)
-        self.kinds: list[str] = []  # each row's answer type (chat answers are counted, not scored)
+        self.truth: list[list[str]] = []  # each row's [answer type, reference answer]
+        self.journal: AnswerJournal | None = None
+        self.journaled: dict[int, dict[str, Any]] = {}  # batches a killed run answered
+        self.resumed: dict[str, Any] | None = None  # what was taken from the journal (run record)
         self.upstream_run: str | None = None
 
     # -- building ----------------------------------------------------------------------------
@@ -328,6 +342,64 @@ class VQAEvaluator(LightningModule):
         logger = self.logger
         if self.upstream_run and logger is not None and hasattr(logger, "run_id"):
             logger.experiment.set_tag(logger.run_id, "upstream_run", self.upstream_run)
+        hp = self.hparams
+        journaled = hp.resume and hp.write_predictions
+        if stage == "test" and journaled and isinstance(self.trainer.datamodule, VQADataModule):
+            self.open_journal()
+
+    # -- resuming ----------------------------------------------------------------------------
+
+    @property
+    def done_batches(self) -> frozenset[int]:
+        """Batches answered by a killed run (the DataModule's sampler skips them)."""
+        return frozenset(self.journaled)
+
+    def fingerprint(self) -> dict[str, Any]:
+        """What the answers depend on: a journal of another fingerprint is never resumed."""
+        hp, trainer = self.hparams, self.trainer
+        dm = trainer.datamodule
+        ckpt = trainer.ckpt_path
+        paths = [hp.checkpoint, ckpt]
+        if hp.model and hp.model.startswith("local-dir:"):
+            paths.append(Path(hp.model.removeprefix("local-dir:")).expanduser())
+        described = dm.describe()
+        return {
+            "model": hp.model,
+            "checkpoint": hp.checkpoint,
+            "base_model": hp.base_model,
+            "ckpt_path": str(ckpt) if ckpt else None,
+            "weights": [files_signature(p) for p in paths if p],
+            "generation": {
+                k: hp[k]
+                for k in ("max_new_tokens", "prompt_suffix", "closed_prompt_suffix")
+                + ("system_prompt", "dtype", "seed")
+            },
+            "precision": str(trainer.precision),
+            "data": {k: described[k] for k in ("benchmark", "split", "data", "limit")},
+            "image_root": described["image_root"],
+            "batch_size": dm.batch_size,
+        }
+
+    def open_journal(self) -> None:
+        """Read every process's journal of this fingerprint (a killed run's answers); then, and
+        only then, may any process append to its own."""
+        from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+
+        trainer = self.trainer
+        self.journal = AnswerJournal(
+            trainer.default_root_dir, self.fingerprint(), trainer.global_rank
+        )
+        self.journaled = self.journal.load()
+        for path in self.journal.foreign():
+            rank_zero_warn(f"{path}: answers of another model, setting or data file; ignored")
+        if self.journaled:
+            n = sum(len(e["rows"]) for e in self.journaled.values())
+            rank_zero_info(
+                f"resuming: {len(self.journaled)} batch(es), {n} answer(s) from "
+                f"{len(self.journal.files())} journal file(s) in {trainer.default_root_dir}"
+            )
+        if trainer.world_size > 1:
+            trainer.strategy.barrier("vqa_journal_read")
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Lightning's ``ckpt_path``: rebuild the tuner, then Lightning loads its tensors."""
@@ -379,34 +451,75 @@ class VQAEvaluator(LightningModule):
         texts = self.answer(batch["images"], prompts)
         indices = batch.get("indices")
         if not indices or None in indices:  # a batch collated by hand: in arrival order
-            indices = range(len(self.indices), len(self.indices) + len(items))
-        self.indices.extend(indices)
-        self.kinds.extend(it.answer_type for it in items)
-        for it, p, text in zip(items, prompts, texts, strict=True):
-            self.rows.append(
-                {"question_id": it.question_id, "prompt": p, "text": text, "model_id": self.source}
-            )
-        opened = [
-            (t, it.answer) for it, t in zip(items, texts, strict=True) if it.answer_type == "open"
+            indices = list(range(len(self.indices), len(self.indices) + len(items)))
+        rows = [
+            {"question_id": it.question_id, "prompt": p, "text": text, "model_id": self.source}
+            for it, p, text in zip(items, prompts, texts, strict=True)
         ]
-        closed = [
-            (t, it.answer) for it, t in zip(items, texts, strict=True) if it.answer_type == "closed"
-        ]
-        if opened:
-            self.open_metric.update([t for t, _ in opened], [a for _, a in opened])
-        if closed:
-            self.closed_metric.update([t for t, _ in closed], [a for _, a in closed])
+        truth = [[it.answer_type, it.answer] for it in items]
+        self.rows += rows
+        self.indices += indices
+        self.truth += truth
+        if self.journal is not None:
+            size = self.trainer.datamodule.batch_size
+            first = indices[0] // size
+            if list(indices) != list(range(first * size, first * size + len(indices))):
+                raise RuntimeError("journaled batches must be whole one-process batches")
+            self.journal.append(first, list(indices), rows, truth)
 
     def on_test_epoch_start(self) -> None:
-        self.rows = []
-        self.indices = []
-        self.kinds = []
-        self.open_metric.reset()
-        self.closed_metric.reset()
+        self.rows, self.indices, self.truth = [], [], []
+        self.resumed = None
+        if not self.journaled or not self.trainer.is_global_zero:
+            return
+        # rank 0 holds the killed run's answers, but for the batches answered again this run
+        dm = self.trainer.datamodule
+        n_batches = math.ceil(len(dm.load_items()) / dm.batch_size)
+        again = set(batches_to_answer(n_batches, self.journaled, self.trainer.world_size))
+        kept = [b for b in sorted(self.journaled) if b not in again]
+        for b in kept:
+            entry = self.journaled[b]
+            self.rows += entry["rows"]
+            self.indices += entry["indices"]
+            self.truth += entry["truth"]
+        self.resumed = {
+            "batches": len(kept),
+            "answers": len(self.rows),
+            "torn_journal_lines": self.journal.torn_lines if self.journal else 0,
+        }
 
     def on_test_epoch_end(self) -> None:
+        if self.journal is not None:
+            self.journal.close()
         dm = self.trainer.datamodule
         name = getattr(dm, "name", "vqa")
+        rows, truth = self.gathered()
+        scores = self.score(truth, [r["text"] for r in rows], getattr(dm, "batch_size", 1))
+        logged = {f"test/{name}/{k}": float(v) for k, v in scores.items() if v is not None}
+        # every process computed the same values from all the answers
+        self.log_dict(logged, batch_size=max(len(rows), 1), sync_dist=self.trainer.world_size > 1)
+        if self.resumed and self.logger is not None and hasattr(self.logger, "log_hyperparams"):
+            self.logger.log_hyperparams({"resumed_batches": self.resumed["batches"]})
+        if self.hparams.write_predictions and self.trainer.is_global_zero:
+            self._write(name, scores, rows)
+            if self.journal is not None:
+                self.journal.remove()  # its answers are in the predictions file now
+
+    def score(
+        self, truth: list[list[str]], texts: list[str], batch_size: int
+    ) -> dict[str, float | int | None]:
+        """LLaVA-Med's metrics over the answers in the split's order, added batch by batch as
+        one uninterrupted process adds them (so the sums, and the scores, are bit-identical
+        whatever the number of processes or restarts); chat answers are counted only."""
+        self.open_metric.reset()
+        self.closed_metric.reset()
+        size = max(batch_size, 1)
+        for start in range(0, len(texts), size):
+            chunk = list(zip(truth[start : start + size], texts[start : start + size], strict=True))
+            for kind, metric in (("open", self.open_metric), ("closed", self.closed_metric)):
+                pairs = [(text, answer) for (k, answer), text in chunk if k == kind]
+                if pairs:
+                    metric.update([t for t, _ in pairs], [a for _, a in pairs])
         with warnings.catch_warnings():
             # a split without open (or closed) questions is legitimate: its figures are NaN
             warnings.filterwarnings("ignore", message=".*compute.*before.*update.*")
@@ -415,40 +528,36 @@ class VQAEvaluator(LightningModule):
         for key, value in values.items():
             v = float(value)
             scores[key] = int(v) if key.startswith("n_") else (None if math.isnan(v) else v)
-        rows, kinds = self.gathered()
-        if "chat" in kinds:  # open-ended answers: written for ``judge``, scored there
-            scores["n_chat"] = kinds.count("chat")
-        logged = {f"test/{name}/{k}": float(v) for k, v in scores.items() if v is not None}
-        # the metrics were reduced across processes already: every rank logs the same values
-        self.log_dict(logged, batch_size=max(len(rows), 1), sync_dist=self.trainer.world_size > 1)
-        if self.hparams.write_predictions and self.trainer.is_global_zero:
-            self._write(name, scores, rows)
+        n_chat = sum(1 for kind, _ in truth if kind == "chat")
+        if n_chat:  # open-ended answers: written for ``judge``, scored there
+            scores["n_chat"] = n_chat
+        return scores
 
-    def gathered(self) -> tuple[list[dict[str, Any]], list[str]]:
-        """Every process's answers and their answer types, in the split's order (one process:
-        its own)."""
+    def gathered(self) -> tuple[list[dict[str, Any]], list[list[str]]]:
+        """Every process's answers and their truth, in the split's order (one process: its own,
+        sorted)."""
         world = self.trainer.world_size
-        if world == 1:
-            return self.rows, self.kinds
-        import torch.distributed as dist
+        parts: list[Any] = [(self.indices, self.rows, self.truth)]
+        if world > 1:
+            import torch.distributed as dist
 
-        parts: list[Any] = [None] * world
-        dist.all_gather_object(parts, (self.indices, self.rows, self.kinds))
+            parts = [None] * world
+            dist.all_gather_object(parts, (self.indices, self.rows, self.truth))
         merged = sorted(
             (
-                (i, row, kind)
-                for indices, rows, kinds in parts
-                for i, row, kind in zip(indices, rows, kinds, strict=True)
+                (i, row, truth)
+                for indices, rows, truths in parts
+                for i, row, truth in zip(indices, rows, truths, strict=True)
             ),
             key=lambda entry: entry[0],
         )
         order = [i for i, _, _ in merged]
         if len(set(order)) != len(order):
             raise RuntimeError(
-                "a question was answered by two processes: the test DataLoader's sampler was "
-                "replaced (keep VQADataModule's BatchShards)"
+                "a question was answered twice: the test DataLoader's sampler was replaced "
+                "(keep VQADataModule's BatchShards)"
             )
-        return [row for _, row, _ in merged], [kind for _, _, kind in merged]
+        return [row for _, row, _ in merged], [truth for _, _, truth in merged]
 
     def _write(self, name: str, scores: dict[str, Any], rows: list[dict[str, Any]]) -> None:
         out = Path(self.trainer.default_root_dir)

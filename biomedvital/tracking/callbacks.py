@@ -164,6 +164,9 @@ class RecordRun(SaveConfigCallback, EndOfFit):
             "dropped_pairs": getattr(pl_module, "dropped_pairs", 0),
             "best_checkpoint": getattr(trainer.checkpoint_callback, "best_model_path", None),
         }
+        resumed = getattr(pl_module, "resumed", None)
+        if resumed:  # what a rerun took over from a killed run (e.g. journaled answers)
+            record["resumed"] = resumed
         write_json(Path(trainer.default_root_dir) / f"run.{stage}.json", record)
         if trainer.logger is not None and hasattr(trainer.logger, "log_dict"):
             trainer.logger.log_dict(record, f"run.{stage}.json")

@@ -26,7 +26,7 @@ def test_shards_are_the_one_process_batches(n: int, batch: int, world: int) -> N
 
 
 def test_more_processes_than_batches_is_refused() -> None:
-    with pytest.raises(TooFewBatchesError, match="5 items make 2 batch.*4 processes"):
+    with pytest.raises(TooFewBatchesError, match="5 items, batch size 4: 2 batch.*4 processes"):
         BatchShards(list(range(5)), 4, 4, 0)
 
 

@@ -180,5 +180,5 @@ def test_logs_to_mlflow_store(tmp_path: Path) -> None:
     (run,) = client.search_runs([client.get_experiment_by_name("evaluation").experiment_id])
     assert run.info.status == "FINISHED"
     assert run.data.metrics["win_rate/win_rate_half_ties"] == pytest.approx(60.0)
-    assert run.data.metrics["n_failed"] == 1
+    assert run.data.metrics["win_rate/n_failed"] == 1
     assert run.data.params["rule"] == "sum"

@@ -228,15 +228,16 @@ def run_reference(chain: Chain, server: Any, env: dict[str, str | None]) -> None
     (chain.root / "seconds.json").write_text(json.dumps(chain.seconds, indent=1))
 
 
-def _json(path: Path, drop: tuple[str, ...] = ("mlflow_run_id", "git")) -> Any:
+def _json(path: Path, drop: tuple[str, ...] = ("mlflow_run_id", "git", "resumed")) -> Any:
     data = json.loads(path.read_text())
     return {k: v for k, v in data.items() if k not in drop} if isinstance(data, dict) else data
 
 
 def leftovers(folder: Path) -> list[str]:
-    """Temporary or lock files left in a folder tree (none after a completed run)."""
+    """Temporary, lock or journal files left in a folder tree (none after a completed run)."""
     return sorted(
         str(p.relative_to(folder))
         for p in folder.rglob("*")
-        if p.name.startswith(".") and (".tmp" in p.name or p.name.endswith(".lock"))
+        if (p.name.startswith(".") and (".tmp" in p.name or p.name.endswith(".lock")))
+        or p.name.startswith("answers.journal-")
     )

@@ -1,0 +1,133 @@
+"""Answers of an evaluation run journaled batch by batch, so that a killed run resumes.
+
+Greedy decoding a benchmark with a 13B model takes a long while (PathVQA: 6,761 questions); a
+preempted or killed run should not answer again what it had answered. Each process appends one
+line per batch to its own file in the run folder, flushed and fsynced before the next batch:
+``answers.journal-<key>-rank<r>.jsonl``. ``key`` hashes everything the answers depend on (model
+and its files, generation settings, data file, batch size), so answers of another model or
+setting are never mixed in: their journal is ignored. Batches are the one-process batches of
+the split (:mod:`.sharding`), so a resumed run, with any number of processes, answers the
+remaining batches exactly as an uninterrupted run would. A torn last line (a kill mid-write) is
+cut before the file is appended to again, and its batch is answered again. The journal is
+removed once the run's predictions are written.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+PREFIX = "answers.journal-"
+
+
+def journal_key(fingerprint: dict[str, Any]) -> str:
+    """Twelve hex digits of the fingerprint's SHA-256 (canonical JSON)."""
+    canonical = json.dumps(fingerprint, sort_keys=True, ensure_ascii=True, default=str)
+    return hashlib.sha256(canonical.encode()).hexdigest()[:12]
+
+
+def files_signature(path: str | os.PathLike[str]) -> list[tuple[str, int, int]] | None:
+    """Name, size and modification time of a weights file, or of the files of a model folder:
+    a re-exported or re-trained model changes them (hashing 26 GB of weights would not pay)."""
+    p = Path(path)
+    if p.is_file():
+        st = p.stat()
+        return [(p.name, st.st_size, st.st_mtime_ns)]
+    if p.is_dir():
+        return [
+            (f.name, f.stat().st_size, f.stat().st_mtime_ns)
+            for f in sorted(p.iterdir())
+            if f.is_file()
+        ]
+    return None
+
+
+class AnswerJournal:
+    """One process's journal of answered batches, and the reader of every process's.
+
+    Args:
+        folder: the run folder (``trainer.default_root_dir``).
+        fingerprint: what the answers depend on; journals of another fingerprint are ignored.
+        rank: this process's global rank (each process appends to its own file).
+    """
+
+    def __init__(
+        self, folder: str | os.PathLike[str], fingerprint: dict[str, Any], rank: int
+    ) -> None:
+        self.folder = Path(folder)
+        self.fingerprint = fingerprint
+        self.key = journal_key(fingerprint)
+        self.path = self.folder / f"{PREFIX}{self.key}-rank{rank}.jsonl"
+        self.torn_lines = 0
+        self._fh: Any = None
+
+    def files(self) -> list[Path]:
+        """This fingerprint's journals (every rank's, of this run and of killed ones)."""
+        return sorted(self.folder.glob(f"{PREFIX}{self.key}-rank*.jsonl"))
+
+    def foreign(self) -> list[Path]:
+        """Journals of another fingerprint (another model or setting): never read."""
+        mine = set(self.files())
+        return sorted(p for p in self.folder.glob(f"{PREFIX}*.jsonl") if p not in mine)
+
+    def load(self) -> dict[int, dict[str, Any]]:
+        """Answered batches: ``batch -> {"indices", "rows", "truth"}``; unreadable lines (a torn
+        last line) are skipped and counted in ``torn_lines``."""
+        done: dict[int, dict[str, Any]] = {}
+        self.torn_lines = 0
+        for path in self.files():
+            with open(path, "rb") as f:
+                for raw in f:
+                    try:
+                        entry = json.loads(raw) if raw.endswith(b"\n") else None
+                    except ValueError:
+                        entry = None
+                    if isinstance(entry, dict) and "fingerprint" in entry:
+                        continue  # the header line
+                    if not (isinstance(entry, dict) and isinstance(entry.get("batch"), int)):
+                        self.torn_lines += 1
+                        continue
+                    done[entry["batch"]] = entry
+        return done
+
+    def append(
+        self, batch: int, indices: list[int], rows: list[dict[str, Any]], truth: list[Any]
+    ) -> None:
+        """Record one answered batch; it is on disk (fsynced) when this returns."""
+        if self._fh is None:
+            self._open()
+        line = json.dumps(
+            {"batch": batch, "indices": indices, "rows": rows, "truth": truth}, ensure_ascii=False
+        )
+        self._fh.write((line + "\n").encode("utf-8"))
+        self._fh.flush()
+        os.fsync(self._fh.fileno())
+
+    def _open(self) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        fresh = not self.path.exists()
+        self._fh = open(self.path, "ab")  # noqa: SIM115 - kept open for the run
+        if fresh:
+            header = {"fingerprint": self.fingerprint}
+            self._fh.write((json.dumps(header, default=str) + "\n").encode("utf-8"))
+            return
+        size = os.fstat(self._fh.fileno()).st_size
+        if size:
+            with open(self.path, "rb") as f:
+                data = f.read()
+            if not data.endswith(b"\n"):  # a kill cut the last line: drop it, then append
+                self._fh.truncate(data.rfind(b"\n") + 1)
+
+    def close(self) -> None:
+        if self._fh is not None:
+            self._fh.close()
+            self._fh = None
+
+    def remove(self) -> None:
+        """Delete this fingerprint's journals (their answers are in the predictions file)."""
+        self.close()
+        for path in self.files():
+            path.unlink(missing_ok=True)
