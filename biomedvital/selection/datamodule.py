@@ -124,8 +124,10 @@ class _Unreadable(RecordReport):
 
 
 class CandidateStream(IterableDataset):
-    """Streams candidate files (one, or several in turn) in encoded chunks; workers take
-    alternate chunks, and a chunk never spans two files (errors name the file and its line).
+    """Streams candidate files (one, or several in turn) in encoded chunks; processes (ranks)
+    and their workers take alternate chunks, and a chunk never spans two files (errors name the
+    file and its line). Every batch carries its chunk number, by which the ranks' scores merge
+    back into the one-process order.
 
     Memory stays flat whatever the pool size: only one chunk per worker is held.
     """
@@ -138,15 +140,22 @@ class CandidateStream(IterableDataset):
         chunk_size: int,
         codec: Codec,
         on_bad: OnBad,
+        rank: int = 0,
+        world_size: int = 1,
     ) -> None:
         self.paths = (Path(path),) if isinstance(path, (str, Path)) else tuple(map(Path, path))
         self.path = self.paths[0]
         self.captions, self.recipe = captions, recipe
         self.chunk_size, self.codec, self.on_bad = chunk_size, codec, on_bad
+        self.rank, self.world_size = rank, world_size
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = get_worker_info()
         wid, nw = (info.id, info.num_workers) if info else (0, 1)
+
+        def mine(n: int) -> bool:  # chunk n: rank n % world, then that rank's workers in turn
+            return n % self.world_size == self.rank and (n // self.world_size) % nw == wid
+
         n_chunk = 0
         for path in self.paths:
             self.path = path
@@ -154,12 +163,12 @@ class CandidateStream(IterableDataset):
             for item in self._items():
                 chunk.append(item)
                 if len(chunk) == self.chunk_size:
-                    if n_chunk % nw == wid:
-                        yield self._encode(chunk)
+                    if mine(n_chunk):
+                        yield self._encode(chunk, n_chunk)
                     chunk, n_chunk = [], n_chunk + 1
             if chunk:
-                if n_chunk % nw == wid:
-                    yield self._encode(chunk)
+                if mine(n_chunk):
+                    yield self._encode(chunk, n_chunk)
                 n_chunk += 1
 
     def _items(self) -> Iterator[tuple[int, str, Any]]:
@@ -175,7 +184,7 @@ class CandidateStream(IterableDataset):
             yield item
         yield from unreadable.drain()
 
-    def _encode(self, chunk: list[tuple[int, str, Any]]) -> dict[str, Any]:
+    def _encode(self, chunk: list[tuple[int, str, Any]], number: int = 0) -> dict[str, Any]:
         ids, entries, skipped, positions = [], [], [], []
         for pos, kind, obj in chunk:
             if isinstance(obj, BadRecordError):  # an unreadable line (skip mode only)
@@ -212,6 +221,7 @@ class CandidateStream(IterableDataset):
         batch["file"] = str(self.path)
         batch["valid"] = torch.tensor([i not in bad for i in range(len(ids))], dtype=torch.bool)
         batch["skipped"] = skipped
+        batch["chunk"] = number
         return batch
 
 
@@ -311,6 +321,8 @@ class SelectorDataModule(LightningDataModule):
 
     def predict_dataloader(self) -> DataLoader:
         assert self.files is not None
+        trainer = self.trainer  # several processes score alternate chunks
+        rank, world = (trainer.global_rank, trainer.world_size) if trainer else (0, 1)
         stream = CandidateStream(
             self.files.candidate_files,
             self.captions,
@@ -318,6 +330,8 @@ class SelectorDataModule(LightningDataModule):
             self.predict_chunk,
             self.codec(),
             self.on_bad_record,
+            rank=rank,
+            world_size=world,
         )
         return DataLoader(
             stream,

@@ -25,6 +25,11 @@ class ScoreWriter(BasePredictionWriter):
     A manifest beside the output (``<output>.manifest.json``) records the checkpoint, the MLflow
     run, counts written and skipped (with reasons), and the score histogram.
 
+    Several processes (``--trainer.devices N --trainer.strategy ddp``) score alternate chunks of
+    the candidate stream, each into its own temporary part; at the end rank 0 merges the parts in
+    chunk order, the order of one process, keeping the first score of an id that two chunks hold
+    (as one process does), and renames the result into place: the same files as one process.
+
     Args:
         output: the scores JSONL to write; default ``<trainer.default_root_dir>/scores.jsonl``.
     """
@@ -37,24 +42,31 @@ class ScoreWriter(BasePredictionWriter):
         self._fh = None
         self._seen: set[str] = set()
         self._skipped: Counter[str] = Counter()
-        self._examples: list[str] = []
+        self._examples: list[tuple[int, str]] = []  # (chunk, message), the first 20
         self._hist = [0] * 10
+        self._chunks: list[tuple[int, int]] = []  # (chunk number, lines written), in order
+        self._scored = 0
+        self._merged: Path | None = None
         self._locked: Path | None = None
 
     def on_predict_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if trainer.world_size > 1:
-            raise RuntimeError("ScoreWriter writes from one process; score with devices: 1")
+        trainer.predict_loop.return_predictions = False  # written here: none kept in memory
         if not self._output:
             self.output = Path(trainer.default_root_dir) / "scores.jsonl"
         self.output.parent.mkdir(parents=True, exist_ok=True)
-        if self._locked is None:  # one run per output folder (reentrant under the CLI's lock)
+        if self._locked is None and trainer.is_global_zero:
+            # one run per output folder (reentrant under the CLI's lock); taken by rank 0 only
             self._locked = acquire_output(self.output.parent)
-        self._tmp = self.output.with_name(f".{self.output.name}.tmp-{os.getpid()}")
+        part = f".part{trainer.global_rank}" if trainer.world_size > 1 else ""
+        self._tmp = self.output.with_name(f".{self.output.name}{part}.tmp-{os.getpid()}")
         self._fh = open(self._tmp, "w", encoding="utf-8")  # noqa: SIM115 - spans the predict loop
         self._seen.clear()
         self._skipped.clear()
         self._examples.clear()
         self._hist = [0] * 10
+        self._chunks.clear()
+        self._scored = 0
+        self._merged = None
 
     def write_on_batch_end(
         self,
@@ -67,10 +79,11 @@ class ScoreWriter(BasePredictionWriter):
         dataloader_idx: int = 0,
     ) -> None:
         assert self._fh is not None
+        chunk = batch.get("chunk", batch_idx) if isinstance(batch, dict) else batch_idx
         for reason, message in prediction["skipped"]:
             self._skipped[reason] += 1
             if len(self._examples) < 20:
-                self._examples.append(message)
+                self._examples.append((chunk, message))
         lines = []
         scores, logits = prediction["scores"].tolist(), prediction["logits"].tolist()
         positions = _valid_positions(batch, len(prediction["ids"]))
@@ -91,13 +104,18 @@ class ScoreWriter(BasePredictionWriter):
                     raise err
                 self._skipped[err.category] += 1  # the first occurrence keeps its score
                 if len(self._examples) < 20:
-                    self._examples.append(str(err))
+                    self._examples.append((chunk, str(err)))
                 continue
             self._seen.add(cid)
             self._hist[min(int(score * 10), 9)] += 1
-            lines.append(json.dumps({"id": cid, "score": score, "logit": logit}))
+            row = {"id": cid, "score": score, "logit": logit}
+            if trainer.world_size > 1:  # where the id is, should another rank hold it too
+                row["at"] = [source, pos, kind]
+            lines.append(json.dumps(row))
         if lines:
             self._fh.write("\n".join(lines) + "\n")
+        self._chunks.append((chunk, len(lines)))
+        self._scored += len(lines)
 
     def on_predict_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         assert self._fh is not None and self._tmp is not None
@@ -105,14 +123,19 @@ class ScoreWriter(BasePredictionWriter):
         os.fsync(self._fh.fileno())
         self._fh.close()
         self._fh = None
+        if trainer.world_size > 1:
+            self._merge_parts(trainer)
+            if not trainer.is_global_zero:
+                return
         dm = trainer.datamodule
         logger = trainer.logger
+        self._examples.sort(key=lambda e: e[0])  # chunk order, whatever process scored it
         manifest = {
             "output": str(self.output),
-            "scored": len(self._seen),
+            "scored": self._scored,
             "skipped": sum(self._skipped.values()),
             "skipped_by_reason": dict(self._skipped),
-            "skipped_examples": self._examples,
+            "skipped_examples": [message for _, message in self._examples[:20]],
             "score_histogram": {
                 f"{i / 10:.1f}-{(i + 1) / 10:.1f}": n for i, n in enumerate(self._hist)
             },
@@ -121,13 +144,71 @@ class ScoreWriter(BasePredictionWriter):
             "inputs": dm.describe()["inputs"] if hasattr(dm, "describe") else {},
         }
         os.replace(self._tmp, self.output)
+        self._tmp = None
         write_json(self.output.with_name(self.output.name + ".manifest.json"), manifest)
         if logger is not None and hasattr(logger, "log_dict"):
             logger.log_dict(manifest, "scores.manifest.json")
             logger.log_metrics(
-                {"predict/scored": len(self._seen), "predict/skipped": manifest["skipped"]}
+                {"predict/scored": self._scored, "predict/skipped": manifest["skipped"]}
             )
         self._release()
+
+    def _merge_parts(self, trainer: Trainer) -> None:
+        """Rank 0 joins every process's part in chunk order into its own temporary file (then
+        renamed into place like a one-process file); the other ranks' parts are removed."""
+        import torch.distributed as dist
+
+        trainer.strategy.barrier("score_parts_written")
+        mine = (str(self._tmp), self._chunks, dict(self._skipped), self._examples)
+        parts: list[Any] = [None] * trainer.world_size
+        dist.all_gather_object(parts, mine)
+        if not trainer.is_global_zero:
+            self._tmp = None  # rank 0 reads, then removes it
+            return
+        merged = self.output.with_name(f".{self.output.name}.tmp-{os.getpid()}")
+        self._merged = merged
+        strict = getattr(trainer.datamodule, "on_bad_record", "raise") != "skip"
+        order = sorted((c, r, n) for r, (_, chunks, _, _) in enumerate(parts) for c, n in chunks)
+        self._skipped = Counter()
+        self._examples = []
+        for _, _, skipped, examples in parts:
+            self._skipped.update(skipped)
+            self._examples += examples
+        seen: set[str] = set()
+        self._hist = [0] * 10
+        readers = [open(path, "rb") for path, _, _, _ in parts]  # noqa: SIM115 - closed below
+        try:
+            with open(merged, "wb") as out:
+                for chunk, rank, n in order:
+                    for _ in range(n):
+                        row = json.loads(readers[rank].readline())
+                        source, pos, kind = row.pop("at")
+                        if row["id"] in seen:  # held by an earlier chunk of another process
+                            err = BadRecordError(
+                                source,
+                                pos,
+                                f"duplicate id {row['id']!r}",
+                                "id",
+                                kind=kind,
+                                category="duplicate_id",
+                            )
+                            if strict:
+                                raise err
+                            self._skipped[err.category] += 1
+                            self._examples.append((chunk, str(err)))
+                            continue
+                        seen.add(row["id"])
+                        self._hist[min(int(row["score"] * 10), 9)] += 1
+                        out.write((json.dumps(row) + "\n").encode())
+                out.flush()
+                os.fsync(out.fileno())
+        finally:
+            for reader in readers:
+                reader.close()
+        for path, _, _, _ in parts:
+            Path(path).unlink(missing_ok=True)
+        self._tmp, self._merged = merged, None
+        self._scored = len(seen)
 
     def _release(self) -> None:
         if self._locked is not None:
@@ -143,8 +224,9 @@ class ScoreWriter(BasePredictionWriter):
         if self._fh is not None:
             self._fh.close()
             self._fh = None
-        if self._tmp is not None and self._tmp.exists():
-            self._tmp.unlink()
+        for tmp in (self._tmp, self._merged):
+            if tmp is not None and tmp.exists():
+                tmp.unlink()
         self._release()
 
 
