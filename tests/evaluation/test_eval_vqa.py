@@ -359,7 +359,9 @@ def _evaluate(s: dict[str, Path], root: Path, *callbacks: Callback, max_new_toke
     from lightning.pytorch import Trainer
 
     model = VQAEvaluator(model=f"local-dir:{s['merged']}", max_new_tokens=max_new_tokens)
-    dm = VQADataModule("vqa_rad", str(s["questions"]), str(s["images"]), batch_size=4)
+    dm = VQADataModule(
+        "vqa_rad", str(s["questions"]), str(s["images"]), name="demo_vqa", batch_size=4
+    )
     trainer = Trainer(
         accelerator="cpu", devices=1, logger=False, default_root_dir=str(root),
         callbacks=list(callbacks), enable_progress_bar=False, enable_model_summary=False,
@@ -434,3 +436,33 @@ def test_journal_of_another_setting_is_not_used(setup: dict[str, Path]) -> None:
         model = _evaluate(setup, root, count)
     assert count.batches == 8 and model.resumed is None
     assert _journals(root) == [stale]  # left for its own rerun, named in the warning
+
+
+def test_killed_run_resumes_on_two_processes(setup: dict[str, Path], uninterrupted: Path) -> None:
+    """A one-process run killed after 3 of 8 batches, resumed on 2 processes (DDP): both read
+    the journal before either appends, they share the 5 batches left, and the files are the
+    uninterrupted run's."""
+    import os
+    import subprocess
+    import sys
+
+    root = setup["tmp"] / "killed-then-ddp"
+    _evaluate(setup, root, _Crash(after=3))
+    args = [
+        sys.executable, "-m", "biomedvital", "test", "--config", str(CONF),
+        "--data.init_args.data", str(setup["questions"]),
+        "--data.init_args.image_root", str(setup["images"]),
+        "--data.init_args.batch_size", "4",
+        "--trainer.default_root_dir", str(root), "--trainer.logger", "false",
+        "--model.init_args.model", f"local-dir:{setup['merged']}",
+        "--trainer.devices", "2", "--trainer.strategy", "ddp",
+    ]  # fmt: skip
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE")}
+    done = subprocess.run(
+        args, cwd=CONF.parents[2], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "resuming: 3 batch(es), 12 answer(s)" in done.stdout + done.stderr
+    _same_outputs(uninterrupted, root)
+    assert json.loads((root / "run.test.json").read_text())["resumed"]["batches"] == 3
+    assert _journals(root) == []
