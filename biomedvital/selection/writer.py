@@ -29,6 +29,7 @@ class ScoreWriter(BasePredictionWriter):
     the candidate stream, each into its own temporary part; at the end rank 0 merges the parts in
     chunk order, the order of one process, keeping the first score of an id that two chunks hold
     (as one process does), and renames the result into place: the same files as one process.
+    On several nodes the output folder must be one they share (as for checkpoints).
 
     Args:
         output: the scores JSONL to write; default ``<trainer.default_root_dir>/scores.jsonl``.
@@ -158,10 +159,9 @@ class ScoreWriter(BasePredictionWriter):
         renamed into place like a one-process file); the other ranks' parts are removed."""
         import torch.distributed as dist
 
-        trainer.strategy.barrier("score_parts_written")
         mine = (str(self._tmp), self._chunks, dict(self._skipped), self._examples)
         parts: list[Any] = [None] * trainer.world_size
-        dist.all_gather_object(parts, mine)
+        dist.all_gather_object(parts, mine)  # returns once every part is closed and fsynced
         if not trainer.is_global_zero:
             self._tmp = None  # rank 0 reads, then removes it
             return
