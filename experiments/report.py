@@ -11,6 +11,7 @@ plots that the metrics allow:
 
 - ``metrics.png``: the selector's held-out alignment rate, pair accuracy and AUROC per cell
   (the w curve);
+- the table also carries a ``judge`` stage's open-chat relative scores (``judge/relative_*``);
 - ``test.png``: benchmark metrics (``test/<benchmark>/<metric>``) per cell (the data-size
   curve);
 - ``winrate.png``: win rates with their bootstrap intervals as bars.
@@ -31,13 +32,14 @@ from pathlib import Path
 from biomedvital.tracking.mlflow import PipelineRun, tracking_uri
 
 SELECTOR = ("val/align_rate", "val/align_ties", "val/pair_acc", "val/auroc", "val/map")
+CHAT = ("judge/relative_mean_of_ratios", "judge/relative_ratio_of_means")  # LLaVA-Med-Bench
 WIN = "win_rate_half_ties"
 AXES = {"w": "clinician-pair weight w", "k": "top k % of the scored pool kept"}  # cell prefixes
 
 
 def _wanted(metric: str) -> bool:
     """An MLflow metric the report keeps."""
-    return metric in SELECTOR or metric.startswith(("test/", "win_rate/win", "pairwise/win"))
+    return metric in SELECTOR + CHAT or metric.startswith(("test/", "win_rate/win", "pairwise/win"))
 
 
 def _column(metric: str) -> str:
@@ -47,7 +49,7 @@ def _column(metric: str) -> str:
 
 
 def _is_column(key: str) -> bool:
-    return key in SELECTOR or key.startswith(("test/", "win_rate"))
+    return key in SELECTOR + CHAT or key.startswith(("test/", "win_rate"))
 
 
 def collect(grid: str, store: str) -> list[dict]:

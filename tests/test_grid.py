@@ -213,8 +213,15 @@ def test_report_reads_pairwise_runs(tmp_path: Path) -> None:
                              "pairwise/win_rate_half_ties_ci_low": rate - 10,
                              "pairwise/win_rate_half_ties_ci_high": rate + 10,
                              "pairwise/n": 12})  # fmt: skip
+        tags = {**tags, "stage": "chat"}  # a judge stage: LLaVA-Med-Bench relative score
+        with PipelineRun("evaluation", "judge", store, tags) as run:
+            run.log_metrics({"judge/relative_mean_of_ratios": rate + 1, "judge/reviewed": 30})
     rows = sorted(report.collect("pw", store), key=lambda r: report._order(r["cell"]))
     assert [(r["cell"], r["win_rate_half_ties"]) for r in rows] == [("k10", 40.0), ("k100", 55.0)]
+    assert [r["judge/relative_mean_of_ratios"] for r in rows] == [41.0, 56.0]
+    assert "judge/reviewed" not in rows[0]
     out = tmp_path / "out"
     out.mkdir()
     assert "winrate.png" in report.plot(rows, "pw", out)
+    report.write_table(rows, ["cell", *report.metric_columns(rows)], out)
+    assert "judge/relative_mean_of_ratios" in (out / "table.md").read_text().splitlines()[0]
