@@ -1,9 +1,10 @@
-"""``judge``: a text-only model scores answers to LLaVA-Med-Bench (open-ended visual chat).
+"""``judge``: a judge model scores answers to LLaVA-Med-Bench (open-ended visual chat).
 
-For each question the judge reads the figure's caption and in-text mentions (it does not see
-the image), the question, the reference answer (Assistant 1: the benchmark's ``gpt4_answer``)
-and the candidate's answer (Assistant 2), and scores both from 1 to 10; the two scores go on the
-first line. Requests go through the project's OpenAI-compatible client (bounded concurrency,
+For each question the judge reads the figure's caption and in-text mentions, the question, the
+reference answer (Assistant 1: the benchmark's ``gpt4_answer``) and the candidate's answer
+(Assistant 2), and scores both from 1 to 10; the two scores go on the first line. By default
+the judge is text-only, as LLaVA-Med's GPT-4 judge was; ``vision: true`` also shows it the
+figure (a GPT-4V-class judge; the reference method's switch 6). Requests go through the project's OpenAI-compatible client (bounded concurrency,
 retries with backoff, a request journal that makes reruns free, a cost ledger). A verdict whose
 first line is not two scores in 1..10 gets one follow-up asking for them; if that fails too the
 question is recorded in ``failed.jsonl`` and gets no review, never a default score.
@@ -31,12 +32,18 @@ from biomedvital.tracking.mlflow import DEFAULT_STORE, PipelineRun
 from biomedvital.tracking.provenance import git_state
 
 from .chat import parse_scores, read_questions
+from .figures import figure_ref
 from .score_vqa import read_predictions
 
 JUDGE_SYSTEM = (
     "You review answers given by AI assistants to questions about a biomedical figure. You "
     "cannot see the figure; its caption and the article sentences that cite it tell you what it "
     "shows, and they are the ground truth for your review."
+)
+JUDGE_SYSTEM_VISION = (
+    "You review answers given by AI assistants to questions about a biomedical figure, which "
+    "you are shown. Its caption and the article sentences that cite it are the ground truth for "
+    "your review; the figure lets you check what the answers say it shows."
 )
 
 JUDGE_TASK = """\
@@ -55,9 +62,15 @@ REASK_PROMPT = (
 
 
 def judge_messages(
-    question: str, caption: str, mentions: str, reference: str, candidate: str
+    question: str,
+    caption: str,
+    mentions: str,
+    reference: str,
+    candidate: str,
+    image_url: str | None = None,
 ) -> list[dict[str, Any]]:
-    """The judge's request for one question (reference = Assistant 1, candidate = 2)."""
+    """The judge's request for one question (reference = Assistant 1, candidate = 2), with the
+    figure after the text when ``image_url`` is given."""
     body = (
         f"[Figure caption]\n{caption.strip() or '(none)'}\n\n"
         f"[Sentences citing the figure]\n{mentions.strip() or '(none)'}\n\n"
@@ -66,7 +79,10 @@ def judge_messages(
         f"[Assistant 2]\n{candidate.strip()}\n[End of Assistant 2]\n\n"
         f"[Task]\n{JUDGE_TASK}"
     )
-    return [{"role": "system", "content": JUDGE_SYSTEM}, {"role": "user", "content": body}]
+    if image_url is None:
+        return [{"role": "system", "content": JUDGE_SYSTEM}, {"role": "user", "content": body}]
+    parts = [{"type": "text", "text": body}, {"type": "image_url", "image_url": {"url": image_url}}]
+    return [{"role": "system", "content": JUDGE_SYSTEM_VISION}, {"role": "user", "content": parts}]
 
 
 def parse_verdict(text: str | None) -> tuple[float, float] | None:
@@ -125,6 +141,8 @@ def judge(
     out: Path,
     client: ClientConfig,
     captions: Path | None = None,
+    vision: bool = False,
+    image_root: Path | None = None,
     limit: int | None = None,
     temperature: float = 0.0,
     max_tokens: int = 512,
@@ -134,7 +152,7 @@ def judge(
     tags: dict[str, str] | None = None,
     progress: bool = True,
 ) -> dict:
-    """Score the reference and a model's answers to LLaVA-Med-Bench with a text-only judge.
+    """Score the reference and a model's answers to LLaVA-Med-Bench with a judge model.
 
     Args:
         questions: LLaVA-Med-Bench questions (``llava_med_eval_qa50_qa.jsonl``: ``question_id``,
@@ -148,6 +166,10 @@ def judge(
             prices; online only (``mode: batch`` is refused).
         captions: LLaVA-Med's caption file: caption and mentions by ``pair_id`` when a question
             lacks them.
+        vision: also show the judge the figure (a vision judge); the default is text only, as
+            LLaVA-Med's GPT-4 judge.
+        image_root: with ``vision``: the folder the questions' ``image`` names are under
+            (escapes refused); every figure is checked before any request.
         limit: judge only the first ``limit`` questions (trial runs; recorded).
         temperature / max_tokens / seed: judge sampling (part of the cache key).
         extra_body: extra request fields for the endpoint, sent as given and part of the cache
@@ -164,6 +186,8 @@ def judge(
 
     questions, answers, out = Path(questions), Path(answers), Path(out)
     client.require_online("judge")
+    if vision and image_root is None:
+        raise ValueError("vision=True needs image_root (the folder of the benchmark's figures)")
     qmap = _read_questions(questions)
     preds = read_predictions(answers)
     extra = [qid for qid in preds if qid not in qmap]
@@ -194,7 +218,10 @@ def judge(
         fig = figs.get(str(q.get("pair_id")), {})
         caption = q.get("fig_caption") or fig.get("fig_caption") or ""
         mentions = _mentions(q.get("in_text_mention") or fig.get("in_text_mention"))
-        msgs = judge_messages(_question_text(q), caption, mentions, q["gpt4_answer"], preds[qid])
+        url = figure_ref(image_root, q.get("image"), questions, qid) if vision else None
+        msgs = judge_messages(
+            _question_text(q), caption, mentions, q["gpt4_answer"], preds[qid], url
+        )
         req = ChatRequest(msgs, dict(params), meta={"question_id": qid})
         req.key = request_key(client.model, msgs, req.params)
         requests.append(req)
@@ -206,6 +233,8 @@ def judge(
         "questions": str(questions),
         "answers": str(answers),
         "captions": str(captions) if captions else None,
+        "vision": vision,
+        "image_root": str(image_root) if image_root else None,
         "limit": limit,
         "temperature": temperature,
         "max_tokens": max_tokens,

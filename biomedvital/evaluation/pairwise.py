@@ -1,7 +1,8 @@
-"""``pairwise``: a text-only judge compares two models' answers to a VQA benchmark, both orders.
+"""``pairwise``: a judge compares two models' answers to a VQA benchmark, in both orders.
 
 For each question the judge reads the question, the benchmark's ground-truth answer and the two
-models' answers (it does not see the image) and says which answer is better: ``[[A]]``, ``[[B]]``
+models' answers (text only by default; ``vision: true`` also shows it the image, as
+BioMed-VITAL's GPT-4V judge saw it) and says which answer is better: ``[[A]]``, ``[[B]]``
 or ``[[C]]`` for a tie. Every question is judged twice with the positions swapped: order ``ab``
 shows model A's answer as Assistant A, order ``ba`` shows model B's answer as Assistant A. The
 calls go through the project's OpenAI-compatible client (bounded concurrency, retries, a request
@@ -30,12 +31,17 @@ from biomedvital.tracking.mlflow import DEFAULT_STORE, PipelineRun
 from biomedvital.tracking.provenance import git_state
 
 from .benchmarks import Benchmark, load_benchmark
+from .figures import figure_ref
 from .score_vqa import join_predictions, read_predictions
 from .winrate import CombineRule, win_rate
 
 PAIRWISE_SYSTEM = (
     "You compare two AI assistants' answers to a question about a medical image. You cannot see "
     "the image; the reference answer from the benchmark is correct and is what you judge against."
+)
+PAIRWISE_SYSTEM_VISION = (
+    "You compare two AI assistants' answers to a question about a medical image, which you are "
+    "shown. The reference answer from the benchmark is correct and is what you judge against."
 )
 
 PAIRWISE_TASK = """\
@@ -48,9 +54,10 @@ brackets when the two are equally good or equally bad."""
 
 
 def pairwise_messages(
-    question: str, reference: str, first: str, second: str
+    question: str, reference: str, first: str, second: str, image_url: str | None = None
 ) -> list[dict[str, Any]]:
-    """The judge's request: ``first`` is shown as Assistant A, ``second`` as Assistant B."""
+    """The judge's request: ``first`` is shown as Assistant A, ``second`` as Assistant B; the
+    image after the text when ``image_url`` is given."""
     body = (
         f"[Question]\n{question.strip()}\n\n"
         f"[Reference answer]\n{reference.strip()}\n\n"
@@ -58,7 +65,13 @@ def pairwise_messages(
         f"[Assistant B]\n{second.strip()}\n[End of Assistant B]\n\n"
         f"[Task]\n{PAIRWISE_TASK}"
     )
-    return [{"role": "system", "content": PAIRWISE_SYSTEM}, {"role": "user", "content": body}]
+    if image_url is None:
+        return [{"role": "system", "content": PAIRWISE_SYSTEM}, {"role": "user", "content": body}]
+    parts = [{"type": "text", "text": body}, {"type": "image_url", "image_url": {"url": image_url}}]
+    return [
+        {"role": "system", "content": PAIRWISE_SYSTEM_VISION},
+        {"role": "user", "content": parts},
+    ]
 
 
 @locks_output("out")
@@ -71,6 +84,8 @@ def pairwise(
     benchmark: Benchmark = "vqa_rad",
     split: str = "test",
     image_cache: Path | None = None,
+    vision: bool = False,
+    image_root: Path | None = None,
     limit: int | None = None,
     rule: CombineRule = "sum",
     n_boot: int = 1000,
@@ -95,6 +110,10 @@ def pairwise(
             ``model``, ``api_key_env`` (the key only from that variable), pacing, retries and
             prices; online only (``mode: batch`` is refused).
         benchmark / split / image_cache: which questions (``image_cache``: PathVQA parquet only).
+        vision: also show the judge the question's image (a vision judge, as the paper's
+            GPT-4V); the default is text only.
+        image_root: with ``vision``: the folder the benchmark's image paths are under (PathVQA
+            parquet: defaults to ``image_cache``); every image is checked before any request.
         limit: judge only the first ``limit`` questions (trial runs; recorded).
         rule / n_boot: how the two orders combine and the bootstrap size (see ``win_rate``).
         temperature / max_tokens / seed: judge sampling (part of the cache key).
@@ -114,6 +133,9 @@ def pairwise(
         Path(out),
     )
     client.require_online("pairwise")
+    image_root = image_root if image_root is not None else image_cache
+    if vision and image_root is None:
+        raise ValueError("vision=True needs image_root (the folder of the benchmark's images)")
     items = load_benchmark(benchmark, questions, split, image_cache)
     if not items:
         raise ValueError(f"{questions}: no {benchmark} questions in split {split!r}")
@@ -127,8 +149,9 @@ def pairwise(
     requests = []
     for i in scope:
         item, text_a, text_b = pairs_a[i][0], pairs_a[i][1], pairs_b[i][1]
+        url = figure_ref(image_root, item.image, questions, item.question_id) if vision else None
         for order, first, second in (("ab", text_a, text_b), ("ba", text_b, text_a)):
-            msgs = pairwise_messages(item.question, item.answer, first, second)
+            msgs = pairwise_messages(item.question, item.answer, first, second, url)
             req = ChatRequest(msgs, dict(params), meta={"question_id": item.question_id})
             req.meta["order"] = order
             req.key = request_key(client.model, msgs, req.params)
@@ -142,6 +165,8 @@ def pairwise(
         "questions": str(questions),
         "answers_a": str(answers_a),
         "answers_b": str(answers_b),
+        "vision": vision,
+        "image_root": str(image_root) if image_root else None,
         "limit": limit,
         "rule": rule,
         "n_boot": n_boot,
