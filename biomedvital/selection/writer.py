@@ -43,7 +43,9 @@ class ScoreWriter(BasePredictionWriter):
         self._fh = None
         self._seen: set[str] = set()
         self._skipped: Counter[str] = Counter()
-        self._examples: list[tuple[int, str]] = []  # (chunk, message), the first 20
+        # (chunk, 0 for a record the stream skipped | 1 for a duplicate, its place, message):
+        # the one-process order, whichever process met it; the first 20 are kept
+        self._examples: list[tuple[int, int, int, str]] = []
         self._hist = [0] * 10
         self._chunks: list[tuple[int, int]] = []  # (chunk number, lines written), in order
         self._scored = 0
@@ -81,10 +83,10 @@ class ScoreWriter(BasePredictionWriter):
     ) -> None:
         assert self._fh is not None
         chunk = batch.get("chunk", batch_idx) if isinstance(batch, dict) else batch_idx
-        for reason, message in prediction["skipped"]:
+        for n, (reason, message) in enumerate(prediction["skipped"]):
             self._skipped[reason] += 1
             if len(self._examples) < 20:
-                self._examples.append((chunk, message))
+                self._examples.append((chunk, 0, n, message))
         lines = []
         scores, logits = prediction["scores"].tolist(), prediction["logits"].tolist()
         positions = _valid_positions(batch, len(prediction["ids"]))
@@ -105,7 +107,7 @@ class ScoreWriter(BasePredictionWriter):
                     raise err
                 self._skipped[err.category] += 1  # the first occurrence keeps its score
                 if len(self._examples) < 20:
-                    self._examples.append((chunk, str(err)))
+                    self._examples.append((chunk, 1, pos if pos is not None else -1, str(err)))
                 continue
             self._seen.add(cid)
             self._hist[min(int(score * 10), 9)] += 1
@@ -130,13 +132,13 @@ class ScoreWriter(BasePredictionWriter):
                 return
         dm = trainer.datamodule
         logger = trainer.logger
-        self._examples.sort(key=lambda e: e[0])  # chunk order, whatever process scored it
+        self._examples.sort(key=lambda e: e[:3])
         manifest = {
             "output": str(self.output),
             "scored": self._scored,
             "skipped": sum(self._skipped.values()),
             "skipped_by_reason": dict(self._skipped),
-            "skipped_examples": [message for _, message in self._examples[:20]],
+            "skipped_examples": [e[3] for e in self._examples[:20]],
             "score_histogram": {
                 f"{i / 10:.1f}-{(i + 1) / 10:.1f}": n for i, n in enumerate(self._hist)
             },
@@ -195,7 +197,9 @@ class ScoreWriter(BasePredictionWriter):
                             if strict:
                                 raise err
                             self._skipped[err.category] += 1
-                            self._examples.append((chunk, str(err)))
+                            self._examples.append(
+                                (chunk, 1, pos if pos is not None else -1, str(err))
+                            )
                             continue
                         seen.add(row["id"])
                         self._hist[min(int(row["score"] * 10), 9)] += 1

@@ -29,17 +29,13 @@ def test_two_processes_score_what_one_scores(tmp_path: Path, pool: dict[str, Pat
     cfg = _config(tmp_path, pool)
     main(["fit", "--config", str(cfg), "--trainer.max_epochs", "1"])
     ckpt = tmp_path / "out" / "checkpoints" / "last.ckpt"
-    # after the fit: an id again 3 chunks later (another rank's chunk) and an unreadable line
+    # after the fit, in chunks of 5: an unreadable line; in chunk 5 (rank 1's) the id of line 0
+    # (chunk 0, rank 0's: found at the merge), then that of line 5 (chunk 1: found by rank 1)
     lines = pool["candidates"].read_text().splitlines()
-    first = json.loads(lines[0])
-    with pool["candidates"].open("a") as f:
-        f.write(
-            "{not json\n"
-            + json.dumps({**first, "conversations": first["conversations"][:2]})
-            + "\n"
-        )
-    n = len(lines) + 2
-    assert ((n - 1) // 5) % 2 == 1  # the repeat is in a chunk of rank 1, its first of rank 0
+    extra = ["{not json", lines[0], lines[5]]
+    pool["candidates"].write_text("\n".join(lines + extra) + "\n")
+    n = len(lines) + len(extra)
+    assert [i // 5 for i in range(len(lines), n)] == [4, 5, 5]
     args = [
         "--config", str(cfg), "--ckpt_path", str(ckpt),
         "--data.init_args.on_bad_record", "skip", "--data.init_args.predict_chunk", "5",
@@ -61,9 +57,11 @@ def test_two_processes_score_what_one_scores(tmp_path: Path, pool: dict[str, Pat
 
     scores, manifest = _files(tmp_path / "one")
     assert _files(tmp_path / "two") == (scores, manifest)
-    assert manifest["scored"] == n - 2
-    assert manifest["skipped_by_reason"] == {"invalid_json": 1, "duplicate_id": 1}
-    assert sum(manifest["score_histogram"].values()) == n - 2
+    assert manifest["scored"] == n - 3
+    assert manifest["skipped_by_reason"] == {"invalid_json": 1, "duplicate_id": 2}
+    assert sum(manifest["score_histogram"].values()) == n - 3
+    dups = [e for e in manifest["skipped_examples"] if "duplicate id" in e]  # in file order
+    assert [json.loads(x)["id"] in e for x, e in zip(extra[1:], dups, strict=True)] == [True] * 2
     assert [p.name for p in (tmp_path / "two").iterdir() if p.name.startswith(".")] == []
 
 
