@@ -57,6 +57,10 @@ PIPELINE_VERBS = {
     ),
     "demo-vqa": ("biomedvital.evaluation.demo_vqa:demo_vqa", "write the demo VQA set"),
     "demo": ("biomedvital.data.demo:demo", "write the embedded demo pool to a folder"),
+    "fetch-figures": (
+        "biomedvital.data.fetch:fetch_figures",
+        "download the PMC figures of a LLaVA-Med URL list (one image out of each package)",
+    ),
     "annotate": (
         "biomedvital.annotation.annotate:annotate",
         "serve the clinician annotation page for answer pairs, or export preferences (--export)",

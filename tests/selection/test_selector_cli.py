@@ -87,6 +87,7 @@ def test_help_lists_every_verb(capsys: pytest.CaptureFixture[str]) -> None:
         "score-chat",
         "win-rate",
         "demo",
+        "fetch-figures",
     ):
         assert f"  {verb} " in out, verb
 

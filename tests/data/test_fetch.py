@@ -1,0 +1,177 @@
+"""fetch-figures against a loopback HTTP server holding PMC-like packages: one member out of
+each, retried on 5xx, failures recorded with their reason, a rerun fetching only what is
+missing, the download stopped at the member."""
+
+from __future__ import annotations
+
+import io
+import json
+import random
+import tarfile
+import threading
+from collections import Counter
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from biomedvital.cli import main
+from biomedvital.data.fetch import FAILED, MANIFEST, fetch_figures
+from biomedvital.data.report import BadRecordError
+
+SHARED = Path(__file__).resolve().parents[2].parent / "shared" / "data"
+
+
+def _jpeg(color: tuple[int, int, int]) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (24, 16), color).save(buf, format="JPEG")
+    return buf.getvalue()
+
+
+def _package(members: dict[str, bytes], mode: str = "w:gz") -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode=mode) as tar:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
+
+
+class _Server:
+    """Packages by path; ``flaky`` paths answer 503 on their first request."""
+
+    def __init__(self, packages: dict[str, bytes], flaky: set[str]) -> None:
+        self.packages, self.flaky = packages, flaky
+        self.hits: Counter[str] = Counter()
+        self.bytes_sent: Counter[str] = Counter()
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:  # noqa: N802 - http.server's name
+                server.hits[self.path] += 1
+                body = server.packages.get(self.path)
+                if body is None or (self.path in server.flaky and server.hits[self.path] == 1):
+                    self.send_response(404 if body is None else 503)
+                    self.end_headers()
+                    return
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                try:
+                    for i in range(0, len(body), 4096):  # a stream the client may stop reading
+                        self.wfile.write(body[i : i + 4096])
+                        server.bytes_sent[self.path] += len(body[i : i + 4096])
+                except (BrokenPipeError, ConnectionResetError):
+                    pass
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+
+@pytest.fixture
+def server() -> Iterator[_Server]:
+    big = random.Random(0).randbytes(32 << 20)  # 32 MB after the figure (a plain tar: no gzip)
+    packages = {
+        "/PMC1.tar.gz": _package({"PMC1/readme.txt": b"x", "PMC1/fig1.jpg": _jpeg((200, 0, 0))}),
+        "/PMC2.tar.gz": _package({"PMC2/fig2.JPG": _jpeg((0, 200, 0)), "PMC2/big.bin": big}, "w"),
+        "/PMC3.tar.gz": _package({"PMC3/other.jpg": _jpeg((0, 0, 200))}),
+        "/PMC4.tar.gz": _package({"PMC4/fig4.jpg": b"not a jpeg at all"}),
+    }
+    s = _Server(packages, flaky={"/PMC2.tar.gz"})
+    yield s
+    s.httpd.shutdown()
+
+
+def _urls(tmp: Path, base: str) -> Path:
+    rows = [
+        ("PMC1.tar.gz", "PMC1/fig1.jpg", "111_F1"),
+        ("PMC2.tar.gz", "PMC2/fig2.JPG", "222_F2"),  # 503 first, then served
+        ("PMC3.tar.gz", "PMC3/fig3.jpg", "333_F3"),  # not in its package
+        ("PMC4.tar.gz", "PMC4/fig4.jpg", "444_F4"),  # not an image
+        ("PMC5.tar.gz", "PMC5/fig5.jpg", "555_F5"),  # 404
+    ]
+    path = tmp / "urls.jsonl"
+    path.write_text(
+        "".join(
+            json.dumps({"pmc_tar_url": f"{base}/{pkg}", "image_file_path": m, "pair_id": p}) + "\n"
+            for pkg, m, p in rows
+        )
+    )
+    return path
+
+
+def test_fetch_resume_and_failures(server: _Server, tmp_path: Path) -> None:
+    urls, out = _urls(tmp_path, server.url), tmp_path / "images"
+    kw = dict(workers=3, max_attempts=3, backoff_s=0.01, timeout_s=10, progress=False)
+    result = fetch_figures(urls, out, **kw)
+    assert result["counts"] == {
+        "figures": 5, "fetched": 2, "already_there": 0, "failed": 3,
+        "failed_by_reason": {"http_404": 1, "missing_member": 1, "not_an_image": 1},
+    }  # fmt: skip
+    assert sorted(p.name for p in out.glob("*.jpg")) == ["111_F1.jpg", "222_F2.jpg"]
+    with Image.open(out / "222_F2.jpg") as im:
+        assert im.getpixel((5, 5))[1] > 150  # the green figure of PMC2
+    assert server.hits["/PMC2.tar.gz"] == 2  # the 503 was retried
+    assert server.bytes_sent["/PMC2.tar.gz"] < 16 << 20  # stopped after the figure, not 32 MB
+    failed = [json.loads(x) for x in (out / FAILED).read_text().splitlines()]
+    assert [f["pair_id"] for f in failed] == ["333_F3", "444_F4", "555_F5"]
+    assert "PMC3/fig3.jpg is not in the package" in failed[0]["reason"]
+    manifest = json.loads((out / MANIFEST).read_text())
+    assert set(manifest["images"]) == {"111_F1.jpg", "222_F2.jpg"}
+
+    # a rerun asks only for what is missing: the failures, never the fetched figures
+    before = Counter(server.hits)
+    again = fetch_figures(urls, out, **kw)
+    assert again["counts"]["fetched"] == 0 and again["counts"]["already_there"] == 2
+    asked = server.hits - before
+    assert set(asked) == {"/PMC3.tar.gz", "/PMC4.tar.gz", "/PMC5.tar.gz"}
+    assert json.loads((out / MANIFEST).read_text())["images"] == manifest["images"]
+    assert [p.name for p in out.iterdir() if p.name.startswith(".")] == []  # no temporaries
+
+
+@pytest.mark.parametrize(
+    ("row", "field"),
+    [
+        ({"pmc_tar_url": "http://x/a.tar.gz", "image_file_path": "a/b.jpg", "pair_id": "../evil"}, "pair_id"),
+        ({"pmc_tar_url": "gopher://x/a", "image_file_path": "a/b.jpg", "pair_id": "p1"}, "pmc_tar_url"),
+        ({"pmc_tar_url": "http://x/a.tar.gz", "pair_id": "p1"}, "image_file_path"),
+    ],
+)  # fmt: skip
+def test_bad_lines_are_named(tmp_path: Path, row: dict, field: str) -> None:
+    good = {"pmc_tar_url": "http://x/a.tar.gz", "image_file_path": "a/b.jpg", "pair_id": "p0"}
+    urls = tmp_path / "urls.jsonl"
+    urls.write_text(json.dumps(good) + "\n" + json.dumps(row) + "\n")
+    with pytest.raises(BadRecordError) as err:
+        fetch_figures(urls, tmp_path / "out", progress=False)
+    assert err.value.line == 2 and err.value.field == field
+    assert not list((tmp_path / "out").glob("*.jpg"))
+
+
+def test_cli_verb(server: _Server, tmp_path: Path) -> None:
+    urls = _urls(tmp_path, server.url)
+    main(["fetch-figures", "--urls", str(urls), "--out", str(tmp_path / "img"), "--limit", "1",
+          "--progress", "false"])  # fmt: skip
+    assert [p.name for p in (tmp_path / "img").glob("*.jpg")] == ["111_F1.jpg"]
+
+
+@pytest.mark.skipif(not SHARED.is_dir(), reason="../shared/data is not present")
+def test_llava_med_eval_list_parses() -> None:
+    """LLaVA-Med's real list: 50 figures, names as LLaVA-Med-Bench's questions use them."""
+    from biomedvital.data.fetch import read_sources
+    from biomedvital.data.report import RecordReport
+    from biomedvital.evaluation.benchmarks import load_llava_med_bench
+
+    sources = read_sources(
+        SHARED / "llava-med" / "llava_med_image_urls_eval.jsonl", "raise", RecordReport()
+    )
+    assert len(sources) == 50
+    assert all(s.url.startswith("https://ftp.ncbi.nlm.nih.gov/pub/pmc/") for s in sources)
+    questions = load_llava_med_bench(SHARED / "llava-med")
+    assert {it.image for it in questions} == {s.file_name for s in sources}
