@@ -126,6 +126,7 @@ def _load(reader: str, path: Path) -> None:
         "slake": benchmarks.load_slake,
         "pathvqa": benchmarks.load_pathvqa,
         "llava": benchmarks.load_llava_vqa,
+        "llava_med_bench": benchmarks.load_llava_med_bench,
     }[layout]
     loader(path, "test")
 
