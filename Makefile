@@ -118,6 +118,7 @@ bench: $(STAMP)  ## run the benchmarks in bench/ (prints ratios against the refe
 	$(BIN)/python bench/tuner_activation_memory.py
 	$(BIN)/python bench/tuner_mfu.py --dry-run
 	$(BIN)/python bench/eval_decode.py
+	$(BIN)/python bench/eval_processes.py
 
 clean:  ## remove demo outputs (keeps .venv and mlruns)
 	rm -rf outputs data/demo data/demo_vqa
