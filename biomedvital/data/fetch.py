@@ -24,8 +24,10 @@ import tarfile
 import time
 import urllib.error
 import urllib.request
+import zlib
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
+from http.client import HTTPException
 from pathlib import Path, PurePosixPath
 from typing import Any, Literal
 
@@ -119,10 +121,10 @@ def read_sources(
 
 def _member_bytes(stream: Any, member: str) -> bytes:
     """The bytes of ``member`` from a tar stream, read no further than that member."""
-    wanted = member.lstrip("./")
+    wanted = member.removeprefix("./")
     with tarfile.open(fileobj=stream, mode="r|*") as tar:
         for info in tar:
-            if info.name.lstrip("./") != wanted:
+            if info.name.removeprefix("./") != wanted:
                 continue
             if not info.isfile():
                 raise FetchError(f"{member} is not a regular file in the package", "not_a_file")
@@ -162,7 +164,8 @@ def fetch_one(
             if err.code != 429 and err.code < 500:
                 raise FetchError(f"HTTP {err.code} for {source.url}", f"http_{err.code}") from err
             reason, category = f"HTTP {err.code}", f"http_{err.code}"
-        except (urllib.error.URLError, OSError, tarfile.ReadError, EOFError) as err:
+        except (OSError, HTTPException, tarfile.TarError, zlib.error, EOFError) as err:
+            # URLError and timeouts are OSErrors; a cut stream: IncompleteRead, a tar/gzip error
             reason, category = f"{type(err).__name__}: {err}", "network"
         if attempt == max_attempts:
             raise FetchError(f"{reason} after {max_attempts} attempts: {source.url}", category)
@@ -216,7 +219,8 @@ def fetch_figures(
     existing = len(images)
     failed: list[dict[str, str]] = []
     bar = tqdm(total=len(todo), desc="fetch", unit="fig", disable=not progress, mininterval=0.5)
-    with ThreadPoolExecutor(max_workers=workers) as pool:
+    pool = ThreadPoolExecutor(max_workers=workers)
+    try:
         futures = {
             pool.submit(fetch_one, s, out, timeout_s, max_attempts, backoff_s): s for s in todo
         }
@@ -230,6 +234,10 @@ def fetch_figures(
                      "reason": str(err)}
                 )  # fmt: skip
             bar.update()
+    except BaseException:  # Ctrl-C: the queued downloads are dropped; written images stay
+        pool.shutdown(wait=False, cancel_futures=True)
+        raise
+    pool.shutdown()
     bar.close()
     failed.sort(key=lambda r: r["pair_id"])
     write_jsonl(out / FAILED, failed)

@@ -41,10 +41,11 @@ def _package(members: dict[str, bytes], mode: str = "w:gz") -> bytes:
 
 
 class _Server:
-    """Packages by path; ``flaky`` paths answer 503 on their first request."""
+    """Packages by path; ``flaky`` paths answer 503 on their first request; ``cut`` paths send
+    half their bytes under the full Content-Length, then close (a dropped connection)."""
 
-    def __init__(self, packages: dict[str, bytes], flaky: set[str]) -> None:
-        self.packages, self.flaky = packages, flaky
+    def __init__(self, packages: dict[str, bytes], flaky: set[str], cut: set[str]) -> None:
+        self.packages, self.flaky, self.cut = packages, flaky, cut
         self.hits: Counter[str] = Counter()
         self.bytes_sent: Counter[str] = Counter()
         server = self
@@ -60,6 +61,8 @@ class _Server:
                 self.send_response(200)
                 self.send_header("Content-Length", str(len(body)))
                 self.end_headers()
+                if self.path in server.cut:
+                    body = body[: len(body) // 2]
                 try:
                     for i in range(0, len(body), 4096):  # a stream the client may stop reading
                         self.wfile.write(body[i : i + 4096])
@@ -83,8 +86,10 @@ def server() -> Iterator[_Server]:
         "/PMC2.tar.gz": _package({"PMC2/fig2.JPG": _jpeg((0, 200, 0)), "PMC2/big.bin": big}, "w"),
         "/PMC3.tar.gz": _package({"PMC3/other.jpg": _jpeg((0, 0, 200))}),
         "/PMC4.tar.gz": _package({"PMC4/fig4.jpg": b"not a jpeg at all"}),
-    }
-    s = _Server(packages, flaky={"/PMC2.tar.gz"})
+        "/PMC6.tar.gz": _package({"PMC6/pad.bin": random.Random(1).randbytes(1 << 16),
+                                  "PMC6/fig6.jpg": _jpeg((9, 9, 9))}),
+    }  # fmt: skip
+    s = _Server(packages, flaky={"/PMC2.tar.gz"}, cut={"/PMC6.tar.gz"})
     yield s
     s.httpd.shutdown()
 
@@ -96,6 +101,7 @@ def _urls(tmp: Path, base: str) -> Path:
         ("PMC3.tar.gz", "PMC3/fig3.jpg", "333_F3"),  # not in its package
         ("PMC4.tar.gz", "PMC4/fig4.jpg", "444_F4"),  # not an image
         ("PMC5.tar.gz", "PMC5/fig5.jpg", "555_F5"),  # 404
+        ("PMC6.tar.gz", "PMC6/fig6.jpg", "666_F6"),  # the connection drops mid-package
     ]
     path = tmp / "urls.jsonl"
     path.write_text(
@@ -112,16 +118,17 @@ def test_fetch_resume_and_failures(server: _Server, tmp_path: Path) -> None:
     kw = dict(workers=3, max_attempts=3, backoff_s=0.01, timeout_s=10, progress=False)
     result = fetch_figures(urls, out, **kw)
     assert result["counts"] == {
-        "figures": 5, "fetched": 2, "already_there": 0, "failed": 3,
-        "failed_by_reason": {"http_404": 1, "missing_member": 1, "not_an_image": 1},
+        "figures": 6, "fetched": 2, "already_there": 0, "failed": 4,
+        "failed_by_reason": {"http_404": 1, "missing_member": 1, "network": 1, "not_an_image": 1},
     }  # fmt: skip
+    assert server.hits["/PMC6.tar.gz"] == 3  # a dropped connection is retried, then recorded
     assert sorted(p.name for p in out.glob("*.jpg")) == ["111_F1.jpg", "222_F2.jpg"]
     with Image.open(out / "222_F2.jpg") as im:
         assert im.getpixel((5, 5))[1] > 150  # the green figure of PMC2
     assert server.hits["/PMC2.tar.gz"] == 2  # the 503 was retried
     assert server.bytes_sent["/PMC2.tar.gz"] < 16 << 20  # stopped after the figure, not 32 MB
     failed = [json.loads(x) for x in (out / FAILED).read_text().splitlines()]
-    assert [f["pair_id"] for f in failed] == ["333_F3", "444_F4", "555_F5"]
+    assert [f["pair_id"] for f in failed] == ["333_F3", "444_F4", "555_F5", "666_F6"]
     assert "PMC3/fig3.jpg is not in the package" in failed[0]["reason"]
     manifest = json.loads((out / MANIFEST).read_text())
     assert set(manifest["images"]) == {"111_F1.jpg", "222_F2.jpg"}
@@ -131,7 +138,7 @@ def test_fetch_resume_and_failures(server: _Server, tmp_path: Path) -> None:
     again = fetch_figures(urls, out, **kw)
     assert again["counts"]["fetched"] == 0 and again["counts"]["already_there"] == 2
     asked = server.hits - before
-    assert set(asked) == {"/PMC3.tar.gz", "/PMC4.tar.gz", "/PMC5.tar.gz"}
+    assert set(asked) == {"/PMC3.tar.gz", "/PMC4.tar.gz", "/PMC5.tar.gz", "/PMC6.tar.gz"}
     assert json.loads((out / MANIFEST).read_text())["images"] == manifest["images"]
     assert [p.name for p in out.iterdir() if p.name.startswith(".")] == []  # no temporaries
 
