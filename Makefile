@@ -33,7 +33,7 @@ $(STAMP): pyproject.toml
 
 setup: $(STAMP)  ## create .venv (when missing) and install the package with its dev tools
 
-demo: $(DEMO)/judge/manifest.json  ## the main job on the embedded demo: generate, rate (local SmolLM2), selector fit, score, select, tune LLaVA, test, judge
+demo: $(DEMO)/eval/demo_vqa/scores.json $(DEMO)/judge/manifest.json  ## the main job on the embedded demo: generate, rate (local SmolLM2), selector fit, score, select, tune LLaVA, test, judge
 	@echo "selected: $(DEMO)/selected/selected.json; tuned: $(DEMO)/tuner/export/; VQA: $(DEMO)/eval/demo_vqa/scores.json; chat answers: $(DEMO)/eval/demo_chat/predictions.jsonl; judge: $(DEMO)/judge/manifest.json — runs: make ui"
 
 # generate and rate start a local OpenAI-compatible server (llama-cpp-python, SmolLM2-135M) on a

@@ -189,7 +189,10 @@ def test_repository_grids_expand(monkeypatch: pytest.MonkeyPatch) -> None:
                 assert stage["done"].startswith(f"outputs/grids/{path.stem}/{cell}/")
     assert len(cell_names(load_grid(Path("conf/grids/preference_source.yaml")))) == 9
     topk = stage_commands(Path("conf/grids/topk.yaml"), "k10")
-    assert [s["stage"] for s in topk] == ["select", "tune", "test", "judge"]
+    assert [s["stage"] for s in topk] == ["select", "tune", "test", "judge", "chat", "chat_judge"]
+    chat = topk[5]["argv"]  # the judge's config, then this cell's answers and folder
+    assert chat[:3] == ["judge", "--config", "conf/demo/judge.yaml"]
+    assert chat[chat.index("--answers") + 1] == "outputs/grids/topk/k10/chat/predictions.jsonl"
     assert "local-dir:outputs/grids/topk/k10/tuner/export/merged" in topk[2]["argv"]
     judge = topk[3]["argv"]  # the judge's endpoint goes in pairwise's client block
     assert judge[judge.index("--client.base_url") + 1] == "local:smollm2"
