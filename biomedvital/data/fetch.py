@@ -45,6 +45,8 @@ from biomedvital.data.jsonio import (
 )
 from biomedvital.data.outputs import locks_output
 from biomedvital.data.report import BadRecordError, RecordReport
+from biomedvital.tracking.mlflow import DEFAULT_STORE, PipelineRun
+from biomedvital.tracking.provenance import git_state
 
 MANIFEST = "fetch.manifest.json"
 FAILED = "fetch.failed.jsonl"
@@ -187,6 +189,8 @@ def fetch_figures(
     backoff_s: float = 1.0,
     limit: int | None = None,
     on_bad_record: Literal["raise", "skip"] = "raise",
+    store: str = DEFAULT_STORE,
+    tags: dict[str, str] | None = None,
     progress: bool = True,
 ) -> dict:
     """Fetch the figures a LLaVA-Med URL list names into ``out`` (see the module docstring).
@@ -200,6 +204,8 @@ def fetch_figures(
             5xx/429 answers, seconds a read may stall, base of the jittered exponential backoff.
         limit: fetch only the first ``limit`` figures (trial runs; recorded).
         on_bad_record: ``raise`` on a bad line of the list (naming it) or ``skip`` (counted).
+        store: MLflow store folder (experiment ``data``, run ``fetch_figures``: counts, manifest).
+        tags: extra MLflow run tags.
         progress: show a progress bar.
     """
     urls, out = Path(urls), Path(out)
@@ -239,6 +245,22 @@ def fetch_figures(
         raise
     pool.shutdown()
     bar.close()
+    with PipelineRun("data", "fetch_figures", store, tags) as run:
+        return _finish(run, urls, out, limit, report, sources, images, existing, failed)
+
+
+def _finish(
+    run: PipelineRun,
+    urls: Path,
+    out: Path,
+    limit: int | None,
+    report: RecordReport,
+    sources: list[FigureSource],
+    images: dict[str, str],
+    existing: int,
+    failed: list[dict[str, str]],
+) -> dict:
+    """Write the failures and the manifest, and log them to the run."""
     failed.sort(key=lambda r: r["pair_id"])
     write_jsonl(out / FAILED, failed)
     reasons: dict[str, int] = {}
@@ -257,6 +279,12 @@ def fetch_figures(
             "failed_by_reason": dict(sorted(reasons.items())),
         },
         "images": dict(sorted(images.items())),
+        "mlflow_run_id": run.run_id,
+        "git": git_state(),
     }
     write_json(out / MANIFEST, manifest)
+    counts = manifest["counts"]
+    run.log_params({"urls": str(urls), "out": str(out), "limit": limit})
+    run.log_metrics({f"fetch/{k}": counts[k] for k in ("fetched", "already_there", "failed")})
+    run.log_dict(manifest, MANIFEST)
     return {k: v for k, v in manifest.items() if k != "images"}

@@ -115,7 +115,8 @@ def _urls(tmp: Path, base: str) -> Path:
 
 def test_fetch_resume_and_failures(server: _Server, tmp_path: Path) -> None:
     urls, out = _urls(tmp_path, server.url), tmp_path / "images"
-    kw = dict(workers=3, max_attempts=3, backoff_s=0.01, timeout_s=10, progress=False)
+    store = str(tmp_path / "mlruns")
+    kw = dict(workers=3, max_attempts=3, backoff_s=0.01, timeout_s=10, progress=False, store=store)
     result = fetch_figures(urls, out, **kw)
     assert result["counts"] == {
         "figures": 6, "fetched": 2, "already_there": 0, "failed": 4,
@@ -132,6 +133,12 @@ def test_fetch_resume_and_failures(server: _Server, tmp_path: Path) -> None:
     assert "PMC3/fig3.jpg is not in the package" in failed[0]["reason"]
     manifest = json.loads((out / MANIFEST).read_text())
     assert set(manifest["images"]) == {"111_F1.jpg", "222_F2.jpg"}
+    from mlflow.tracking import MlflowClient
+
+    from biomedvital.tracking.mlflow import tracking_uri
+
+    run = MlflowClient(tracking_uri(store)).get_run(manifest["mlflow_run_id"])
+    assert run.data.metrics["fetch/fetched"] == 2 and run.data.metrics["fetch/failed"] == 4
 
     # a rerun asks only for what is missing: the failures, never the fetched figures
     before = Counter(server.hits)
@@ -156,7 +163,7 @@ def test_bad_lines_are_named(tmp_path: Path, row: dict, field: str) -> None:
     urls = tmp_path / "urls.jsonl"
     urls.write_text(json.dumps(good) + "\n" + json.dumps(row) + "\n")
     with pytest.raises(BadRecordError) as err:
-        fetch_figures(urls, tmp_path / "out", progress=False)
+        fetch_figures(urls, tmp_path / "out", progress=False, store=str(tmp_path / "mlruns"))
     assert err.value.line == 2 and err.value.field == field
     assert not list((tmp_path / "out").glob("*.jpg"))
 
@@ -164,7 +171,7 @@ def test_bad_lines_are_named(tmp_path: Path, row: dict, field: str) -> None:
 def test_cli_verb(server: _Server, tmp_path: Path) -> None:
     urls = _urls(tmp_path, server.url)
     main(["fetch-figures", "--urls", str(urls), "--out", str(tmp_path / "img"), "--limit", "1",
-          "--progress", "false"])  # fmt: skip
+          "--progress", "false", "--store", str(tmp_path / "mlruns")])  # fmt: skip
     assert [p.name for p in (tmp_path / "img").glob("*.jpg")] == ["111_F1.jpg"]
 
 
