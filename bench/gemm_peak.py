@@ -47,10 +47,10 @@ def measure(tokens: int, hidden: int, intermediate: int, iters: int, device: tor
         flops = 2.0 * tokens * d_in * d_out
         for kind, (a, b) in {"fwd": (x, w.t()), "dx": (g, w), "dw": (g.t(), x)}.items():
             sec = _time(a, b, iters, device)
-            results[f"{name}_{kind}"] = round(flops / sec / 1e12, 2)
+            results[f"{name}_{kind}"] = float(f"{flops / sec / 1e12:.4g}")
             flops_total += count * flops
             seconds_total += count * sec
-    results["layer_mean"] = round(flops_total / seconds_total / 1e12, 2)
+    results["layer_mean"] = float(f"{flops_total / seconds_total / 1e12:.4g}")
     return results
 
 

@@ -25,6 +25,7 @@ import time
 import urllib.error
 import urllib.request
 import zlib
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from http.client import HTTPException
@@ -245,46 +246,28 @@ def fetch_figures(
         raise
     pool.shutdown()
     bar.close()
-    with PipelineRun("data", "fetch_figures", store, tags) as run:
-        return _finish(run, urls, out, limit, report, sources, images, existing, failed)
-
-
-def _finish(
-    run: PipelineRun,
-    urls: Path,
-    out: Path,
-    limit: int | None,
-    report: RecordReport,
-    sources: list[FigureSource],
-    images: dict[str, str],
-    existing: int,
-    failed: list[dict[str, str]],
-) -> dict:
-    """Write the failures and the manifest, and log them to the run."""
     failed.sort(key=lambda r: r["pair_id"])
     write_jsonl(out / FAILED, failed)
-    reasons: dict[str, int] = {}
-    for row in failed:
-        reasons[row["category"]] = reasons.get(row["category"], 0) + 1
-    manifest = {
-        "urls": {"path": str(urls), "sha256": sha256_file(urls)},
-        "out": str(out),
-        "limit": limit,
-        "records": report.as_dict(),
-        "counts": {
-            "figures": len(sources),
-            "fetched": len(images) - existing,
-            "already_there": existing,
-            "failed": len(failed),
-            "failed_by_reason": dict(sorted(reasons.items())),
-        },
-        "images": dict(sorted(images.items())),
-        "mlflow_run_id": run.run_id,
-        "git": git_state(),
+    counts = {
+        "figures": len(sources),
+        "fetched": len(images) - existing,
+        "already_there": existing,
+        "failed": len(failed),
+        "failed_by_reason": dict(sorted(Counter(r["category"] for r in failed).items())),
     }
-    write_json(out / MANIFEST, manifest)
-    counts = manifest["counts"]
-    run.log_params({"urls": str(urls), "out": str(out), "limit": limit})
-    run.log_metrics({f"fetch/{k}": counts[k] for k in ("fetched", "already_there", "failed")})
-    run.log_dict(manifest, MANIFEST)
+    with PipelineRun("data", "fetch_figures", store, tags) as run:
+        manifest = {
+            "urls": {"path": str(urls), "sha256": sha256_file(urls)},
+            "out": str(out),
+            "limit": limit,
+            "records": report.as_dict(),
+            "counts": counts,
+            "images": dict(sorted(images.items())),
+            "mlflow_run_id": run.run_id,
+            "git": git_state(),
+        }
+        write_json(out / MANIFEST, manifest)
+        run.log_params({"urls": str(urls), "out": str(out), "limit": limit})
+        run.log_metrics({f"fetch/{k}": counts[k] for k in ("fetched", "already_there", "failed")})
+        run.log_dict(manifest, MANIFEST)
     return {k: v for k, v in manifest.items() if k != "images"}

@@ -32,7 +32,7 @@ from biomedvital.tracking.mlflow import DEFAULT_STORE, PipelineRun
 from biomedvital.tracking.provenance import git_state
 
 from .chat import parse_scores, read_questions
-from .figures import figure_ref
+from .figures import figure_ref, judge_request
 from .score_vqa import read_predictions
 
 JUDGE_SYSTEM = (
@@ -79,10 +79,7 @@ def judge_messages(
         f"[Assistant 2]\n{candidate.strip()}\n[End of Assistant 2]\n\n"
         f"[Task]\n{JUDGE_TASK}"
     )
-    if image_url is None:
-        return [{"role": "system", "content": JUDGE_SYSTEM}, {"role": "user", "content": body}]
-    parts = [{"type": "text", "text": body}, {"type": "image_url", "image_url": {"url": image_url}}]
-    return [{"role": "system", "content": JUDGE_SYSTEM_VISION}, {"role": "user", "content": parts}]
+    return judge_request(JUDGE_SYSTEM, JUDGE_SYSTEM_VISION, body, image_url)
 
 
 def parse_verdict(text: str | None) -> tuple[float, float] | None:

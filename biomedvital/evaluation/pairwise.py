@@ -31,7 +31,7 @@ from biomedvital.tracking.mlflow import DEFAULT_STORE, PipelineRun
 from biomedvital.tracking.provenance import git_state
 
 from .benchmarks import Benchmark, load_benchmark
-from .figures import figure_ref
+from .figures import figure_ref, judge_request
 from .score_vqa import join_predictions, read_predictions
 from .winrate import CombineRule, win_rate
 
@@ -65,13 +65,7 @@ def pairwise_messages(
         f"[Assistant B]\n{second.strip()}\n[End of Assistant B]\n\n"
         f"[Task]\n{PAIRWISE_TASK}"
     )
-    if image_url is None:
-        return [{"role": "system", "content": PAIRWISE_SYSTEM}, {"role": "user", "content": body}]
-    parts = [{"type": "text", "text": body}, {"type": "image_url", "image_url": {"url": image_url}}]
-    return [
-        {"role": "system", "content": PAIRWISE_SYSTEM_VISION},
-        {"role": "user", "content": parts},
-    ]
+    return judge_request(PAIRWISE_SYSTEM, PAIRWISE_SYSTEM_VISION, body, image_url)
 
 
 @locks_output("out")

@@ -121,6 +121,7 @@ class VQADataModule(LightningDataModule):
         self.split, self.name = split, name or benchmark
         self.batch_size, self.num_workers, self.limit = batch_size, num_workers, limit
         self.items: list[VQAItem] | None = None
+        self._described: dict[str, Any] | None = None
 
     def load_items(self) -> list[VQAItem]:
         """The questions (loaded once); a file of another layout raises naming the file."""
@@ -175,17 +176,19 @@ class VQADataModule(LightningDataModule):
         return batch
 
     def describe(self) -> dict[str, Any]:
-        """What was evaluated: input hash and split counts (``run.test.json``)."""
-        items = self.load_items()
-        return {
-            "benchmark": self.benchmark,
-            "name": self.name,
-            "split": self.split,
-            "data": {"path": str(self.data), "sha256": _sha(self.data)},
-            "image_root": str(self.image_root),
-            "limit": self.limit,
-            "counts": split_stats(items),
-        }
+        """What was evaluated: input hash and split counts (``run.test.json``, ``scores.json``
+        and the answer journal's key read it: the file is hashed once)."""
+        if self._described is None:
+            self._described = {
+                "benchmark": self.benchmark,
+                "name": self.name,
+                "split": self.split,
+                "data": {"path": str(self.data), "sha256": _sha(self.data)},
+                "image_root": str(self.image_root),
+                "limit": self.limit,
+                "counts": split_stats(self.load_items()),
+            }
+        return self._described
 
 
 def _sha(path: Path) -> str | None:

@@ -48,7 +48,6 @@ class ScoreWriter(BasePredictionWriter):
         self._examples: list[tuple[int, int, int, str]] = []
         self._hist = [0] * 10
         self._chunks: list[tuple[int, int]] = []  # (chunk number, lines written), in order
-        self._scored = 0
         self._merged: Path | None = None
         self._locked: Path | None = None
 
@@ -68,7 +67,6 @@ class ScoreWriter(BasePredictionWriter):
         self._examples.clear()
         self._hist = [0] * 10
         self._chunks.clear()
-        self._scored = 0
         self._merged = None
 
     def write_on_batch_end(
@@ -118,7 +116,6 @@ class ScoreWriter(BasePredictionWriter):
         if lines:
             self._fh.write("\n".join(lines) + "\n")
         self._chunks.append((chunk, len(lines)))
-        self._scored += len(lines)
 
     def on_predict_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         assert self._fh is not None and self._tmp is not None
@@ -135,7 +132,7 @@ class ScoreWriter(BasePredictionWriter):
         self._examples.sort(key=lambda e: e[:3])
         manifest = {
             "output": str(self.output),
-            "scored": self._scored,
+            "scored": len(self._seen),
             "skipped": sum(self._skipped.values()),
             "skipped_by_reason": dict(self._skipped),
             "skipped_examples": [e[3] for e in self._examples[:20]],
@@ -152,7 +149,7 @@ class ScoreWriter(BasePredictionWriter):
         if logger is not None and hasattr(logger, "log_dict"):
             logger.log_dict(manifest, "scores.manifest.json")
             logger.log_metrics(
-                {"predict/scored": self._scored, "predict/skipped": manifest["skipped"]}
+                {"predict/scored": len(self._seen), "predict/skipped": manifest["skipped"]}
             )
         self._release()
 
@@ -212,7 +209,7 @@ class ScoreWriter(BasePredictionWriter):
         for path, _, _, _ in parts:
             Path(path).unlink(missing_ok=True)
         self._tmp, self._merged = merged, None
-        self._scored = len(seen)
+        self._seen = seen  # every rank's ids, kept once
 
     def _release(self) -> None:
         if self._locked is not None:
