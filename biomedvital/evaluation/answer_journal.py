@@ -45,6 +45,19 @@ def files_signature(path: str | os.PathLike[str]) -> list[tuple[str, int, int]] 
     return None
 
 
+def _is_entry(entry: Any) -> bool:
+    """A batch line as :meth:`AnswerJournal.append` writes it: as many indices, rows (each with
+    its answer ``text``) and truths."""
+    if not (isinstance(entry, dict) and isinstance(entry.get("batch"), int)):
+        return False
+    parts = [entry.get(k) for k in ("indices", "rows", "truth")]
+    if not all(isinstance(p, list) for p in parts) or len({len(p) for p in parts}) != 1:
+        return False
+    return all(
+        isinstance(r, dict) and isinstance(r.get("text"), str) for r in entry["rows"]
+    ) and all(isinstance(i, int) for i in entry["indices"])
+
+
 class AnswerJournal:
     """One process's journal of answered batches, and the reader of every process's.
 
@@ -75,7 +88,8 @@ class AnswerJournal:
 
     def load(self) -> dict[int, dict[str, Any]]:
         """Answered batches: ``batch -> {"indices", "rows", "truth"}``; unreadable lines (a torn
-        last line) are skipped and counted in ``torn_lines``."""
+        last line, or a damaged one lacking a field) are skipped, counted in ``torn_lines``, and
+        their batches answered again."""
         done: dict[int, dict[str, Any]] = {}
         self.torn_lines = 0
         for path in self.files():
@@ -87,7 +101,7 @@ class AnswerJournal:
                         entry = None
                     if isinstance(entry, dict) and "fingerprint" in entry:
                         continue  # the header line
-                    if not (isinstance(entry, dict) and isinstance(entry.get("batch"), int)):
+                    if not _is_entry(entry):
                         self.torn_lines += 1
                         continue
                     done[entry["batch"]] = entry

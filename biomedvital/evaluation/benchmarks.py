@@ -197,7 +197,7 @@ def load_vqa_rad(path: PathLike, split: str = "test") -> list[VQAItem]:
     """
     if split not in ("test", "train", "all"):
         raise ValueError(f"VQA-RAD split must be 'test', 'train' or 'all', got {split!r}")
-    path = _resolve(Path(path), [VQA_RAD_FILE, f"{split}.json"])
+    path = _resolve(Path(path), _file_names("vqa_rad", split))
     records = _records(path)
     if _is_llava_layout(records):
         return _llava_items(records, split)
@@ -225,7 +225,7 @@ def load_slake(path: PathLike, split: str = "test", lang: str | None = "en") -> 
     split = _SPLIT_ALIASES.get(split, split)
     if split not in _SLAKE_SPLITS:
         raise ValueError(f"SLAKE split must be one of {_SLAKE_SPLITS}, got {split!r}")
-    path = _resolve(Path(path), [f"{split}.json"])
+    path = _resolve(Path(path), _file_names("slake", split))
     _check_split_name(path, split, path.stem)
     records = _records(path)
     if _is_llava_layout(records):
@@ -259,7 +259,7 @@ def load_pathvqa(
     parquet = _pathvqa_parquet_files(Path(path), split)
     if parquet is not None:
         return load_pathvqa_parquet(parquet, split, image_cache)
-    path = _resolve(Path(path), [f"pvqa_{split}.json", f"{split}.json"])
+    path = _resolve(Path(path), _file_names("pathvqa", split))
     stem = path.stem.removeprefix("pvqa_")
     _check_split_name(path, split, stem)
     records = _records(path)
@@ -457,7 +457,7 @@ def load_llava_med_bench(path: PathLike, split: str = "test") -> list[VQAItem]:
     """
     if split != "test":
         raise ValueError(f"LLaVA-Med-Bench has one split, 'test'; got {split!r}")
-    path = _resolve(Path(path), [LLAVA_MED_BENCH_FILE])
+    path = _resolve(Path(path), _file_names("llava_med_bench", split))
     items, wheres = [], []
     for where, obj in _records(path):
         question = _text(_get(obj, "text", where), where, "text").replace("<image>", "").strip()
@@ -498,6 +498,29 @@ def _resolve(path: Path, names: Iterable[str]) -> Path:
         if (path / name).is_file():
             return path / name
     raise FileNotFoundError(f"{path}: none of {names} found")
+
+
+def _file_names(benchmark: str, split: str) -> list[str]:
+    """The file names a benchmark's loader looks for in a folder, first match wins."""
+    if benchmark == "vqa_rad":
+        return [VQA_RAD_FILE, f"{split}.json"]
+    if benchmark == "slake":
+        return [f"{_SPLIT_ALIASES.get(split, split)}.json"]
+    if benchmark == "pathvqa":
+        return [f"pvqa_{split}.json", f"{split}.json"]
+    return [LLAVA_MED_BENCH_FILE]
+
+
+def benchmark_files(benchmark: Benchmark, data: PathLike, split: str = "test") -> list[Path]:
+    """The files :func:`load_benchmark` reads for ``split``: ``data`` itself when it is a file,
+    else the file (or PathVQA's parquet shards) it picks in the folder. Provenance and the answer
+    journal hash these, so a folder's changed file is seen."""
+    path = Path(data)
+    if benchmark == "pathvqa":
+        parquet = _pathvqa_parquet_files(path, split)
+        if parquet is not None:
+            return parquet
+    return [_resolve(path, _file_names(benchmark, split))]
 
 
 _LOADERS: dict[str, Callable[..., list[VQAItem]]] = {

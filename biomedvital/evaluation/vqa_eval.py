@@ -35,6 +35,7 @@ answered, and writes what an uninterrupted run writes (tests kill it at random i
 
 from __future__ import annotations
 
+import hashlib
 import inspect
 import json
 import math
@@ -51,7 +52,7 @@ from biomedvital.data.jsonio import sha256_file, write_json, write_jsonl
 from biomedvital.data.report import BadRecordError
 
 from .answer_journal import AnswerJournal, files_signature
-from .benchmarks import BENCHMARKS, VQAItem, load_benchmark, split_stats
+from .benchmarks import BENCHMARKS, VQAItem, benchmark_files, load_benchmark, split_stats
 from .metrics import CLOSED_RULES, ClosedRule, VQAClosedAccuracy, VQAOpenMetrics
 from .sharding import BatchShards, batches_to_answer
 
@@ -183,7 +184,7 @@ class VQADataModule(LightningDataModule):
                 "benchmark": self.benchmark,
                 "name": self.name,
                 "split": self.split,
-                "data": {"path": str(self.data), "sha256": _sha(self.data)},
+                "data": _data_files(self.benchmark, self.data, self.split),
                 "image_root": str(self.image_root),
                 "limit": self.limit,
                 "counts": split_stats(self.load_items()),
@@ -191,8 +192,22 @@ class VQADataModule(LightningDataModule):
         return self._described
 
 
-def _sha(path: Path) -> str | None:
-    return sha256_file(path) if path.is_file() else None
+def _data_files(benchmark: str, data: Path, split: str) -> dict[str, Any]:
+    """The benchmark's path and the SHA-256 of what is read from it: the file's own hash, or
+    for a folder the files picked in it (one hash over PathVQA's parquet shards)."""
+    files = benchmark_files(benchmark, data, split)  # type: ignore[arg-type]
+    if data.is_file():
+        return {"path": str(data), "sha256": sha256_file(data)}
+    hashes = [(str(f.relative_to(data)), sha256_file(f)) for f in files]
+    joint = hashes[0][1] if len(hashes) == 1 else _joint_sha(hashes)
+    return {"path": str(data), "files": [name for name, _ in hashes], "sha256": joint}
+
+
+def _joint_sha(hashes: list[tuple[str, str]]) -> str:
+    h = hashlib.sha256()
+    for name, digest in hashes:
+        h.update(f"{name}\t{digest}\n".encode())
+    return h.hexdigest()
 
 
 # ----------------------------------------------------------------------------- model

@@ -30,6 +30,21 @@ def test_append_load_and_a_torn_tail_cut_before_appending(tmp_path: Path) -> Non
     assert done[1]["rows"] == _rows("c", "d") and done[0]["truth"][1] == ["closed", "yes"]
 
 
+def test_a_damaged_line_is_skipped_and_its_batch_answered_again(tmp_path: Path) -> None:
+    j = AnswerJournal(tmp_path, FP, rank=0)
+    j.append(0, [0, 1], _rows("a", "b"), [["open", "x"], ["closed", "yes"]])
+    j.close()
+    damaged = [
+        '{"batch": 1, "indices": [2, 3], "rows": []}',  # no truth, fewer rows than indices
+        '{"batch": 2, "indices": [4], "rows": [{"question_id": "e"}], "truth": [["open", "v"]]}',
+        '{"batch": 3, "indices": ["5"], "rows": [{"text": "t"}], "truth": [["open", "w"]]}',
+    ]
+    with j.path.open("a") as f:
+        f.write("\n".join(damaged) + "\n")
+    again = AnswerJournal(tmp_path, FP, rank=0)
+    assert set(again.load()) == {0} and again.torn_lines == 3
+
+
 def test_every_rank_is_read_and_other_settings_are_foreign(tmp_path: Path) -> None:
     AnswerJournal(tmp_path, FP, rank=0).append(0, [0], _rows("a"), [["open", "x"]])
     AnswerJournal(tmp_path, FP, rank=1).append(1, [1], _rows("b"), [["open", "y"]])

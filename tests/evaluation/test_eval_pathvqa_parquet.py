@@ -122,3 +122,23 @@ def test_json_layout_still_preferred(tmp_path: Path) -> None:
     items = load_pathvqa(tmp_path, "test")
     assert [it.question_id for it in items] == ["t1_0"]
     assert not (tmp_path / "images").exists()
+
+
+def test_a_folders_provenance_hashes_the_shards_it_reads(folder: Path, tmp_path: Path) -> None:
+    """A folder given as ``data`` is hashed by the files read from it, so that a changed shard
+    changes ``run.test.json``'s hash and the answer journal's key (which reads it)."""
+    from biomedvital.evaluation.vqa_eval import VQADataModule
+
+    def described() -> dict:
+        return VQADataModule("pathvqa", str(folder), str(tmp_path / "cache")).describe()["data"]
+
+    before = described()
+    assert before["files"] == [
+        "data/test-00000-of-00002.parquet",
+        "data/test-00001-of-00002.parquet",
+    ]  # the train shard is not read, so not hashed
+    _write(folder / "data" / "train-00000-of-00001.parquet", [(_jpeg("retina.jpg"), "q?", "no")])
+    assert described() == before
+    _write(folder / "data" / "test-00001-of-00002.parquet", [(_jpeg("retina.jpg"), "q?", "no")])
+    after = described()
+    assert after["files"] == before["files"] and after["sha256"] != before["sha256"]
