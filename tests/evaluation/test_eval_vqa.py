@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from cli_process import run_cli
 from lightning.pytorch import Callback
 from tiny_tuner import tiny_tuner_data, tiny_tuner_model
 
@@ -251,10 +252,6 @@ def test_two_processes_write_what_one_writes(setup: dict[str, Path]) -> None:
     """DDP over 2 gloo processes: each answers whole batches (16 + 13 of 29 questions), rank 0
     writes them in the split's order; files and MLflow metrics equal the one-process run's.
     (Lightning's own sampler would pad the 29 to 30, answering one question twice.)"""
-    import os
-    import subprocess
-    import sys
-
     from mlflow.tracking import MlflowClient
 
     from biomedvital.tracking.mlflow import tracking_uri
@@ -263,19 +260,14 @@ def test_two_processes_write_what_one_writes(setup: dict[str, Path]) -> None:
     model = ("--model.init_args.model", f"local-dir:{setup['merged']}")
     single = _test(setup, "merged-29", *model, *limit)
     root = setup["tmp"] / "merged-ddp"
-    args = [
-        sys.executable, "-m", "biomedvital", "test", "--config", str(CONF),
-        "--data.init_args.data", str(setup["questions"]),
-        "--data.init_args.image_root", str(setup["images"]),
-        "--trainer.default_root_dir", str(root),
-        "--trainer.logger.init_args.store", str(setup["store"]),
+    run_cli(
+        "test", "--config", CONF,
+        "--data.init_args.data", setup["questions"],
+        "--data.init_args.image_root", setup["images"],
+        "--trainer.default_root_dir", root,
+        "--trainer.logger.init_args.store", setup["store"],
         *model, *limit, "--trainer.devices", "2", "--trainer.strategy", "ddp",
-    ]  # fmt: skip
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE")}
-    done = subprocess.run(
-        args, cwd=CONF.parents[2], env=env, capture_output=True, text=True, timeout=300
-    )
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    )  # fmt: skip
     assert _predictions(root) == _predictions(single)
     one = json.loads((single / "scores.json").read_text())
     two = json.loads((root / "scores.json").read_text())
@@ -442,27 +434,18 @@ def test_killed_run_resumes_on_two_processes(setup: dict[str, Path], uninterrupt
     """A one-process run killed after 3 of 8 batches, resumed on 2 processes (DDP): both read
     the journal before either appends, they share the 5 batches left, and the files are the
     uninterrupted run's."""
-    import os
-    import subprocess
-    import sys
-
     root = setup["tmp"] / "killed-then-ddp"
     _evaluate(setup, root, _Crash(after=3))
-    args = [
-        sys.executable, "-m", "biomedvital", "test", "--config", str(CONF),
-        "--data.init_args.data", str(setup["questions"]),
-        "--data.init_args.image_root", str(setup["images"]),
+    log = run_cli(
+        "test", "--config", CONF,
+        "--data.init_args.data", setup["questions"],
+        "--data.init_args.image_root", setup["images"],
         "--data.init_args.batch_size", "4",
-        "--trainer.default_root_dir", str(root), "--trainer.logger", "false",
+        "--trainer.default_root_dir", root, "--trainer.logger", "false",
         "--model.init_args.model", f"local-dir:{setup['merged']}",
         "--trainer.devices", "2", "--trainer.strategy", "ddp",
-    ]  # fmt: skip
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE")}
-    done = subprocess.run(
-        args, cwd=CONF.parents[2], env=env, capture_output=True, text=True, timeout=300
-    )
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    assert "resuming: 3 batch(es), 12 answer(s)" in done.stdout + done.stderr
+    )  # fmt: skip
+    assert "resuming: 3 batch(es), 12 answer(s)" in log
     _same_outputs(uninterrupted, root)
     assert json.loads((root / "run.test.json").read_text())["resumed"]["batches"] == 3
     assert _journals(root) == []

@@ -5,17 +5,13 @@ bad records counted once."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import torch
+from cli_process import run_cli
 from test_selector_cli import _config
 
 from biomedvital.cli import main
-
-REPO = Path(__file__).resolve().parents[2]
 
 
 def _files(root: Path) -> tuple[bytes, dict]:
@@ -46,14 +42,10 @@ def test_two_processes_score_what_one_scores(tmp_path: Path, pool: dict[str, Pat
         main(["predict", *args, "--trainer.default_root_dir", str(tmp_path / "one")])
     finally:
         torch.set_num_threads(threads)
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE")}
-    two = subprocess.run(
-        [sys.executable, "-m", "biomedvital", "predict", *args,
-         "--trainer.default_root_dir", str(tmp_path / "two"),
-         "--trainer.devices", "2", "--trainer.strategy", "ddp"],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
+    run_cli(
+        "predict", *args, "--trainer.default_root_dir", tmp_path / "two",
+        "--trainer.devices", "2", "--trainer.strategy", "ddp",
     )  # fmt: skip
-    assert two.returncode == 0, two.stdout[-3000:] + two.stderr[-3000:]
 
     scores, manifest = _files(tmp_path / "one")
     assert _files(tmp_path / "two") == (scores, manifest)

@@ -4,20 +4,18 @@ checkpoints; and FSDP (v1) refused on CPU with a pointer to the FSDP2 overlay.""
 from __future__ import annotations
 
 import csv
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
+from cli_process import REPO, cli_command, cli_env, run_cli
 from tuning_helpers import selected_from_demo, tuner_config
 
 from biomedvital.cli import main
 from biomedvital.data.images import ImageRoot
 
-REPO = Path(__file__).resolve().parents[2]
 QUESTION = "What does this image show?"
 
 
@@ -67,11 +65,11 @@ def test_fsdp2_two_processes_match_one(tmp_path: Path, demo_root: Path) -> None:
     one, two = tmp_path / "one", tmp_path / "two"
     one.mkdir(), two.mkdir()
     cfg_two = _config(two, data, images, devices=2)
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent)}
     sharded = subprocess.Popen(
-        [sys.executable, "-m", "biomedvital", "fit", "--config", str(cfg_two),
-         "--config", "conf/strategy/fsdp2.yaml", "--trainer.devices", "2"],
-        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        cli_command("fit", "--config", cfg_two, "--config", "conf/strategy/fsdp2.yaml",
+                    "--trainer.devices", "2"),
+        cwd=REPO, env=cli_env(PYTHONPATH=str(Path(__file__).parent)),
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )  # fmt: skip
     try:
         main(["fit", "--config", str(_config(one, data, images, devices=1))])
@@ -147,15 +145,11 @@ def test_fsdp2_with_the_lean_options_matches_one_eager_process(
     images = demo_root / "images"
     one, two = tmp_path / "one", tmp_path / "two"
     one.mkdir(), two.mkdir()
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent)}
-    sharded = subprocess.run(
-        [sys.executable, "-m", "biomedvital", "fit", "--config", str(_config(two, data, images, 2)),
-         "--config", "conf/strategy/fsdp2.yaml", "--config", "conf/perf/lean.yaml",
-         "--trainer.devices", "2"],
-        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        timeout=600,
+    run_cli(
+        "fit", "--config", _config(two, data, images, 2), "--config", "conf/strategy/fsdp2.yaml",
+        "--config", "conf/perf/lean.yaml", "--trainer.devices", "2",
+        timeout=600, env=cli_env(PYTHONPATH=str(Path(__file__).parent)),
     )  # fmt: skip
-    assert sharded.returncode == 0, sharded.stdout[-4000:]
     main(["fit", "--config", str(_config(one, data, images, devices=1))])
     a, b = _losses(one), _losses(two)
     assert len(a) == len(b) == 3
