@@ -121,7 +121,9 @@ def encode(
     at = text.index(IMAGE_TOKEN)
     shift = len(IMAGE_TOKEN) * (image_tokens - 1)
     expanded = text[:at] + IMAGE_TOKEN * image_tokens + text[at + len(IMAGE_TOKEN) :]
-    spans = [(s + shift, e + shift) for s, e in rendered.supervised]
+    # answers after the image move by its expansion; those before it (an image asked about in
+    # a later turn) stay where they are
+    spans = [(s + shift, e + shift) if s > at else (s, e) for s, e in rendered.supervised]
     enc = tokenizer(expanded, add_special_tokens=True, return_offsets_mapping=True)
     ids = np.asarray(enc["input_ids"], dtype=np.int64)
     offsets = enc["offset_mapping"]

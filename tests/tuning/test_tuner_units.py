@@ -40,12 +40,16 @@ def test_rendered_text_is_llava_v1() -> None:
     assert [r.text[s:e] for s, e in r.supervised] == ["A CT.</s>", "No.</s>"]
 
 
-def test_labels_token_by_token(tuner: LlavaTuner) -> None:
-    """Every non-assistant token is -100; every assistant token, ``</s>`` included, is its id."""
+@pytest.mark.parametrize("image_turn", [0, 1])
+def test_labels_token_by_token(tuner: LlavaTuner, image_turn: int) -> None:
+    """Every non-assistant token is -100; every assistant token, ``</s>`` included, is its id;
+    also when the image comes with the second question (answers before it do not move)."""
     tok = tuner.processor.tokenizer
     n_img = image_token_count(tuner.processor)
     answers = ["The image shows an axial CT slice.", "Nothing abnormal, the bones look intact."]
-    turns = _turns(("<image>\nWhat does this image show?", answers[0]), ("Abnormal?", answers[1]))
+    questions = ["What does this image show?", "Abnormal?"]
+    questions[image_turn] = "<image>\n" + questions[image_turn]
+    turns = _turns((questions[0], answers[0]), (questions[1], answers[1]))
     rendered = render(turns)
     enc = encode(rendered, tok, n_img)
     # the rendered conversation with the image expanded, and where the answers are in it
