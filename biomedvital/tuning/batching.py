@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from biomedvital.data.images import ImageLoadError, ImageRoot, UnsafePathError
 from biomedvital.tuning.conversation import IGNORE_INDEX
@@ -65,9 +65,25 @@ class GroupedBatchSampler(Sampler[list[int]]):
         self.batch_size, self.seed, self.megabatch = batch_size, seed, megabatch
         self.shuffle, self.longest_first = shuffle, longest_first
         self.num_replicas, self.rank, self.epoch = num_replicas, rank, 0
+        self._skip = 0
+
+    @property
+    def sampler(self) -> GroupedBatchSampler:
+        """Itself: Lightning calls ``set_epoch`` on a loader's ``batch_sampler.sampler`` when
+        an epoch starts, and this order depends on the epoch (without it every epoch would
+        train on the same batches)."""
+        return self
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
+
+    def resume(self, epoch: int, batches_done: int) -> None:
+        """Continue a run stopped in ``epoch`` after ``batches_done`` of its batches (this
+        rank's): the next iteration yields the rest of that epoch; a finished epoch resumes
+        at the start of the next."""
+        if batches_done >= len(self):
+            epoch, batches_done = epoch + 1, 0
+        self.epoch, self._skip = epoch, batches_done
 
     def global_batches(self) -> list[list[int]]:
         """Every rank's samples of each step, in step order."""
@@ -101,7 +117,8 @@ class GroupedBatchSampler(Sampler[list[int]]):
         return out
 
     def __iter__(self) -> Iterator[list[int]]:
-        for batch in self.global_batches():
+        skip, self._skip = self._skip, 0
+        for batch in self.global_batches()[skip:]:
             if self.num_replicas == 1:
                 yield batch
                 continue
@@ -161,6 +178,32 @@ def min_padding_sizes(lengths_desc: Sequence[int], max_size: int, unit: int = 1)
     if i != 0 or cost[n] >= inf:  # cannot happen for unit <= max_size; a guard, not a path
         raise AssertionError("min_padding_sizes found no split")
     return sizes[::-1]
+
+
+class ResumableLoader(DataLoader):
+    """A training loader Lightning checkpoints (``state_dict``): the epoch and how many of its
+    batches were trained, so a run resumed mid-epoch (``fit --ckpt_path last`` after a crash
+    between ``every_n_train_steps`` checkpoints) trains the rest of that epoch's batches, in the
+    order of a run that never stopped, instead of starting the epoch over.
+
+    Args:
+        progress: returns (epoch, batches of it trained) when a checkpoint is written; the
+            trainer's loop counters (see ``TunerDataModule.train_dataloader``).
+        Others: ``DataLoader``'s; ``batch_sampler`` must be a :class:`GroupedBatchSampler`.
+    """
+
+    def __init__(self, *args: Any, progress: Callable[[], tuple[int, int]], **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        if not isinstance(self.batch_sampler, GroupedBatchSampler):
+            raise TypeError("ResumableLoader needs a GroupedBatchSampler as batch_sampler")
+        self.progress = progress
+
+    def state_dict(self) -> dict[str, int]:
+        epoch, done = self.progress()
+        return {"epoch": int(epoch), "batches_done": int(done)}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.batch_sampler.resume(int(state["epoch"]), int(state["batches_done"]))  # type: ignore[union-attr]
 
 
 class TuningDataset(Dataset):

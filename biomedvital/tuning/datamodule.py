@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from functools import partial
 from pathlib import Path
 from typing import Any, Literal
 
@@ -16,7 +17,13 @@ from biomedvital.data.jsonio import bad_from_validation, handle_bad, iter_object
 from biomedvital.data.records import Turn
 from biomedvital.data.report import BadRecordError, RecordReport
 from biomedvital.tracking.mlflow import upstream_run_of
-from biomedvital.tuning.batching import GroupedBatchSampler, PadCollate, Sample, TuningDataset
+from biomedvital.tuning.batching import (
+    GroupedBatchSampler,
+    PadCollate,
+    ResumableLoader,
+    Sample,
+    TuningDataset,
+)
 from biomedvital.tuning.conversation import (
     IGNORE_INDEX,
     VICUNA_V1_SYSTEM,
@@ -109,6 +116,11 @@ class TunerDataModule(LightningDataModule):
         self.sets = self._split(samples)
         if not self.sets["train"]:
             raise ValueError(f"no usable training samples in {self.data} ({self.report!r})")
+
+    def train_batches(self) -> int:
+        """This process's training batches per epoch (``len`` of its loader), without building
+        the loader (see ``LlavaTuner.total_steps``)."""
+        return len(self.sampler("train", shuffle=True))
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", shuffle=True)
@@ -220,13 +232,16 @@ class TunerDataModule(LightningDataModule):
             self.processor.image_processor,
             skip_bad=self.on_bad_record == "skip",
         )
-        return DataLoader(
-            ds,
-            batch_sampler=self.sampler(name, shuffle),
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
-            collate_fn=PadCollate(self.processor.tokenizer.pad_token_id),
-        )
+        kwargs: dict[str, Any] = {
+            "batch_sampler": self.sampler(name, shuffle),
+            "num_workers": self.num_workers,
+            "persistent_workers": self.num_workers > 0,
+            "collate_fn": PadCollate(self.processor.tokenizer.pad_token_id),
+        }
+        trainer = getattr(self, "trainer", None)
+        if name != "train" or trainer is None:
+            return DataLoader(ds, **kwargs)
+        return ResumableLoader(ds, progress=partial(_trained_batches, trainer), **kwargs)
 
     # -- what the run records --------------------------------------------------------------
 
@@ -268,3 +283,9 @@ class TunerDataModule(LightningDataModule):
             "max_length": self.max_length,
             "group_by": self.group_by,
         }
+
+
+def _trained_batches(trainer: Any) -> tuple[int, int]:
+    """The epoch under way and how many of its (micro-)batches have been trained: Lightning's
+    own counters, read when a checkpoint is written (after the batch's step)."""
+    return trainer.current_epoch, trainer.fit_loop.epoch_loop.batch_progress.current.processed

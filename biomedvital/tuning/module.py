@@ -306,12 +306,26 @@ class LlavaTuner(LightningModule):
         opt = torch.optim.AdamW(
             self.param_groups(), lr=hp.lr, weight_decay=hp.weight_decay, betas=tuple(hp.betas)
         )
-        total = max(int(self.trainer.estimated_stepping_batches), 1)
+        total = max(int(self.total_steps()), 1)
         warmup = math.ceil(hp.warmup_ratio * total)
         sched = torch.optim.lr_scheduler.LambdaLR(
             opt, lambda step: cosine_with_warmup(step, warmup, total, hp.min_lr_ratio)
         )
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def total_steps(self) -> float:
+        """Optimiser steps of the whole fit, as Lightning's ``estimated_stepping_batches``
+        counts them, but from the data module's batch count where it has one: that property
+        builds (and starts iterating) the training loader before a resumed run's loader state
+        is restored, so the run would start its epoch's batches over."""
+        trainer = self.trainer
+        count = getattr(trainer.datamodule, "train_batches", None)
+        if count is None or trainer.max_epochs in (None, -1):
+            return trainer.estimated_stepping_batches
+        n, limit = count(), trainer.limit_train_batches
+        n = min(n, limit) if isinstance(limit, int) else int(n * limit)
+        steps = math.ceil(n / trainer.accumulate_grad_batches) * max(trainer.max_epochs, 1)
+        return min(steps, trainer.max_steps) if trainer.max_steps != -1 else steps
 
     # -- checkpoints -----------------------------------------------------------------------
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 import torch
 from tuning_helpers import tuner_config
 
@@ -79,5 +80,45 @@ def test_resume_from_last(tmp_path: Path, selected: Path, demo_root: Path) -> No
     assert a["epoch"] == b["epoch"] == 1 and a["global_step"] == b["global_step"] == 4
     assert a["state_dict"].keys() == b["state_dict"].keys()
     assert all("lora_" in k or "multi_modal_projector" in k for k in a["state_dict"])
+    for key, value in a["state_dict"].items():
+        torch.testing.assert_close(b["state_dict"][key], value, msg=key)
+
+
+def test_resume_mid_epoch_trains_the_rest_of_the_epoch(
+    tmp_path: Path, selected: Path, demo_root: Path
+) -> None:
+    """A crash after 3 of 4 steps (mid-epoch 1; checkpoints every step): ``--ckpt_path last``
+    trains the epoch's remaining batch, not the epoch's first again, and ends at the
+    uninterrupted run's weights. Each epoch has its own batch order (the sampler's epoch)."""
+    straight, resumed = tmp_path / "a", tmp_path / "b"
+    images = demo_root / "images"
+    log = {d: d / "batches.jsonl" for d in (straight, resumed)}
+    for d in (straight, resumed):
+        d.mkdir()
+
+    def config(d: Path, *extra: dict) -> str:
+        record = {"class_path": "tuning_helpers.RecordBatches", "init_args": {"path": str(log[d])}}
+        return str(
+            tuner_config(d, selected, images, callbacks=[*extra, record], every_n_train_steps=1)
+        )
+
+    main(["fit", "--config", config(straight)])
+    crash = {"class_path": "tuning_helpers.CrashAtStep", "init_args": {"step": 3}}
+    with pytest.raises(RuntimeError, match="simulated crash before step 3"):
+        main(["fit", "--config", config(resumed, crash)])
+    main(["fit", "--config", config(resumed), "--ckpt_path", "last"])
+
+    def batches(d: Path) -> list[list]:
+        return [json.loads(x) for x in log[d].read_text().splitlines()]
+
+    want = batches(straight)
+    assert [(e, b) for e, b, _ in want] == [(0, 0), (0, 1), (1, 0), (1, 1)]
+    assert [i for *_, i in want[:2]] != [i for *_, i in want[2:]]  # not epoch 0 replayed
+    got = batches(resumed)
+    assert got[:3] == want[:3]  # the crashed run: its first 3 steps, then the crash at the 4th
+    assert got[3:] == want[3:]  # resumed: only the epoch's last batch, with its own samples
+    a = torch.load(straight / "out" / "ckpt" / "last.ckpt", weights_only=True)
+    b = torch.load(resumed / "out" / "ckpt" / "last.ckpt", weights_only=True)
+    assert a["global_step"] == b["global_step"] == 4
     for key, value in a["state_dict"].items():
         torch.testing.assert_close(b["state_dict"][key], value, msg=key)

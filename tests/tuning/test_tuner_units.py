@@ -508,3 +508,46 @@ def test_supervised_loss_is_hugging_face_loss_without_unsupervised_logits(
     params = dict(model.named_parameters())
     for n, g in want.items():
         torch.testing.assert_close(params[n].grad, g, msg=n)
+
+
+@pytest.mark.parametrize(
+    ("accumulate", "limit", "max_steps", "want"),
+    [(1, 1.0, -1, 20), (3, 1.0, -1, 8), (3, 0.5, -1, 4), (3, 4, -1, 4), (3, 1.0, 5, 5)],
+)
+def test_total_steps_counts_as_lightning_without_building_the_loader(
+    tuner: LlavaTuner, accumulate: int, limit: float, max_steps: int, want: int
+) -> None:
+    """ceil(batches / accumulate) * epochs, capped by max_steps (Lightning's
+    estimated_stepping_batches), from the data module's count: 10 batches, 2 epochs."""
+    from types import SimpleNamespace
+
+    trainer = SimpleNamespace(
+        datamodule=SimpleNamespace(train_batches=lambda: 10),
+        max_epochs=2,
+        limit_train_batches=limit,
+        accumulate_grad_batches=accumulate,
+        max_steps=max_steps,
+    )
+    tuner._trainer = trainer  # type: ignore[assignment]
+    try:
+        assert tuner.total_steps() == want
+    finally:
+        tuner._trainer = None
+
+
+def test_lightning_sets_the_grouped_samplers_epoch() -> None:
+    """Lightning calls set_epoch on ``loader.batch_sampler.sampler`` at each epoch's start; the
+    grouped sampler is its own, so each epoch gets its own batch order."""
+    from lightning.fabric.utilities.data import _set_sampler_epoch
+    from torch.utils.data import DataLoader
+
+    sampler = GroupedBatchSampler([5, 9, 3, 7, 2, 8, 4, 6], ["a"] * 8, batch_size=2, seed=1)
+    loader = DataLoader(list(range(8)), batch_sampler=sampler)
+    first = list(sampler)
+    _set_sampler_epoch(loader, 3)
+    full = list(sampler)
+    assert sampler.epoch == 3 and full != first and len(full) == 4
+    sampler.resume(3, 2)  # 2 of the epoch's 4 batches trained: the other 2 follow, once
+    assert list(sampler) == full[2:] and list(sampler) == full
+    sampler.resume(3, 4)  # a finished epoch: the next one, from its start
+    assert sampler.epoch == 4 and len(list(sampler)) == 4

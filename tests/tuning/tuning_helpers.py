@@ -21,6 +21,32 @@ class StopAfterEpoch(Callback):
             trainer.should_stop = True
 
 
+class CrashAtStep(Callback):
+    """Raises when optimiser step ``step`` would start, as a crash between checkpoints would."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_start(
+        self, trainer: Trainer, pl_module: LightningModule, batch: object, batch_idx: int
+    ) -> None:
+        if trainer.global_step == self.step:
+            raise RuntimeError(f"simulated crash before step {self.step}")
+
+
+class RecordBatches(Callback):
+    """Appends each trained batch's ``[epoch, batch_idx, sample ids]`` to a JSON-lines file."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def on_train_batch_start(
+        self, trainer: Trainer, pl_module: LightningModule, batch: dict, batch_idx: int
+    ) -> None:
+        with open(self.path, "a") as f:
+            f.write(json.dumps([trainer.current_epoch, batch_idx, batch["ids"]]) + "\n")
+
+
 def selected_from_demo(demo_root: Path, out: Path, n: int = 8) -> Path:
     """The first ``n`` demo candidates, one per image first, as ``select`` writes them."""
     rows = [json.loads(x) for x in (demo_root / "candidates.jsonl").read_text().splitlines()]
@@ -38,9 +64,16 @@ def selected_from_demo(demo_root: Path, out: Path, n: int = 8) -> Path:
 
 
 def tuner_config(
-    tmp: Path, data: Path, image_root: Path, stop_after: int | None = None, **model: object
+    tmp: Path,
+    data: Path,
+    image_root: Path,
+    stop_after: int | None = None,
+    callbacks: list[dict] | None = None,
+    every_n_train_steps: int | None = None,
+    **model: object,
 ) -> Path:
-    """A CLI config: tiny LLaVA, LoRA, 2 CPU steps per epoch, MLflow store under ``tmp``."""
+    """A CLI config: tiny LLaVA, LoRA, 2 CPU steps per epoch, MLflow store under ``tmp``;
+    ``callbacks`` are added, ``every_n_train_steps`` also checkpoints within epochs."""
     out = tmp / "out"
     cfg = {
         "seed_everything": 0,
@@ -61,7 +94,11 @@ def tuner_config(
             "callbacks": [
                 {
                     "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
-                    "init_args": {"dirpath": str(out / "ckpt"), "save_last": True},
+                    "init_args": {
+                        "dirpath": str(out / "ckpt"),
+                        "save_last": True,
+                        "every_n_train_steps": every_n_train_steps,
+                    },
                 },
                 {
                     "class_path": "biomedvital.tuning.ExportTuned",
@@ -70,6 +107,7 @@ def tuner_config(
             ],
         },
     }
+    cfg["trainer"]["callbacks"] += callbacks or []
     if stop_after is not None:
         cfg["trainer"]["callbacks"].append(
             {"class_path": "tuning_helpers.StopAfterEpoch", "init_args": {"epoch": stop_after}}
