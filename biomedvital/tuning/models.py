@@ -191,7 +191,10 @@ def _pretrained(name: str, dtype: torch.dtype | None) -> LlavaBundle:
 def create_llava(name: str, *, seed: int = 0, dtype: torch.dtype | None = None) -> LlavaBundle:
     """The model and processor that ``name`` designates (see the module docstring)."""
     if name.startswith("tiny:"):
-        return _tiny(name.removeprefix("tiny:"), seed)
+        bundle = _tiny(name.removeprefix("tiny:"), seed)
+        if dtype is not None:
+            bundle.model.to(dtype)  # float32 random weights, then as asked (tests of bf16 runs)
+        return bundle
     if name.startswith(("hf:", "local-dir:")):
         return _pretrained(name, dtype)
     raise ValueError(

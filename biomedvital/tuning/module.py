@@ -79,6 +79,11 @@ class LlavaTuner(LightningModule):
         fsdp_unit: for FSDP2 (``ModelParallelStrategy``): shard each decoder layer and each
             vision-encoder layer as its own unit (``layer``), or only the whole model
             (``model``).
+        fp32_trainable: under a mixed ``precision`` (``bf16-mixed``), keep the trainable
+            parameters (projector; all of them in full mode) in float32 whatever ``dtype``
+            loads the weights (peft already does so for adapters): AdamW's updates of bf16
+            weights mostly round away (lr 2e-5 on weights of ~1e-2 is below bf16's step).
+            Autocast computes in bf16 either way; frozen weights keep ``dtype``.
     """
 
     def __init__(
@@ -106,6 +111,7 @@ class LlavaTuner(LightningModule):
         init_seed: int = 0,
         checkpoint_trainable_only: bool = True,
         fsdp_unit: Literal["layer", "model"] = "layer",
+        fp32_trainable: bool = True,
     ) -> None:
         super().__init__()
         if mode not in ("lora", "full"):
@@ -172,7 +178,23 @@ class LlavaTuner(LightningModule):
         """FSDP2 under ``ModelParallelStrategy``: each vision-encoder layer, each LoRA
         ``lora_A``/``lora_B`` and the projector are their own units, then each decoder layer
         and the root; so frozen and trainable tensors never share a unit (their gathers and
-        reductions stay apart). Other strategies leave the model as is."""
+        reductions stay apart). Other strategies leave the model as is.
+
+        First, under mixed precision, trainable parameters are made float32
+        (``fp32_trainable``); FSDP (v1), which flattens each wrapped layer into one tensor of
+        one dtype, is refused a model that mixes dtypes within a layer, naming the fix."""
+        trainer = self._trainer
+        if (
+            self.hparams.fp32_trainable
+            and trainer is not None
+            and "mixed" in str(trainer.precision)
+        ):
+            upcast_trainable(self.model)
+        if trainer is not None:
+            from lightning.pytorch.strategies import FSDPStrategy
+
+            if isinstance(trainer.strategy, FSDPStrategy):
+                check_fsdp1_dtypes(self.llava())
         mesh = getattr(self, "device_mesh", None)
         if mesh is None or self.hparams.fsdp_unit not in ("layer", "model"):
             return
@@ -460,6 +482,45 @@ class LlavaTuner(LightningModule):
             self.processor.save_pretrained(folder / "merged")
             written["merged"] = str(folder / "merged")
         return written
+
+
+def upcast_trainable(model: nn.Module) -> int:
+    """Make every trainable floating-point parameter float32, in place; returns how many."""
+    n = 0
+    for p in model.parameters():
+        if p.requires_grad and p.is_floating_point() and p.dtype != torch.float32:
+            p.data = p.data.float()
+            n += 1
+    return n
+
+
+FSDP1_DTYPE_MESSAGE = (
+    "FSDP (v1) flattens the parameters of each wrapped unit into one tensor of one dtype, but "
+    "{unit} holds {dtypes} (LoRA adapters and trainable weights are float32; the other weights "
+    "are loaded as model.init_args.dtype). Load every weight in float32 "
+    "(--model.init_args.dtype float32; FSDP's mixed precision still computes in bf16) or use "
+    "FSDP2 (conf/strategy/fsdp2.yaml, conf/paper/tuner.yaml), which shards each parameter "
+    "on its own"
+)
+
+
+def check_fsdp1_dtypes(llava: nn.Module) -> None:
+    """Raise unless each unit FSDP (v1) would flatten (every decoder and vision-encoder layer,
+    and the rest of the model) holds parameters of one dtype."""
+    layers = [*llava.model.language_model.layers, *llava.model.vision_tower.encoder.layers]
+    inside: set[int] = set()
+    units: list[tuple[str, list[torch.nn.Parameter]]] = []
+    names = {id(m): n for n, m in llava.named_modules()}
+    for layer in layers:
+        params = list(layer.parameters())
+        inside |= {id(p) for p in params}
+        units.append((names.get(id(layer), type(layer).__name__), params))
+    rest = [p for p in llava.parameters() if id(p) not in inside]
+    units.append(("the model outside its layers", rest))
+    for unit, params in units:
+        dtypes = sorted({str(p.dtype).removeprefix("torch.") for p in params})
+        if len(dtypes) > 1:
+            raise ValueError(FSDP1_DTYPE_MESSAGE.format(unit=unit, dtypes=" and ".join(dtypes)))
 
 
 def cosine_with_warmup(step: int, warmup: int, total: int, floor: float = 0.0) -> float:

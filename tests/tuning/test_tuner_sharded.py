@@ -154,3 +154,26 @@ def test_fsdp2_with_the_lean_options_matches_one_eager_process(
     a, b = _losses(one), _losses(two)
     assert len(a) == len(b) == 3
     torch.testing.assert_close(torch.tensor(b), torch.tensor(a), rtol=0, atol=1e-4)
+
+
+def test_fsdp2_trains_bf16_weights_with_float32_trainables(tmp_path: Path, demo_root: Path) -> None:
+    """The paper config's precision path on 2 processes: weights loaded in bf16, ``bf16-mixed``,
+    FSDP2 units of bf16 frozen weights beside float32 adapters and projector (FSDP v1 would
+    refuse the mix); training runs, the loss is finite and the checkpoint's trainable tensors
+    are float32."""
+    from biomedvital.tuning.consolidate import consolidate_checkpoint
+
+    data = selected_from_demo(demo_root, tmp_path / "selected" / "selected.json", n=8)
+    two = tmp_path / "two"
+    two.mkdir()
+    run_cli(
+        "fit", "--config", _config(two, data, demo_root / "images", 2),
+        "--config", "conf/strategy/fsdp2.yaml", "--trainer.devices", "2",
+        "--trainer.precision", "bf16-mixed", "--model.init_args.dtype", "bfloat16",
+        timeout=600, env=cli_env(PYTHONPATH=str(Path(__file__).parent)),
+    )  # fmt: skip
+    losses = _losses(two)
+    assert losses and all(torch.isfinite(torch.tensor(losses)))
+    full = consolidate_checkpoint(two / "out" / "ckpt" / "last.ckpt", tmp_path / "full.ckpt")
+    state = torch.load(full, weights_only=True)["state_dict"]
+    assert state and {v.dtype for v in state.values()} == {torch.float32}

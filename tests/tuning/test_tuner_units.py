@@ -551,3 +551,42 @@ def test_lightning_sets_the_grouped_samplers_epoch() -> None:
     assert list(sampler) == full[2:] and list(sampler) == full
     sampler.resume(3, 4)  # a finished epoch: the next one, from its start
     assert sampler.epoch == 4 and len(list(sampler)) == 4
+
+
+@pytest.mark.parametrize("mode", ["lora", "full"])
+def test_trainable_weights_are_float32_under_mixed_precision(mode: str) -> None:
+    """Weights loaded in bf16 (the paper config): under ``bf16-mixed`` the trainable ones
+    become float32, so small AdamW updates are not rounded away; frozen ones stay bf16."""
+    from types import SimpleNamespace
+
+    tuner = LlavaTuner("tiny:tiny-llava", mode=mode, lora_r=4, lora_alpha=8, dtype="bfloat16")
+    projector = [p for n, p in tuner.named_parameters() if p.requires_grad and "projector" in n]
+    assert projector and all(p.dtype == torch.bfloat16 for p in projector)  # as loaded
+    tuner._trainer = SimpleNamespace(precision="bf16-mixed", strategy=None)  # type: ignore[assignment]
+    try:
+        tuner.configure_model()
+    finally:
+        tuner._trainer = None
+    dtypes = {p.dtype for p in tuner.parameters() if p.requires_grad}
+    assert dtypes == {torch.float32}
+    frozen = {p.dtype for p in tuner.parameters() if not p.requires_grad}
+    assert frozen == {torch.bfloat16}
+    before = [p.detach().clone() for p in projector]
+    opt = torch.optim.AdamW(projector, lr=2e-5)
+    for p in projector:
+        p.grad = torch.ones_like(p)
+    opt.step()
+    moved = sum(int((p != b).sum()) for p, b in zip(projector, before, strict=True))
+    assert moved == sum(p.numel() for p in projector)  # in bf16 most would not move
+
+
+def test_fsdp_v1_refuses_mixed_dtypes_in_a_unit() -> None:
+    """FSDP (v1) flattens each wrapped layer into one tensor of one dtype: bf16 weights with
+    float32 adapters are refused before wrapping, naming the two ways out."""
+    from biomedvital.tuning.module import check_fsdp1_dtypes, upcast_trainable
+
+    tuner = LlavaTuner("tiny:tiny-llava", lora_r=4, lora_alpha=8, dtype="bfloat16")
+    upcast_trainable(tuner.model)
+    with pytest.raises(ValueError, match=r"FSDP \(v1\).*bfloat16 and float32.*fsdp2"):
+        check_fsdp1_dtypes(tuner.llava())
+    check_fsdp1_dtypes(LlavaTuner("tiny:tiny-llava", lora_r=4, lora_alpha=8).llava())
