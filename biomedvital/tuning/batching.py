@@ -8,6 +8,7 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
+from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from biomedvital.data.images import ImageLoadError, ImageRoot, UnsafePathError
@@ -225,7 +226,10 @@ class TuningDataset(Dataset):
         except IMAGE_ERRORS as err:
             if not self.skip_bad:
                 raise BadSampleImage(s, err) from err
-            return {"sample": s, "error": f"{type(err).__name__}: {err}"}
+            # a blank image of the right shape: the collate may need the sample as a placeholder
+            blank = Image.new("RGB", (32, 32))
+            pixels = self.image_processor(images=blank, return_tensors="pt")["pixel_values"][0]
+            return {"sample": s, "error": f"{type(err).__name__}: {err}", "pixel_values": pixels}
         pixels = self.image_processor(images=image, return_tensors="pt")["pixel_values"][0]
         return {"sample": s, "pixel_values": pixels}
 
@@ -241,7 +245,14 @@ class BadSampleImage(ValueError):
 
 
 class PadCollate:
-    """Right-pads ids (``pad_id``) and labels (``IGNORE_INDEX``) to the batch's longest sample."""
+    """Right-pads ids (``pad_id``) and labels (``IGNORE_INDEX``) to the batch's longest sample.
+
+    Samples whose image failed to load (skip mode) are left out and named in ``bad_images``.
+    When all of a batch's did, one stays as a placeholder: its blank image and tokens with no
+    label, so that the step still runs the model (with several processes every rank must take
+    part in the step's collectives) and adds nothing to the loss; ``ids`` lists the good
+    samples only.
+    """
 
     def __init__(self, pad_id: int) -> None:
         self.pad_id = pad_id
@@ -249,22 +260,25 @@ class PadCollate:
     def __call__(self, items: list[dict[str, Any]]) -> dict[str, Any]:
         bad = [it for it in items if "error" in it]
         good = [it for it in items if "error" not in it]
-        n, width = len(good), max((len(it["sample"]) for it in good), default=0)
+        rows = good or bad[:1]  # the placeholder: supervised by nothing (below)
+        n, width = len(rows), max((len(it["sample"]) for it in rows), default=0)
         ids = torch.full((n, width), self.pad_id, dtype=torch.long)
         labels = torch.full((n, width), IGNORE_INDEX, dtype=torch.long)
         mask = torch.zeros((n, width), dtype=torch.long)
-        for row, it in enumerate(good):
+        for row, it in enumerate(rows):
             s: Sample = it["sample"]
             ids[row, : len(s)] = torch.from_numpy(s.input_ids)
-            labels[row, : len(s)] = torch.from_numpy(s.labels)
+            if good:
+                labels[row, : len(s)] = torch.from_numpy(s.labels)
             mask[row, : len(s)] = 1
         return {
             "input_ids": ids,
             "labels": labels,
             "attention_mask": mask,
-            "pixel_values": torch.stack([it["pixel_values"] for it in good])
-            if good
+            "pixel_values": torch.stack([it["pixel_values"] for it in rows])
+            if rows
             else torch.empty(0),
             "ids": [it["sample"].id for it in good],
+            "bad_ids": [it["sample"].id for it in bad],
             "bad_images": [f"{it['sample'].id}: {it['error']}" for it in bad],
         }

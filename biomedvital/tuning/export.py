@@ -63,6 +63,8 @@ class ExportTuned(EndOfFit):
         self, trainer: Trainer, pl_module: LightningModule, metrics: dict[str, float]
     ) -> None:
         out = self.dirpath
+        seen = getattr(pl_module, "bad_images_seen", None)
+        bad_ids = seen() if seen is not None else []  # collective: before any rank returns
         sharded = getattr(pl_module, "is_sharded", lambda: False)()
         if not sharded and not trainer.is_global_zero:
             return
@@ -82,7 +84,8 @@ class ExportTuned(EndOfFit):
             shutil.copyfile(config, tmp / "config.yaml")
         dm = trainer.datamodule
         manifest: dict[str, Any] = dm.describe() if hasattr(dm, "describe") else {}
-        manifest["bad_images_during_training"] = getattr(pl_module, "bad_images", 0)
+        # samples kept by the data module whose image then failed to load: trained on by none
+        manifest["bad_images_during_training"] = {"count": len(bad_ids), "ids": bad_ids}
         write_json(tmp / "data_manifest.json", manifest)
         write_json(
             tmp / "run.json",

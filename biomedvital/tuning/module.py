@@ -139,7 +139,7 @@ class LlavaTuner(LightningModule):
             compile_layers(base)
         if checkpoint_trainable_only:
             self.strict_loading = False  # frozen tensors are left out; checked on load
-        self.bad_images = 0
+        self.bad_image_ids: set[str] = set()  # this process's, and a resumed run's before it
 
     # -- model -----------------------------------------------------------------------------
 
@@ -247,22 +247,27 @@ class LlavaTuner(LightningModule):
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         # dropout (adapters) draws from the global RNG, consumed in a different order after a
-        # restart: seeding per micro-batch makes a resumed run continue exactly
-        torch.manual_seed(
-            (self.hparams.init_seed * 1_000_003 + self.current_epoch) * 1_000_003 + batch_idx
-        )
+        # restart: seeding per micro-batch makes a resumed run continue exactly; per rank too,
+        # or every process would drop the same positions of its different samples
+        p, rank = 1_000_003, self.global_rank
+        seed = ((self.hparams.init_seed * p + self.current_epoch) * p + batch_idx) * p + rank
+        torch.manual_seed(seed % 2**63)
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor | None:
-        self.bad_images += len(batch["bad_images"])
+        self.bad_image_ids.update(batch.get("bad_ids", []))
         n = len(batch["ids"])
-        if n == 0:
-            return None
         world = self.trainer.world_size if self._trainer is not None else 1
+        if n == 0 and world == 1:
+            return None  # every image failed: nothing to learn, and no other rank to wait for
+        # n == 0 with several ranks: the collate's placeholder (no supervised token) runs the
+        # step, so this rank takes part in the gathers and reductions and adds 0 to the loss
         summed, count = self.supervised_loss(batch)
         if world > 1:
             loss = self.distributed_share(summed, count, world)
             # the mean of the ranks' losses is the global batch's token-weighted mean
-            self.log("train/loss", loss.detach(), prog_bar=True, batch_size=n, sync_dist=True)
+            self.log(
+                "train/loss", loss.detach(), prog_bar=True, batch_size=max(n, 1), sync_dist=True
+            )
         else:
             loss = summed / count.clamp_min(1).to(summed.dtype)
             self.log("train/loss", loss, prog_bar=True, batch_size=n)
@@ -270,11 +275,13 @@ class LlavaTuner(LightningModule):
             "train/supervised_tokens",
             (batch["labels"] != -100).sum().float(),
             reduce_fx="sum",
-            batch_size=n,
+            batch_size=max(n, 1),
         )
         if self._trainer is not None and self.trainer.optimizers:
             for group in self.trainer.optimizers[0].param_groups:
-                self.log(f"train/lr_{group.get('name', 'model')}", group["lr"], batch_size=n)
+                self.log(
+                    f"train/lr_{group.get('name', 'model')}", group["lr"], batch_size=max(n, 1)
+                )
         return loss
 
     def supervised_loss(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -318,10 +325,26 @@ class LlavaTuner(LightningModule):
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         n = len(batch["ids"])
+        world = self.trainer.world_size if self._trainer is not None else 1
+        if n == 0 and world == 1:
+            return
+        summed, count = self.supervised_loss(batch)  # sharded: every rank runs the model
         if n:
-            summed, count = self.supervised_loss(batch)
             loss = summed / count.clamp_min(1).to(summed.dtype)
             self.log("val/loss", loss, prog_bar=True, batch_size=n, sync_dist=True)
+
+    def bad_images_seen(self) -> list[str]:
+        """Ids of the samples whose image failed to load while training, every process's
+        (a collective with several processes: all must call it), each counted once however
+        many epochs met it."""
+        ids = set(self.bad_image_ids)
+        if self._trainer is not None and self.trainer.world_size > 1:
+            import torch.distributed as dist
+
+            parts: list[Any] = [None] * self.trainer.world_size
+            dist.all_gather_object(parts, sorted(ids))
+            ids = {i for part in parts for i in part}
+        return sorted(ids)
 
     def configure_optimizers(self) -> dict[str, Any]:
         hp = self.hparams
@@ -359,6 +382,7 @@ class LlavaTuner(LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["mlflow_run_id"] = getattr(self.logger, "run_id", None)
+        checkpoint["bad_image_ids"] = self.bad_images_seen()  # every rank saves
         if self.hparams.checkpoint_trainable_only and "state_dict" in checkpoint:
             keep = self.trainable_keys()
             checkpoint["state_dict"] = {
@@ -366,6 +390,7 @@ class LlavaTuner(LightningModule):
             }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.bad_image_ids = set(checkpoint.get("bad_image_ids", []))
         if self.hparams.checkpoint_trainable_only and "state_dict" in checkpoint:
             missing = sorted(self.trainable_keys() - set(checkpoint["state_dict"]))
             if missing:
@@ -400,15 +425,32 @@ class LlavaTuner(LightningModule):
         return out[0, inputs["input_ids"].shape[1] :].tolist()
 
     def is_sharded(self) -> bool:
-        """Whether FSDP2 has turned the parameters into ``DTensor`` shards."""
+        """Whether FSDP2 (``DTensor`` shards) or FSDP (v1) (flattened units) holds the
+        parameters: then every rank must take part in gathering them."""
+        return self._fsdp_version() > 0
+
+    def _fsdp_version(self) -> int:
+        from torch.distributed.fsdp import FullyShardedDataParallel
         from torch.distributed.tensor import DTensor
 
-        return any(isinstance(p, DTensor) for p in self.model.parameters())
+        if any(isinstance(p, DTensor) for p in self.model.parameters()):
+            return 2
+        if any(isinstance(m, FullyShardedDataParallel) for m in self.model.modules()):
+            return 1
+        strategy = getattr(self._trainer, "strategy", None)
+        if strategy is not None and isinstance(strategy.model, FullyShardedDataParallel):
+            return 1  # FSDP (v1) around the whole module only
+        return 0
 
-    def full_state_dict(self) -> dict[str, torch.Tensor]:
-        """``self.model``'s complete state dict on the CPU. Sharded (FSDP2): every rank must
-        call it (the shards are gathered); only rank 0 receives the tensors, others ``{}``."""
-        if not self.is_sharded():
+    def full_state_dict(self, root: nn.Module | None = None) -> dict[str, torch.Tensor]:
+        """``self.model``'s complete state dict on the CPU. Sharded: every rank must call it
+        (the shards are gathered); only rank 0 receives the tensors, others ``{}``.
+
+        FSDP (v1) keeps the parameters outside the wrapped layers in the flattened unit of
+        the root wrapper around this module, so the gather starts there: ``root``, by default
+        the strategy's wrapped model (Lightning's ``FSDPStrategy`` wraps the LightningModule)."""
+        version = self._fsdp_version()
+        if version == 0:
             return {k: v.detach().cpu() for k, v in self.model.state_dict().items()}
         from torch.distributed.checkpoint.state_dict import (
             StateDictOptions,
@@ -416,7 +458,11 @@ class LlavaTuner(LightningModule):
         )
 
         options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-        return get_model_state_dict(self.model, options=options)
+        if version == 2:
+            return get_model_state_dict(self.model, options=options)
+        root = root if root is not None else self.trainer.strategy.model
+        state = get_model_state_dict(root, options=options)
+        return {k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")}
 
     def unsharded_copy(self, state: dict[str, torch.Tensor]) -> nn.Module:
         """A plain (not sharded) ``self.model`` holding ``state``: built on the meta device
@@ -439,7 +485,7 @@ class LlavaTuner(LightningModule):
             model = base
         model.load_state_dict(state, strict=True, assign=True)
         persistent = set(state)
-        buffers = dict(self.model.named_buffers())
+        buffers = {_unwrapped(n): b for n, b in self.model.named_buffers()}  # FSDP (v1) names
         for name, _ in list(model.named_buffers()):
             if name not in persistent:
                 owner, _, leaf = name.rpartition(".")
@@ -450,20 +496,29 @@ class LlavaTuner(LightningModule):
             raise RuntimeError(f"unsharded copy lacks {len(left)} tensor(s), e.g. {left[0]}")
         return model.eval()
 
-    def export(self, folder: str | Path, adapter: bool = True, merged: bool = True) -> dict:
+    def export(
+        self,
+        folder: str | Path,
+        adapter: bool = True,
+        merged: bool = True,
+        root: nn.Module | None = None,
+    ) -> dict:
         """Write the PEFT adapter (LoRA) and/or a merged ``LlavaForConditionalGeneration`` with
         its processor, loadable with ``from_pretrained``. Merging works on a copy (host memory
         for a second model) so the trained module stays usable.
 
-        Sharded by FSDP2, every rank must call it: the full tensors are gathered to rank 0's
-        CPU memory (the whole model once), rank 0 writes an unsharded copy, others return
-        ``{}``. What is written loads in one process as an unsharded run's export does."""
+        Sharded (FSDP2 or FSDP v1), every rank must call it: the full tensors are gathered to
+        rank 0's CPU memory (the whole model once), rank 0 writes an unsharded copy, others
+        return ``{}``. What is written loads in one process as an unsharded run's export does.
+        ``root``: see :meth:`full_state_dict`."""
         folder = Path(folder)
         written: dict[str, str] = {}
         sharded = self.is_sharded()
         if sharded:
-            state = self.full_state_dict()  # collective: every rank
-            if not self.trainer.is_global_zero:
+            import torch.distributed as dist
+
+            state = self.full_state_dict(root)  # collective: every rank
+            if dist.get_rank() != 0:
                 return written
             model = self.unsharded_copy(state)
             del state

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -177,3 +178,63 @@ def test_fsdp2_trains_bf16_weights_with_float32_trainables(tmp_path: Path, demo_
     full = consolidate_checkpoint(two / "out" / "ckpt" / "last.ckpt", tmp_path / "full.ckpt")
     state = torch.load(full, weights_only=True)["state_dict"]
     assert state and {v.dtype for v in state.values()} == {torch.float32}
+
+
+def test_a_rank_whose_whole_batch_lost_its_images_still_steps(
+    tmp_path: Path, demo_root: Path
+) -> None:
+    """2 processes, 1 sample each per step, one image corrupt (skip mode): the rank that draws
+    it has nothing to learn from but must still join the step's gathers and reductions (before,
+    it skipped the step and the other rank waited forever). The run ends; the export's manifest
+    names the sample once, though both epochs met it."""
+    import json
+    import shutil
+
+    images = tmp_path / "images"
+    shutil.copytree(demo_root / "images", images)
+    (images / "retina.jpg").write_bytes(b"not a jpeg")
+    data = selected_from_demo(demo_root, tmp_path / "selected" / "selected.json", n=6)
+    bad = [r["id"] for r in json.loads(data.read_text()) if r["image"] == "retina.jpg"]
+    two = tmp_path / "two"
+    two.mkdir()
+    path = _config(two, data, images, 2)
+    cfg = yaml.safe_load(path.read_text())
+    cfg["data"]["init_args"].update(batch_size=1, on_bad_record="skip")
+    cfg["trainer"]["max_epochs"] = 2
+    path.write_text(yaml.safe_dump(cfg))
+    run_cli(
+        "fit", "--config", path, "--config", "conf/strategy/fsdp2.yaml",
+        "--trainer.devices", "2", "--model.init_args.lora_dropout", "0.05",
+        timeout=300, env=cli_env(PYTHONPATH=str(Path(__file__).parent)),
+    )  # fmt: skip
+    manifest = json.loads((two / "out" / "export" / "data_manifest.json").read_text())
+    assert bad and manifest["bad_images_during_training"] == {"count": len(bad), "ids": bad}
+
+
+def test_fsdp_v1_export_gathers_every_rank(tmp_path: Path) -> None:
+    """FSDP (v1) on 2 CPU processes (torch's FSDP as Lightning's FSDPStrategy wraps the
+    module; Lightning itself refuses CPU): every rank takes part in export, rank 0 writes whole
+    tensors (the root unit's embeddings and projector too, not its local shard) and the merged
+    model loads in one process. Before, rank 0 exported alone and hung in the layers' gathers."""
+    import socket
+
+    from transformers import LlavaForConditionalGeneration
+
+    from biomedvital.tuning.models import create_llava
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = str(s.getsockname()[1])
+    done = subprocess.run(
+        [sys.executable, str(Path(__file__).parent / "fsdp1_export.py"), str(tmp_path), port],
+        cwd=REPO, env=cli_env(), capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    merged = LlavaForConditionalGeneration.from_pretrained(tmp_path / "merged")
+    fresh = create_llava("tiny:tiny-llava", seed=0).model  # the tuner's initial weights
+    want = {k: v.shape for k, v in fresh.state_dict().items()}
+    got = {k: v.shape for k, v in merged.state_dict().items()}
+    assert got == want
+    # the step moved the projector (trained, in the root unit) away from its initial weights
+    key = next(k for k in want if "multi_modal_projector" in k and k.endswith("weight"))
+    assert not torch.equal(merged.state_dict()[key], fresh.state_dict()[key])

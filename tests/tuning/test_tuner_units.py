@@ -590,3 +590,40 @@ def test_fsdp_v1_refuses_mixed_dtypes_in_a_unit() -> None:
     with pytest.raises(ValueError, match=r"FSDP \(v1\).*bfloat16 and float32.*fsdp2"):
         check_fsdp1_dtypes(tuner.llava())
     check_fsdp1_dtypes(LlavaTuner("tiny:tiny-llava", lora_r=4, lora_alpha=8).llava())
+
+
+def test_collate_keeps_a_placeholder_when_every_image_failed() -> None:
+    """Failed images are dropped and named; a batch of failures only keeps one as a
+    placeholder with nothing supervised (the step still runs the model), and lists no id."""
+    from biomedvital.tuning.batching import PadCollate, Sample
+
+    def item(i: str, n: int, error: bool) -> dict:
+        s = Sample(i, f"{i}.png", np.arange(1, n + 1), np.arange(1, n + 1), "ct", 0)
+        row = {"sample": s, "pixel_values": torch.zeros(3, 4, 4)}
+        return {**row, "error": "ImageLoadError: broken"} if error else row
+
+    collate = PadCollate(pad_id=0)
+    some = collate([item("a", 3, False), item("b", 5, True)])
+    assert some["ids"] == ["a"] and some["bad_ids"] == ["b"] and some["input_ids"].shape == (1, 3)
+    assert (some["labels"] != IGNORE_INDEX).sum() == 3
+    none = collate([item("b", 5, True), item("c", 2, True)])
+    assert none["ids"] == [] and none["bad_ids"] == ["b", "c"]
+    assert none["input_ids"].shape == (1, 5) and none["pixel_values"].shape == (1, 3, 4, 4)
+    assert (none["labels"] == IGNORE_INDEX).all() and none["attention_mask"].sum() == 5
+
+
+def test_dropout_seeds_differ_between_ranks_and_repeat_per_step(tuner: LlavaTuner) -> None:
+    """Per-step seeding (exact resume) includes the rank: two processes do not drop the same
+    positions of their different samples; the same rank and step draw the same masks."""
+    from types import SimpleNamespace
+
+    def draw(rank: int, step: int) -> torch.Tensor:
+        tuner._trainer = SimpleNamespace(global_rank=rank, current_epoch=1)  # type: ignore[assignment]
+        try:
+            tuner.on_train_batch_start({}, step)
+        finally:
+            tuner._trainer = None
+        return torch.rand(8)
+
+    assert torch.equal(draw(0, 3), draw(0, 3))
+    assert not torch.equal(draw(0, 3), draw(1, 3)) and not torch.equal(draw(0, 3), draw(0, 4))
