@@ -518,9 +518,17 @@ class VQAEvaluator(LightningModule):
         self.log_dict(logged, batch_size=max(len(rows), 1), sync_dist=self.trainer.world_size > 1)
         if self.resumed and self.logger is not None and hasattr(self.logger, "log_hyperparams"):
             self.logger.log_hyperparams({"resumed_batches": self.resumed["batches"]})
+        total = len(dm.load_items()) if hasattr(dm, "load_items") else len(rows)
+        if len(rows) < total:  # limit_test_batches, fast_dev_run: not the benchmark's figures
+            from lightning.pytorch.utilities import rank_zero_warn
+
+            rank_zero_warn(
+                f"{len(rows)} of {total} questions answered (trainer limits): the scores are "
+                "marked partial and the answer journal is kept for a full run to resume"
+            )
         if self.hparams.write_predictions and self.trainer.is_global_zero:
-            self._write(name, scores, rows)
-            if self.journal is not None:
+            self._write(name, scores, rows, answered=(len(rows), total))
+            if self.journal is not None and len(rows) == total:
                 self.journal.remove()  # its answers are in the predictions file now
 
     def score(
@@ -577,7 +585,13 @@ class VQAEvaluator(LightningModule):
             )
         return [row for _, row, _ in merged], [truth for _, _, truth in merged]
 
-    def _write(self, name: str, scores: dict[str, Any], rows: list[dict[str, Any]]) -> None:
+    def _write(
+        self,
+        name: str,
+        scores: dict[str, Any],
+        rows: list[dict[str, Any]],
+        answered: tuple[int, int] | None = None,
+    ) -> None:
         out = Path(self.trainer.default_root_dir)
         preds = out / PREDICTIONS_FILE
         write_jsonl(preds, rows)
@@ -587,6 +601,8 @@ class VQAEvaluator(LightningModule):
             "closed_rule": self.hparams.closed_rule,
             "model": self.source,
             **scores,
+            "answered": None if answered is None else answered[0],
+            "partial": answered is not None and answered[0] < answered[1],
             "data": dm.describe() if hasattr(dm, "describe") else None,
             "predictions": {"path": str(preds), "sha256": sha256_file(preds)},
         }

@@ -347,7 +347,13 @@ class _Count(Callback):
         self.batches += 1
 
 
-def _evaluate(s: dict[str, Path], root: Path, *callbacks: Callback, max_new_tokens: int = 24):
+def _evaluate(
+    s: dict[str, Path],
+    root: Path,
+    *callbacks: Callback,
+    max_new_tokens: int = 24,
+    **trainer_args: object,
+):
     from lightning.pytorch import Trainer
 
     model = VQAEvaluator(model=f"local-dir:{s['merged']}", max_new_tokens=max_new_tokens)
@@ -357,6 +363,7 @@ def _evaluate(s: dict[str, Path], root: Path, *callbacks: Callback, max_new_toke
     trainer = Trainer(
         accelerator="cpu", devices=1, logger=False, default_root_dir=str(root),
         callbacks=list(callbacks), enable_progress_bar=False, enable_model_summary=False,
+        **trainer_args,
     )  # fmt: skip
     with contextlib.suppress(_Killed):  # what the killed run left is inspected
         trainer.test(model, datamodule=dm)
@@ -381,6 +388,23 @@ def uninterrupted(setup: dict[str, Path]) -> Path:
     root = setup["tmp"] / "uninterrupted"
     _evaluate(setup, root)
     return root
+
+
+def test_a_limited_run_is_marked_partial_and_a_full_run_resumes_it(
+    setup: dict[str, Path], uninterrupted: Path
+) -> None:
+    """``limit_test_batches`` (a smoke test) answers 12 of 30 questions: its scores say so
+    (``partial``) and its journal stays, so the full run answers only the other 5 batches and
+    writes the uninterrupted run's files."""
+    root = setup["tmp"] / "limited"
+    _evaluate(setup, root, limit_test_batches=3)
+    scores = json.loads((root / "scores.json").read_text())
+    assert scores["partial"] is True and scores["answered"] == 12
+    assert len(_journals(root)) == 1
+    model = _evaluate(setup, root)
+    assert model.resumed is not None and model.resumed["batches"] == 3
+    _same_outputs(uninterrupted, root)
+    assert _journals(root) == []
 
 
 def test_killed_run_resumes_from_its_journal(setup: dict[str, Path], uninterrupted: Path) -> None:
