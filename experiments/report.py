@@ -52,17 +52,26 @@ def _is_column(key: str) -> bool:
     return key in SELECTOR + CHAT or key.startswith(("test/", "win_rate"))
 
 
-def collect(grid: str, store: str) -> list[dict]:
+def collect(grid: str, store: str, page_size: int = 1000) -> list[dict]:
     """One row per cell: the metrics of the latest finished run of each of its stages."""
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri=tracking_uri(store))
     exps = [e.experiment_id for e in client.search_experiments()]
-    runs = client.search_runs(
-        exps,
-        filter_string=f"tags.grid = '{grid}' and attributes.status = 'FINISHED'",
-        order_by=["attributes.start_time DESC"],
-    )
+    runs = []
+    token = None
+    while True:  # every page: one call returns at most 1,000 runs, and a grid can hold more
+        page = client.search_runs(
+            exps,
+            filter_string=f"tags.grid = '{grid}' and attributes.status = 'FINISHED'",
+            order_by=["attributes.start_time DESC"],
+            max_results=page_size,
+            page_token=token,
+        )
+        runs += list(page)
+        token = page.token
+        if not token:
+            break
     rows: dict[str, dict] = {}
     seen: set[tuple[str, str]] = set()
     for r in runs:
