@@ -155,9 +155,10 @@ def _cli_class() -> type:
 
         Lightning replaces the configured model by the class that wrote the checkpoint. Here a
         model may consume another's checkpoint (the VQA evaluator reads a tuner checkpoint), so
-        the merge happens only when the classes agree; and the file is memory-mapped, so reading
-        the hyper-parameters of a 13B checkpoint does not load its tensors. Checkpoints are read
-        with ``weights_only=True`` (``--weights_only false`` is the explicit opt-out), and the
+        the merge happens only when the classes agree (``--ckpt_path last`` is resolved to its
+        file first, as for resuming); and the file is memory-mapped, so reading the
+        hyper-parameters of a 13B checkpoint does not load its tensors. Checkpoints are read with
+        ``weights_only=True`` (``--weights_only false`` is the explicit opt-out), and the
         trainer's ``default_root_dir`` is locked before anything is built (one run per folder).
         """
 
@@ -166,7 +167,12 @@ def _cli_class() -> type:
             if sub and self.config[sub].get("weights_only", True) is None:
                 self.config[sub]["weights_only"] = True  # never unpickle a checkpoint by default
             ckpt_path = sub and self.config[sub].get("ckpt_path")
-            if not ckpt_path or not Path(ckpt_path).is_file():
+            if not ckpt_path:
+                return
+            # ``last`` names a file too (the documented ``predict --ckpt_path last``): resolved
+            # here, or the model would be built with the config's hyper-parameters, not its own
+            ckpt_path = _resume_file(ckpt_path, self.config[sub].get("trainer") or {})
+            if ckpt_path is None:
                 return
             trusted = self.config[sub].get("weights_only") is False  # --weights_only false
             ckpt = load_checkpoint(ckpt_path, mmap=True, trusted=trusted)

@@ -21,7 +21,9 @@ filled in, and a cell overrides a stage's arguments or adds configs by naming th
 
 ``seeds: [0, 1, 2]`` repeats every cell per seed (cells ``<cell>-s<seed>``), passing the seed
 to each Trainer stage through ``seed_args`` (default ``seed_everything: "{seed}"``); other
-stages may use ``{seed}`` in their own arguments.
+stages may use ``{seed}`` in their own arguments. The selector's ``model.init_args.init_seed``
+and ``data.init_args.seed`` follow ``seed_everything`` unless a config pins them, so the default
+varies its initialisation, pair sampling, clinician split and batch order per replicate.
 
 Each cell writes into ``<out_root>/<grid>/<cell>/``; every MLflow run of a cell carries the tags
 ``grid``, ``cell``, ``base_cell`` and ``seed``, so ``experiments/report.py`` can collect them. A

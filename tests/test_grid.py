@@ -59,6 +59,33 @@ def test_grid_cells_and_report(tmp_path: Path, pool: dict[str, Path], capsys) ->
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
 
 
+def test_seed_replicates_of_a_selector_fit_differ(tmp_path: Path, pool: dict[str, Path]) -> None:
+    """The default ``seed_args`` (``seed_everything``) reach the selector: its ``init_seed``
+    and data ``seed`` follow the global seed unless pinned, so replicates are not copies."""
+    import torch
+
+    grid = tmp_path / "seeded.yaml"
+    grid.write_text(
+        yaml.safe_dump({"verb": "fit", "base": [str(_config(tmp_path, pool))],
+                        "seeds": [0, 1], "cells": {"a": []}})
+    )  # fmt: skip
+    root = tmp_path / "grids"
+    weights, seeds = [], []
+    for cell in ("a-s0", "a-s1"):
+        main(["grid", "--grid", str(grid), "--cell", cell, "--out_root", str(root)])
+        folder = root / "seeded" / cell
+        ckpt = torch.load(folder / "checkpoints" / "last.ckpt", weights_only=True)
+        weights.append(ckpt["state_dict"])
+        seeds.append(
+            (
+                ckpt["hyper_parameters"]["init_seed"],
+                json.loads((folder / "run.fit.json").read_text())["data"]["seed"],
+            )
+        )
+    assert seeds == [(0, 0), (1, 1)]
+    assert any(not torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+
+
 def _chain_grid(tmp_path: Path, pool: dict[str, Path]) -> Path:
     """select -> win-rate per cell, seeds as an axis: cheap pipeline stages, real verbs."""
     ids = [json.loads(line)["id"] for line in pool["candidates"].read_text().splitlines()]
@@ -221,6 +248,8 @@ def test_report_reads_pairwise_runs(tmp_path: Path) -> None:
             run.log_metrics({"judge/relative_mean_of_ratios": rate + 1, "judge/reviewed": 30})
     rows = sorted(report.collect("pw", store), key=lambda r: report._order(r["cell"]))
     assert [(r["cell"], r["win_rate_half_ties"]) for r in rows] == [("k10", 40.0), ("k100", 55.0)]
+    # runs beyond one page of results (MLflow returns 1,000 at most per call) are read too
+    assert report.collect("pw", store, page_size=1) == report.collect("pw", store)
     assert [r["judge/relative_mean_of_ratios"] for r in rows] == [41.0, 56.0]
     assert "judge/reviewed" not in rows[0]
     out = tmp_path / "out"

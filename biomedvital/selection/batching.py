@@ -99,7 +99,8 @@ class Codec:
 
         Returns a dict with ``entry_image``/``entry_text`` (row of each entry in the unique
         lists), ``image_keys``/``text_keys``, ``pixels`` + ``pixel_rows`` and ``tokens`` +
-        ``token_rows`` (only what must be encoded), and ``bad_entries`` {entry index: reason}.
+        ``token_rows`` (only what must be encoded), and ``bad_entries`` {entry index: reason};
+        an image that cannot be read or decoded has the empty key (no features exist for it).
         """
         images = list(dict.fromkeys(e.image for e in entries))
         texts = list(dict.fromkeys(e.text for e in entries))
@@ -130,6 +131,9 @@ class Codec:
                 if not self.skip_bad_images:
                     raise BadImage(rel, err) from err
                 bad_images[rel] = f"{type(err).__name__}: {err}"
+                # no pixels, so no features will ever be stored under its key: an empty key
+                # marks it bad, and the model does not look it up in the cache
+                image_keys[i] = ""
         token_rows = [i for i, k in enumerate(text_keys) if k not in known]
         return {
             "entry_image": torch.tensor([img_row[e.image] for e in entries], dtype=torch.long),

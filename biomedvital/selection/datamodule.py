@@ -33,10 +33,12 @@ from biomedvital.selection.pairs import (
     CLINICIAN,
     ClinicianSplit,
     Pair,
+    preference_record,
     sample_model_pairs,
     split_clinician,
     split_levels,
 )
+from biomedvital.selection.seeds import resolve_seed
 from biomedvital.selection.text import TextRecipe, candidate_text
 from biomedvital.tracking.mlflow import upstream_run_of
 
@@ -237,13 +239,16 @@ class SelectorDataModule(LightningDataModule):
         train_fraction: share of each rating level that feeds training pairs (paper: 0.8).
         clinician_val_fraction: share of clinician pairs held out to measure alignment.
         clinician_split: hold out clinician pairs by ``image`` (no figure on both sides) or by
-            ``pair``.
+            ``pair`` (by preference record: the pairs expanded from one answer-marks record,
+            ``id#i>j``, share its question and answers and stay on one side).
         batch_size: pairs per training batch (paper: 64).
         predict_chunk: candidates per scoring batch; images shared inside a chunk are decoded
             and encoded once.
         num_workers: DataLoader worker processes (decode and tokenise off the main process).
         image_cache_size: decoded images each worker keeps (LRU).
-        seed: seed of pair sampling and the clinician split.
+        seed: seed of pair sampling, the clinician split and the training order. ``None``
+            (default): the run's ``seed_everything`` (0 when unset), as the model's
+            ``init_seed``; the run record keeps the seed used.
         on_bad_record: ``raise`` on the first bad record (naming file, line and field) or
             ``skip`` it and count it in the run's report.
     """
@@ -261,7 +266,7 @@ class SelectorDataModule(LightningDataModule):
         predict_chunk: int = 256,
         num_workers: int = 2,
         image_cache_size: int = 256,
-        seed: int = 0,
+        seed: int | None = None,
         on_bad_record: OnBad = "raise",
     ) -> None:
         super().__init__()
@@ -276,7 +281,7 @@ class SelectorDataModule(LightningDataModule):
         self.predict_chunk = predict_chunk
         self.num_workers = num_workers
         self.image_cache_size = image_cache_size
-        self.seed = seed
+        self.seed = resolve_seed(seed)
         self.on_bad_record = on_bad_record
         self.files: PoolFiles | None = None
         self.report: dict[str, RecordReport] = {}
@@ -362,6 +367,7 @@ class SelectorDataModule(LightningDataModule):
             "records": {k: r.as_dict() for k, r in self.report.items()},
             "pairs": {k: len(v) for k, v in self.sets.items()},
             "entries": len(self.entries),
+            "seed": self.seed,
             "truncation": getattr(self, "truncation", None),
         }
 
@@ -561,7 +567,8 @@ class SelectorDataModule(LightningDataModule):
                     handle_bad(err, on_bad, self._rep("preferences"))
                     continue
                 clin_pairs.append(Pair(a, b, CLINICIAN))
-                groups.append(p.image if self.clinician_split == "image" else p.id)
+                by_image = self.clinician_split == "image"
+                groups.append(p.image if by_image else preference_record(p.id))
         c_train, c_val = split_clinician(groups, self.clinician_val_fraction, rng)
         self.sets = {
             "train": model_train + [clin_pairs[i] for i in c_train],

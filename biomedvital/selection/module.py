@@ -19,6 +19,7 @@ from biomedvital.selection.batching import Codec
 from biomedvital.selection.cache import EmbeddingCache
 from biomedvital.selection.losses import LossName, pair_loss
 from biomedvital.selection.pairs import CLINICIAN, MODEL
+from biomedvital.selection.seeds import resolve_seed
 
 BackboneMode = Literal["finetune", "frozen"]
 
@@ -53,8 +54,11 @@ class SelectorModule(LightningModule):
         lr: learning rate (paper: 1e-5, Adam).
         head_lr: learning rate of the head when it should differ from the backbone's.
         weight_decay: Adam(W) weight decay.
-        init_seed: seed of randomly initialised weights (``tiny:`` backbones and the head), so
-            that the same config gives the same model whatever else consumed the RNG.
+        init_seed: seed of randomly initialised weights (``tiny:`` backbones and the head) and
+            of per-step dropout, so that the same config gives the same model whatever else
+            consumed the RNG. ``None`` (default): the run's ``seed_everything`` (0 when unset),
+            so that ``--seed_everything`` and a grid's seed replicates vary the model; the
+            checkpoint records the seed used.
     """
 
     def __init__(
@@ -70,7 +74,7 @@ class SelectorModule(LightningModule):
         lr: float = 1e-5,
         head_lr: float | None = None,
         weight_decay: float = 0.0,
-        init_seed: int = 0,
+        init_seed: int | None = None,
     ) -> None:
         super().__init__()
         if backbone_mode not in ("finetune", "frozen"):
@@ -79,6 +83,12 @@ class SelectorModule(LightningModule):
             raise ValueError(f"w must be >= 0, got {w}")
         head_hidden = [512, 512, 512] if head_hidden is None else list(head_hidden)
         self.save_hyperparameters()
+        # the seed used, not None, in checkpoints (a frozen ``tiny:`` backbone is rebuilt from
+        # it) and in the logged parameters (a resumed run logs the checkpoint's: they must
+        # match). LightningCLI saves the config's values (None), hence the rewrite of both.
+        init_seed = resolve_seed(init_seed)
+        for saved in (self.hparams, self._hparams_initial):
+            saved["init_seed"] = init_seed
         self._backbone = create_backbone(backbone, seed=init_seed)
         self.frozen = backbone_mode == "frozen"
         if not self.frozen:

@@ -9,6 +9,7 @@ validation, by image by default so that no figure leaks across the split.
 
 from __future__ import annotations
 
+import re
 from collections import defaultdict
 from dataclasses import dataclass
 from typing import Literal
@@ -73,8 +74,9 @@ def split_clinician(
 ) -> tuple[list[int], list[int]]:
     """Indices of clinician pairs for training and held-out validation.
 
-    ``groups`` holds one label per pair (its image for a by-image split, its own id for a
-    by-pair split); whole groups go to one side.
+    ``groups`` holds one label per pair (its image for a by-image split, the id of its
+    preference record for a by-pair split: see :func:`preference_record`); whole groups go to
+    one side.
     """
     if not 0.0 <= val_fraction < 1.0:
         raise ValueError(f"clinician_val_fraction must be in [0, 1), got {val_fraction}")
@@ -90,3 +92,14 @@ def split_clinician(
 
 
 ClinicianSplit = Literal["image", "pair"]
+
+_EXPANDED = re.compile(r"#\d+>\d+$")
+
+
+def preference_record(pref_id: str) -> str:
+    """The id of the record a preference comes from, its by-pair split group.
+
+    An answer-marks record expands into pairs ``f"{id}#{i}>{j}"`` that share its question and
+    answers: split apart, the held-out side would score answers the model trained on.
+    """
+    return _EXPANDED.sub("", pref_id)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Iterator
+from fractions import Fraction
 from pathlib import Path
 from typing import Literal
 
@@ -21,7 +22,7 @@ from biomedvital.data.jsonio import (
 )
 from biomedvital.data.outputs import locks_output
 from biomedvital.data.records import Candidate
-from biomedvital.data.report import BadRecordError, RecordReport
+from biomedvital.data.report import MAX_EXAMPLES, BadRecordError, RecordReport
 from biomedvital.tracking.mlflow import DEFAULT_STORE, PipelineRun
 from biomedvital.tracking.provenance import git_state
 
@@ -73,6 +74,16 @@ def _read_scores(path: Path, on_bad: str, report: RecordReport) -> dict[str, tup
     return scores
 
 
+def top_count(scored: int, top_percent: float) -> int:
+    """How many of ``scored`` candidates the top ``top_percent`` % keeps, rounded up.
+
+    Computed exactly on the decimal the user wrote: in floats ``100000 * 1.1 / 100`` is
+    ``1100.0000000000002`` and its ceiling keeps one candidate too many.
+    """
+    share = Fraction(str(top_percent)) * scored / 100
+    return math.ceil(share)
+
+
 def _iter_files(
     paths: list[Path], on_bad: str, report: RecordReport
 ) -> Iterator[tuple[Path, int, str, object]]:
@@ -104,6 +115,8 @@ def select(
         top_percent: keep this share of the scored pool (paper: 10, 40, 80, 90 %).
         top_n: keep this many instead (overrides ``top_percent``).
         on_bad_record: ``raise`` or ``skip`` (counted in the manifest).
+            Scores whose id names no candidate are counted (``orphan_scores``); when none of
+            them names a candidate the files do not belong together, and select raises.
         store: MLflow store folder.
         upstream_run: MLflow run id of the scoring run (read from the scores' manifest when
             omitted).
@@ -133,6 +146,7 @@ def select(
     # pass 2 writes only valid records, each id once
     order_scores, order_keys = [], []
     seen: set[str] = set()
+    matched = 0  # scores whose id names a candidate; the rest are orphans, counted
     for path, pos, kind, obj in _iter_files(files, on_bad_record, reports["candidates"]):
         score, key = np.nan, np.nan
         try:
@@ -152,13 +166,22 @@ def select(
         else:
             reports["candidates"].kept()
             score, key = score_of.get(cid, (np.nan, np.nan))
+            matched += cid in score_of
         order_scores.append(score)
         order_keys.append(key)
+    orphans = len(score_of) - matched
+    if score_of and not matched:
+        named = ", ".join(map(str, files))
+        raise ValueError(
+            f"none of the {len(score_of)} ids in the scores file {scores} names a candidate of "
+            f"{named} (e.g. {next(iter(score_of))!r}): were they scored from another pool?"
+        )
+    orphan_examples = [cid for cid in score_of if cid not in seen][:MAX_EXAMPLES] if orphans else []
     del seen
     arr = np.asarray(order_scores, dtype=np.float64)
     keys = np.asarray(order_keys, dtype=np.float64)
     scored = int(np.isfinite(arr).sum())
-    n_keep = top_n if top_n is not None else int(math.ceil(scored * float(top_percent) / 100.0))
+    n_keep = top_n if top_n is not None else top_count(scored, top_percent)
     n_keep = min(n_keep, scored)
     keep = np.zeros(len(arr), dtype=bool)
     if n_keep:
@@ -196,6 +219,8 @@ def select(
             "kept": written,
             "dropped": scored - written,
             "unscored_candidates": unscored,
+            "orphan_scores": orphans,  # scores naming no candidate (e.g. the first few below)
+            "orphan_score_examples": orphan_examples,
             "threshold": threshold,
             "top_percent": None if top_n is not None else top_percent,
             "top_n": top_n,
@@ -227,6 +252,7 @@ def select(
                 "select/kept": written,
                 "select/dropped": scored - written,
                 "select/unscored": unscored,
+                "select/orphan_scores": orphans,
             }
         )
         run.log_dict(manifest, "select.manifest.json")

@@ -318,6 +318,24 @@ def test_cli_predict_skip_counts_bad_records(
     assert set(scored) == set(ids) - {ids[1], ids[4], ids[8], ids[12]}
 
 
+def test_frozen_backbone_skips_an_image_that_will_not_decode(
+    tmp_path: Path, pool: dict[str, Path], cli: Callable[..., None]
+) -> None:
+    # the file exists (its hash is a cache key) but decoding fails: no features are ever
+    # stored for it, so it must count as a bad image, not be looked up in the cache
+    (pool["image_root"] / "cell.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
+    ids = [json.loads(x)["id"] for x in _lines(pool["candidates"])]
+    on_cell = {json.loads(x)["id"] for x in _lines(pool["candidates"]) if "cell.png" in x}
+    cfg, out = _config(tmp_path, pool, "skip")
+    frozen = ["--model.init_args.backbone_mode", "frozen"]
+    cli(["fit", "--config", str(cfg), *frozen])
+    assert json.loads((out / "run.fit.json").read_text())["dropped_pairs"] > 0
+    cli(["predict", "--config", str(cfg), *frozen])
+    manifest = json.loads((out / "scores.jsonl.manifest.json").read_text())
+    assert manifest["skipped_by_reason"] == {"bad_image": len(on_cell)}
+    assert set(_scores(out)) == set(ids) - on_cell
+
+
 def test_cli_predict_raise_on_corrupt_image_leaves_nothing(
     tmp_path: Path, pool: dict[str, Path], cli: Callable[..., None], monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -468,9 +486,57 @@ def test_select_skip_counts_bad_candidates(
         "invalid:conversations": 1,
         "invalid_json": 1,
     }
+    # the scores of the three skipped lines name no (valid) candidate: counted, not lost
+    assert manifest["orphan_scores"] == 3
     selected = json.loads((tmp_path / "sel" / "selected.json").read_text())
     # the best valid ones, first occurrence of the repeated id, in file order
     assert [c["id"] for c in selected] == [ids[n - 6], ids[n - 4], ids[n - 3]]
+
+
+def test_select_counts_scores_naming_no_candidate(
+    tmp_path: Path, pool: dict[str, Path], store: str
+) -> None:
+    scores = tmp_path / "scores.jsonl"
+    ids = _write_scores(scores, pool)
+    with scores.open("a") as f:  # scores of candidates that are not in the pool
+        f.writelines(json.dumps({"id": f"stray{i}", "score": 0.99}) + "\n" for i in range(2))
+    manifest = select(scores, pool["candidates"], tmp_path / "sel", top_n=3, store=store)
+    assert manifest["orphan_scores"] == 2
+    assert manifest["orphan_score_examples"] == ["stray0", "stray1"]
+    assert manifest["kept"] == 3 and manifest["unscored_candidates"] == 0
+    selected = json.loads((tmp_path / "sel" / "selected.json").read_text())
+    assert [c["id"] for c in selected] == ids[-3:]
+
+
+@pytest.mark.parametrize("on_bad", ["raise", "skip"])
+def test_select_refuses_scores_of_another_pool(
+    tmp_path: Path, pool: dict[str, Path], store: str, on_bad: str
+) -> None:
+    scores = tmp_path / "scores.jsonl"
+    scores.write_text(
+        "".join(json.dumps({"id": f"other{i}", "score": 0.5}) + "\n" for i in range(24))
+    )
+    out = tmp_path / "sel"
+    with pytest.raises(ValueError, match="names a candidate") as e:
+        select(scores, pool["candidates"], out, top_percent=80, on_bad_record=on_bad, store=store)
+    assert str(scores) in str(e.value) and str(pool["candidates"]) in str(e.value)
+    assert not out.exists() or sorted(p.name for p in out.iterdir()) == []
+
+
+def test_select_top_percent_is_exact(tmp_path: Path, store: str) -> None:
+    # in floats 100000 * 1.1 / 100 is 1100.0000000000002, whose ceiling kept one too many
+    n = 100_000
+    turns = [{"from": "human", "value": "<image>\nq"}, {"from": "gpt", "value": "a"}]
+    cands, scores = tmp_path / "candidates.jsonl", tmp_path / "scores.jsonl"
+    cands.write_text(
+        "".join(
+            json.dumps({"id": f"c{i}", "image": "x.png", "conversations": turns}) + "\n"
+            for i in range(n)
+        )
+    )
+    scores.write_text("".join(json.dumps({"id": f"c{i}", "score": i / n}) + "\n" for i in range(n)))
+    manifest = select(scores, cands, tmp_path / "sel", top_percent=1.1, store=store)
+    assert manifest["kept"] == 1100 and manifest["dropped"] == n - 1100
 
 
 @pytest.mark.parametrize(

@@ -183,6 +183,24 @@ def test_same_seed_same_scores(tmp_path: Path, pool: dict[str, Path]) -> None:
     assert outputs[0] == outputs[1]
 
 
+def test_predict_last_uses_the_checkpoints_hyper_parameters(
+    tmp_path: Path, pool: dict[str, Path]
+) -> None:
+    """``predict --ckpt_path last`` (the documented command) builds the model the checkpoint
+    was trained as, like the explicit path: a frozen fit is not rebuilt as a finetuned one."""
+    cfg = _config(tmp_path, pool)
+    out = tmp_path / "out"
+    main(
+        ["fit", "--config", str(cfg), "--trainer.max_epochs", "1"]
+        + ["--model.init_args.backbone_mode", "frozen", "--model.init_args.init_seed", "3"]
+    )
+    scores = []
+    for ckpt in (str(out / "checkpoints" / "last.ckpt"), "last"):
+        main(["predict", "--config", str(cfg), "--ckpt_path", ckpt])
+        scores.append((out / "scores.jsonl").read_text())
+    assert scores[0] == scores[1] and scores[0]
+
+
 def test_resume_from_last(tmp_path: Path, pool: dict[str, Path]) -> None:
     """``--ckpt_path last`` continues an interrupted run to the same weights as an uninterrupted one."""
     import torch

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import multiprocessing
 import os
@@ -15,17 +16,21 @@ import yaml
 from torch import nn
 
 from biomedvital.data.images import ImageRoot
+from biomedvital.data.pool import FilePool
 from biomedvital.selection.backbones import PREFIXES, available_tiny, create_backbone
 from biomedvital.selection.batching import Entry
 from biomedvital.selection.cache import EmbeddingCache, content_key
+from biomedvital.selection.datamodule import SelectorDataModule
 from biomedvital.selection.losses import pair_loss
 from biomedvital.selection.module import SelectorModule, mlp
 from biomedvital.selection.pairs import (
     MODEL,
+    preference_record,
     sample_model_pairs,
     split_clinician,
     split_levels,
 )
+from biomedvital.selection.select import top_count
 from biomedvital.selection.text import candidate_text
 
 REPO = Path(__file__).resolve().parents[2]
@@ -148,6 +153,51 @@ def test_split_clinician_edges() -> None:
     assert split_clinician([], 0.5, rng) == ([], [])
     with pytest.raises(ValueError, match="clinician_val_fraction"):
         split_clinician(["a"], 1.0, rng)
+
+
+@pytest.mark.parametrize(
+    ("scored", "percent", "kept"),
+    [(100_000, 1.1, 1100), (60_000, 8.3, 4980), (24, 80, 20), (7, 10, 1), (3, 100.0, 3)],
+)
+def test_top_count_is_exact_for_decimal_percents(scored: int, percent: float, kept: int) -> None:
+    assert top_count(scored, percent) == kept
+
+
+def test_preference_record_strips_the_expansion_suffix_only() -> None:
+    assert preference_record("m1#0>2") == "m1"
+    assert preference_record("m1#10>11") == "m1"
+    assert preference_record("fig0-p1") == "fig0-p1"
+    assert preference_record("a#b") == "a#b"  # a '#' of the user's own id is kept
+
+
+def test_pair_split_keeps_an_answer_marks_record_on_one_side(pool: dict[str, Path]) -> None:
+    # each marks record expands into 4 pairs sharing its question and answers; a by-pair
+    # split that separated them would validate on answers the selector trained on
+    images = ["retina.jpg", "ihc.png", "cell.png", "ct.dcm"]
+    with pool["preferences"].open("a") as f:
+        for k in range(8):
+            answers = [{"text": f"good {k}.{i}", "acceptable": True} for i in range(2)]
+            answers += [{"text": f"bad {k}.{j}", "acceptable": False} for j in range(2)]
+            rec = {"id": f"m{k}", "image": images[k % 4], "question": f"Q(m{k})?"}
+            f.write(json.dumps({**rec, "answers": answers}) + "\n")
+    for seed in range(3):
+        dm = SelectorDataModule(
+            FilePool(**{k: str(v) for k, v in pool.items()}),
+            model_pairs=16,
+            val_model_pairs=4,
+            num_workers=0,
+            clinician_split="pair",
+            seed=seed,
+        )
+        dm.setup("fit")
+        side: dict[str, set[str]] = defaultdict(set)
+        for name in ("train_clinician", "val_clinician"):
+            for pair in dm.sets[name]:
+                text = dm.entries[pair.a].text
+                if "Q(m" in text:
+                    side[text.split("Q(")[1].split(")")[0]].add(name)
+        assert len(side) == 8
+        assert all(len(sides) == 1 for sides in side.values()), (seed, dict(side))
 
 
 # ----------------------------------------------------------------------------- text
@@ -288,6 +338,29 @@ ENTRIES = [
 def _module(tmp_path: Path, **kw: object) -> SelectorModule:
     kw = {"head_hidden": [16], "dropout": 0.0, "cache_dir": str(tmp_path / "cache"), **kw}
     return SelectorModule(backbone="tiny:tiny-clip", **kw).eval()  # type: ignore[arg-type]
+
+
+def test_unpinned_seeds_follow_the_global_seed(
+    tmp_path: Path, pool: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def same(a: SelectorModule, b: SelectorModule) -> bool:
+        return all(torch.equal(v, b.state_dict()[k]) for k, v in a.state_dict().items())
+
+    monkeypatch.delenv("PL_GLOBAL_SEED", raising=False)  # none set: 0, the former default
+    assert same(_module(tmp_path), _module(tmp_path, init_seed=0))
+    monkeypatch.setenv("PL_GLOBAL_SEED", "0")  # what every shipped config sets
+    assert same(_module(tmp_path), _module(tmp_path, init_seed=0))
+    monkeypatch.setenv("PL_GLOBAL_SEED", "7")  # --seed_everything 7
+    followed = _module(tmp_path)
+    assert followed.hparams.init_seed == followed.hparams_initial.init_seed == 7  # logged too
+    assert same(followed, _module(tmp_path, init_seed=7))
+    assert not same(followed, _module(tmp_path, init_seed=0))
+    assert _module(tmp_path, init_seed=3).hparams.init_seed == 3  # a pinned seed stays
+    files = FilePool(**{k: str(v) for k, v in pool.items()})
+    assert SelectorDataModule(files).seed == 7 and SelectorDataModule(files, seed=2).seed == 2
+    monkeypatch.setenv("PL_GLOBAL_SEED", "seven")
+    with pytest.raises(ValueError, match="PL_GLOBAL_SEED='seven'"):
+        _module(tmp_path)
 
 
 def test_head_reads_text_then_image(tmp_path: Path, pool: dict[str, Path]) -> None:
