@@ -10,9 +10,9 @@ name the question and figure files use, e.g. ``18063892_F3.jpg``).
 The package is read as a stream and the download stops at the wanted member, so the rest of a
 large package is not fetched. Writes are atomic; an image already in the folder is not fetched
 again, so a killed or partly failed run is resumed by rerunning it. A failure (HTTP error after
-the retries, a member missing from the package, a member that is not an image) is recorded with
-its reason in ``fetch.failed.jsonl``, never dropped; ``fetch.manifest.json`` holds the counts and
-every image's SHA-256.
+the retries, a URL that cannot be requested, a member missing from the package, a member that
+is not an image) is recorded with its reason in ``fetch.failed.jsonl``, never dropped;
+``fetch.manifest.json`` holds the counts and every image's SHA-256.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ import zlib
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
-from http.client import HTTPException
+from http.client import HTTPException, InvalidURL
 from pathlib import Path, PurePosixPath
 from typing import Any, Literal
 
@@ -151,16 +151,29 @@ def _check_image(data: bytes, member: str) -> None:
         ) from err
 
 
+def _open(url: str, timeout_s: float) -> Any:
+    """Send the request for ``url``; the response (an HTTP response, or a file-like object for
+    ``file://`` and ``ftp://``). A URL that cannot be sent at all (a non-ASCII character,
+    a space, a bad port or host: ``ValueError``/``UnicodeError``/``InvalidURL`` while urllib and
+    http.client build the request) raises :class:`FetchError` ``bad_url``: retrying cannot help,
+    and it must be recorded as one failure, not abort the run."""
+    try:
+        request = urllib.request.Request(url, headers={"User-Agent": "biomedvital"})
+        return urllib.request.urlopen(request, timeout=timeout_s)
+    except (InvalidURL, ValueError) as err:  # UnicodeError is a ValueError
+        raise FetchError(f"bad URL {url!r} ({type(err).__name__}: {err})", "bad_url") from err
+
+
 def fetch_one(
     source: FigureSource, out: Path, timeout_s: float, max_attempts: int, backoff_s: float
 ) -> str:
     """Download ``source``'s package up to its member and write the image atomically; returns
     its SHA-256. Network errors and 5xx/429 answers are retried with jittered backoff; a 4xx,
-    a missing member or bad image bytes raise :class:`FetchError` at once."""
+    a URL that cannot be requested, a missing member or bad image bytes raise
+    :class:`FetchError` at once."""
     for attempt in range(1, max_attempts + 1):
         try:
-            request = urllib.request.Request(source.url, headers={"User-Agent": "biomedvital"})
-            with urllib.request.urlopen(request, timeout=timeout_s) as response:
+            with _open(source.url, timeout_s) as response:
                 data = _member_bytes(response, source.member)
             break
         except urllib.error.HTTPError as err:

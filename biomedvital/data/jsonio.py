@@ -13,7 +13,7 @@ import json
 import os
 import re
 import secrets
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import IO, Any, TypeVar, overload
 
@@ -363,18 +363,46 @@ def iter_array(path: PathLike, chunk_chars: int = _ARRAY_CHUNK) -> Iterator[tupl
             raise fail("extra data after the array", pos)
 
 
+class LocatedRecords(list[Any]):
+    """Records as a reader returned them, each remembering the file position it was read at.
+
+    A check run after reading (:func:`check_unique`) can then name the file line or array
+    element of a bad record: its index in the list is not that once blank, invalid or skipped
+    lines came before it. Positions follow the record objects, not the list slots, so sorting
+    keeps them right; a record added otherwise (or a plain list) has no position.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._where: dict[int, tuple[Any, int, PositionKind]] = {}
+
+    def add(self, rec: Any, pos: int, kind: PositionKind) -> None:
+        """Append ``rec``, read at ``pos`` (a line number, or an element index if ``kind`` is
+        ``"record"``)."""
+        self.append(rec)
+        self._where[id(rec)] = (rec, pos, kind)
+
+    def where(self, rec: Any) -> tuple[int, PositionKind] | None:
+        """Where ``rec`` was read, or ``None`` if it was not added with a position."""
+        got = self._where.get(id(rec))
+        if got is None or got[0] is not rec:  # the record held keeps its id from being reused
+            return None
+        return got[1], got[2]
+
+
 def read_records(
     path: PathLike,
     model: type[BaseModel] | None = None,
     *,
     on_bad: OnBad = "raise",
     report: RecordReport | None = None,
-) -> list[Any]:
+) -> LocatedRecords:
     """Read all records from JSONL or a JSON array file (as released by LLaVA-Med/BioMed-VITAL).
 
-    In an array, positions in errors are the 1-based element index ("record 12").
+    In an array, positions in errors are the 1-based element index ("record 12"). The list
+    remembers each record's position for later checks (:class:`LocatedRecords`).
     """
-    out: list[Any] = []
+    out = LocatedRecords()
     for pos, kind, obj in iter_objects(path, on_bad=on_bad, report=report):
         try:
             rec = parse_record(obj, model, path, pos, kind)
@@ -383,7 +411,7 @@ def read_records(
             continue
         if report is not None:
             report.kept()
-        out.append(rec)
+        out.add(rec, pos, kind)
     return out
 
 
@@ -400,32 +428,66 @@ def check_unique(
     *,
     on_bad: OnBad = "raise",
     report: RecordReport | None = None,
+    where: Sequence[tuple[int, PositionKind]] | None = None,
+    counted: bool = True,
 ) -> list[Any]:
     """Refuse repeated ids (which would silently double-count or overwrite records downstream).
 
-    Positions are 1-based indices in ``records``. Returns the records, minus later duplicates when
-    ``on_bad="skip"`` (each counted in ``report`` as ``duplicate:<key>``). Records whose key is
+    Errors name the file line (or array element) each record was read at: ``where`` gives the
+    positions, one per record, else a :class:`LocatedRecords` from a reader knows them; without
+    either, positions are 1-based indices in ``records`` ("record N").
+
+    Returns the records, minus later duplicates when ``on_bad="skip"`` (each counted in
+    ``report`` as ``duplicate:<key>``). With ``counted`` (the readers count what they return as
+    kept in the same report), a file record all of whose records are dropped is also taken out
+    of the kept count, so no record is counted both kept and skipped. Records whose key is
     missing/None are not checked.
     """
     _check_on_bad(on_bad, report)
-    seen: dict[Any, int] = {}
+    recs = list(records)
+    if where is not None:
+        if len(where) != len(recs):
+            raise ValueError(f"check_unique: {len(where)} positions for {len(recs)} records")
+        located: list[tuple[int, PositionKind] | None] = list(where)
+    elif isinstance(records, LocatedRecords):
+        located = [records.where(rec) for rec in recs]
+    else:
+        located = [None] * len(recs)
+    # One file record may give several records (answer marks give one pair per contrast); it
+    # stops being kept only when all of them are dropped.
+    left: dict[tuple[int, PositionKind], int] = {}
+    for loc in located:
+        if loc is not None:
+            left[loc] = left.get(loc, 0) + 1
+    seen: dict[Any, tuple[int, PositionKind]] = {}
     out: list[Any] = []
-    for i, rec in enumerate(records, start=1):
+    for i, (rec, loc) in enumerate(zip(recs, located, strict=True), start=1):
         value = _get_key(rec, key)
-        if value is not None:
-            if value in seen:
-                err = BadRecordError(
-                    path,
-                    i,
-                    f"duplicate {key} {value!r} (record {i} repeats record {seen[value]})",
-                    key,
-                    kind="record",
-                    category=f"duplicate:{key}",
-                )
-                handle_bad(err, on_bad, report)
-                continue
-            seen[value] = i
-        out.append(rec)
+        if value is None:
+            out.append(rec)
+            continue
+        pos, kind = loc if loc is not None else (i, "record")
+        if value not in seen:
+            seen[value] = (pos, kind)
+            out.append(rec)
+            continue
+        first_pos, first_kind = seen[value]
+        err = BadRecordError(
+            path,
+            pos,
+            f"duplicate {key} {value!r} ({kind} {pos} repeats {first_kind} {first_pos})",
+            key,
+            kind=kind,
+            category=f"duplicate:{key}",
+        )
+        handle_bad(err, on_bad, report)  # raises unless skipping
+        if counted and report is not None:
+            if loc is None:
+                report.unkeep()
+            else:
+                left[loc] -= 1
+                if left[loc] == 0:
+                    report.unkeep()
     return out
 
 

@@ -25,6 +25,7 @@ from pydantic import (
 )
 
 from .jsonio import (
+    LocatedRecords,
     PathLike,
     bad_from_validation,
     detect_format,
@@ -421,7 +422,7 @@ def _read_domain_layout(
 ) -> list[SourceFigure]:
     if on_bad == "skip" and report is None:
         raise ValueError("on_bad='skip' needs a RecordReport so skipped records are counted")
-    out: list[SourceFigure] = []
+    out = LocatedRecords()
     pos = 0
     for figures in data.values():
         for obj in figures:
@@ -433,7 +434,7 @@ def _read_domain_layout(
                 continue
             if report is not None:
                 report.kept()
-            out.append(fig)
+            out.add(fig, pos, "record")
     return out
 
 
@@ -451,9 +452,10 @@ def read_preferences(
 
     Marks are expanded into pairs. Marks records that yield no pair (all answers marked alike) are
     counted as skipped with reason ``"no_contrast"`` (logged when no report is given), never raised.
-    ``report.kept`` counts input records that produced at least one pair.
+    ``report.kept`` counts input records that produced at least one pair. Each pair remembers
+    the record it came from (:class:`LocatedRecords`).
     """
-    out: list[Preference] = []
+    out: LocatedRecords = LocatedRecords()
     no_contrast = 0
     for pos, kind, obj in iter_objects(path, on_bad=on_bad, report=report):
         model: type[BaseModel] = (
@@ -484,9 +486,10 @@ def read_preferences(
                         )
                     )
                 continue
-            out.extend(pairs)
+            for pair in pairs:
+                out.add(pair, pos, kind)
         else:
-            out.append(rec)  # type: ignore[arg-type]
+            out.add(rec, pos, kind)
         if report is not None:
             report.kept()
     if no_contrast and report is None:

@@ -90,6 +90,15 @@ class RecordReport:
         """Count ``n`` records that were read and kept."""
         self.n_kept += n
 
+    def unkeep(self, n: int = 1) -> None:
+        """Take back ``n`` records counted as kept that a later check dropped (and counts as
+        skipped), so no record is counted both kept and skipped."""
+        if n > self.n_kept:
+            raise ValueError(
+                f"cannot take back {n} kept record(s): only {self.n_kept} counted as kept"
+            )
+        self.n_kept -= n
+
     def skip(self, err: BadRecordError) -> None:
         """Count one skipped record under its category and keep the first few messages."""
         self.n_skipped += 1

@@ -5,6 +5,10 @@ from __future__ import annotations
 import subprocess
 from pathlib import Path
 
+_SOURCE_DIR = Path(__file__).resolve().parents[1]
+"""The ``biomedvital`` package's own directory: its checkout is the code a run used, whatever
+the working directory of the process."""
+
 
 def _git(args: list[str], cwd: Path) -> str | None:
     try:
@@ -16,15 +20,30 @@ def _git(args: list[str], cwd: Path) -> str | None:
     return out.stdout.strip()
 
 
-def git_state(cwd: str | Path = ".") -> dict[str, str]:
-    """Return the commit SHA and whether the work tree differs from it.
+def git_state(cwd: str | Path | None = None) -> dict[str, str]:
+    """Return the commit SHA of the code and whether the work tree differs from it.
 
-    Outside a git checkout (an installed wheel) the values say so instead of failing: a run
-    must never be refused for lack of git, but it must not pretend to a commit either.
+    By default the checkout described is the one holding the installed ``biomedvital`` package,
+    not the process's working directory (a run started from /tmp or another repository must not
+    record that one's commit); ``cwd`` names another checkout explicitly. Untracked files count
+    as dirty, since a new unversioned module or config may have shaped the result (outputs are
+    git-ignored, so they do not). Where git cannot tell, a value is ``"unknown"``: outside a
+    checkout (an installed wheel), or when the package's files are not tracked by the checkout
+    around them (a virtualenv inside another repository). A run is never refused for lack of
+    git, but it must not pretend to a commit or a clean tree either.
     """
-    cwd = Path(cwd)
-    sha = _git(["rev-parse", "HEAD"], cwd)
+    unknown = {"git_sha": "unknown", "git_dirty": "unknown"}
+    if cwd is None:
+        where = _SOURCE_DIR
+        # The package must be part of that checkout, not merely lie under its directory.
+        if _git(["ls-files", "--error-unmatch", "--", "__init__.py"], where) is None:
+            return unknown
+    else:
+        where = Path(cwd)
+    sha = _git(["rev-parse", "--verify", "HEAD"], where)
     if not sha:
-        return {"git_sha": "unknown", "git_dirty": "unknown"}
-    status = _git(["status", "--porcelain", "--untracked-files=no"], cwd)
+        return unknown
+    status = _git(["status", "--porcelain"], where)
+    if status is None:
+        return {"git_sha": sha, "git_dirty": "unknown"}
     return {"git_sha": sha, "git_dirty": "true" if status else "false"}

@@ -150,6 +150,41 @@ def test_fetch_resume_and_failures(server: _Server, tmp_path: Path) -> None:
     assert [p.name for p in out.iterdir() if p.name.startswith(".")] == []  # no temporaries
 
 
+def test_a_url_that_cannot_be_requested_is_a_recorded_failure(
+    server: _Server, tmp_path: Path
+) -> None:
+    """A non-ASCII character, a space or a bad port: recorded as ``bad_url`` at once (no retry),
+    and the run goes on to fetch the rest and write its failures and manifest."""
+    port = server.url.rsplit(":", 1)[1]
+    rows = [
+        (f"{server.url}/PMC1.tar.gz", "PMC1/fig1.jpg", "111_F1"),
+        (f"{server.url}/PMC\u00e9.tar.gz", "PMC7/fig7.jpg", "777_F7"),  # non-ASCII path
+        (f"{server.url}/PMC 8.tar.gz", "PMC8/fig8.jpg", "888_F8"),  # a space
+        (f"http://127.0.0.1:{port}x/PMC9.tar.gz", "PMC9/fig9.jpg", "999_F9"),  # bad port
+    ]
+    urls, out = tmp_path / "urls.jsonl", tmp_path / "images"
+    urls.write_text(
+        "".join(
+            json.dumps({"pmc_tar_url": u, "image_file_path": m, "pair_id": p}) + "\n"
+            for u, m, p in rows
+        )
+    )
+    result = fetch_figures(
+        urls, out, workers=2, max_attempts=3, backoff_s=0.01, timeout_s=10, progress=False,
+        store=str(tmp_path / "mlruns"),
+    )  # fmt: skip
+    assert result["counts"]["fetched"] == 1
+    assert result["counts"]["failed_by_reason"] == {"bad_url": 3}
+    assert set(server.hits) == {"/PMC1.tar.gz"}  # nothing else was (re)tried
+    failed = [json.loads(x) for x in (out / FAILED).read_text().splitlines()]
+    assert [(f["pair_id"], f["category"]) for f in failed] == [
+        ("777_F7", "bad_url"), ("888_F8", "bad_url"), ("999_F9", "bad_url"),
+    ]  # fmt: skip
+    assert "UnicodeEncodeError" in failed[0]["reason"] and "PMC\u00e9" in failed[0]["reason"]
+    assert "InvalidURL" in failed[1]["reason"] and "InvalidURL" in failed[2]["reason"]
+    assert set(json.loads((out / MANIFEST).read_text())["images"]) == {"111_F1.jpg"}
+
+
 @pytest.mark.parametrize(
     ("row", "field"),
     [

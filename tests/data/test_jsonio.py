@@ -218,9 +218,75 @@ def test_check_unique_names_both_positions(tmp_path: Path) -> None:
 def test_check_unique_skip_keeps_first_and_counts(tmp_path: Path) -> None:
     models = [Rating(candidate_id=str(i % 2), score=1, judge="j") for i in range(4)]
     report = RecordReport()
-    kept = check_unique(models, "candidate_id", "r.jsonl", on_bad="skip", report=report)
+    kept = check_unique(
+        models, "candidate_id", "r.jsonl", on_bad="skip", report=report, counted=False
+    )
     assert kept == models[:2]
     assert report.skipped_by_reason == {"duplicate:candidate_id": 2}
+    assert report.n_kept == 0  # nothing was counted as kept, so nothing is taken back
+
+
+def _dup_file(tmp_path: Path) -> Path:
+    """Ratings with a blank line, an invalid line and a repeated id: positions != indices."""
+    return _write_lines(
+        tmp_path / "r.jsonl",
+        [_rating(1), "", "{broken", _rating(2), _rating(1, 7.0)],
+    )
+
+
+def test_check_unique_names_the_file_line_of_a_read_record(tmp_path: Path) -> None:
+    path = _dup_file(tmp_path)
+    recs = read_records(path, Rating, on_bad="skip", report=RecordReport())
+    with pytest.raises(BadRecordError) as info:
+        check_unique(recs, "candidate_id", path)
+    err = info.value
+    assert (err.line, err.kind, err.category) == (5, "line", "duplicate:candidate_id")
+    assert str(err) == (
+        f"{path}:5: field 'candidate_id': duplicate candidate_id '1' (line 5 repeats line 1)"
+    )
+    # the position follows the record, not its slot in the list
+    recs.sort(key=lambda r: -r.score)
+    with pytest.raises(BadRecordError, match=r"\(line 1 repeats line 5\)"):
+        check_unique(recs, "candidate_id", path)
+
+
+def test_check_unique_names_the_array_element(tmp_path: Path) -> None:
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps([{"id": "a"}, 3, {"id": "b"}, {"id": "a"}]))
+    recs = read_records(path, on_bad="skip", report=RecordReport())
+    with pytest.raises(BadRecordError) as info:
+        check_unique(recs, "id", path)
+    assert str(info.value).startswith(f"{path}: record 4: field 'id': duplicate id 'a'")
+    assert "(record 4 repeats record 1)" in str(info.value)
+
+
+def test_check_unique_skip_moves_the_duplicate_from_kept_to_skipped(tmp_path: Path) -> None:
+    path = _dup_file(tmp_path)
+    report = RecordReport()
+    recs = read_records(path, Rating, on_bad="skip", report=report)
+    assert (report.n_kept, report.n_skipped) == (3, 1)
+    kept = check_unique(recs, "candidate_id", path, on_bad="skip", report=report)
+    assert [r.candidate_id for r in kept] == ["1", "2"]
+    # 4 non-blank lines: 2 kept, 1 invalid, 1 duplicate
+    assert (report.n_kept, report.n_skipped) == (len(kept), 2)
+    assert report.skipped_by_reason == {"invalid_json": 1, "duplicate:candidate_id": 1}
+    assert report.examples[-1].startswith(f"{path}:5: field 'candidate_id'")
+
+
+def test_check_unique_takes_positions_given(tmp_path: Path) -> None:
+    recs = [{"id": "a"}, {"id": "b"}, {"id": "a"}]
+    with pytest.raises(BadRecordError, match=r"c\.jsonl:9: .*\(line 9 repeats line 2\)"):
+        check_unique(recs, "id", "c.jsonl", where=[(2, "line"), (4, "line"), (9, "line")])
+    with pytest.raises(ValueError, match="2 positions for 3 records"):
+        check_unique(recs, "id", "c.jsonl", where=[(2, "line"), (4, "line")])
+
+
+def test_a_duplicate_never_counted_as_kept_is_not_taken_back(tmp_path: Path) -> None:
+    # counted=True on records no reader counted would make the kept count negative
+    with pytest.raises(ValueError, match="only 0 counted as kept"):
+        check_unique(
+            [{"id": "a"}, {"id": "a"}], "id", "c.jsonl", on_bad="skip", report=RecordReport()
+        )
 
 
 # ----------------------------------------------------------------------------- writing

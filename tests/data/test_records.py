@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from biomedvital.data.jsonio import write_jsonl
+from biomedvital.data.jsonio import check_unique, write_jsonl
 from biomedvital.data.records import (
     AnswerMarks,
     Candidate,
@@ -289,6 +289,40 @@ def test_read_preferences_mixes_pairs_and_marks(tmp_path: Path) -> None:
     with pytest.raises(BadRecordError) as info:
         read_preferences(path)
     assert info.value.line == 4 and "identical" in str(info.value)
+
+
+def test_duplicate_preferences_name_the_line_and_keep_counts_exact(tmp_path: Path) -> None:
+    """A repeated marks record gives 2 duplicate pairs; its one line leaves the kept count once."""
+    pair = {"id": "p1", "image": "a.jpg", "question": "q", "preferred": "a", "rejected": "b"}
+    path = tmp_path / "prefs.jsonl"
+    lines = [json.dumps(_marks([True, False, False])), "", json.dumps(pair)]
+    lines += [json.dumps(_marks([True, False, False])), json.dumps(pair)]
+    path.write_text("\n".join(lines) + "\n")
+
+    with pytest.raises(BadRecordError) as info:
+        check_unique(read_preferences(path), "id", path)
+    assert str(info.value).startswith(f"{path}:4: field 'id': duplicate id 'm1#0>1'")
+    assert "(line 4 repeats line 1)" in str(info.value)
+
+    report = RecordReport()
+    prefs = read_preferences(path, on_bad="skip", report=report)
+    assert report.n_kept == 4
+    prefs = check_unique(prefs, "id", path, on_bad="skip", report=report)
+    assert [p.id for p in prefs] == ["m1#0>1", "m1#0>2", "p1"]
+    assert report.n_kept == 2  # lines 1 and 3; lines 4 and 5 gave only duplicates
+    assert report.skipped_by_reason == {"duplicate:id": 3}
+
+
+def test_duplicate_figures_in_the_domain_layout_name_the_record(tmp_path: Path) -> None:
+    path = tmp_path / "d.json"
+    path.write_text(json.dumps({"ct_scan": [_fig("1")], "mri": [_fig("2"), _fig("1")]}))
+    report = RecordReport()
+    figs = read_figures(path, on_bad="skip", report=report)
+    kept = check_unique(figs, "pair_id", path, on_bad="skip", report=report)
+    assert len(kept) == report.n_kept == 2
+    assert report.examples == [
+        f"{path}: record 3: field 'pair_id': duplicate pair_id '1' (record 3 repeats record 1)"
+    ]
 
 
 def test_read_preferences_logs_no_contrast_without_report(
