@@ -218,6 +218,7 @@ class BatchRunner:
         self._secret: str | None = None
         self._imported: set[str] | None = None
         self._fresh: set[str] = set()
+        self._collected: set[str] | None = None
         self._import_errors: dict[str, tuple[str, bool]] = {}
 
     # ------------------------------------------------------------------------- shared
@@ -253,6 +254,10 @@ class BatchRunner:
 
     def _cached(self, key: str, ledger: Ledger) -> None:
         prices = self.config.price_per_million
+        if self._collected is not None and key in self._collected:
+            # collected from an earlier run's pending batch in this run: counted as done then
+            self._collected.discard(key)
+            return
         if key in self._fresh:  # imported in this run: a fresh answer, paid at the batch price
             entry = self.journal.get(key)
             if entry is not None:
@@ -275,6 +280,8 @@ class BatchRunner:
         if batch_id:
             entry["batch_id"] = batch_id
         self.journal.append(entry)
+        if self._collected is not None:
+            self._collected.add(res.key)
         if ledger is not None:
             ledger.add_done(
                 resp.get("usage"), cost_of(resp.get("usage"), self.config.price_per_million, True)
@@ -358,6 +365,7 @@ class BatchRunner:
             if stale.name not in keep:
                 stale.unlink()
         batch_ids = [e["batch_id"] for e in pending]
+        self._collected = set()  # answers collected now must not count again as journal hits
         if pending:
             log.info("%s: collecting %d batch(es) submitted by an earlier run", stage, len(pending))
             self._wait_collect(client, pending, ledger, fails, progress, stage)
@@ -379,6 +387,8 @@ class BatchRunner:
         except BaseException:
             chunks.abort()
             raise
+        finally:
+            self._collected = None
         files = chunks.close()
         del seen
         rounds = 0

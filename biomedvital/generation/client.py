@@ -7,7 +7,7 @@ Generating or rating tens of thousands of items takes hours and money, so this c
 * bounds concurrency and paces requests and tokens per minute (token buckets), so a run stays
   under the provider's limits instead of living on 429s;
 * retries what is transient (429, 5xx, timeouts, dropped connections, garbled bodies, empty
-  choices) with exponential backoff and jitter, honouring ``Retry-After`` (capped), and never
+  choices, replies with neither text nor a refusal) with exponential backoff and jitter, honouring ``Retry-After`` (capped), and never
   retries what will not change (400, 401, 403...); after ``max_attempts`` the item is recorded as
   failed with its reason; every attempt has a hard deadline, so a run ends in bounded time;
 * journals every finished request (JSONL) keyed by the SHA-256 of (model, messages,
@@ -33,6 +33,7 @@ import json
 import logging
 import os
 import random
+import re
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field, fields
@@ -42,7 +43,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 from tqdm import tqdm
 
-from biomedvital.generation.prompts import inline_images
+from biomedvital.generation.prompts import inline_images, key_messages
 
 try:  # advisory lock against two runs on one journal (POSIX)
     import fcntl
@@ -68,8 +69,12 @@ def canonical_json(obj: Any) -> str:
 
 
 def request_key(model: str, messages: list[dict[str, Any]], params: dict[str, Any]) -> str:
-    """SHA-256 of (model, messages, parameters): the cache/journal key of one request."""
-    payload = canonical_json({"model": model, "messages": messages, "params": params})
+    """SHA-256 of (model, messages, parameters): the cache/journal key of one request.
+
+    Image references count by their bytes' hash, not their path (:func:`key_messages`), so a
+    moved or copied image folder keeps every key and a rerun pays for nothing again.
+    """
+    payload = canonical_json({"model": model, "messages": key_messages(messages), "params": params})
     return hashlib.sha256(payload.encode("utf-8")).hexdigest()
 
 
@@ -191,6 +196,20 @@ _KEY_PREFIX = b'{"key": "'
 _OFFSET_SHIFT = 32  # index value: offset << 32 | line length
 
 
+_EMPTY_CONTENT = re.compile(rb'"content": (?:null|"(?:\\[nrt]| )*")')
+
+
+def _empty_entry(raw: bytes) -> bool:
+    """Whether a journal line holds an empty reply (a cheap byte test, then a parse)."""
+    if b'"refusal": null' not in raw or _EMPTY_CONTENT.search(raw) is None:
+        return False
+    try:
+        resp = json.loads(raw).get("response")
+    except (ValueError, AttributeError):
+        return False
+    return isinstance(resp, dict) and is_empty_reply(resp)
+
+
 class JournalBusy(RuntimeError):
     """Another process holds the journal: two runs on one output folder would pay twice."""
 
@@ -206,6 +225,7 @@ class Journal:
         self.path = Path(path)
         self.sync_interval_s = sync_interval_s
         self.torn_lines = 0
+        self.empty_replies = 0
         self._index: dict[str, int] = {}
         self._size = 0
         self._wfh: Any = None
@@ -245,12 +265,20 @@ class Journal:
                     self.torn_lines += 1
                     break
                 key = self._key_of(raw)
-                if key is not None:
+                if key is not None and _empty_entry(raw):
+                    self.empty_replies += 1  # journaled by an older version: asked again
+                elif key is not None:
                     self._index[key] = (offset << _OFFSET_SHIFT) | len(raw)
                 elif raw.strip():
                     self.torn_lines += 1
                 offset += len(raw)
         self._size = offset
+        if self.empty_replies:
+            log.warning(
+                "journal %s: %d empty replies (no text, no refusal) are asked again",
+                self.path,
+                self.empty_replies,
+            )
         if cut is not None:
             with open(self.path, "r+b") as f:
                 f.truncate(cut)
@@ -629,7 +657,9 @@ def parse_completion(body: Any) -> dict[str, Any]:
     choices = body.get("choices")
     if not choices or not isinstance(choices, list):
         raise _Retryable("empty_choices: the response has no choices")
-    choice = choices[0] if isinstance(choices[0], dict) else {}
+    choice = choices[0]
+    if not isinstance(choice, dict):
+        raise _Retryable("malformed_response: choices[0] is not an object")
     message = choice.get("message") or {}
     if not isinstance(message, dict):
         raise _Retryable("malformed_response: message is not an object")
@@ -637,13 +667,24 @@ def parse_completion(body: Any) -> dict[str, Any]:
     if content is not None and not isinstance(content, str):
         raise _Retryable("malformed_response: message content is not a string")
     refusal = message.get("refusal")
-    usage = body.get("usage") if isinstance(body.get("usage"), dict) else None
-    return {
+    resp = {
         "content": content,
         "refusal": refusal if isinstance(refusal, str) else None,
         "finish_reason": choice.get("finish_reason"),
-        "usage": usage,
+        "usage": body.get("usage") if isinstance(body.get("usage"), dict) else None,
     }
+    if is_empty_reply(resp):  # journaled, it would stand as the answer for good
+        raise _Retryable(
+            f"empty_content: the reply has no text and no refusal "
+            f"(finish_reason {resp['finish_reason']!r})"
+        )
+    return resp
+
+
+def is_empty_reply(resp: dict[str, Any]) -> bool:
+    """A reply with neither text nor a refusal: retried, never kept as an answer."""
+    content, refusal = resp.get("content"), resp.get("refusal")
+    return not (isinstance(content, str) and content.strip()) and not refusal
 
 
 def _parse_body(text: str) -> dict[str, Any]:

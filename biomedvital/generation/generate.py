@@ -558,6 +558,12 @@ def _assemble(
                 "finish_reason": res.finish_reason,
             }
             try:
+                if res.finish_reason == "length":
+                    # cut off by max_tokens: the last answer is half-written, yet it parses
+                    raise Rejected(
+                        "truncated",
+                        "the reply hit max_tokens (finish_reason 'length'); raise max_tokens",
+                    )
                 if answers == 1:
                     turns = parse_conversation(res.content, min_exchanges, res.refusal)
                     cand = Candidate(

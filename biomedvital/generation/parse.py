@@ -12,7 +12,9 @@ survive. Rejections carry a reason so a run can report how much it lost and why:
 * ``refusal`` - the model declined (an API refusal or an apology instead of content);
 * ``mentions_caption`` / ``mentions_context`` - the text gives away that the model read a caption
   or context rather than the image (LLaVA-Med drops these too);
-* ``identical_answers`` - (answer pairs) both answers to a question are the same.
+* ``identical_answers`` - (answer pairs) both answers to a question are the same;
+* ``truncated`` - the reply was cut off by ``max_tokens`` (``finish_reason: length``): its last
+  answer is half-written, and a parser cannot tell (set by ``generate``, not by the parsers).
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ REJECT_REASONS = (
     "mentions_caption",
     "mentions_context",
     "identical_answers",
+    "truncated",
 )
 
 # A tag at the start of a line, optionally bulleted, numbered or in markdown bold:

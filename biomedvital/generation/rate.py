@@ -79,21 +79,47 @@ REASK_PROMPT = (
 )
 
 
+_MARKUP = re.compile(r"[*_#`>]+")
+# the scale, not the score: "(0-10)", "0 to 10", "(out of 10)", "of 10", "/10"
+_SCALE = re.compile(
+    r"\(?\s*(?:\b(?:out\s+)?of\s+10\b|\b[01]\s*(?:-|–|—|to)\s*10\b)\s*\)?|/\s*10\b",
+    re.IGNORECASE,
+)
+# a whole number (not the start of a longer one or of a range "7-8"), with its sign if any
+_NUM = r"([-−–+]?\d+(?:\.\d+)?)(?![\d.]*\d)(?!\s*[-–—]\s*\d)"
+_LABELLED = re.compile(r"\b(?:scores?|ratings?)\b[^:\n]*:\s*" + _NUM, re.IGNORECASE)
+_LABEL_NUM = re.compile(r"\b(?:scores?|ratings?)\b\s*(?:is\s+|of\s+|=\s*)?" + _NUM, re.IGNORECASE)
+_LEADING = re.compile(r"^\s*" + _NUM)
+
+
+def _score_value(token: str) -> int | None:
+    """An integer 0..10, else ``None``: negatives, decimals and out-of-range get re-asked."""
+    if token[0] in "-−–" or "." in token:
+        return None
+    value = int(token.lstrip("+"))
+    return value if 0 <= value <= 10 else None
+
+
 def parse_score(text: str | None) -> int | None:
-    """The first number on the first non-blank line if it is an integer 0..10, else ``None``."""
+    """The score on the first non-blank line, or ``None`` (the item is re-asked).
+
+    The first number is not enough: "Score (0-10): 7" would read 0 and "Rating for
+    conversation 1: 6" would read 1, and a wrong score silently trains the selector. So the
+    scale notation ("0-10", "(out of 10)", "/10") and markdown are dropped first; then the number
+    after "score:"/"rating:" wins, else one right after "score"/"rating", else a number that
+    starts the line. Negatives, decimals, ranges ("7-8") and values above 10 give ``None``.
+    """
     if not text:
         return None
-    for line in text.splitlines():
-        if line.strip():
-            first = line
-            break
-    else:
+    first = next((line for line in text.splitlines() if line.strip()), None)
+    if first is None:
         return None
-    m = re.search(r"\d+(?:\.\d+)?", first)
-    if m is None or "." in m.group(0):
-        return None
-    value = int(m.group(0))
-    return value if 0 <= value <= 10 else None
+    line = _SCALE.sub(" ", _MARKUP.sub("", first))
+    for pattern in (_LABELLED, _LABEL_NUM, _LEADING):
+        m = pattern.search(line)
+        if m is not None:
+            return _score_value(m.group(1))
+    return None
 
 
 def _context_parts(caption: str, mentions: str) -> list[dict[str, Any]]:

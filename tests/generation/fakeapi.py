@@ -4,7 +4,8 @@ Responses are computed from the request (deterministic), so reruns and resumes c
 byte for byte. A fault is armed by a marker string: every request whose body contains the marker
 consumes the next action of its queue (``"429"``, ``"500"``, ``"400"``, ``"401"``, ``"403"``,
 ``"sleep"``, ``"reset"``, ``"malformed"``, ``"empty"``, ``"refusal"``, ``"echo-auth"``,
-``"text:<content>"``). :meth:`FakeAPI.random_faults` makes a seeded share of all calls fail
+``"text:<content>"``, ``"length:<content>"`` (cut off by ``max_tokens``), ``"null-content"``,
+``"bad-choice"``). :meth:`FakeAPI.random_faults` makes a seeded share of all calls fail
 instead, decided per (request, how many times it was seen), so the same calls fail whatever the
 concurrency.
 
@@ -200,17 +201,24 @@ class FakeAPI:
             return Reply(200, b'{"choices": [ {"message": ', action="malformed")
         if action == "empty":
             return Reply(200, json.dumps(_completion(None, choices=False)).encode())
+        if action == "bad-choice":  # choices[0] is not an object
+            return Reply(200, json.dumps({**_completion(None), "choices": ["oops"]}).encode())
+        finish = "stop"
         if action == "refusal":
             content = "I'm sorry, but I can't help with analysing this medical image."
         elif action and action.startswith("text:"):
             content = action[5:]
+        elif action and action.startswith("length:"):
+            content, finish = action[7:], "length"
+        elif action == "null-content":
+            content = None
         elif action == "echo-auth-content":
             content = f"Your header was {auth}"
         else:
             content = self.responder(body)
         with self.lock:
             self.served[key] += 1
-        return Reply(200, json.dumps(_completion(content)).encode(), action=action)
+        return Reply(200, json.dumps(_completion(content, finish=finish)).encode(), action=action)
 
     # -- batch API
     def create_file(
@@ -316,7 +324,7 @@ def _public(batch: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in batch.items() if not k.startswith("_")}
 
 
-def _completion(content: str | None, choices: bool = True) -> dict[str, Any]:
+def _completion(content: str | None, choices: bool = True, finish: str = "stop") -> dict[str, Any]:
     return {
         "id": "chatcmpl-test",
         "object": "chat.completion",
@@ -327,7 +335,7 @@ def _completion(content: str | None, choices: bool = True) -> dict[str, Any]:
                 {
                     "index": 0,
                     "message": {"role": "assistant", "content": content},
-                    "finish_reason": "stop",
+                    "finish_reason": finish,
                 }
             ]
             if choices

@@ -101,6 +101,13 @@ def test_restart_polls_the_journaled_batch(api: FakeAPI, tmp_path: Path, mlstore
     m = _gen(api, inputs, out, mlstore)
     assert m["counts"]["written"] == 3
     assert (api.uploads, api.batch_creates) == (1, 1)  # polled and collected, not resubmitted
+    # the collected answers are fresh (paid at the batch price), not journal hits as well
+    led = m["ledger"]
+    assert (led["done"], led["cached"], led["cached_cost_usd"]) == (3, 0, 0.0)
+    assert led["cost_usd"] == pytest.approx(3 * 0.5 * (1000 * 10 + 200 * 30) / 1e6)
+    again = _gen(api, inputs, out, mlstore)["ledger"]  # a rerun: journal hits only
+    assert (again["done"], again["cached"], again["cost_usd"]) == (0, 3, 0.0)
+    assert again["cached_cost_usd"] == pytest.approx(led["cost_usd"])
 
 
 def test_create_answer_lost_or_killed_before_journaling(

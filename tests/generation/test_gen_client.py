@@ -50,7 +50,20 @@ def _run(api: FakeAPI, tmp_path: Path, texts: list[str], **kw):
     )
 
 
-@pytest.mark.parametrize("action", ["429", "500", "reset", "malformed", "empty"])
+@pytest.mark.parametrize(
+    "action",
+    [
+        "429",
+        "500",
+        "reset",
+        "malformed",
+        "empty",
+        "text:",
+        "text: \n",
+        "null-content",
+        "bad-choice",
+    ],
+)
 def test_transient_errors_are_retried(api: FakeAPI, tmp_path: Path, action: str) -> None:
     api.arm("M1", action)
     outcomes, ledger, _ = _run(api, tmp_path, ["M1 hello"])
@@ -58,6 +71,42 @@ def test_transient_errors_are_retried(api: FakeAPI, tmp_path: Path, action: str)
     assert out.ok and out.attempts == 2
     assert api.count("M1") == 2
     assert ledger.requests_sent == 2 and ledger.done == 1
+
+
+def test_empty_replies_are_not_answers(api: FakeAPI, tmp_path: Path) -> None:
+    """A reply with no text and no refusal is retried, the good one that follows is used, and
+    after ``max_attempts`` empties the item fails unjournaled: a rerun asks again."""
+    api.arm("ONCE", "text:")
+    api.arm("ALWAYS", "text:", "null-content", "text:")
+    outcomes, ledger, _ = _run(api, tmp_path, ["ONCE", "ALWAYS"])
+    by_text = {o.key: o for o in outcomes.values()}
+    once = by_text[request_key("fake-model", _req("ONCE").messages, _req("ONCE").params)]
+    always = by_text[request_key("fake-model", _req("ALWAYS").messages, _req("ALWAYS").params)]
+    assert once.ok and once.content and once.attempts == 2
+    assert not always.ok and always.error.startswith("empty_content")
+    assert ledger.done == 1 and ledger.failed_by_reason == {"empty_content": 1}
+    journaled = [json.loads(x) for x in (tmp_path / "journal.jsonl").open()]
+    assert [e["key"] for e in journaled] == [once.key]
+    api.reset()
+    outcomes, ledger, _ = _run(api, tmp_path, ["ONCE", "ALWAYS"])
+    assert api.count() == 1 and api.count("ALWAYS") == 1
+    assert all(o.ok and o.content for o in outcomes.values()) and ledger.cached == 1
+
+
+def test_empty_reply_journaled_by_an_older_version_is_asked_again(
+    api: FakeAPI, tmp_path: Path
+) -> None:
+    """Journals written before empty replies were retried hold them as answers: not any more."""
+    req = _req("OLD")
+    key = request_key("fake-model", req.messages, req.params)
+    empty = {"content": "", "refusal": None, "finish_reason": "stop", "usage": None}
+    line = {"key": key, "model": "fake-model", "meta": {}, "attempts": 1, "response": empty}
+    (tmp_path / "journal.jsonl").write_text(json.dumps(line) + "\n")
+    with Journal(tmp_path / "journal.jsonl") as j:
+        assert key not in j and j.empty_replies == 1
+    outcomes, ledger, _ = _run(api, tmp_path, ["OLD"])
+    assert api.count("OLD") == 1 and ledger.cached == 0
+    assert outcomes[key].ok and outcomes[key].content
 
 
 def test_retry_after_is_honoured(api: FakeAPI, tmp_path: Path) -> None:

@@ -305,3 +305,91 @@ def test_figures_in_a_json_array_stream_like_jsonl(
     assert (tmp_path / "array" / "candidates.jsonl").read_text() == (
         tmp_path / "jsonl" / "candidates.jsonl"
     ).read_text()
+
+
+def test_moving_the_image_folder_keeps_the_journal_keys(
+    api: FakeAPI, tmp_path: Path, mlstore: str
+) -> None:
+    """Keys follow the image bytes, not their absolute path: a rerun with the images moved to
+    another folder sends (pays for) nothing, while a request still carries the image itself."""
+    import shutil
+
+    from biomedvital.data.images import ImageRoot
+    from biomedvital.generation.client import request_key
+    from biomedvital.generation.prompts import image_ref
+
+    inputs = write_inputs(tmp_path / "in", n_figures=3)
+    out = tmp_path / "out"
+    m = _gen(api, inputs, out, mlstore, vision=True)
+    assert m["counts"]["written"] == 3 and api.count() == 3
+    assert api.seen[0]["messages"][-1]["content"][2]["image_url"]["url"].startswith(
+        "data:image/jpeg;base64,"
+    )
+    moved = tmp_path / "elsewhere" / "imgs"
+    shutil.copytree(inputs["image_root"], moved)
+    shutil.rmtree(inputs["image_root"])
+
+    def key(root: Path) -> str:
+        ref = image_ref(ImageRoot(root).resolve("PMC0_F0.jpg"))
+        msgs = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": ref}}]}]
+        return request_key("m", msgs, {})
+
+    shutil.copytree(moved, tmp_path / "copy")
+    assert key(tmp_path / "copy") == key(moved)
+    api.reset()
+    m2 = _gen(api, {**inputs, "image_root": moved}, out, mlstore, vision=True)
+    assert api.count() == 0 and m2["ledger"]["cached"] == 3 and m2["counts"]["written"] == 3
+    # other bytes are another request
+    (tmp_path / "copy" / "PMC0_F0.jpg").write_bytes(b"\xff\xd8 not the same image")
+    assert key(tmp_path / "copy") != key(moved)
+
+
+@pytest.mark.parametrize("answers", [1, 2])
+def test_reply_cut_off_by_max_tokens_is_rejected(
+    api: FakeAPI, tmp_path: Path, mlstore: str, answers: int
+) -> None:
+    """A reply that hit ``max_tokens`` parses (its last answer half-written): it is rejected as
+    ``truncated``, counted and kept with its text in failed.jsonl, not written as training data."""
+    inputs = write_inputs(tmp_path / "in", n_figures=2, markers={1: "CUT-ME"})
+    if answers == 1:
+        body = "\n".join(f"User: Q{i}?\nAssistant: The lesion is {i} cm." for i in range(3))
+        cut = f"{body}\nUser: What is the diagnosis?\nAssistant: Most consistent with a diag"
+    else:
+        cut = "Question: Q?\nAnswer A: A mass.\nAnswer B: A cyst in the left"
+    api.arm("CUT-ME", f"length:{cut}")
+    out = tmp_path / "out"
+    m = _gen(api, inputs, out, mlstore, answers=answers, vision=False)
+    c = m["counts"]
+    assert (c["done"], c["failed"], c["rejected"]) == (2, 0, 1)
+    assert c["rejected_by_reason"] == {"truncated": 1}
+    (f,) = [json.loads(x) for x in (out / "failed.jsonl").open()]
+    assert (f["pair_id"], f["stage"], f["reason"], f["raw"]) == (
+        "PMC1_F1",
+        "parse",
+        "truncated",
+        cut,
+    )
+    assert "max_tokens" in f["detail"] and "truncated" in REJECT_REASONS
+    name = "candidates.jsonl" if answers == 1 else "pairs.jsonl"
+    written = [json.loads(x) for x in (out / name).open()]
+    assert written and all(r["pair_id"] == "PMC0_F0" for r in written)
+
+
+def test_empty_reply_is_retried_not_kept(api: FakeAPI, tmp_path: Path, mlstore: str) -> None:
+    """An empty reply is not journaled as the figure's answer: the next attempt's text is used,
+    and a figure whose every attempt came back empty is asked again by a rerun."""
+    inputs = write_inputs(tmp_path / "in", n_figures=3, markers={0: "EMPTY-ONCE", 1: "EMPTY-ALL"})
+    api.arm("EMPTY-ONCE", "text:")
+    api.arm("EMPTY-ALL", "text:", "null-content")
+    out = tmp_path / "out"
+    m = _gen(api, inputs, out, mlstore, vision=False)
+    c = m["counts"]
+    assert (c["done"], c["failed"], c["rejected"], c["written"]) == (2, 1, 0, 2)
+    failed = [json.loads(x) for x in (out / "failed.jsonl").open()]
+    assert [(f["pair_id"], f["reason"].split(":")[0]) for f in failed] == [
+        ("PMC1_F1", "empty_content")
+    ]
+    api.reset()
+    m2 = _gen(api, inputs, out, mlstore, vision=False)
+    assert api.count() == 1 and api.count("EMPTY-ALL") == 1
+    assert m2["counts"]["written"] == 3

@@ -53,6 +53,25 @@ def _rate(api: FakeAPI, cands: Path, out: Path, store: str, **kw) -> dict:
         ("Good answers.\n8", None),
         ("", None),
         (None, None),
+        # the scale or an item number is not the score
+        ("Score (0-10): 7", 7),
+        ("Score (0–10): 7", 7),
+        ("**Score (out of 10): 8**", 8),
+        ("Rating for conversation 1: 6", 6),
+        ("Score (on a scale of 0 to 10): 4", 4),
+        ("8/10", 8),
+        ("10 / 10 - excellent", 10),
+        ("9 out of 10", 9),
+        ("**Score:** 9", 9),
+        ("Score 9", 9),
+        ("8. Clear and relevant.", 8),
+        # negatives, ranges and out-of-range are refused (re-asked), not read as another number
+        ("-3", None),
+        ("Score: -3", None),
+        ("Score: 12/10", None),
+        ("Score: 7-8", None),
+        ("Rating: 3.5", None),
+        ("Conversation 2 of the set: 9", None),
     ],
 )
 def test_parse_score(text: str | None, score: int | None) -> None:
