@@ -166,6 +166,7 @@ def import_preferences(
     report = RecordReport()
     no_contrast = 0
     prefs: list[Preference] = []
+    where: list[tuple[int, Any]] = []  # the file line (or element) of each pair
     if src.suffix.lower() == ".csv":
         rows = [(line, "line", obj) for line, obj in _read_csv(src, on_bad_record, report)]
     else:
@@ -184,7 +185,8 @@ def import_preferences(
             if annotator and not p.annotator:
                 p.annotator = annotator
             prefs.append(p)
-    prefs = check_unique(prefs, "id", src, on_bad=on_bad_record, report=report)
+            where.append((pos, kind))
+    prefs = check_unique(prefs, "id", src, on_bad=on_bad_record, report=report, where=where)
     n = write_jsonl(out, prefs)
     manifest = {
         "preferences": n,

@@ -262,3 +262,22 @@ def test_extra_body_is_sent_and_keys_the_cache(api: FakeAPI, tmp_path: Path, mls
     assert api.n_requests == n
     _rate(api, cands, tmp_path / "a", mlstore)  # without it: another key, asked again
     assert api.n_requests == n + 1 and "grammar" not in api.seen[-1]
+
+
+def test_import_a_repeated_marks_record_names_its_line_and_counts_it_once(tmp_path: Path) -> None:
+    """A marks record giving two pairs, repeated on line 3 (a blank line between): the error
+    names line 3 and line 1; skipped, the record leaves the kept count once (not per pair)."""
+    rec = {
+        "id": "f-q0",
+        "image": "f.jpg",
+        "question": "What is shown?",
+        "answers": ["A tumour.", "A cyst.", "Nothing."],
+        "acceptable": ["accept", "reject", "reject"],
+    }
+    src = tmp_path / "marked.jsonl"
+    src.write_text(json.dumps(rec) + "\n\n" + json.dumps(rec) + "\n")
+    with pytest.raises(BadRecordError, match=r"marked.jsonl:3: .*line 3 repeats line 1"):
+        import_preferences(src, tmp_path / "o.jsonl")
+    m = import_preferences(src, tmp_path / "o.jsonl", on_bad_record="skip")
+    assert m["preferences"] == 2
+    assert m["records"]["kept"] == 1 and m["records"]["skipped_by_reason"] == {"duplicate:id": 2}
