@@ -117,15 +117,20 @@ class GroupedBatchSampler(Sampler[list[int]]):
             out.insert(0, out.pop(top))
         return out
 
-    def __iter__(self) -> Iterator[list[int]]:
-        skip, self._skip = self._skip, 0
-        for batch in self.global_batches()[skip:]:
-            if self.num_replicas == 1:
-                yield batch
-                continue
-            if len(batch) % self.num_replicas:  # pad a short last batch as DistributedSampler
+    def step_batches(self) -> list[list[int]]:
+        """Every rank's samples of each step as trained: a short global batch is padded with
+        repeats (as DistributedSampler pads) so each rank gets an equal share."""
+        out = []
+        for batch in self.global_batches():
+            if len(batch) % self.num_replicas:
                 pad = self.num_replicas - len(batch) % self.num_replicas
                 batch = batch + [batch[i % len(batch)] for i in range(pad)]
+            out.append(batch)
+        return out
+
+    def __iter__(self) -> Iterator[list[int]]:
+        skip, self._skip = self._skip, 0
+        for batch in self.step_batches()[skip:]:
             per = len(batch) // self.num_replicas
             yield batch[self.rank * per : (self.rank + 1) * per]
 

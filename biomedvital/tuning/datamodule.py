@@ -103,6 +103,7 @@ class TunerDataModule(LightningDataModule):
         self.processor: Any = None
         self.report = RecordReport()
         self.sets: dict[str, list[Sample]] = {}
+        self._plan: tuple[int, list[int]] | None = None  # (epoch, supervised tokens per step)
 
     # -- Lightning hooks -------------------------------------------------------------------
 
@@ -116,6 +117,26 @@ class TunerDataModule(LightningDataModule):
         self.sets = self._split(samples)
         if not self.sets["train"]:
             raise ValueError(f"no usable training samples in {self.data} ({self.report!r})")
+
+    def supervised_tokens(
+        self, epoch: int, batch: int, accumulate: int, n_batches: int | None = None
+    ) -> tuple[int, int]:
+        """Supervised tokens (those the loss counts) of training step ``batch`` of ``epoch``
+        over all processes, and of its gradient-accumulation window (``accumulate``
+        micro-batches; the epoch's last window, cut at ``n_batches``, may be shorter), read
+        from the batch plan: the loss can then weight every token of an optimiser step alike,
+        as one large batch would, without waiting for the window's later batches
+        (``LlavaTuner.training_step``). Samples whose image fails to load while training
+        still count (their tokens are planned, not trained): a rare, small under-weighting."""
+        if self._plan is None or self._plan[0] != epoch:
+            sampler = self.sampler("train", shuffle=True)
+            sampler.set_epoch(epoch)
+            samples = self.sets["train"]
+            counts = [int((s.labels[1:] != IGNORE_INDEX).sum()) for s in samples]
+            self._plan = (epoch, [sum(counts[i] for i in b) for b in sampler.step_batches()])
+        plan = self._plan[1] if n_batches is None else self._plan[1][:n_batches]
+        start = batch // accumulate * accumulate
+        return plan[batch], sum(plan[start : start + accumulate])
 
     def train_batches(self) -> int:
         """This process's training batches per epoch (``len`` of its loader), without building

@@ -262,15 +262,9 @@ class LlavaTuner(LightningModule):
         # n == 0 with several ranks: the collate's placeholder (no supervised token) runs the
         # step, so this rank takes part in the gathers and reductions and adds 0 to the loss
         summed, count = self.supervised_loss(batch)
-        if world > 1:
-            loss = self.distributed_share(summed, count, world)
-            # the mean of the ranks' losses is the global batch's token-weighted mean
-            self.log(
-                "train/loss", loss.detach(), prog_bar=True, batch_size=max(n, 1), sync_dist=True
-            )
-        else:
-            loss = summed / count.clamp_min(1).to(summed.dtype)
-            self.log("train/loss", loss, prog_bar=True, batch_size=n)
+        loss, shown = self.scaled_loss(summed, count, batch_idx)
+        # the step's token-weighted mean over all ranks (the mean of the ranks' ``shown``)
+        self.log("train/loss", shown, prog_bar=True, batch_size=max(n, 1), sync_dist=world > 1)
         self.log(
             "train/supervised_tokens",
             (batch["labels"] != -100).sum().float(),
@@ -283,6 +277,38 @@ class LlavaTuner(LightningModule):
                     f"train/lr_{group.get('name', 'model')}", group["lr"], batch_size=max(n, 1)
                 )
         return loss
+
+    def scaled_loss(
+        self, summed: torch.Tensor, count: torch.Tensor, batch_idx: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """What to back-propagate, and this micro-batch's loss to log, from its summed loss.
+
+        The gradient of an optimiser step is that of one large batch's token-weighted mean:
+        each rank's summed loss is divided by the supervised tokens of the whole step, every
+        rank's micro-batches of the accumulation window included, which the data module's
+        batch plan knows in advance (``supervised_tokens``); Lightning divides by
+        ``accumulate_grad_batches`` and DDP/FSDP average over ranks, so both are multiplied
+        back. A mean per micro-batch or per rank (LLaVA's trainer) would weight the tokens of
+        short batches more. Without a plan: each step's mean over ranks (one collective)."""
+        trainer = self._trainer
+        world = trainer.world_size if trainer is not None else 1
+        plan = getattr(getattr(trainer, "datamodule", None), "supervised_tokens", None)
+        if plan is not None:
+            k = trainer.accumulate_grad_batches
+            n_batches = trainer.num_training_batches
+            micro, window = plan(
+                self.current_epoch,
+                batch_idx,
+                k,
+                None if n_batches == float("inf") else int(n_batches),
+            )
+            loss = summed * (world * k / max(window, 1))
+            return loss, summed.detach() * (world / max(micro, 1))
+        if world > 1:
+            loss = self.distributed_share(summed, count, world)
+            return loss, loss.detach()
+        loss = summed / count.clamp_min(1).to(summed.dtype)
+        return loss, loss.detach()
 
     def supervised_loss(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
         """The cross-entropy summed over the batch's supervised tokens, and their count.

@@ -627,3 +627,57 @@ def test_dropout_seeds_differ_between_ranks_and_repeat_per_step(tuner: LlavaTune
 
     assert torch.equal(draw(0, 3), draw(0, 3))
     assert not torch.equal(draw(0, 3), draw(1, 3)) and not torch.equal(draw(0, 3), draw(0, 4))
+
+
+def test_accumulated_micro_batches_weight_tokens_as_one_batch(
+    demo_root: Path, selected: Path
+) -> None:
+    """Two micro-batches of an accumulation window (their supervised tokens differ) give the
+    gradient of one batch's token-weighted mean, as Lightning sums them (each divided by
+    accumulate_grad_batches); the data module's plan counts exactly the loader's tokens."""
+    from types import SimpleNamespace
+
+    tuner = LlavaTuner("tiny:tiny-llava", lora_r=4, lora_alpha=8, lora_dropout=0.0)
+    dm = TunerDataModule(str(selected), str(demo_root / "images"), max_length=192, batch_size=2)
+    dm.processor = tuner.processor
+    dm.setup("fit")
+    loader = dm.train_dataloader()
+    batches = list(itertools.islice(iter(loader), 2))
+    k = 2
+    tuner._trainer = SimpleNamespace(  # type: ignore[assignment]
+        world_size=1, accumulate_grad_batches=k, num_training_batches=len(loader),
+        datamodule=dm, current_epoch=0, global_rank=0,
+    )  # fmt: skip
+    params = [p for p in tuner.parameters() if p.requires_grad]
+
+    def grads(loss_of) -> list[torch.Tensor]:
+        tuner.zero_grad()
+        loss_of().backward()
+        return [p.grad.clone() for p in params]
+
+    try:
+        parts = [tuner.supervised_loss(b) for b in batches]
+        counts = [int(c) for _, c in parts]
+        plan = [dm.supervised_tokens(0, i, k) for i in range(2)]
+        assert [m for m, _ in plan] == counts and plan[0][1] == plan[1][1] == sum(counts)
+        assert counts[0] != counts[1]  # else a mean per micro-batch would agree by chance
+
+        def accumulated() -> torch.Tensor:
+            out = [
+                tuner.scaled_loss(*tuner.supervised_loss(b), i)[0] for i, b in enumerate(batches)
+            ]
+            return sum(x / k for x in out)
+
+        def one_batch() -> torch.Tensor:
+            return sum(s for s, _ in (tuner.supervised_loss(b) for b in batches)) / sum(counts)
+
+        def per_micro_mean() -> torch.Tensor:
+            return sum(s / c for s, c in (tuner.supervised_loss(b) for b in batches)) / k
+
+        want = grads(one_batch)
+        for got, w in zip(grads(accumulated), want, strict=True):
+            torch.testing.assert_close(got, w, rtol=1e-5, atol=1e-7)
+        old = grads(per_micro_mean)
+        assert any(not torch.allclose(g, w, rtol=1e-3) for g, w in zip(old, want, strict=True))
+    finally:
+        tuner._trainer = None
