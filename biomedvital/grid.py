@@ -215,10 +215,9 @@ def run_cell(grid: Path, cell: str, out_root: str = "outputs/grids") -> dict:
     record = {"grid": str(grid), "cell": cell, "stages": []}
     for stage in stages:
         ran = not Path(stage["done"]).exists()
+        shown = _shown(stage["argv"])
         if ran:
-            print(
-                f"[grid] {cell}: {stage['stage']}: python -m biomedvital {' '.join(stage['argv'])}"
-            )
+            print(f"[grid] {cell}: {stage['stage']}: python -m biomedvital {' '.join(shown)}")
             status = _run_stage(stage["argv"])
             if status:
                 raise SystemExit(f"[grid] {cell}: stage {stage['stage']!r} failed ({status})")
@@ -228,9 +227,17 @@ def run_cell(grid: Path, cell: str, out_root: str = "outputs/grids") -> dict:
                 )
         else:
             print(f"[grid] {cell}: {stage['stage']}: done ({stage['done']})")
-        record["stages"].append({**stage, "ran": ran})
+        record["stages"].append({**stage, "argv": shown, "ran": ran})
     write_json(cell_dir / CELL_FILE, record)
     return record
+
+
+def _shown(argv: list[str]) -> list[str]:
+    """The command line fit for the console and ``cell.json``: a URL's password and query
+    values masked (a grid file may name ``client.base_url`` with a credential in it)."""
+    from biomedvital.generation.client import safe_url
+
+    return [safe_url(a) if "://" in a else a for a in argv]
 
 
 def grid(

@@ -257,3 +257,31 @@ def test_report_reads_pairwise_runs(tmp_path: Path) -> None:
     assert "winrate.png" in report.plot(rows, "pw", out)
     report.write_table(rows, ["cell", *report.metric_columns(rows)], out)
     assert "judge/relative_mean_of_ratios" in (out / "table.md").read_text().splitlines()[0]
+
+
+def test_a_credential_in_a_grid_stays_out_of_cell_json_and_the_console(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A grid naming an endpoint URL with a password and a key in its query: the stage runs with
+    it, but ``cell.json`` and the printed command lines show it masked (as the verbs' own logs
+    do). The stage is already done here, so nothing runs."""
+    import json
+
+    from biomedvital.grid import run_cell
+
+    url = "https://alice:s3cret@llm.example.org/v1?api-key=abc123"
+    grid = tmp_path / "g.yaml"
+    stages = {"gen": {"verb": "generate", "args": {"client.base_url": url}, "done": "{cell_dir}/g"}}
+    grid.write_text(yaml.safe_dump({"stages": stages, "cells": {"a": {}}}))
+    (stage,) = stage_commands(grid, "a", str(tmp_path / "out"))
+    assert url in stage["argv"]  # what the stage runs with
+    Path(stage["done"]).parent.mkdir(parents=True)
+    Path(stage["done"]).write_text("done")
+    run_cell(grid, "a", str(tmp_path / "out"))
+    written = (tmp_path / "out" / "g" / "a" / "cell.json").read_text()
+    assert "s3cret" not in written and "abc123" not in written
+    assert (
+        "https://alice:***@llm.example.org/v1?api-key=***"
+        in json.loads(written)["stages"][0]["argv"]
+    )
+    assert "s3cret" not in capsys.readouterr().out
