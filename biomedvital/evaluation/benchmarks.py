@@ -242,7 +242,10 @@ def load_slake(path: PathLike, split: str = "test", lang: str | None = "en") -> 
 
 
 def load_pathvqa(
-    path: PathLike, split: str = "test", image_cache: PathLike | None = None
+    path: PathLike,
+    split: str = "test",
+    image_cache: PathLike | None = None,
+    write_images: bool = True,
 ) -> list[VQAItem]:
     """PathVQA from the grouped ``pvqa_<split>.json``, LLaVA-Med's converted layout, or parquet.
 
@@ -252,13 +255,14 @@ def load_pathvqa(
 
     A ``.parquet`` file, or a folder (or its ``data/`` subfolder) holding ``<split>-*.parquet``
     and no JSON file of the split, is read by :func:`load_pathvqa_parquet`, which writes the
-    images under ``image_cache`` (ignored for the JSON layouts).
+    images under ``image_cache`` unless ``write_images`` is off (scoring needs no image; both
+    are ignored for the JSON layouts).
     """
     if split not in _PATHVQA_SPLITS:
         raise ValueError(f"PathVQA split must be one of {_PATHVQA_SPLITS}, got {split!r}")
     parquet = _pathvqa_parquet_files(Path(path), split)
     if parquet is not None:
-        return load_pathvqa_parquet(parquet, split, image_cache)
+        return load_pathvqa_parquet(parquet, split, image_cache, write_images)
     path = _resolve(Path(path), _file_names("pathvqa", split))
     stem = path.stem.removeprefix("pvqa_")
     _check_split_name(path, split, stem)
@@ -342,7 +346,10 @@ def _write_once(target: Path, data: bytes) -> None:
 
 
 def load_pathvqa_parquet(
-    files: PathLike | Iterable[PathLike], split: str = "test", image_cache: PathLike | None = None
+    files: PathLike | Iterable[PathLike],
+    split: str = "test",
+    image_cache: PathLike | None = None,
+    write_images: bool = True,
 ) -> list[VQAItem]:
     """PathVQA from the Hugging Face parquet files (``image``/``question``/``answer`` columns).
 
@@ -353,6 +360,8 @@ def load_pathvqa_parquet(
             image shared by several questions, or already written by an earlier load, is not
             written again). Point the evaluator's image root at it. Default: ``images`` next to
             the first parquet file.
+        write_images: off, nothing is written (``score-vqa`` needs the names, not the images,
+            and the data may sit on a read-only mount).
 
     Question ids are ``"<file stem>_<row>"`` with ``row`` the 0-based row in that file, so they
     stay the same across loads. A bad row raises :class:`BadRecordError` naming the file and the
@@ -364,7 +373,8 @@ def load_pathvqa_parquet(
     if not paths:
         raise FileNotFoundError("no parquet files given")
     cache = Path(image_cache) if image_cache is not None else paths[0].parent / "images"
-    cache.mkdir(parents=True, exist_ok=True)
+    if write_images:
+        cache.mkdir(parents=True, exist_ok=True)
     items, wheres = [], []
     for path in paths:
         if not path.is_file():
@@ -397,7 +407,8 @@ def load_pathvqa_parquet(
             answer = _answer(answer, where, "answer")
             question = _text(question, where, "question")
             name = _image_name(data, image.get("path"))
-            _write_once(cache / name, data)
+            if write_images:
+                _write_once(cache / name, data)
             closed = answer.strip().lower() in ("yes", "no")
             items.append(
                 VQAItem(
@@ -536,17 +547,18 @@ def load_benchmark(
     data: PathLike,
     split: str = "test",
     image_cache: PathLike | None = None,
+    write_images: bool = True,
 ) -> list[VQAItem]:
     """Load ``benchmark``'s ``split`` from a file or a folder of its published files.
 
     SLAKE is loaded in English (as LLaVA-Med evaluates it); use :func:`load_slake` for others.
-    ``image_cache``: where PathVQA's parquet images are written (see :func:`load_pathvqa_parquet`);
-    ignored by every other layout.
+    ``image_cache``, ``write_images``: where PathVQA's parquet images are written, and whether
+    (see :func:`load_pathvqa_parquet`); ignored by every other layout.
     """
     if benchmark not in _LOADERS:
         raise ValueError(f"benchmark must be one of {BENCHMARKS}, got {benchmark!r}")
     if benchmark == "pathvqa":
-        return load_pathvqa(data, split, image_cache)
+        return load_pathvqa(data, split, image_cache, write_images)
     return _LOADERS[benchmark](data, split)
 
 

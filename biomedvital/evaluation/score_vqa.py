@@ -135,7 +135,7 @@ def score_vqa(
             "llava_med_bench answers are open-ended chat, not VQA: score them with "
             "`judge --answers FILE` and `score-chat`"
         )
-    items = load_benchmark(benchmark, data, split)
+    items = load_benchmark(benchmark, data, split, write_images=False)  # names only
     if not items:
         raise ValueError(f"{data}: no {benchmark} questions in split {split!r}")
     pairs = join_predictions(

@@ -94,7 +94,8 @@ class VQADataModule(LightningDataModule):
             ``benchmarks``; LLaVA-Med's converted layout is recognised by any of them), or
             ``llava_med_bench`` (open-ended chat: answers are written for ``judge``, not scored).
         data: the benchmark's published file, or the folder holding it.
-        image_root: folder the questions' image paths are relative to (escapes are refused).
+        image_root: folder the questions' image paths are relative to (escapes are refused);
+            for PathVQA's parquet files, where their images are written as they are read.
         split: benchmark split (``test``).
         name: name in metric keys (``test/<name>/<metric>``); default the benchmark's.
         batch_size: questions per generation batch.
@@ -127,7 +128,14 @@ class VQADataModule(LightningDataModule):
     def load_items(self) -> list[VQAItem]:
         """The questions (loaded once); a file of another layout raises naming the file."""
         if self.items is None:
-            items = load_benchmark(self.benchmark, self.data, self.split)  # type: ignore[arg-type]
+            # PathVQA's parquet images are written where they are read from (the data folder
+            # may be read-only); other layouts ignore it
+            items = load_benchmark(
+                self.benchmark,  # type: ignore[arg-type]
+                self.data,
+                self.split,
+                image_cache=self.image_root,
+            )
             if not items:
                 raise ValueError(f"{self.data}: no {self.benchmark} questions in {self.split!r}")
             self.items = items[: self.limit] if self.limit is not None else items

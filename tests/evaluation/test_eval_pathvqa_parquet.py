@@ -142,3 +142,31 @@ def test_a_folders_provenance_hashes_the_shards_it_reads(folder: Path, tmp_path:
     _write(folder / "data" / "test-00001-of-00002.parquet", [(_jpeg("retina.jpg"), "q?", "no")])
     after = described()
     assert after["files"] == before["files"] and after["sha256"] != before["sha256"]
+
+
+def test_scoring_writes_no_image_and_the_evaluator_writes_them_under_its_image_root(
+    folder: Path, tmp_path: Path
+) -> None:
+    """``score-vqa`` reads the parquet files for the answers only: nothing is written beside
+    them (a read-only mount would fail). The evaluator writes the images where it reads them
+    from, its ``image_root``, not into the data folder."""
+    import json
+
+    from biomedvital.evaluation.score_vqa import score_vqa
+    from biomedvital.evaluation.vqa_eval import VQADataModule
+
+    items = load_benchmark("pathvqa", folder, "test", write_images=False)
+    preds = tmp_path / "preds.jsonl"
+    preds.write_text(
+        "".join(
+            json.dumps({"question_id": it.question_id, "text": it.answer}) + "\n" for it in items
+        )
+    )
+    scores = score_vqa("pathvqa", folder, preds)
+    assert scores["closed_acc"] == 100.0
+    assert not (folder / "data" / "images").exists() and not (folder / "images").exists()
+    root = tmp_path / "extracted"
+    dm = VQADataModule("pathvqa", str(folder), str(root))
+    dm.setup("test")  # checks every question's image under the root
+    assert sorted(p.name for p in root.iterdir()) == sorted({it.image for it in items})
+    assert not (folder / "data" / "images").exists()
