@@ -103,9 +103,29 @@ def remove_stale_temporaries(folder: Path, depth: int = 1) -> list[Path]:
             else:
                 path.unlink(missing_ok=True)
             removed.append(path)
-        elif depth > 0 and entry.is_dir(follow_symlinks=False):
+        elif depth > 0 and entry.is_dir(follow_symlinks=False) and not _in_use(path):
             removed += remove_stale_temporaries(path, depth - 1)
     return removed
+
+
+def _in_use(folder: Path) -> bool:
+    """Whether a live run (this process or another) holds ``folder``'s lock: the temporaries
+    in it may be its writes in progress, not a killed run's."""
+    if folder.resolve() in _HELD:
+        return True  # never reopen a lock this process holds: closing the fd would drop it
+    try:
+        fd = os.open(folder / LOCK_NAME, os.O_RDWR | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return False
+    except OSError:
+        return True  # cannot tell: leave the folder alone
+    try:
+        fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        return True
+    finally:
+        os.close(fd)  # releases the probe's lock (never one this process held)
+    return False
 
 
 def acquire_output(folder: str | os.PathLike[str]) -> Path:

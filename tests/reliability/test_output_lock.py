@@ -162,3 +162,22 @@ def test_lock_not_inherited_by_forked_children(tmp_path: Path) -> None:
         release_output(tmp_path)
     finally:
         os.kill(child, signal.SIGKILL)
+
+
+def test_a_subfolder_another_live_run_holds_keeps_its_temporaries(tmp_path: Path) -> None:
+    """Locking a folder cleans killed runs' temporaries one level down too, but not in a
+    subfolder a live run holds (``score-vqa --out outputs/demo/x.json`` locks outputs/demo while
+    ``generate`` writes outputs/demo/generate/): those are writes in progress."""
+    out = tmp_path / "out"
+    busy, idle = out / "generate", out / "rate"
+    holder = _holder(busy)
+    try:
+        idle.mkdir(parents=True)
+        writing = busy / ".candidates.jsonl.0123456789ab.tmp"
+        stale = idle / ".ratings.jsonl.0123456789ab.tmp"
+        writing.write_text("in progress")
+        stale.write_text("left by a killed run")
+        with output_lock(out):
+            assert writing.exists() and not stale.exists()
+    finally:
+        _kill(holder)
