@@ -14,7 +14,7 @@ USER_ERRORS = {
     "biomedvital.data.report": ("BadRecordError",),
     "biomedvital.data.images": ("UnsafePathError", "ImageLoadError"),
     "biomedvital.data.outputs": ("OutputFolderBusy",),
-    "biomedvital.generation.client": ("ClientConfigError",),
+    "biomedvital.generation.client": ("ClientConfigError", "ApiAccessError"),
     "biomedvital.tracking.checkpoints": ("UnsafeCheckpointError",),
 }
 

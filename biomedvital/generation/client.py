@@ -8,8 +8,11 @@ Generating or rating tens of thousands of items takes hours and money, so this c
   under the provider's limits instead of living on 429s;
 * retries what is transient (429, 5xx, timeouts, dropped connections, garbled bodies, empty
   choices, replies with neither text nor a refusal) with exponential backoff and jitter, honouring ``Retry-After`` (capped), and never
-  retries what will not change (400, 401, 403...); after ``max_attempts`` the item is recorded as
+  retries what will not change (400, 404, 422...); after ``max_attempts`` the item is recorded as
   failed with its reason; every attempt has a hard deadline, so a run ends in bounded time;
+* stops the whole run at the first answer that every other request would get too (401/403: a
+  bad key or no access; 429 ``insufficient_quota``: no money left) with :class:`ApiAccessError`,
+  instead of sending the rest only to record each item failed and "finish";
 * journals every finished request (JSONL) keyed by the SHA-256 of (model, messages,
   parameters), so a rerun after a crash only pays for what is missing. Each line is written and
   flushed before the request counts as done (it survives ``kill -9``); ``fsync`` runs at most
@@ -54,6 +57,13 @@ log = logging.getLogger(__name__)
 
 NO_RETRY_STATUS = frozenset({400, 401, 403, 404, 405, 409, 413, 422})
 """Statuses that will fail the same way again: the item fails at once."""
+
+RUN_FATAL_STATUS = frozenset({401, 403})
+"""Statuses that say the key is wrong or lacks access: every request would get them, so the run
+stops (:class:`ApiAccessError`)."""
+
+QUOTA_CODES = frozenset({"insufficient_quota"})
+"""429 error codes meaning the account has no quota left (not a rate limit to wait out)."""
 
 BATCH_PRICE_FACTOR = 0.5
 """Batch API results cost this fraction of the online price unless ``price_per_million`` has
@@ -610,6 +620,34 @@ class _Fatal(Exception):
         self.reason = reason
 
 
+class _Stopped(Exception):
+    """The run is stopping (another request hit a fatal error): this one is not sent."""
+
+
+class ApiAccessError(RuntimeError):
+    """The endpoint refuses the whole run (bad key, no access, quota spent).
+
+    Every further request would fail alike, so nothing more is sent; the answers already
+    journaled stay, and a rerun (with the key or quota fixed) sends only what is missing.
+    """
+
+    def __init__(self, status: int, reason: str, endpoint: str) -> None:
+        self.status, self.reason, self.endpoint = status, reason, endpoint
+        super().__init__(
+            f"{endpoint} answered {reason}; the run stopped, as every further request would "
+            "fail alike. Fix the API key, its access or the account's quota and rerun: the "
+            "answers received so far are journaled and are not requested again"
+        )
+
+
+def is_run_fatal(status: int, code: str | None = None, kind: str | None = None) -> bool:
+    """Whether an error status (with the body's ``error.code`` and ``error.type``) dooms every
+    request of the run, rather than this one only."""
+    return status in RUN_FATAL_STATUS or (
+        status == 429 and (code in QUOTA_CODES or kind in QUOTA_CODES)
+    )
+
+
 def parse_retry_after(headers: Any) -> float | None:
     """Seconds to wait from ``retry-after-ms`` or ``Retry-After`` (seconds or an HTTP date)."""
     if headers is None:
@@ -717,6 +755,8 @@ class ChatClient:
         self.config = config
         self.journal = journal
         self._secret: str | None = None
+        self._endpoint_url = safe_url(config.base_url)
+        self._stop: Exception | None = None  # set when the run must stop: nothing more is sent
 
     def key_of(self, req: ChatRequest) -> str:
         if not req.key:
@@ -792,10 +832,15 @@ class ChatClient:
                 req = await queue.get()
                 if req is None:
                     return
+                if abort is not None:  # stopping: what is queued is drained, not sent
+                    inflight.discard(req.key)
+                    continue
                 try:
                     out = await self._attempts(client, req, rpm, tpm, ledger)
-                except Exception as exc:  # disk full, a bug: stop feeding, keep draining
-                    abort = abort or exc
+                except _Stopped:
+                    continue
+                except Exception as exc:  # bad key, disk full, a bug: stop sending, drain
+                    abort = self._stop = abort or exc
                     continue
                 finally:
                     inflight.discard(req.key)
@@ -816,6 +861,7 @@ class ChatClient:
                 await asyncio.to_thread(self.journal.sync)
 
         self.journal.auto_sync = False
+        self._stop = None
         sync_task = asyncio.create_task(syncer())
         try:
             for req in requests:
@@ -866,6 +912,7 @@ class ChatClient:
         # base_url local:NAME starts a local server here, stopped with the client (afill)
         self._endpoint = open_endpoint(self.config.base_url, self.config.api_key_env)
         self._secret = self._endpoint.api_key
+        self._endpoint_url = safe_url(self._endpoint.base_url)
         return AsyncOpenAI(
             base_url=self._endpoint.base_url,
             api_key=self._secret,
@@ -882,6 +929,8 @@ class ChatClient:
         for attempt in range(1, cfg.max_attempts + 1):
             await rpm.acquire(1)
             await tpm.acquire(n_in + n_out)
+            if self._stop is not None:  # e.g. another request found the key refused
+                raise _Stopped
             ledger.requests_sent += 1
             try:
                 resp = await self._send(client, req)
@@ -938,6 +987,12 @@ class ChatClient:
         except openai.APIStatusError as err:
             status = err.status_code
             detail = redact(_short(_error_message(err)), secret)
+            code, kind = getattr(err, "code", None), getattr(err, "type", None)
+            if is_run_fatal(status, code, kind):
+                where = f"{self._endpoint_url.rstrip('/')}/chat/completions"
+                label = code or (kind if kind in QUOTA_CODES else None)  # invalid_api_key...
+                reason = f"http_{status}" + (f" {label}" if label else "") + f": {detail}"
+                raise ApiAccessError(status, redact(reason, secret), where) from None
             if status_is_retryable(status):
                 raise _Retryable(
                     f"http_{status}: {detail}", parse_retry_after(err.response.headers)

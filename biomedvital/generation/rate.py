@@ -8,6 +8,10 @@ as failed and gets no rating at all.
 With ``preferences`` the judge also scores both answers of each clinician pair, and the run
 reports how often it agrees with the clinicians (preferred scored above rejected; ties apart).
 
+The judge needs the figure's caption: ``generate`` writes candidates without one, so they get it
+from ``figures`` (joined on ``pair_id``; a candidate whose figure is not there is a bad record).
+Candidates judged without any caption are counted (``no_caption``) and warned about.
+
 Candidates are streamed like ``generate``'s figures: requests are built as the client has room,
 a plan line per item is spooled to disk, and the outputs are assembled from the plan and the
 journal in input order. ``client.mode: batch`` runs both passes (scores, then re-asks) as batch
@@ -17,14 +21,18 @@ jobs.
 from __future__ import annotations
 
 import json
+import logging
 import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any, Literal
 
+from pydantic import ValidationError
+
 from biomedvital.data.images import ImageRoot
 from biomedvital.data.jsonio import (
     atomic_write,
+    check_unique,
     handle_bad,
     iter_objects,
     parse_record,
@@ -36,6 +44,7 @@ from biomedvital.data.outputs import output_lock
 from biomedvital.data.records import (
     Candidate,
     Rating,
+    mentions_text,
     read_figures,
     read_preferences,
     strip_image_token,
@@ -57,6 +66,8 @@ from biomedvital.tracking.mlflow import DEFAULT_STORE, PipelineRun
 from biomedvital.tracking.provenance import git_state
 
 __all__ = ["estimate_cost", "judge_messages", "parse_score", "rate"]
+
+log = logging.getLogger(__name__)
 
 JUDGE_PROMPT = """\
 You are a medical expert acting as a judge of training data for a medical vision-language \
@@ -177,8 +188,11 @@ def rate(
         client: the judge endpoint and how to call it, as for ``generate``: ``base_url``,
             ``model``, ``api_key_env`` (the key is read from that variable only), pacing,
             retries, prices and batch mode (the re-asks are a second batch).
-        figures: figures to take captions and mentions from, joined on ``pair_id`` (else the
-            candidates' own ``fig_caption`` / ``in_text_mention`` fields are used).
+        figures: figures to take captions and mentions from, joined on ``pair_id``; a candidate
+            whose ``pair_id`` is missing or not among them is a bad record (``unknown_figure``).
+            Without it the candidates' own ``fig_caption`` / ``in_text_mention`` fields are
+            used, which ``generate``'s output lacks: candidates judged without a caption are
+            counted (``counts.no_caption``) and warned about.
         image_root / vision: attach each candidate's image to the judge's request.
         preferences: clinician pairs (or accept/reject marks): both answers are scored too and
             the agreement with clinicians is reported.
@@ -187,7 +201,8 @@ def rate(
             key: e.g. llama.cpp's ``grammar`` or vLLM's ``guided_choice`` to constrain a small
             local model's reply to the format asked for.
         on_bad_record: ``raise`` (before any request) or ``skip`` (counted) for bad input
-            records: invalid candidates, duplicate ids, missing images.
+            records: invalid candidates, duplicate ids (candidates and preference pairs),
+            unknown figures, missing images.
         dry_run: print the first judge prompt and the estimated cost; send nothing.
         store: MLflow store folder (experiment ``rating``).
         tags: extra MLflow run tags (a grid's ``grid``/``cell``/``stage``).
@@ -210,7 +225,12 @@ def rate(
     if preferences is not None:
         reports["preferences"] = RecordReport()
         prefs = read_preferences(preferences, on_bad_record, reports["preferences"])
+        # scores are kept by pair id: a repeated id would overwrite the first pair's
+        prefs = check_unique(
+            prefs, "id", preferences, on_bad=on_bad_record, report=reports["preferences"]
+        )
     root = ImageRoot(image_root) if vision else None
+    no_caption = 0  # candidates sent to the judge without a caption (filled as they stream)
     params = {"temperature": temperature, "max_tokens": max_tokens, "seed": seed}
     params.update(extra_body or {})
     estimate = Estimate(client.price_per_million, client.mode == "batch")
@@ -226,11 +246,48 @@ def rate(
                 path, pos, str(exc), "image", kind=kind, category="missing_image"
             ) from exc
 
+    def context(cand: Candidate, pos: int, kind: Any) -> tuple[str, str]:
+        """The caption and mentions the judge sees: from ``figures`` when given, else the
+        candidate's own fields."""
+        if figures is not None:
+            fig = by_pair.get(str(cand.pair_id)) if cand.pair_id is not None else None
+            if fig is None:
+                what = (
+                    "has no pair_id"
+                    if cand.pair_id is None
+                    else f"has pair_id {cand.pair_id!r}, which is not"
+                )
+                raise BadRecordError(
+                    candidates,
+                    pos,
+                    f"candidate {cand.id!r} {what} among the figures of {figures}, so the "
+                    "judge would see no caption",
+                    "pair_id",
+                    kind=kind,
+                    category="unknown_figure",
+                )
+            return fig
+        extra = cand.model_extra or {}
+        try:
+            mentions = mentions_text(extra.get("in_text_mention"))
+        except (ValidationError, TypeError, AttributeError) as exc:
+            raise BadRecordError(
+                candidates,
+                pos,
+                "in_text_mention must be a string or a list of mentions "
+                f"({{'tokens': ...}}), got {type(extra.get('in_text_mention')).__name__}",
+                "in_text_mention",
+                kind=kind,
+                category="invalid:in_text_mention",
+            ) from exc
+        return str(extra.get("fig_caption") or ""), mentions
+
     def items(
         report: RecordReport, on_bad: OnBad, build: bool = True
     ) -> Iterator[tuple[str, str, list]]:
         """(kind, item id, judge messages): candidates streamed, then both sides of each pair
         (``build=False``: only the checks, no messages or image hashes)."""
+        nonlocal no_caption
         ids: set[str] = set()
         for pos, kind, obj in iter_objects(candidates, on_bad=on_bad, report=report):
             try:
@@ -244,6 +301,7 @@ def rate(
                         kind=kind,
                         category="duplicate:id",
                     )
+                caption, mentions = context(cand, pos, kind)
                 url = image_url(cand.image, candidates, pos, kind, build)
             except BadRecordError as err:
                 handle_bad(err, on_bad, report)
@@ -252,14 +310,8 @@ def rate(
             report.kept()
             if not build:
                 continue
-            fig = by_pair.get(str(cand.pair_id)) if cand.pair_id is not None else None
-            if fig is not None:
-                caption, mentions = fig
-            else:
-                extra = cand.model_extra or {}
-                caption = str(extra.get("fig_caption") or "")
-                mention = extra.get("in_text_mention")
-                mentions = mention if isinstance(mention, str) else ""
+            if not caption.strip():
+                no_caption += 1
             yield "candidate", cand.id, judge_messages(caption, mentions, cand.qa_pairs(), url)
         del ids
         for n, p in enumerate(prefs, start=1):
@@ -296,6 +348,7 @@ def rate(
             first = first or req
         if first is not None:
             print(printable_messages(first.messages))
+        _warn_no_caption(no_caption, reports["candidates"].n_kept, figures is not None)
         est = estimate.as_dict()
         print(
             f"\n{est['requests']} requests (+ re-asks), ~{est['input_tokens']} input "
@@ -332,6 +385,7 @@ def rate(
                             progress,
                             batch_results=batch_results,
                         )
+                    _warn_no_caption(no_caption, reports["candidates"].n_kept, figures is not None)
                     second = fill_requests(
                         client,
                         journal,
@@ -348,7 +402,11 @@ def rate(
                 )
                 torn = journal.torn_lines
             plan_path.unlink(missing_ok=True)
-            counts = {"candidates": reports["candidates"].n_kept, **counts}
+            counts = {
+                "candidates": reports["candidates"].n_kept,
+                "no_caption": no_caption,
+                **counts,
+            }
             alignment = None
             if preferences is not None:
                 rows = [
@@ -394,6 +452,25 @@ def rate(
             run.log_dict(manifest, "rate.manifest.json")
         write_json(out / "manifest.json", manifest)
         return manifest
+
+
+def _warn_no_caption(n: int, total: int, with_figures: bool) -> None:
+    """Say once how many candidates the judge scores blind to their figure's caption: a silent
+    "Caption: (none)" makes every score worse without anything showing it."""
+    if not n:
+        return
+    fix = (
+        "their figures have no caption"
+        if with_figures
+        else "pass --figures (the figures the candidates were generated from) so the judge sees "
+        "each figure's caption and mentions"
+    )
+    log.warning(
+        "rate: %d of %d candidates are judged without a caption (counts.no_caption); %s",
+        n,
+        total,
+        fix,
+    )
 
 
 def _plan_lines(plan_path: Path) -> Iterator[dict[str, Any]]:

@@ -2,8 +2,10 @@
 
 Responses are computed from the request (deterministic), so reruns and resumes can be compared
 byte for byte. A fault is armed by a marker string: every request whose body contains the marker
-consumes the next action of its queue (``"429"``, ``"500"``, ``"400"``, ``"401"``, ``"403"``,
-``"sleep"``, ``"reset"``, ``"malformed"``, ``"empty"``, ``"refusal"``, ``"echo-auth"``,
+consumes the next action of its queue (an HTTP error status such as ``"429"``, ``"500"``,
+``"400"``, ``"401"``, ``"403"``, ``"404"``; ``"quota"`` (429 ``insufficient_quota``),
+``"sleep"``, ``"reset"``, ``"malformed"``, ``"empty"``, ``"refusal"``, ``"echo-auth"`` (a 401
+quoting the Authorization header), ``"echo-auth-400"`` (a 400 quoting it),
 ``"text:<content>"``, ``"length:<content>"`` (cut off by ``max_tokens``), ``"null-content"``,
 ``"bad-choice"``). :meth:`FakeAPI.random_faults` makes a seeded share of all calls fail
 instead, decided per (request, how many times it was seen), so the same calls fail whatever the
@@ -184,13 +186,23 @@ class FakeAPI:
                 self.seen.append(body)
                 self.auth.append(auth)
         action = self.action_for(raw, key)
-        if action in ("429", "500", "400", "401", "403"):
+        if action and action.isdigit() and len(action) == 3:
             err = {"error": {"message": f"injected {action}", "type": "test"}}
             headers = {"Retry-After": self.retry_after} if action == "429" else {}
             return Reply(int(action), json.dumps(err).encode(), headers)
-        if action == "echo-auth":
+        if action == "quota":  # OpenAI's answer once the account's credit is spent
+            err = {
+                "error": {
+                    "message": "You exceeded your current quota, please check your plan.",
+                    "type": "insufficient_quota",
+                    "param": None,
+                    "code": "insufficient_quota",
+                }
+            }
+            return Reply(429, json.dumps(err).encode())
+        if action in ("echo-auth", "echo-auth-400"):
             err = {"error": {"message": f"bad key: {auth}", "type": "test"}}
-            return Reply(401, json.dumps(err).encode())
+            return Reply(401 if action == "echo-auth" else 400, json.dumps(err).encode())
         if action == "reset":
             return Reply(action="reset")
         if action == "sleep" and not in_batch:

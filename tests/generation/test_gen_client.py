@@ -11,6 +11,7 @@ import pytest
 from fakeapi import KEY_ENV, SECRET, FakeAPI
 
 from biomedvital.generation.client import (
+    ApiAccessError,
     ChatClient,
     ChatRequest,
     ClientConfig,
@@ -126,7 +127,7 @@ def test_timeout_is_retried(api: FakeAPI, tmp_path: Path) -> None:
     assert out.ok and out.attempts == 2
 
 
-@pytest.mark.parametrize("status", ["400", "401", "403"])
+@pytest.mark.parametrize("status", ["400", "404", "422"])
 def test_client_errors_are_not_retried(api: FakeAPI, tmp_path: Path, status: str) -> None:
     api.arm("BAD", status, status, status)
     outcomes, ledger, _ = _run(api, tmp_path, ["BAD"])
@@ -135,6 +136,53 @@ def test_client_errors_are_not_retried(api: FakeAPI, tmp_path: Path, status: str
     assert api.count("BAD") == 1
     assert ledger.failed_by_reason == {f"http_{status}": 1}
     assert not (tmp_path / "journal.jsonl").exists()  # failures are not cached
+
+
+@pytest.mark.parametrize(
+    ("action", "status", "reason"),
+    [
+        ("401", 401, "http_401: injected 401"),
+        ("403", 403, "http_403: injected 403"),
+        ("quota", 429, "http_429 insufficient_quota: You exceeded your current quota"),
+        ("echo-auth", 401, "http_401: bad key: Bearer ***"),
+    ],
+)
+def test_refused_key_or_quota_stops_the_run(
+    api: FakeAPI, tmp_path: Path, action: str, status: int, reason: str
+) -> None:
+    """A bad key or a spent quota fails every request: the run stops at the first such answer
+    (no retries, nothing more sent) instead of recording each item failed, keeps what was
+    answered before, and a rerun sends only the rest."""
+    texts = [f"q{i}" for i in range(3)] + ["STOP"] + [f"r{i}" for i in range(40)]
+    api.arm("STOP", action)
+    with pytest.raises(ApiAccessError) as info:
+        _run(api, tmp_path, texts, concurrency=1)
+    err = info.value
+    assert err.status == status and err.reason.startswith(reason)
+    msg = str(err)
+    assert f"{api.base_url}/chat/completions answered {reason}" in msg and "rerun" in msg
+    assert SECRET not in msg and SECRET not in repr(err.args)
+    # concurrency 1: the three before were answered and journaled, then nothing was sent
+    assert api.count() == 4 and api.count("STOP") == 1
+    with Journal(tmp_path / "journal.jsonl") as j:
+        assert len(j) == 3
+    api.reset()
+    outcomes, ledger, _ = _run(api, tmp_path, texts, concurrency=1)
+    assert ledger.cached == 3 and api.count() == len(texts) - 3 and api.paid_twice() == []
+    assert all(o.ok for o in outcomes.values())
+
+
+def test_run_stop_drains_concurrent_requests_unsent(api: FakeAPI, tmp_path: Path) -> None:
+    """With requests in flight and queued, a 401 stops every other worker too: queued requests
+    and the retries of failing ones are not sent."""
+    api.delay_s = 0.05
+    api.arm("RETRYING", *["500"] * 10)
+    texts = ["RETRYING", "STOP"] + [f"q{i}" for i in range(200)]
+    api.arm("STOP", "401")
+    with pytest.raises(ApiAccessError):
+        _run(api, tmp_path, texts, concurrency=4, max_attempts=10, backoff_base_s=0.2)
+    # at most the four first in flight plus one round of the others: far from all 202
+    assert api.count() < 12 and api.count("RETRYING") < 3
 
 
 def test_bounded_attempts_then_failed_with_reason(api: FakeAPI, tmp_path: Path) -> None:

@@ -87,12 +87,12 @@ def test_secret_never_written(api: FakeAPI, tmp_path: Path, mlstore: str) -> Non
     """The key reaches the server only: not the journal, outputs, manifest, MLflow params, tags
     or artifacts, not even when a server echoes it back in an error or an answer."""
     inputs = write_inputs(tmp_path / "in", n_figures=3, markers={1: "ECHO-ERR", 2: "ECHO-OK"})
-    api.arm("ECHO-ERR", "echo-auth")
+    api.arm("ECHO-ERR", "echo-auth-400")  # an item error (a 401 would stop the run)
     api.arm("ECHO-OK", "echo-auth-content")
     m = _gen(api, inputs, tmp_path / "out", mlstore, tags={"grid": "g", "cell": "c1"})
     assert api.auth[0] == f"Bearer {SECRET}"
     failed = {f["pair_id"]: f for f in map(json.loads, (tmp_path / "out" / "failed.jsonl").open())}
-    assert failed["PMC1_F1"]["reason"] == "http_401: bad key: Bearer ***"
+    assert failed["PMC1_F1"]["reason"] == "http_400: bad key: Bearer ***"
     assert "Bearer ***" in failed["PMC2_F2"]["raw"]
     for root in (tmp_path, Path(mlstore)):
         for p in root.rglob("*"):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import pytest
@@ -10,6 +11,7 @@ from fakeapi import FakeAPI, default_responder, fake_client
 
 from biomedvital.data.records import Rating, read_preferences
 from biomedvital.data.report import BadRecordError
+from biomedvital.generation.client import ApiAccessError
 from biomedvital.generation.preferences import import_preferences
 from biomedvital.generation.rate import parse_score, rate
 
@@ -32,10 +34,12 @@ def _cands(path: Path, tags: list[str]) -> Path:
     return path
 
 
-def _rate(api: FakeAPI, cands: Path, out: Path, store: str, **kw) -> dict:
-    client = fake_client(
-        api, "judge", max_attempts=2, timeout_s=5, backoff_base_s=0.01, backoff_max_s=0.02
-    )
+def _rate(
+    api: FakeAPI, cands: Path, out: Path, store: str, client_settings: dict | None = None, **kw
+) -> dict:
+    settings = dict(max_attempts=2, timeout_s=5, backoff_base_s=0.01, backoff_max_s=0.02)
+    settings.update(client_settings or {})
+    client = fake_client(api, "judge", **settings)
     args = dict(client=client, store=store, progress=False)
     args.update(kw)
     return rate(cands, out, **args)
@@ -82,11 +86,12 @@ def test_rate_reasks_once_then_fails(api: FakeAPI, tmp_path: Path, mlstore: str)
     cands = _cands(tmp_path / "c.jsonl", ["plain", "REASK-OK", "REASK-BAD", "HTTP-BAD"])
     api.arm("REASK-OK", "text:A thorough conversation.\nScore 9")
     api.arm("REASK-BAD", "text:Excellent.", "text:I would say quite good.")
-    api.arm("HTTP-BAD", "401")
+    api.arm("HTTP-BAD", "400")
     out = tmp_path / "out"
     m = _rate(api, cands, out, mlstore)
     assert m["counts"] == {
         "candidates": 4,
+        "no_caption": 0,
         "rated": 2,
         "failed": 2,
         "reasked": 2,
@@ -97,8 +102,8 @@ def test_rate_reasks_once_then_fails(api: FakeAPI, tmp_path: Path, mlstore: str)
     assert [r.candidate_id for r in ratings] == ["c0", "c1"]
     assert "[re-asked]" in ratings[1].raw and ratings[0].judge == "judge"
     failed = {f["id"]: f["reason"] for f in map(json.loads, (out / "failed.jsonl").open())}
-    assert failed["c2"].startswith("unparsable_score") and failed["c3"].startswith("http_401")
-    # rerun: everything answered comes from the journal, only the 401 is asked again
+    assert failed["c2"].startswith("unparsable_score") and failed["c3"].startswith("http_400")
+    # rerun: everything answered comes from the journal, only the 400 is asked again
     api.reset()
     _rate(api, cands, out, mlstore)
     assert api.count() == 1 and api.count("HTTP-BAD") == 1
@@ -281,3 +286,128 @@ def test_import_a_repeated_marks_record_names_its_line_and_counts_it_once(tmp_pa
     m = import_preferences(src, tmp_path / "o.jsonl", on_bad_record="skip")
     assert m["preferences"] == 2
     assert m["records"]["kept"] == 1 and m["records"]["skipped_by_reason"] == {"duplicate:id": 2}
+
+
+# ----------------------------------------------------------------------------- caption context
+
+
+def _bare_cands(path: Path, pair_ids: list[str], **fields: object) -> Path:
+    """Candidates as ``generate`` writes them: a pair_id, no caption (plus ``fields``)."""
+    rows = [
+        {
+            "id": f"c{i}",
+            "image": f"c{i}.jpg",
+            "pair_id": pid,
+            "conversations": [
+                {"from": "human", "value": "<image>\nWhat is shown?"},
+                {"from": "gpt", "value": f"A lesion {i}."},
+            ],
+            **fields,
+        }
+        for i, pid in enumerate(pair_ids)
+    ]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def _user_text(body: dict) -> str:
+    return "\n".join(p.get("text", "") for p in body["messages"][-1]["content"])
+
+
+def test_rate_without_figures_counts_and_warns_no_caption(
+    api: FakeAPI, tmp_path: Path, mlstore: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """``generate``'s candidates carry no caption: rated without ``figures`` the judge sees
+    "Caption: (none)", which is counted and warned about once (with the fix), not silent."""
+    cands = _bare_cands(tmp_path / "c.jsonl", ["p0", "p1", "p2"])
+    with caplog.at_level(logging.WARNING, logger="biomedvital.generation.rate"):
+        m = _rate(api, cands, tmp_path / "out", mlstore)
+    assert m["counts"]["no_caption"] == 3 and m["counts"]["rated"] == 3
+    warned = [r.getMessage() for r in caplog.records if "without a caption" in r.getMessage()]
+    assert len(warned) == 1 and "3 of 3" in warned[0] and "--figures" in warned[0]
+    assert all("Caption: (none)" in _user_text(b) for b in api.seen)
+
+
+def test_rate_reads_list_mentions_and_own_caption(
+    api: FakeAPI, tmp_path: Path, mlstore: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A candidate's own list-form ``in_text_mention`` reaches the judge (it was dropped), and
+    a candidate with its own caption is not counted; a malformed one is a bad record."""
+    mentions = [{"tokens": "LISTMENTION one."}, {"tokens": "LISTMENTION two."}]
+    cands = _bare_cands(
+        tmp_path / "c.jsonl", ["p0", "p1"], fig_caption="OWNCAPTION", in_text_mention=mentions
+    )
+    with caplog.at_level(logging.WARNING, logger="biomedvital.generation.rate"):
+        m = _rate(api, cands, tmp_path / "out", mlstore)
+    assert m["counts"]["no_caption"] == 0
+    assert not [r for r in caplog.records if "without a caption" in r.getMessage()]
+    text = _user_text(api.seen[0])
+    assert "Caption: OWNCAPTION" in text and "LISTMENTION one. LISTMENTION two." in text
+    bad = _bare_cands(tmp_path / "bad.jsonl", ["p0", "p1"], in_text_mention=[{"no": "tokens"}])
+    api.reset()
+    with pytest.raises(BadRecordError, match=r"bad.jsonl:1: .*in_text_mention") as info:
+        _rate(api, bad, tmp_path / "out2", mlstore)
+    assert info.value.category == "invalid:in_text_mention" and api.count() == 0
+
+
+def test_rate_unknown_figure_is_a_bad_record(api: FakeAPI, tmp_path: Path, mlstore: str) -> None:
+    """With ``figures``, a candidate whose pair_id is not there would be judged blind: raise
+    naming its line before anything is sent, or skip it counted as ``unknown_figure``."""
+    figs = tmp_path / "figures.jsonl"
+    rows = [{"pair_id": f"p{i}", "fig_caption": f"FIGCAPTION {i}"} for i in range(2)]
+    figs.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cands = _bare_cands(tmp_path / "c.jsonl", ["p0", "p9", "p1"])
+    with pytest.raises(BadRecordError, match=r"c.jsonl:2: .*'p9'.*figures.jsonl") as info:
+        _rate(api, cands, tmp_path / "out", mlstore, figures=figs)
+    assert info.value.category == "unknown_figure" and api.count() == 0
+    m = _rate(api, cands, tmp_path / "out", mlstore, figures=figs, on_bad_record="skip")
+    assert m["counts"]["candidates"] == 2 and m["counts"]["no_caption"] == 0
+    assert m["records"]["candidates"]["skipped_by_reason"] == {"unknown_figure": 1}
+    assert sorted("FIGCAPTION 1" in _user_text(b) for b in api.seen) == [False, True]
+    rated = [json.loads(x)["candidate_id"] for x in (tmp_path / "out" / "ratings.jsonl").open()]
+    assert rated == ["c0", "c2"]
+
+
+# ----------------------------------------------------------------------------- preference ids
+
+
+def test_rate_refuses_or_counts_duplicate_preference_ids(
+    api: FakeAPI, tmp_path: Path, mlstore: str
+) -> None:
+    """Pair scores are kept by id: a repeated id would overwrite the first pair's scores."""
+    prefs = tmp_path / "prefs.jsonl"
+    rows = [
+        {"id": "a", "image": "x.jpg", "question": "q?", "preferred": "P1", "rejected": "R1"},
+        {"id": "b", "image": "x.jpg", "question": "q?", "preferred": "P2", "rejected": "R2"},
+        {"id": "a", "image": "x.jpg", "question": "q?", "preferred": "P3", "rejected": "R3"},
+    ]
+    prefs.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cands = _cands(tmp_path / "c.jsonl", ["x"])
+    with pytest.raises(BadRecordError, match=r"prefs.jsonl:3: .*line 3 repeats line 1"):
+        _rate(api, cands, tmp_path / "out", mlstore, preferences=prefs)
+    assert api.count() == 0
+    m = _rate(api, cands, tmp_path / "out", mlstore, preferences=prefs, on_bad_record="skip")
+    rec = m["records"]["preferences"]
+    assert rec["kept"] == 2 and rec["skipped_by_reason"] == {"duplicate:id": 1}
+    assert m["alignment"]["pairs"] == 2 and api.count("P3") == 0
+    scores = [json.loads(x) for x in (tmp_path / "out" / "preference_scores.jsonl").open()]
+    assert [s["id"] for s in scores] == ["a", "b"]
+
+
+# ----------------------------------------------------------------------------- circuit breaker
+
+
+def test_rate_stops_on_spent_quota_and_resumes(api: FakeAPI, tmp_path: Path, mlstore: str) -> None:
+    """A 429 ``insufficient_quota`` stops the run (it does not "finish" with every item failed);
+    what was answered stays journaled and the rerun pays only for the rest."""
+    cands = _cands(tmp_path / "c.jsonl", ["a", "b", "QUOTA", "d", "e"])
+    api.arm("QUOTA", "quota")
+    out = tmp_path / "out"
+    with pytest.raises(ApiAccessError, match="insufficient_quota"):
+        _rate(api, cands, out, mlstore, client_settings={"concurrency": 1})
+    assert api.count() == 3 and not (out / "manifest.json").exists()
+    assert not (out / "ratings.jsonl").exists()
+    assert len((out / "journal.jsonl").read_text().splitlines()) == 2
+    api.reset()
+    m = _rate(api, cands, out, mlstore, client_settings={"concurrency": 1})
+    assert api.count() == 3 and m["counts"]["rated"] == 5 and m["ledger"]["first"]["cached"] == 2
