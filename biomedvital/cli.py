@@ -169,10 +169,13 @@ def _cli_class() -> type:
             ckpt_path = sub and self.config[sub].get("ckpt_path")
             if not ckpt_path:
                 return
-            # ``last`` names a file too (the documented ``predict --ckpt_path last``): resolved
-            # here, or the model would be built with the config's hyper-parameters, not its own
-            ckpt_path = _resume_file(ckpt_path, self.config[sub].get("trainer") or {})
-            if ckpt_path is None:
+            if sub != "fit":
+                # ``last`` names a file too (the documented ``predict --ckpt_path last``):
+                # resolved here, or the model would be built with the config's
+                # hyper-parameters, not its own. A resumed fit keeps its config's (as written in
+                # its run folder), so its record matches the run that never stopped.
+                ckpt_path = _resume_file(ckpt_path, self.config[sub].get("trainer") or {})
+            if ckpt_path is None or not Path(ckpt_path).is_file():
                 return
             trusted = self.config[sub].get("weights_only") is False  # --weights_only false
             ckpt = load_checkpoint(ckpt_path, mmap=True, trusted=trusted)

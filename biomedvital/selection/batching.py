@@ -166,9 +166,13 @@ class PairCollate:
         row = {e: i for i, e in enumerate(uniq)}
         batch = self.codec.encode([self.entries[i] for i in uniq])
         bad = set(batch.pop("bad_entries"))
-        kept = [p for p in pairs if row[p.a] not in bad and row[p.b] not in bad]
+        ok = [row[p.a] not in bad and row[p.b] not in bad for p in pairs]
+        kept = [p for p, good in zip(pairs, ok, strict=True) if good]
         batch["pair_a"] = torch.tensor([row[p.a] for p in kept], dtype=torch.long)
         batch["pair_b"] = torch.tensor([row[p.b] for p in kept], dtype=torch.long)
         batch["kind"] = torch.tensor([p.kind for p in kept], dtype=torch.long)
         batch["dropped_pairs"] = len(pairs) - len(kept)
+        # which of ``pairs`` were dropped: the model counts each pair once, however many
+        # epochs meet it again
+        batch["dropped"] = [n for n, good in enumerate(ok) if not good]
         return batch

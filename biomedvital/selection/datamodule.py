@@ -22,6 +22,7 @@ from biomedvital.data.jsonio import (
 from biomedvital.data.pool import DemoPool, FilePool, PoolFiles
 from biomedvital.data.records import (
     Candidate,
+    Preference,
     SourceFigure,
     read_figures,
     read_preferences,
@@ -46,14 +47,17 @@ OnBad = Literal["raise", "skip"]
 
 
 class _Pairs(Dataset):
+    """Positions in a pair set: the collate looks the pairs up, and a dropped pair is named by
+    its position, so that it is counted once however many epochs meet it."""
+
     def __init__(self, pairs: list[Pair]) -> None:
         self.pairs = pairs
 
     def __len__(self) -> int:
         return len(self.pairs)
 
-    def __getitem__(self, i: int) -> Pair:
-        return self.pairs[i]
+    def __getitem__(self, i: int) -> int:
+        return i
 
 
 class EpochShuffle(Sampler[int]):
@@ -75,14 +79,20 @@ class EpochShuffle(Sampler[int]):
 
 
 class _Tagged:
-    """Adds the name of the pair set to each batch so metrics know what they measure."""
+    """Adds the name of the pair set to each batch so metrics know what they measure, and the
+    positions (in that set) and kinds of the pairs dropped for unreadable images, so the model
+    can count each dropped pair once per set."""
 
-    def __init__(self, collate: PairCollate, source: str) -> None:
-        self.collate, self.source = collate, source
+    def __init__(self, collate: PairCollate, source: str, pairs: list[Pair]) -> None:
+        self.collate, self.source, self.pairs = collate, source, pairs
 
-    def __call__(self, pairs: list[Pair]) -> dict[str, Any]:
+    def __call__(self, positions: list[int]) -> dict[str, Any]:
+        pairs = [self.pairs[i] for i in positions]
         batch = self.collate(pairs)
+        dropped = batch.pop("dropped")
         batch["source"] = self.source
+        batch["dropped_index"] = [positions[n] for n in dropped]
+        batch["dropped_kind"] = [pairs[n].kind for n in dropped]
         return batch
 
 
@@ -106,6 +116,27 @@ class Captions:
                 category="unknown_figure",
             )
         return candidate_text(recipe, caption, mentions, cand.qa_pairs())
+
+    def of_preference(
+        self, pref: Preference, recipe: TextRecipe, path: Path, line: int | None
+    ) -> tuple[str, str]:
+        """Caption and mentions of a clinician preference: its own, else its figure's. Under
+        the ``paper`` recipe one with neither is refused as a candidate is (``unknown_figure``):
+        its text would lack the caption and mentions that every scored text has."""
+        if pref.fig_caption:
+            return pref.fig_caption, pref.mentions_text()
+        if pref.pair_id is not None and pref.pair_id in self.by_pair:
+            return self.by_pair[pref.pair_id]
+        if recipe == "paper":
+            raise BadRecordError(
+                path,
+                line,
+                f"it has no fig_caption and its pair_id {pref.pair_id!r} is not among the source "
+                "figures, and the 'paper' text recipe needs the caption and mentions",
+                "pair_id",
+                category="unknown_figure",
+            )
+        return "", pref.mentions_text()
 
 
 class _Unreadable(RecordReport):
@@ -432,7 +463,7 @@ class SelectorDataModule(LightningDataModule):
             sampler=EpochShuffle(len(pairs), self.seed) if shuffle else None,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
-            collate_fn=_Tagged(PairCollate(self.entries, self.codec()), name),
+            collate_fn=_Tagged(PairCollate(self.entries, self.codec()), name, pairs.pairs),
         )
 
     def _entry(self, image: str, text: str, path: Path, line: int | None) -> int:
@@ -531,11 +562,14 @@ class SelectorDataModule(LightningDataModule):
                 prefs, "id", files.preferences, on_bad=on_bad, report=self._rep("preferences")
             )
             where: dict[str, tuple[int, str]] | None = None  # record positions, read on error
+            dropped: set[str] = set()  # records skipped (an answer-marks record: once)
             for p in prefs:
-                caption, mentions = p.fig_caption, p.mentions_text()
-                if not caption and p.pair_id in self.captions.by_pair:
-                    caption, mentions = self.captions.by_pair[p.pair_id]
+                if preference_record(p.id) in dropped:
+                    continue  # its record's other pairs share its image and figure
                 try:
+                    caption, mentions = self.captions.of_preference(
+                        p, self.text_recipe, files.preferences, None
+                    )
                     a = self._entry(
                         p.image,
                         candidate_text(
@@ -565,6 +599,9 @@ class SelectorDataModule(LightningDataModule):
                         category=err.category,
                     )
                     handle_bad(err, on_bad, self._rep("preferences"))
+                    # read_preferences counted the record kept: now it is skipped instead
+                    self._rep("preferences").unkeep()
+                    dropped.add(preference_record(p.id))
                     continue
                 clin_pairs.append(Pair(a, b, CLINICIAN))
                 by_image = self.clinician_split == "image"

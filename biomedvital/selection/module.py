@@ -23,6 +23,9 @@ from biomedvital.selection.seeds import resolve_seed
 
 BackboneMode = Literal["finetune", "frozen"]
 
+# pair set evaluated -> the name of its dropped-pair count under ``val/`` and ``test/``
+_EVAL_DROPPED = {"val_model": "dropped_pairs_model", "val_clinician": "dropped_pairs_clinician"}
+
 
 def mlp(in_dim: int, hidden: list[int], dropout: float) -> nn.Sequential:
     """The paper's head: Linear-ReLU(-Dropout) blocks down to one logit."""
@@ -107,7 +110,17 @@ class SelectorModule(LightningModule):
             self.metrics[f"{stage}_align_ties"] = MeanMetric()
             self.metrics[f"{stage}_auroc"] = BinaryAUROC()
             self.metrics[f"{stage}_map"] = BinaryAveragePrecision()
-        self.dropped_pairs = 0
+        # positions of the pairs dropped for unreadable images, by pair set (``train``,
+        # ``train_clinician``, ``val_model``, ``val_clinician``): a set, so that a pair met
+        # again in a later epoch is counted once
+        self._dropped: dict[str, set[int]] = {}
+        self._warned: set[str] = set()
+
+    @property
+    def dropped_pairs(self) -> dict[str, int]:
+        """Pairs dropped for unreadable images (``on_bad_record: skip``) by pair set, each pair
+        once: the run record's ``dropped_pairs``, beside the data's ``pairs`` counts."""
+        return {name: len(found) for name, found in sorted(self._dropped.items())}
 
     # -- features and scores ---------------------------------------------------------------
 
@@ -188,6 +201,13 @@ class SelectorModule(LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # lineage: runs that load this checkpoint tag the run that trained it
         checkpoint["mlflow_run_id"] = getattr(self.logger, "run_id", None)
+        # a resumed fit (or a rerun of a finished one, which runs no epoch) reports them too
+        checkpoint["dropped_pairs"] = {k: sorted(v) for k, v in self._dropped.items()}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # only a fit continues the run that dropped them: test and predict runs count their own
+        if self._trainer is not None and self._trainer.state.fn == "fit":
+            self._dropped = {k: set(v) for k, v in checkpoint.get("dropped_pairs", {}).items()}
 
     def on_fit_start(self) -> None:
         dm = getattr(self.trainer, "datamodule", None)
@@ -208,8 +228,55 @@ class SelectorModule(LightningModule):
         # that differs after a restart: seeding per step makes a resumed run continue exactly
         torch.manual_seed(self.hparams.init_seed * 1_000_003 + self.global_step)
 
+    def _count_dropped(self, batch: dict[str, Any]) -> None:
+        """Note the batch's dropped pairs under its pair set (clinician ones of ``train`` under
+        ``train_clinician`` too, as the data's pair counts)."""
+        source = batch["source"]
+        self._dropped.setdefault(source, set()).update(batch["dropped_index"])
+        if source == "train":
+            clinician = [
+                i
+                for i, k in zip(batch["dropped_index"], batch["dropped_kind"], strict=True)
+                if k == CLINICIAN
+            ]
+            self._dropped.setdefault("train_clinician", set()).update(clinician)
+
+    def _report_dropped(self, stage: str, names: dict[str, str]) -> None:
+        """Log the pairs dropped so far per set (joined across processes), and warn once per
+        set when a validation metric is measured on fewer pairs than the set holds."""
+        if self.trainer.world_size > 1 and torch.distributed.is_initialized():
+            parts: list[Any] = [None] * self.trainer.world_size
+            torch.distributed.all_gather_object(parts, self._dropped)
+            for part in parts:
+                for name, found in part.items():
+                    self._dropped.setdefault(name, set()).update(found)
+        for name, metric in names.items():
+            if name not in self._dropped:
+                continue
+            n = len(self._dropped[name])
+            self.log(f"{stage}/{metric}", float(n), rank_zero_only=True)
+            if n and stage != "train" and name not in self._warned:
+                self._warned.add(name)
+                rank_zero_warn(
+                    f"{n} {name} pair(s) dropped for unreadable images (on_bad_record: skip): "
+                    f"{stage} metrics of {name} are measured without them (counted in the run "
+                    "record's dropped_pairs)"
+                )
+
+    def on_train_epoch_end(self) -> None:
+        self._report_dropped(
+            "train", {"train": "dropped_pairs", "train_clinician": "dropped_pairs_clinician"}
+        )
+
+    def on_validation_epoch_end(self) -> None:
+        if not self.trainer.sanity_checking:
+            self._report_dropped("val", _EVAL_DROPPED)
+
+    def on_test_epoch_end(self) -> None:
+        self._report_dropped("test", _EVAL_DROPPED)
+
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
-        self.dropped_pairs += batch["dropped_pairs"]
+        self._count_dropped(batch)
         out = self._pair_outputs(batch)
         per_pair = pair_loss(
             self.hparams.loss, out["sa"], out["sb"], out["la"], out["lb"], self.hparams.margin
@@ -226,6 +293,7 @@ class SelectorModule(LightningModule):
         return loss
 
     def _eval_step(self, batch: dict[str, Any], stage: str) -> None:
+        self._count_dropped(batch)
         out = self._pair_outputs(batch)
         # rank by logits: the sigmoid saturates to exactly 1.0 in float32 for confident pairs,
         # which would turn real orderings into ties (same ranking, no false ties)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections import Counter
 from pathlib import Path
@@ -23,7 +24,9 @@ class ScoreWriter(BasePredictionWriter):
     exactly 1.0 in float32 and ``select`` breaks such ties by it.
 
     A manifest beside the output (``<output>.manifest.json``) records the checkpoint, the MLflow
-    run, counts written and skipped (with reasons), and the score histogram.
+    run, counts written and skipped (with reasons), and the score histogram. A NaN score (a
+    diverged model) is refused naming the candidate, its line and the checkpoint, or with
+    ``on_bad_record: skip`` counted as ``nan_score`` like the other records left unscored.
 
     Several processes (``--trainer.devices N --trainer.strategy ddp``) score alternate chunks of
     the candidate stream, each into its own temporary part; at the end rank 0 merges the parts in
@@ -89,9 +92,27 @@ class ScoreWriter(BasePredictionWriter):
         scores, logits = prediction["scores"].tolist(), prediction["logits"].tolist()
         positions = _valid_positions(batch, len(prediction["ids"]))
         source = batch.get("file", "scored pool") if isinstance(batch, dict) else "scored pool"
+        strict = getattr(trainer.datamodule, "on_bad_record", "raise") != "skip"
         for cid, score, logit, (pos, kind) in zip(
             prediction["ids"], scores, logits, positions, strict=True
         ):
+            if math.isnan(score) or math.isnan(logit):
+                # a diverged model: no rank can be given; its id is not taken, so a later
+                # record with the same id is scored rather than called a duplicate
+                ckpt = trainer.ckpt_path or "the model given (no checkpoint)"
+                err = BadRecordError(
+                    source,
+                    pos,
+                    f"candidate {cid!r}: the score is NaN (checkpoint {ckpt}; diverged training?)",
+                    kind=kind,
+                    category="nan_score",
+                )
+                if strict:
+                    raise err
+                self._skipped[err.category] += 1
+                if len(self._examples) < 20:
+                    self._examples.append((chunk, 1, pos if pos is not None else -1, str(err)))
+                continue
             if cid in self._seen:
                 err = BadRecordError(
                     source,
@@ -101,7 +122,7 @@ class ScoreWriter(BasePredictionWriter):
                     kind=kind,
                     category="duplicate_id",
                 )
-                if getattr(trainer.datamodule, "on_bad_record", "raise") != "skip":
+                if strict:
                     raise err
                 self._skipped[err.category] += 1  # the first occurrence keeps its score
                 if len(self._examples) < 20:

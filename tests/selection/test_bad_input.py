@@ -11,14 +11,18 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import lightning
 import pytest
+import torch
 import yaml
+from lightning.pytorch import Trainer
 
 from biomedvital.cli import main
 from biomedvital.data.images import ImageLoadError
 from biomedvital.data.pool import FilePool
 from biomedvital.data.report import BadRecordError
 from biomedvital.selection.datamodule import SelectorDataModule
+from biomedvital.selection.module import SelectorModule
 from biomedvital.selection.select import select
 from biomedvital.selection.writer import ScoreWriter
 
@@ -177,6 +181,7 @@ def test_bad_image_in_answer_marks_names_its_line(pool: dict[str, Path]) -> None
         "id": "m1",
         "image": "gone.png",
         "question": "What is seen?",
+        "pair_id": "fig0",  # a known figure: the paper recipe needs its caption
         "answers": [
             {"text": "A finding.", "acceptable": True},
             {"text": "Nothing.", "acceptable": False},
@@ -189,6 +194,64 @@ def test_bad_image_in_answer_marks_names_its_line(pool: dict[str, Path]) -> None
         _dm(pool).setup("fit")
     assert (e.value.line, e.value.field) == (line, "image")
     assert "'m1#0>1'" in str(e.value) and "gone.png" in str(e.value)
+
+
+@pytest.mark.parametrize("marks", [False, True])
+def test_preference_without_figure_is_refused_under_paper_recipe(
+    pool: dict[str, Path], marks: bool
+) -> None:
+    # as a candidate: no caption of its own and a pair_id that names no figure
+    if marks:  # an answer-marks record (two pairs): refused, and counted, once
+        record = {
+            "id": "m1",
+            "image": "cell.png",
+            "question": "What is seen?",
+            "pair_id": "fig9",
+            "answers": [
+                {"text": "A finding.", "acceptable": True},
+                {"text": "Another finding.", "acceptable": True},
+                {"text": "Nothing.", "acceptable": False},
+            ],
+        }
+        with pool["preferences"].open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        line, pref = len(_lines(pool["preferences"])), "m1#0>2"
+    else:
+        _edit(pool["preferences"], 2, _set(pair_id="typo-fig0"))
+        line, pref = 2, "fig0-p1"
+    n_records = len(_lines(pool["preferences"]))
+    with pytest.raises(BadRecordError) as e:
+        _dm(pool).setup("fit")
+    err = e.value
+    assert (err.path, err.line, err.field) == (str(pool["preferences"]), line, "pair_id")
+    assert err.category == "unknown_figure" and f"preference {pref!r}" in str(err)
+
+    dm = _dm(pool, "skip")
+    dm.setup("fit")
+    prefs = dm.describe()["records"]["preferences"]
+    assert prefs["skipped_by_reason"] == {"unknown_figure": 1}
+    assert prefs["kept"] == n_records - 1
+    clinician = dm.sets["train_clinician"] + dm.sets["val_clinician"]
+    assert len(clinician) == 12 - (not marks)
+    texts = [dm.entries[p.a].text for p in clinician]
+    assert all(t.startswith("Figure ") for t in texts)  # every one has its caption
+
+    # the conversation recipe needs no figure: the preference is kept, without a caption
+    dm = _dm(pool, text_recipe="conversation")
+    dm.setup("fit")
+    prefs = dm.describe()["records"]["preferences"]
+    assert (prefs["kept"], prefs["skipped"]) == (n_records, 0)
+    clinician = dm.sets["train_clinician"] + dm.sets["val_clinician"]
+    assert len(clinician) == 12 + 2 * marks  # a marks record gives two pairs
+
+
+def test_preference_with_its_own_caption_needs_no_figure(pool: dict[str, Path]) -> None:
+    _edit(pool["preferences"], 2, _set(pair_id="typo-fig0", fig_caption="Own caption."))
+    dm = _dm(pool)
+    dm.setup("fit")
+    clinician = dm.sets["train_clinician"] + dm.sets["val_clinician"]
+    assert len(clinician) == 12
+    assert sum(dm.entries[p.a].text.startswith("Own caption.") for p in clinician) == 1
 
 
 # ----------------------------------------------------------------------------- CLI
@@ -265,7 +328,7 @@ def test_cli_fit_skip_lists_skips_in_run_record(
     cfg, out = _config(tmp_path, pool, "skip")
     cli(["fit", "--config", str(cfg)])
     record = json.loads((out / "run.fit.json").read_text())
-    assert record["dropped_pairs"] > 0
+    assert record["dropped_pairs"]["train"] > 0
     records = record["data"]["records"]
     assert records["candidates"]["skipped_by_reason"] == {"bad_image_path": 1, "invalid_json": 1}
     assert records["ratings"]["skipped_by_reason"] == {
@@ -285,6 +348,102 @@ def test_cli_fit_raise_names_file_line_field(
     assert str(e.value).startswith(f"{pool['ratings']}:3: field 'score':")
     assert "between 0 and 10" in str(e.value)
     assert not (out / "run.fit.json").exists()
+
+
+def test_cli_fit_counts_dropped_pairs_once_per_set(
+    tmp_path: Path, pool: dict[str, Path], cli: Callable[..., None]
+) -> None:
+    # the file exists but will not decode: its pairs are dropped batch by batch, in training
+    # and in validation, and must be counted once per pair set however many epochs meet them
+    (pool["image_root"] / "cell.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
+    cfg, out = _config(tmp_path, pool, "skip")
+    with pytest.warns(UserWarning, match="val_clinician pair.s. dropped for unreadable images"):
+        cli(["fit", "--config", str(cfg), "--trainer.max_epochs", "2"])
+    record = json.loads((out / "run.fit.json").read_text())
+
+    dm = SelectorDataModule(  # the run's pairs
+        FilePool(**{k: str(v) for k, v in pool.items()}),
+        model_pairs=32,
+        val_model_pairs=8,
+        num_workers=0,
+        seed=0,
+        on_bad_record="skip",
+    )
+    dm.setup("fit")
+    assert record["data"]["pairs"] == {k: len(v) for k, v in dm.sets.items()}
+    expected = {
+        name: sum("cell.png" in (dm.entries[p.a].image, dm.entries[p.b].image) for p in pairs)
+        for name, pairs in dm.sets.items()
+    }
+    assert expected["train"] and expected["val_clinician"]
+    assert record["dropped_pairs"] == expected
+    metrics = record["metrics"]
+    assert metrics["train/dropped_pairs"] == expected["train"]
+    assert metrics["train/dropped_pairs_clinician"] == expected["train_clinician"]
+    assert metrics["val/dropped_pairs_model"] == expected["val_model"]
+    assert metrics["val/dropped_pairs_clinician"] == expected["val_clinician"]
+
+
+def test_rerun_of_a_finished_fit_reports_its_dropped_pairs(
+    tmp_path: Path, pool: dict[str, Path], cli: Callable[..., None]
+) -> None:
+    # a rerun with --ckpt_path last of a fit that had finished runs no epoch: the counts come
+    # from the checkpoint
+    from test_selector_cli import _config as _tracked_config
+
+    (pool["image_root"] / "cell.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
+    cfg = _tracked_config(tmp_path, pool)
+    args = ["--config", str(cfg), "--data.init_args.on_bad_record", "skip"]
+    args += ["--trainer.max_epochs", "1"]
+    cli(["fit", *args])
+    record = tmp_path / "out" / "run.fit.json"
+    first = json.loads(record.read_text())["dropped_pairs"]
+    assert first["train"] and first["val_clinician"]
+    record.unlink()
+    cli(["fit", *args, "--ckpt_path", "last"])
+    assert json.loads(record.read_text())["dropped_pairs"] == first
+
+
+def test_nan_scores_name_the_candidate_or_are_counted(
+    tmp_path: Path, pool: dict[str, Path]
+) -> None:
+    # a diverged fine-tune: its checkpoint's weights are NaN, and so is every score
+    def model() -> SelectorModule:
+        return SelectorModule(backbone="tiny:tiny-clip", head_hidden=[16], cache_dir=str(tmp_path))
+
+    diverged = model()
+    with torch.no_grad():
+        diverged.head[-1].bias.fill_(float("nan"))
+    ckpt = tmp_path / "diverged.ckpt"
+    state = {
+        "state_dict": diverged.state_dict(),
+        "pytorch-lightning_version": lightning.__version__,
+    }
+    torch.save(state, ckpt)
+    first = json.loads(_lines(pool["candidates"])[0])["id"]
+    n = len(_lines(pool["candidates"]))
+
+    def predict(on_bad: str) -> Path:
+        out = tmp_path / on_bad
+        trainer = Trainer(
+            accelerator="cpu", logger=False, callbacks=[ScoreWriter(str(out / "scores.jsonl"))],
+            enable_progress_bar=False, enable_model_summary=False, default_root_dir=str(out),
+        )  # fmt: skip
+        trainer.predict(model(), datamodule=_dm(pool, on_bad), ckpt_path=str(ckpt))
+        return out
+
+    with pytest.raises(BadRecordError) as e:
+        predict("raise")
+    err = e.value
+    assert (err.path, err.line, err.category) == (str(pool["candidates"]), 1, "nan_score")
+    assert f"candidate {first!r}" in str(err) and str(ckpt) in str(err)
+    assert not list((tmp_path / "raise").glob("*scores.jsonl*"))
+
+    out = predict("skip")
+    manifest = json.loads((out / "scores.jsonl.manifest.json").read_text())
+    assert manifest["skipped_by_reason"] == {"nan_score": n}
+    assert manifest["scored"] == 0 and _lines(out / "scores.jsonl") == []
+    assert f"candidate {first!r}" in manifest["skipped_examples"][0]
 
 
 def _scores(out: Path) -> dict[str, float]:
@@ -329,7 +488,7 @@ def test_frozen_backbone_skips_an_image_that_will_not_decode(
     cfg, out = _config(tmp_path, pool, "skip")
     frozen = ["--model.init_args.backbone_mode", "frozen"]
     cli(["fit", "--config", str(cfg), *frozen])
-    assert json.loads((out / "run.fit.json").read_text())["dropped_pairs"] > 0
+    assert json.loads((out / "run.fit.json").read_text())["dropped_pairs"]["train"] > 0
     cli(["predict", "--config", str(cfg), *frozen])
     manifest = json.loads((out / "scores.jsonl.manifest.json").read_text())
     assert manifest["skipped_by_reason"] == {"bad_image": len(on_cell)}

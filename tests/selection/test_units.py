@@ -179,6 +179,7 @@ def test_pair_split_keeps_an_answer_marks_record_on_one_side(pool: dict[str, Pat
             answers = [{"text": f"good {k}.{i}", "acceptable": True} for i in range(2)]
             answers += [{"text": f"bad {k}.{j}", "acceptable": False} for j in range(2)]
             rec = {"id": f"m{k}", "image": images[k % 4], "question": f"Q(m{k})?"}
+            rec["pair_id"] = f"fig{k % 4}"  # its figure: the paper recipe needs the caption
             f.write(json.dumps({**rec, "answers": answers}) + "\n")
     for seed in range(3):
         dm = SelectorDataModule(
