@@ -141,8 +141,17 @@ def pairwise(
     params = {"temperature": temperature, "max_tokens": max_tokens, "seed": seed}
     params.update(extra_body or {})
     requests = []
+    identical: list[dict[str, Any]] = []  # a tie by construction: no judge call
     for i in scope:
         item, text_a, text_b = pairs_a[i][0], pairs_a[i][1], pairs_b[i][1]
+        if text_a.strip() == text_b.strip():
+            # both orders would be one prompt (one journal key, one verdict read twice), and
+            # any verdict but a tie would be the judge's noise counted as position bias
+            identical += [
+                {"question_id": item.question_id, "order": o, "verdict": "[[C]]", "identical": True}
+                for o in ("ab", "ba")
+            ]
+            continue
         url = figure_ref(image_root, item.image, questions, item.question_id) if vision else None
         for order, first, second in (("ab", text_a, text_b), ("ba", text_b, text_a)):
             msgs = pairwise_messages(item.question, item.answer, first, second, url)
@@ -183,6 +192,8 @@ def pairwise(
             if not res.ok:
                 rec["error"] = res.error or "unknown"
             records.append(rec)
+        place = {items[i].question_id: i for i in scope}
+        records = sorted(records + identical, key=lambda r: place[r["question_id"]])  # stable
         write_jsonl(out / "verdicts.jsonl", records)
         result = win_rate(
             out / "verdicts.jsonl", out / "win_rate.json", n_boot=n_boot, seed=seed, rule=rule
@@ -190,6 +201,7 @@ def pairwise(
         counts = {
             "questions": len(scope),
             "calls": len(requests),
+            "identical_answers": len(identical) // 2,
             "failed_calls": sum(1 for r in records if "error" in r),
         }
         manifest = {

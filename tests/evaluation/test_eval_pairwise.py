@@ -83,7 +83,15 @@ def test_pairwise_win_rate(api: FakeAPI, tmp_path: Path) -> None:
     out = tmp_path / "pairwise"
     pairs = read_verdicts(out / "verdicts.jsonl")
     assert list(pairs) == [it.question_id for it in items[:N]]
-    assert manifest["counts"] == {"questions": N, "calls": 2 * N, "failed_calls": 0}
+    # i % 3 == 2 (i = 2, 5): both answers are the reference, the same text: a tie, not asked
+    assert manifest["counts"] == {
+        "questions": N,
+        "calls": 2 * (N - 2),
+        "identical_answers": 2,
+        "failed_calls": 0,
+    }
+    asked = {_between(x["messages"][1]["content"], "[Question]\n", "\n\n") for x in api.seen}
+    assert items[2].question.strip() not in asked and items[1].question.strip() in asked
     # i = 0..6: tie, win, tie, tie, failed(4), tie, tie
     res = manifest["win_rate"]
     assert (res["n"], res["wins"], res["ties"], res["losses"]) == (N - 1, 1, 5, 0)
