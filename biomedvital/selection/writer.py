@@ -25,7 +25,8 @@ class ScoreWriter(BasePredictionWriter):
 
     A manifest beside the output (``<output>.manifest.json``) records the checkpoint, the MLflow
     run, counts written and skipped (with reasons), and the score histogram. A NaN score (a
-    diverged model) is refused naming the candidate, its line and the checkpoint, or with
+    diverged model; an infinite logit too, which JSON cannot hold) is refused naming the
+    candidate, its line and the checkpoint, or with
     ``on_bad_record: skip`` counted as ``nan_score`` like the other records left unscored.
 
     Several processes (``--trainer.devices N --trainer.strategy ddp``) score alternate chunks of
@@ -96,14 +97,15 @@ class ScoreWriter(BasePredictionWriter):
         for cid, score, logit, (pos, kind) in zip(
             prediction["ids"], scores, logits, positions, strict=True
         ):
-            if math.isnan(score) or math.isnan(logit):
+            if not (math.isfinite(score) and math.isfinite(logit)):
                 # a diverged model: no rank can be given; its id is not taken, so a later
                 # record with the same id is scored rather than called a duplicate
                 ckpt = trainer.ckpt_path or "the model given (no checkpoint)"
                 err = BadRecordError(
                     source,
                     pos,
-                    f"candidate {cid!r}: the score is NaN (checkpoint {ckpt}; diverged training?)",
+                    f"candidate {cid!r}: the score is not finite (logit {logit}; checkpoint "
+                    f"{ckpt}; diverged training?)",
                     kind=kind,
                     category="nan_score",
                 )

@@ -404,16 +404,18 @@ def test_rerun_of_a_finished_fit_reports_its_dropped_pairs(
     assert json.loads(record.read_text())["dropped_pairs"] == first
 
 
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
 def test_nan_scores_name_the_candidate_or_are_counted(
-    tmp_path: Path, pool: dict[str, Path]
+    tmp_path: Path, pool: dict[str, Path], bad: float
 ) -> None:
-    # a diverged fine-tune: its checkpoint's weights are NaN, and so is every score
+    # a diverged fine-tune: its checkpoint's weights are NaN (every score NaN) or infinite
+    # (every logit infinite: the score saturates to 1.0, and JSON has no infinity)
     def model() -> SelectorModule:
         return SelectorModule(backbone="tiny:tiny-clip", head_hidden=[16], cache_dir=str(tmp_path))
 
     diverged = model()
     with torch.no_grad():
-        diverged.head[-1].bias.fill_(float("nan"))
+        diverged.head[-1].bias.fill_(bad)
     ckpt = tmp_path / "diverged.ckpt"
     state = {
         "state_dict": diverged.state_dict(),
