@@ -219,7 +219,12 @@ def rate(
     by_pair: dict[str, tuple[str, str]] = {}
     if figures is not None:
         reports["figures"] = RecordReport()
-        for f in read_figures(figures, on_bad_record, reports["figures"]):
+        figs = read_figures(figures, on_bad_record, reports["figures"])
+        # joined on pair_id: a repeated one would give its candidates the last figure's caption
+        figs = check_unique(
+            figs, "pair_id", figures, on_bad=on_bad_record, report=reports["figures"]
+        )
+        for f in figs:
             by_pair[str(f.pair_id)] = (f.fig_caption, f.mentions_text())
     prefs = []
     if preferences is not None:

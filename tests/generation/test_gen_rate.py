@@ -368,6 +368,21 @@ def test_rate_unknown_figure_is_a_bad_record(api: FakeAPI, tmp_path: Path, mlsto
     assert rated == ["c0", "c2"]
 
 
+def test_rate_refuses_a_repeated_figure(api: FakeAPI, tmp_path: Path, mlstore: str) -> None:
+    """Captions are joined on pair_id: a figure repeated in the figures file is refused naming
+    its line (or skipped and counted), never a silent last-one-wins caption."""
+    figs = tmp_path / "figures.jsonl"
+    rows = [{"pair_id": "p0", "fig_caption": "FIRST"}, {"pair_id": "p0", "fig_caption": "SECOND"}]
+    figs.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cands = _bare_cands(tmp_path / "c.jsonl", ["p0"])
+    with pytest.raises(BadRecordError, match=r"figures.jsonl:2: .*line 2 repeats line 1"):
+        _rate(api, cands, tmp_path / "out", mlstore, figures=figs)
+    assert api.count() == 0
+    m = _rate(api, cands, tmp_path / "out", mlstore, figures=figs, on_bad_record="skip")
+    assert m["records"]["figures"]["skipped_by_reason"] == {"duplicate:pair_id": 1}
+    assert ["FIRST" in _user_text(b) for b in api.seen] == [True]
+
+
 # ----------------------------------------------------------------------------- preference ids
 
 
