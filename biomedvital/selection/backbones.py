@@ -81,9 +81,15 @@ class Backbone:
 
 
 def _versions() -> str:
+    """The libraries that compute the features: an upgrade may change them (kernels, the
+    Hugging Face text tower of BiomedCLIP, preprocessing), so cached features are not reused."""
     import open_clip
+    import transformers
 
-    return f"torch={torch.__version__};open_clip={open_clip.__version__}"
+    return (
+        f"torch={torch.__version__};open_clip={open_clip.__version__};"
+        f"transformers={transformers.__version__}"
+    )
 
 
 def _hash_file(path: Path) -> str:
@@ -179,7 +185,7 @@ def _open_clip(name: str) -> Backbone:
         path = weights()
         if not path:
             raise FileNotFoundError(f"no weight file found for backbone {name}")
-        return _hash_file(Path(path))
+        return f"{_hash_file(Path(path))};{_versions()}"
 
     return Backbone(name, preprocess, open_clip.get_tokenizer(name), embed_dim, build, identity)
 
