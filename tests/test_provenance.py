@@ -116,3 +116,20 @@ def test_this_package_is_described_from_anywhere(
     here = git_state()
     monkeypatch.chdir(tmp_path)
     assert git_state()["git_sha"] == here["git_sha"]
+
+
+def test_reading_the_state_never_writes_the_users_index(tmp_path: Path) -> None:
+    """``git status`` refreshes a stale index in place under ``.git/index.lock``: a run killed
+    meanwhile would leave that lock in the user's checkout. The state is read without optional
+    locks, so the index is never written (a touched file makes the refresh happen otherwise)."""
+    import os
+
+    repo = tmp_path / "repo"
+    _repo(repo, {"a.py": "x = 1\n"})
+    index = repo / ".git" / "index"
+    os.utime(repo / "a.py", ns=(index.stat().st_mtime_ns + 2_000_000_000,) * 2)
+    before = index.read_bytes()
+    assert git_state(repo)["git_dirty"] == "false"
+    assert index.read_bytes() == before
+    _git(repo, "status", "--porcelain")  # plain git status does rewrite it
+    assert index.read_bytes() != before

@@ -11,9 +11,17 @@ the working directory of the process."""
 
 
 def _git(args: list[str], cwd: Path) -> str | None:
+    # --no-optional-locks: ``status`` would otherwise refresh the index under .git/index.lock,
+    # and a run killed meanwhile (SIGKILL, preemption) would leave the lock in the user's
+    # checkout, breaking their next git command
     try:
         out = subprocess.run(
-            ["git", *args], cwd=cwd, capture_output=True, text=True, timeout=10, check=True
+            ["git", "--no-optional-locks", *args],
+            cwd=cwd,
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
         )
     except (OSError, subprocess.SubprocessError):
         return None
