@@ -16,20 +16,21 @@ from biomedvital.generation.preferences import import_preferences
 from biomedvital.generation.rate import parse_score, rate
 
 
+def _cand(i: int, pair_id: str, **fields: object) -> dict:
+    return {
+        "id": f"c{i}",
+        "image": f"c{i}.jpg",
+        "pair_id": pair_id,
+        "conversations": [
+            {"from": "human", "value": "<image>\nWhat is shown?"},
+            {"from": "gpt", "value": f"A lesion {i}."},
+        ],
+        **fields,
+    }
+
+
 def _cands(path: Path, tags: list[str]) -> Path:
-    rows = [
-        {
-            "id": f"c{i}",
-            "image": f"c{i}.jpg",
-            "pair_id": f"p{i}",
-            "fig_caption": f"CT of case {i} {tag}",
-            "conversations": [
-                {"from": "human", "value": "<image>\nWhat is shown?"},
-                {"from": "gpt", "value": f"A lesion {i}."},
-            ],
-        }
-        for i, tag in enumerate(tags)
-    ]
+    rows = [_cand(i, f"p{i}", fig_caption=f"CT of case {i} {tag}") for i, tag in enumerate(tags)]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
 
@@ -293,19 +294,7 @@ def test_import_a_repeated_marks_record_names_its_line_and_counts_it_once(tmp_pa
 
 def _bare_cands(path: Path, pair_ids: list[str], **fields: object) -> Path:
     """Candidates as ``generate`` writes them: a pair_id, no caption (plus ``fields``)."""
-    rows = [
-        {
-            "id": f"c{i}",
-            "image": f"c{i}.jpg",
-            "pair_id": pid,
-            "conversations": [
-                {"from": "human", "value": "<image>\nWhat is shown?"},
-                {"from": "gpt", "value": f"A lesion {i}."},
-            ],
-            **fields,
-        }
-        for i, pid in enumerate(pair_ids)
-    ]
+    rows = [_cand(i, pid, **fields) for i, pid in enumerate(pair_ids)]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
 
