@@ -395,6 +395,9 @@ class VQAEvaluator(LightningModule):
             "base_model": hp.base_model,
             "ckpt_path": str(ckpt) if ckpt else None,
             "weights": [files_signature(p) for p in paths if p],
+            # hf: models: the hub snapshot's commit (a model updated on the hub between a kill
+            # and its resume must not have its answers mixed with the old weights')
+            "revision": getattr(getattr(self.model, "config", None), "_commit_hash", None),
             "generation": {
                 k: hp[k]
                 for k in ("max_new_tokens", "prompt_suffix", "closed_prompt_suffix")

@@ -454,6 +454,19 @@ def test_journal_of_another_setting_is_not_used(setup: dict[str, Path]) -> None:
     assert _journals(root) == [stale]  # left for its own rerun, named in the warning
 
 
+def test_a_hub_models_snapshot_is_part_of_the_journal_key(setup: dict[str, Path]) -> None:
+    """An ``hf:`` model resolves to a hub snapshot: its commit is in the fingerprint, so answers
+    of a model updated on the hub between a kill and the resume are not mixed in."""
+    from biomedvital.evaluation.answer_journal import journal_key
+
+    model = _evaluate(setup, setup["tmp"] / "snapshot", limit_test_batches=1)
+    local = model.fingerprint()
+    model.model.config._commit_hash = "0123456789abcdef"  # as from_pretrained sets it
+    hub = model.fingerprint()
+    assert local["revision"] is None and hub["revision"] == "0123456789abcdef"
+    assert journal_key(hub) != journal_key(local)
+
+
 def test_killed_run_resumes_on_two_processes(setup: dict[str, Path], uninterrupted: Path) -> None:
     """A one-process run killed after 3 of 8 batches, resumed on 2 processes (DDP): both read
     the journal before either appends, they share the 5 batches left, and the files are the
