@@ -45,6 +45,7 @@ from typing import IO, Any
 from biomedvital.data.jsonio import atomic_write, iter_jsonl_objects
 from biomedvital.data.report import BadRecordError
 from biomedvital.generation.client import (
+    ApiAccessError,
     ChatRequest,
     ClientConfig,
     FillResult,
@@ -54,11 +55,13 @@ from biomedvital.generation.client import (
     _error_message,
     _Retryable,
     cost_of,
+    is_run_fatal,
     parse_completion,
     read_api_key,
     redact,
     redact_response,
     request_key,
+    safe_url,
     status_is_retryable,
 )
 from biomedvital.generation.prompts import inline_images
@@ -485,6 +488,11 @@ class BatchRunner:
                 reason = redact(str(err), self._secret)
             except openai.APIStatusError as err:
                 reason = redact(f"http_{err.status_code}: {err.message}", self._secret)
+                code, kind = getattr(err, "code", None), getattr(err, "type", None)
+                if is_run_fatal(err.status_code, code, kind):
+                    # a spent quota (429) would be retried as a rate limit: stop now
+                    where = f"{safe_url(str(client.base_url)).rstrip('/')}/batches"
+                    raise ApiAccessError(err.status_code, reason, where) from None
                 if not status_is_retryable(err.status_code):
                     raise RuntimeError(f"{stage}: creating the batch failed: {reason}") from None
             time.sleep(min(cfg.backoff_max_s, cfg.backoff_base_s * 2 ** (attempt - 1)))

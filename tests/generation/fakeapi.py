@@ -88,6 +88,16 @@ def body_key(body: dict[str, Any]) -> str:
     return request_key(body.get("model", ""), body.get("messages", []), params)
 
 
+QUOTA_ERROR = {  # OpenAI's answer once the account's credit is spent
+    "error": {
+        "message": "You exceeded your current quota, please check your plan.",
+        "type": "insufficient_quota",
+        "param": None,
+        "code": "insufficient_quota",
+    }
+}
+
+
 @dataclass
 class Reply:
     """What the server does with one chat request."""
@@ -127,7 +137,8 @@ class FakeAPI:
         self.batch_creates = 0
         self.batch_polls_to_finish = 1
         self.batch_expire_after: int | None = None
-        self.batch_create_actions: deque[str] = deque()  # "lost": create, then drop the reply
+        # "lost": create, then drop the reply; "quota": refuse with 429 insufficient_quota
+        self.batch_create_actions: deque[str] = deque()
 
     # -- faults
     def arm(self, marker: str, *actions: str) -> None:
@@ -190,16 +201,8 @@ class FakeAPI:
             err = {"error": {"message": f"injected {action}", "type": "test"}}
             headers = {"Retry-After": self.retry_after} if action == "429" else {}
             return Reply(int(action), json.dumps(err).encode(), headers)
-        if action == "quota":  # OpenAI's answer once the account's credit is spent
-            err = {
-                "error": {
-                    "message": "You exceeded your current quota, please check your plan.",
-                    "type": "insufficient_quota",
-                    "param": None,
-                    "code": "insufficient_quota",
-                }
-            }
-            return Reply(429, json.dumps(err).encode())
+        if action == "quota":
+            return Reply(429, json.dumps(QUOTA_ERROR).encode())
         if action in ("echo-auth", "echo-auth-400"):
             err = {"error": {"message": f"bad key: {auth}", "type": "test"}}
             return Reply(401 if action == "echo-auth" else 400, json.dumps(err).encode())
@@ -412,8 +415,11 @@ def _make_handler(api: FakeAPI) -> type[BaseHTTPRequestHandler]:
                 purpose = fields.get("purpose", (None, b"batch"))[1].decode()
                 self._json(200, api.create_file(content, purpose, filename or "upload.jsonl"))
             elif path == "/batches":
-                batch = api.create_batch(json.loads(data))
                 action = api.batch_create_actions.popleft() if api.batch_create_actions else None
+                if action == "quota":  # refused: no batch is created
+                    self._json(429, QUOTA_ERROR)
+                    return
+                batch = api.create_batch(json.loads(data))
                 if action == "lost":  # created, but the answer never arrives
                     self._reset()
                     return

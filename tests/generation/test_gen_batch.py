@@ -110,6 +110,20 @@ def test_restart_polls_the_journaled_batch(api: FakeAPI, tmp_path: Path, mlstore
     assert again["cached_cost_usd"] == pytest.approx(led["cost_usd"])
 
 
+def test_a_spent_quota_stops_the_batch_run_at_once(
+    api: FakeAPI, tmp_path: Path, mlstore: str
+) -> None:
+    """Creating the batch answered 429 ``insufficient_quota``: no retry as for a rate limit
+    (every try would fail alike), a one-line ApiAccessError naming the endpoint."""
+    from biomedvital.generation.client import ApiAccessError
+
+    inputs = write_inputs(tmp_path / "in", n_figures=2)
+    api.batch_create_actions = deque(["quota", "quota", "quota"])
+    with pytest.raises(ApiAccessError, match=r"/batches answered http_429"):
+        _gen(api, inputs, tmp_path / "out", mlstore)
+    assert api.batch_creates == 0 and len(api.batch_create_actions) == 2  # asked once
+
+
 def test_create_answer_lost_or_killed_before_journaling(
     api: FakeAPI, tmp_path: Path, mlstore: str
 ) -> None:
