@@ -7,6 +7,7 @@ never leaves a half-written file that a later stage would trust.
 
 from __future__ import annotations
 
+import codecs
 import contextlib
 import hashlib
 import json
@@ -174,7 +175,10 @@ def _iter_jsonl_objects(
             except UnicodeDecodeError as e:
                 handle_bad(
                     BadRecordError(
-                        path, lineno, f"invalid UTF-8 at byte {e.start}", category="invalid_utf8"
+                        path,
+                        lineno,
+                        f"invalid UTF-8 at byte {e.start} of the line",
+                        category="invalid_utf8",
                     ),
                     on_bad,
                     report,
@@ -230,15 +234,38 @@ def _iter_jsonl(
         yield rec
 
 
+def _utf8_error(path: PathLike) -> BadRecordError:
+    """The error for a file that is not UTF-8, naming the first bad byte's offset in the file
+    (a BOM counted, as any byte) and its line; found by a second, streaming pass, since a
+    decoder's own offsets are relative to whatever chunk it was given."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    offset = lines = 0  # bytes and newlines of the chunks decoded before this one
+    with open(path, "rb") as f:
+        while True:
+            raw = f.read(1 << 20)
+            pending = decoder.getstate()[0]  # an unfinished character's first bytes
+            try:
+                decoder.decode(raw, final=not raw)
+            except UnicodeDecodeError as e:
+                at = offset - len(pending) + e.start
+                line = lines + raw[: max(at - offset, 0)].count(b"\n") + 1
+                return BadRecordError(
+                    path, line, f"invalid UTF-8 at byte {at}", category="invalid_utf8"
+                )
+            if not raw:
+                break
+            offset += len(raw)
+            lines += raw.count(b"\n")
+    return BadRecordError(path, None, "invalid UTF-8", category="invalid_utf8")
+
+
 def load_json(path: PathLike) -> Any:
     """Parse a whole JSON document; a broken file raises BadRecordError (it cannot be skipped)."""
     try:
         with open(path, encoding="utf-8-sig") as f:
             return json.load(f)
     except UnicodeDecodeError as e:
-        raise BadRecordError(
-            path, None, f"invalid UTF-8 at byte {e.start}", category="invalid_utf8"
-        ) from e
+        raise _utf8_error(path) from e
     except json.JSONDecodeError as e:
         raise BadRecordError(
             path, e.lineno, f"invalid JSON ({e.msg} at column {e.colno})", category="invalid_json"
@@ -284,21 +311,16 @@ def iter_array(path: PathLike, chunk_chars: int = _ARRAY_CHUNK) -> Iterator[tupl
         buf, pos, eof = "", 0, False
         lines_before = 0  # newlines in the text dropped from the buffer
         column_before = 0  # characters after the last of them: the buffer's start column
-        consumed_bytes = 0
 
         def more() -> bool:
-            nonlocal buf, pos, eof, lines_before, column_before, consumed_bytes
+            nonlocal buf, pos, eof, lines_before, column_before
             if eof:
                 return False
             raw = f.read(chunk_chars)
             try:
                 text = utf8.decode(raw, final=not raw)
             except UnicodeDecodeError as e:
-                at = consumed_bytes + e.start
-                raise BadRecordError(
-                    path, None, f"invalid UTF-8 at byte {at}", category="invalid_utf8"
-                ) from e
-            consumed_bytes += len(raw)
+                raise _utf8_error(path) from e
             eof = not raw
             newlines = buf.count("\n", 0, pos)
             lines_before += newlines

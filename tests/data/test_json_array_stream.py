@@ -113,3 +113,19 @@ def test_memory_stays_flat(tmp_path: Path) -> None:
         tracemalloc.stop()
     assert n == whole == 20_000
     assert streamed < loaded / 5, (streamed, loaded)
+
+
+@pytest.mark.parametrize("chunk", [1, 6, 100])
+def test_invalid_utf8_after_a_bom_and_a_split_character_names_its_byte_and_line(
+    tmp_path: Path, chunk: int
+) -> None:
+    """The offset counts every byte of the file, the BOM included, whatever the chunking (a
+    two-byte character split across chunks used to shift it), and the line is named."""
+    from biomedvital.data.jsonio import load_json
+
+    path = tmp_path / "bom.json"
+    head = b"\xef\xbb\xbf" + '[{"a": "café"},\n {"b": "'.encode()
+    path.write_bytes(head + b'\xff"}]')
+    for read in (lambda: list(iter_array(path, chunk_chars=chunk)), lambda: load_json(path)):
+        with pytest.raises(BadRecordError, match=rf"bom.json:2: invalid UTF-8 at byte {len(head)}"):
+            read()
