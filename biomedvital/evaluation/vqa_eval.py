@@ -203,9 +203,9 @@ class VQADataModule(LightningDataModule):
 def _data_files(benchmark: str, data: Path, split: str) -> dict[str, Any]:
     """The benchmark's path and the SHA-256 of what is read from it: the file's own hash, or
     for a folder the files picked in it (one hash over PathVQA's parquet shards)."""
-    files = benchmark_files(benchmark, data, split)  # type: ignore[arg-type]
     if data.is_file():
         return {"path": str(data), "sha256": sha256_file(data)}
+    files = benchmark_files(benchmark, data, split)  # type: ignore[arg-type]
     hashes = [(str(f.relative_to(data)), sha256_file(f)) for f in files]
     joint = hashes[0][1] if len(hashes) == 1 else _joint_sha(hashes)
     return {"path": str(data), "files": [name for name, _ in hashes], "sha256": joint}
@@ -601,7 +601,7 @@ class VQAEvaluator(LightningModule):
         name: str,
         scores: dict[str, Any],
         rows: list[dict[str, Any]],
-        answered: tuple[int, int] | None = None,
+        answered: tuple[int, int],
     ) -> None:
         out = Path(self.trainer.default_root_dir)
         preds = out / PREDICTIONS_FILE
@@ -612,8 +612,8 @@ class VQAEvaluator(LightningModule):
             "closed_rule": self.hparams.closed_rule,
             "model": self.source,
             **scores,
-            "answered": None if answered is None else answered[0],
-            "partial": answered is not None and answered[0] < answered[1],
+            "answered": answered[0],
+            "partial": answered[0] < answered[1],
             "data": dm.describe() if hasattr(dm, "describe") else None,
             "predictions": {"path": str(preds), "sha256": sha256_file(preds)},
         }

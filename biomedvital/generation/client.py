@@ -7,8 +7,9 @@ Generating or rating tens of thousands of items takes hours and money, so this c
 * bounds concurrency and paces requests and tokens per minute (token buckets), so a run stays
   under the provider's limits instead of living on 429s;
 * retries what is transient (429, 5xx, timeouts, dropped connections, garbled bodies, empty
-  choices, replies with neither text nor a refusal) with exponential backoff and jitter, honouring ``Retry-After`` (capped), and never
-  retries what will not change (400, 404, 422...); after ``max_attempts`` the item is recorded as
+  choices, replies with neither text nor a refusal) with exponential backoff and jitter,
+  honouring ``Retry-After`` (capped), and never retries what will not change (400, 404,
+  422...); after ``max_attempts`` the item is recorded as
   failed with its reason; every attempt has a hard deadline, so a run ends in bounded time;
 * stops the whole run at the first answer that every other request would get too (401/403: a
   bad key or no access; 429 ``insufficient_quota``: no money left) with :class:`ApiAccessError`,

@@ -171,7 +171,6 @@ class PairCollate:
         batch["pair_a"] = torch.tensor([row[p.a] for p in kept], dtype=torch.long)
         batch["pair_b"] = torch.tensor([row[p.b] for p in kept], dtype=torch.long)
         batch["kind"] = torch.tensor([p.kind for p in kept], dtype=torch.long)
-        batch["dropped_pairs"] = len(pairs) - len(kept)
         # which of ``pairs`` were dropped: the model counts each pair once, however many
         # epochs meet it again
         batch["dropped"] = [n for n, good in enumerate(ok) if not good]

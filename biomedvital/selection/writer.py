@@ -97,6 +97,7 @@ class ScoreWriter(BasePredictionWriter):
         for cid, score, logit, (pos, kind) in zip(
             prediction["ids"], scores, logits, positions, strict=True
         ):
+            err = None
             if not (math.isfinite(score) and math.isfinite(logit)):
                 # a diverged model: no rank can be given; its id is not taken, so a later
                 # record with the same id is scored rather than called a duplicate
@@ -109,24 +110,14 @@ class ScoreWriter(BasePredictionWriter):
                     kind=kind,
                     category="nan_score",
                 )
+            elif cid in self._seen:  # the first occurrence keeps its score
+                err = BadRecordError(
+                    source, pos, f"duplicate id {cid!r}", "id", kind=kind, category="duplicate_id"
+                )
+            if err is not None:
                 if strict:
                     raise err
                 self._skipped[err.category] += 1
-                if len(self._examples) < 20:
-                    self._examples.append((chunk, 1, pos if pos is not None else -1, str(err)))
-                continue
-            if cid in self._seen:
-                err = BadRecordError(
-                    source,
-                    pos,
-                    f"duplicate id {cid!r}",
-                    "id",
-                    kind=kind,
-                    category="duplicate_id",
-                )
-                if strict:
-                    raise err
-                self._skipped[err.category] += 1  # the first occurrence keeps its score
                 if len(self._examples) < 20:
                     self._examples.append((chunk, 1, pos if pos is not None else -1, str(err)))
                 continue

@@ -252,7 +252,7 @@ class BadSampleImage(ValueError):
 class PadCollate:
     """Right-pads ids (``pad_id``) and labels (``IGNORE_INDEX``) to the batch's longest sample.
 
-    Samples whose image failed to load (skip mode) are left out and named in ``bad_images``.
+    Samples whose image failed to load (skip mode) are left out and named in ``bad_ids``.
     When all of a batch's did, one stays as a placeholder: its blank image and tokens with no
     label, so that the step still runs the model (with several processes every rank must take
     part in the step's collectives) and adds nothing to the loss; ``ids`` lists the good
@@ -285,5 +285,4 @@ class PadCollate:
             else torch.empty(0),
             "ids": [it["sample"].id for it in good],
             "bad_ids": [it["sample"].id for it in bad],
-            "bad_images": [f"{it['sample'].id}: {it['error']}" for it in bad],
         }

@@ -134,9 +134,10 @@ class TunerDataModule(LightningDataModule):
             samples = self.sets["train"]
             counts = [int((s.labels[1:] != IGNORE_INDEX).sum()) for s in samples]
             self._plan = (epoch, [sum(counts[i] for i in b) for b in sampler.step_batches()])
-        plan = self._plan[1] if n_batches is None else self._plan[1][:n_batches]
+        plan = self._plan[1]
         start = batch // accumulate * accumulate
-        return plan[batch], sum(plan[start : start + accumulate])
+        end = start + accumulate if n_batches is None else min(start + accumulate, n_batches)
+        return plan[batch], sum(plan[start:end])
 
     def train_batches(self) -> int:
         """This process's training batches per epoch (``len`` of its loader), without building

@@ -254,7 +254,7 @@ class LlavaTuner(LightningModule):
         torch.manual_seed(seed % 2**63)
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor | None:
-        self.bad_image_ids.update(batch.get("bad_ids", []))
+        self.bad_image_ids.update(batch["bad_ids"])
         n = len(batch["ids"])
         world = self.trainer.world_size if self._trainer is not None else 1
         if n == 0 and world == 1:
