@@ -4,7 +4,9 @@ Written atomically to the export folder:
 
 * ``preferences.jsonl`` — one :class:`~biomedvital.data.records.Preference` per judged item and
   annotator that preferred one answer (``equal`` gives none), id ``<item>@<annotator>``; this is
-  the file the selector's ``preferences:`` reads;
+  the file the selector's ``preferences:`` reads. A preference on a partly judged item (an
+  answer left unmarked) is not exported: the page shows it as unfinished, so the clinician may
+  still change it; it is counted as ``partial_preferences`` (per annotator and in all);
 * ``marks.jsonl`` — one :class:`~biomedvital.data.records.AnswerMarks` per item and annotator with
   both answers marked (kept apart: read together with the pairs it would count them twice);
 * ``report.json`` — counts per annotator, flagged items with their comments, position bias, and
@@ -94,6 +96,7 @@ def export_annotations(
             "judged": 0,
             "flagged": 0,
             "partial": 0,
+            "partial_preferences": 0,
             "preferences": 0,
             "equal": 0,
             "marks": 0,
@@ -134,7 +137,10 @@ def export_annotations(
                 marks.append(AnswerMarks(answers=answers, **shared))
                 c["marks"] += 1
             pref = j.original_preferred()
-            if pref == "equal":
+            if not j.judged:
+                # unfinished: the same count as the page's "partly judged", never a record
+                c["partial_preferences"] += isinstance(pref, int)
+            elif pref == "equal":
                 c["equal"] += 1
             elif isinstance(pref, int):
                 prefs.append(
@@ -163,6 +169,7 @@ def export_annotations(
             "preferences": len(prefs),
             "marks": len(marks),
             "flagged": len(flagged),
+            "partial_preferences": sum(c["partial_preferences"] for c in per_annotator.values()),
         },
         "annotators": per_annotator,
         "agreement": {

@@ -16,7 +16,13 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, field_validator
 
 from biomedvital.data.jsonio import PathLike, check_unique, read_records, write_jsonl
-from biomedvital.data.records import IdStr, MentionText, read_preferences, strip_image_token
+from biomedvital.data.records import (
+    IdStr,
+    MentionText,
+    Text,
+    read_preferences,
+    strip_image_token,
+)
 from biomedvital.data.report import BadRecordError
 
 
@@ -27,9 +33,10 @@ class AnnotationItem(BaseModel):
 
     id: IdStr
     image: str
-    question: str
-    answers: list[str]
-    fig_caption: str = ""
+    # bounded like every record the export writes, so what is judged can always be exported
+    question: Text
+    answers: list[Text]
+    fig_caption: Text = ""
     in_text_mention: MentionText = ""
     pair_id: IdStr | None = None
 

@@ -5,7 +5,9 @@ state as one line, written with a single ``O_APPEND`` write and ``fsync``ed befo
 told it is saved. The latest line of an item wins. Nothing is ever rewritten, so closing the tab,
 killing the server or losing power costs at most the line being written: on reading, an
 unparsable line (the torn tail of an interrupted write) is counted and ignored, and before the
-next append the torn tail is sealed with a newline so it cannot swallow the new line.
+next append the torn tail is sealed with a newline so it cannot swallow the new line. An append
+that fails in a running server (disk full) is cut back off the file before the page hears of it,
+so the retry that follows lands on a line of its own.
 
 Judgments are stored in the order the answers were *shown* (``A``, ``B``) together with that order
 (``shown[p]`` is the item's answer index at position ``p``); the export undoes it.
@@ -193,6 +195,7 @@ class Journal:
         self._lock = threading.Lock()
         self._fd: int | None = None
         self._want_lock = lock
+        self._torn = False  # a failed append may have left part of a line at the end
 
     def open(self) -> Journal:
         """Open for appending: take the file lock, seal a torn tail, make the file durable."""
@@ -228,8 +231,25 @@ class Journal:
         line = judgment.model_dump_json() + "\n"
         data = line.encode("utf-8")
         with self._lock:
-            _write_all(self._fd, data)
-            os.fsync(self._fd)
+            fd = self._fd
+            if self._torn:  # seal what a failed append left, or this line would join it
+                size = os.fstat(fd).st_size
+                if size and os.pread(fd, 1, size - 1) != b"\n":
+                    _write_all(fd, b"\n")
+                self._torn = False
+            start = os.fstat(fd).st_size  # one writer (the file lock): the end stays ours
+            try:
+                _write_all(fd, data)
+                os.fsync(fd)
+            except BaseException:
+                # disk full, I/O error: drop the partial line now, else seal it next time
+                self._torn = True
+                try:
+                    os.ftruncate(fd, start)
+                    self._torn = False
+                except OSError:
+                    pass
+                raise
 
     def close(self) -> None:
         """Close the file (releases the lock)."""

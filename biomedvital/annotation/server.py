@@ -19,6 +19,7 @@ import hmac
 import ipaddress
 import json
 import logging
+import re
 import socket
 from dataclasses import dataclass
 from http import HTTPStatus
@@ -41,6 +42,7 @@ CSP = (
     "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' blob:; "
     "connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
 )
+_HOST_RE = re.compile(r"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+)(?::[0-9]{1,5})?")
 _STATIC = {
     "/": ("index.html", "text/html; charset=utf-8"),
     "/index.html": ("index.html", "text/html; charset=utf-8"),
@@ -84,7 +86,7 @@ class AnnotationApp:
     session: AnnotationSession
     images: ImageServer
     token: str | None = None
-    allowed_hosts: frozenset[str] | None = None  # Host header values accepted (None: any)
+    loopback_hosts_only: bool = False  # accept only Host headers naming loopback (any port)
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -125,8 +127,12 @@ class _Handler(BaseHTTPRequestHandler):
         self._json(status, {"error": message})
 
     def _host_ok(self) -> bool:
-        allowed = self.app.allowed_hosts
-        return allowed is None or (self.headers.get("Host") or "").lower() in allowed
+        # The name, not the port, defeats DNS rebinding; an SSH tunnel (ssh -L 9000:…:8765)
+        # makes the browser send localhost:9000, which must work.
+        if not self.app.loopback_hosts_only:
+            return True
+        m = _HOST_RE.fullmatch(self.headers.get("Host") or "")
+        return m is not None and is_loopback(m.group(1))
 
     def _authorised(self) -> bool:
         token = self.app.token
@@ -246,17 +252,14 @@ class _Server6(_Server):
 def build_server(app: AnnotationApp, host: str = "127.0.0.1", port: int = 8765) -> _Server:
     """Bind the server (``port=0``: a free one) and return it; ``serve_forever`` runs it.
 
-    Bound to loopback, only loopback ``Host`` headers are accepted.
+    Bound to loopback, only ``Host`` headers naming loopback (on any port, for tunnels) are
+    accepted.
     """
     check_binding(host, app.token)
     handler = type("AnnotationHandler", (_Handler,), {"app": app})
     cls = _Server6 if ":" in host.strip("[]") else _Server
     server = cls((host.strip("[]"), port), handler)
-    bound_port = server.server_address[1]
-    if is_loopback(host):
-        app.allowed_hosts = frozenset(
-            f"{h}:{bound_port}" for h in ("127.0.0.1", "localhost", "[::1]", host.lower())
-        )
+    app.loopback_hosts_only = is_loopback(host)
     return server
 
 

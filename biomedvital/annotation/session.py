@@ -8,6 +8,8 @@ disk.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import threading
 from typing import Any
 
@@ -61,6 +63,17 @@ class AnnotationSession:
         j = self.latest.get(item.id)
         return list(j.shown) if j is not None else shown_order(item.id, self.annotator, self.seed)
 
+    def view_key(self, index: int) -> str:
+        """Short hash of what the page shows for an item: its digest and answers in shown order.
+
+        The page sends it back with each judgment, so marks made on one text or order are never
+        recorded against another (items regenerated or ``--seed`` changed under a pending save).
+        """
+        item = self.items[index]
+        shown = [item.answers[k] for k in self.order(index)]
+        blob = json.dumps([item.digest(), shown], ensure_ascii=False).encode("utf-8")
+        return hashlib.sha256(blob).hexdigest()[:16]
+
     def status(self, index: int) -> str:
         """``todo``, ``partial``, ``done`` or ``flagged``."""
         j = self.latest.get(self.items[index].id)
@@ -99,6 +112,7 @@ class AnnotationSession:
             "fig_caption": item.fig_caption,
             "in_text_mention": item.in_text_mention,
             "answers": [item.answers[k] for k in order],
+            "view": self.view_key(index),
             "judgment": None
             if j is None
             else {
@@ -117,7 +131,8 @@ class AnnotationSession:
         """Validate the page's judgment of one item, append it to the journal, then keep it.
 
         The shown order is the server's, never the page's: the page only says what it marked
-        at positions A and B.
+        at positions A and B, and (``view``, from :meth:`item_view`) what it showed there; a
+        judgment made on another text or order than the server's now is refused.
         """
         index = payload.get("index")
         if not isinstance(index, int) or isinstance(index, bool):
@@ -132,6 +147,11 @@ class AnnotationSession:
         if payload.get("id") != item.id:
             raise JudgmentRejected(
                 f"item {index} is {item.id!r}, not {payload.get('id')!r} (reload the page)"
+            )
+        if "view" in payload and payload["view"] != self.view_key(index):
+            raise JudgmentRejected(
+                f"item {item.id!r} is no longer shown as it was when judged (its answers or "
+                "their order changed since): reload the page and judge it again"
             )
         try:
             j = Judgment(

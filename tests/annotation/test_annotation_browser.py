@@ -356,3 +356,40 @@ def test_token_prompt_and_item_text_shown_as_text(browser, demo_pairs, tmp_path,
     page.keyboard.press("f")
     wait_saved(page)
     assert read_jsonl(srv.journal)[-1]["flagged"] is True
+
+
+def test_a_save_waiting_through_a_restart_with_another_order_is_refused(
+    browser, demo_pairs, tmp_path, servers
+) -> None:
+    """The page says what it showed, so a pending "A is better" is never applied to answers the
+    restarted server would show in the other order (here: another ``--seed``)."""
+    from biomedvital.annotation.items import shown_order as order_of
+
+    items_path, image_root = demo_pairs
+    first = read_jsonl(items_path)[0]["id"]
+    srv = AnnotateServer(items_path, tmp_path / "ann", "fay", image_root).start()
+    servers.append(srv)
+    page = open_page(browser, srv.url)
+    shown_a = page.text_content("#answer-text-0")
+    srv.kill()
+    page.keyboard.press("1")
+    page.keyboard.press("4")
+    page.keyboard.press("a")  # waits in the page: the server is down
+    page.wait_for_function("() => document.getElementById('save-status').dataset.state === 'error'")
+    seed = next(s for s in range(1, 64) if order_of(first, "fay", s) != order_of(first, "fay"))
+    srv.args[-2:-2] = ["--seed", str(seed)]  # before --port, which start() replaces
+    srv.start(port=srv.port)
+    page.wait_for_function(
+        "() => { const s = document.getElementById('save-status');"
+        " return s.dataset.pending === '0' && s.dataset.state !== 'saving'; }"
+    )
+    assert "Not saved" in page.text_content("#save-status")
+    assert "reload the page" in page.text_content("#save-status")
+    assert not srv.journal.exists() or read_jsonl(srv.journal) == []
+    page.reload()  # judged again as now shown: recorded for the answer the clinician saw
+    page.wait_for_selector('body[data-ready="1"]')
+    assert page.text_content("#answer-text-1") == shown_a
+    page.keyboard.press("b")
+    wait_saved(page)
+    assert read_jsonl(srv.journal)[-1]["preferred"] == "B"
+    assert page.errors == []

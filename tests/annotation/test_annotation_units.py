@@ -32,7 +32,7 @@ from biomedvital.annotation.server import (
     check_binding,
     static_file,
 )
-from biomedvital.annotation.session import AnnotationSession
+from biomedvital.annotation.session import AnnotationSession, JudgmentRejected
 from biomedvital.data.images import ImageRoot
 from biomedvital.data.records import read_preferences
 from biomedvital.data.report import BadRecordError
@@ -388,8 +388,128 @@ def test_export_of_the_demo_through_the_verb(tmp_path: Path, demo_pairs: tuple[P
         "preferences": 1,
         "marks": 1,
         "flagged": 0,
+        "partial_preferences": 0,
     }
     pref = read_preferences(out / "export" / "preferences.jsonl")[0]
     assert pref.preferred == items[0].answers[0]  # "B" shown first was the demo's preferred
     with pytest.raises(ValueError, match="either --items or --demo"):
         annotate(items=out / "demo_items.jsonl", demo=demo_dir, out=out, export=True)
+
+
+# ----------------------------------------------------------------------------- review fixes
+
+
+def test_export_leaves_out_preferences_of_partly_judged_items(tmp_path: Path) -> None:
+    # the page shows "partly judged" until both answers are marked: not yet a preference
+    items_path = write_items(tmp_path / "items.jsonl", make_items(3))
+    items = read_items(items_path)
+    ann = tmp_path / "ann"
+    with Journal(journal_path(ann, "x")) as j:
+        j.append(judgment(items[0], "x", acceptable=[True, False], preferred="A"))
+        j.append(judgment(items[1], "x", preferred="B"))  # no marks at all
+        j.append(judgment(items[2], "x", acceptable=[None, True], preferred="A"))
+    report = export_annotations(items_path, ann)
+    prefs = read_jsonl(ann / "export" / "preferences.jsonl")
+    assert [p["item_id"] for p in prefs] == ["it0"]
+    c = report["annotators"]["x"]
+    assert (c["judged"], c["partial"], c["preferences"], c["partial_preferences"]) == (1, 2, 1, 2)
+    assert c["preferred_position_A"] == 1
+    assert report["counts"]["preferences"] == 1 and report["counts"]["partial_preferences"] == 2
+
+
+def test_item_text_too_long_to_export_is_refused_when_read(tmp_path: Path) -> None:
+    # else a clinician judges it and the export dies on it with a bare validation error
+    for field, value in (
+        ("fig_caption", "c" * 100_001),
+        ("question", "<image>\n" + "q" * 100_001),
+        ("answers", ["short answer", "a" * 100_001]),
+    ):
+        rows = make_items(2)
+        rows[1][field] = value
+        path = write_items(tmp_path / "items.jsonl", rows)
+        with pytest.raises(BadRecordError, match=rf"items\.jsonl:2: field '{field}.*100,000"):
+            read_items(path)
+
+
+_FULL_DISK = """
+import resource, signal, sys
+sys.path.insert(0, {tests!r})
+from test_annotation_units import judgment, make_items
+from biomedvital.annotation.items import AnnotationItem
+from biomedvital.annotation.journal import Journal
+
+items = [AnnotationItem.model_validate(r) for r in make_items(3)]
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # over the limit: EFBIG, like a full disk
+j = Journal({path!r}).open()
+j.append(judgment(items[0], "x", acceptable=[True, False], preferred="A"))
+soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+resource.setrlimit(resource.RLIMIT_FSIZE, ({size_after_first} + 20, hard))
+try:
+    j.append(judgment(items[1], "x", acceptable=[True, True], preferred="B"))
+except OSError:
+    print("first try failed")
+resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))  # space again: the page retries
+j.append(judgment(items[1], "x", acceptable=[True, True], preferred="B"))
+j.append(judgment(items[2], "x", flagged=True))
+j.close()
+"""
+
+
+def test_a_failed_append_does_not_swallow_the_next_saved_line(tmp_path: Path) -> None:
+    # a write cut short mid-line (disk full) must not glue the retried line to its remains
+    import subprocess
+    import sys
+
+    items = [AnnotationItem.model_validate(r) for r in make_items(1)]
+    probe = tmp_path / "probe.jsonl"
+    with Journal(probe) as j:
+        j.append(judgment(items[0], "x", acceptable=[True, False], preferred="A"))
+    path = journal_path(tmp_path, "x")
+    script = _FULL_DISK.format(
+        tests=str(Path(__file__).parent), path=str(path), size_after_first=probe.stat().st_size
+    )
+    run = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120
+    )
+    assert run.returncode == 0, run.stderr
+    assert "first try failed" in run.stdout  # the limit did cut the second line short
+    state = read_journal(path)
+    assert sorted(state.latest) == ["it0", "it1", "it2"]
+    assert state.torn == 0 and state.latest["it1"].preferred == "B"
+
+
+def test_a_judgment_of_another_text_or_order_is_refused(tmp_path: Path) -> None:
+    # the page judged positions A/B as it showed them; a restart with another --seed, or
+    # regenerated items, must not map those positions onto other answers
+    items = read_items(write_items(tmp_path / "items.jsonl", make_items(1)))
+    other_seed = next(
+        s for s in range(1, 64) if shown_order("it0", "x", s) != shown_order("it0", "x")
+    )
+    with Journal(journal_path(tmp_path / "ann", "x")) as j:
+        view = AnnotationSession(items, j, "x").item_view(0)
+    payload = {"index": 0, "id": "it0", "acceptable": [True, False], "preferred": "A"}
+    with Journal(journal_path(tmp_path / "ann", "x")) as j:
+        session = AnnotationSession(items, j, "x", seed=other_seed)
+        with pytest.raises(JudgmentRejected, match="reload the page"):
+            session.record({**payload, "view": view.get("view")})
+    rows = make_items(1)
+    rows[0]["answers"] = ["regenerated one", "regenerated two"]
+    changed = read_items(write_items(tmp_path / "changed.jsonl", rows))
+    with Journal(journal_path(tmp_path / "ann", "x")) as j:
+        session = AnnotationSession(changed, j, "x")
+        with pytest.raises(JudgmentRejected, match="no longer shown"):
+            session.record({**payload, "view": view.get("view")})
+    assert read_journal(journal_path(tmp_path / "ann", "x")).lines == 0
+    with Journal(journal_path(tmp_path / "ann", "x")) as j:  # the same view is recorded
+        session = AnnotationSession(items, j, "x")
+        j_ = session.record({**payload, "view": view.get("view")})
+        assert view["answers"][0] == items[0].answers[j_.original_preferred()]
+
+
+def test_loopback_host_header_on_any_port_is_accepted(served: dict) -> None:
+    # ssh -L 9000:localhost:8765 makes the browser send Host: localhost:9000
+    base = served["base"]
+    for host in ("localhost:9000", "127.0.0.1:80", "[::1]:8080", "127.0.0.1", "LOCALHOST:1"):
+        assert http(f"{base}/api/state", headers={"Host": host})[0] == 200, host
+    for host in ("attacker.example:8765", "localhost.attacker.example", "localhost@x.example"):
+        assert http(f"{base}/api/state", headers={"Host": host})[0] == 403, host

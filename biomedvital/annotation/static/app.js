@@ -308,6 +308,7 @@
     st.pending.push({
       index: st.index,
       id: st.item.id,
+      view: st.item.view,
       annotator: st.annotator,
       acceptable: j.acceptable.slice(),
       preferred: j.preferred,
