@@ -88,9 +88,12 @@ def export_annotations(
     flagged: list[dict[str, Any]] = []
     judged: dict[str, dict[str, Judgment]] = {}
     per_annotator: dict[str, dict[str, Any]] = {}
+    journal_inputs: dict[str, dict[str, str]] = {}
     for path in journals:
         name = _annotator_of(path)
         state = read_journal(path)
+        # the hash of the bytes exported from: a server still running may append meanwhile
+        journal_inputs[name] = {"path": str(path), "sha256": state.sha256}
         c = {
             **state.as_dict(),
             "judged": 0,
@@ -187,9 +190,7 @@ def export_annotations(
         },
         "inputs": {
             "items": {"path": str(items_path), "sha256": sha256_file(items_path)},
-            "journals": {
-                _annotator_of(p): {"path": str(p), "sha256": sha256_file(p)} for p in journals
-            },
+            "journals": journal_inputs,
         },
     }
     write_jsonl(out / "preferences.jsonl", prefs)

@@ -15,6 +15,7 @@ Judgments are stored in the order the answers were *shown* (``A``, ``B``) togeth
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -142,6 +143,7 @@ class JournalState:
     lines: int = 0
     torn: int = 0
     invalid: int = 0
+    sha256: str = hashlib.sha256(b"").hexdigest()  # of the bytes read (a live server appends)
 
     def as_dict(self) -> dict[str, int | str]:
         """Counts for reports."""
@@ -165,6 +167,7 @@ def read_journal(path: PathLike) -> JournalState:
         data = Path(path).read_bytes()
     except FileNotFoundError:
         return state
+    state.sha256 = hashlib.sha256(data).hexdigest()
     for raw in data.split(b"\n"):
         if not raw.strip():
             continue

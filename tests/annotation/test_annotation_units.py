@@ -513,3 +513,33 @@ def test_loopback_host_header_on_any_port_is_accepted(served: dict) -> None:
         assert http(f"{base}/api/state", headers={"Host": host})[0] == 200, host
     for host in ("attacker.example:8765", "localhost.attacker.example", "localhost@x.example"):
         assert http(f"{base}/api/state", headers={"Host": host})[0] == 403, host
+
+
+def test_export_records_the_hash_of_the_journal_bytes_it_read(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # a server still running appends while the export works: the report's hash must be that of
+    # the bytes the preferences came from, not of the file as it is later
+    import hashlib
+
+    import biomedvital.annotation.export as export_mod
+
+    items_path = write_items(tmp_path / "items.jsonl", make_items(2))
+    items = read_items(items_path)
+    ann = tmp_path / "ann"
+    path = journal_path(ann, "x")
+    with Journal(path) as j:
+        j.append(judgment(items[0], "x", acceptable=[True, False], preferred="A"))
+    read = path.read_bytes()
+    real = export_mod.read_journal
+
+    def read_then_append(p: Path) -> object:
+        state = real(p)
+        with Journal(path) as j:  # the live server's next save
+            j.append(judgment(items[1], "x", acceptable=[True, False], preferred="B"))
+        return state
+
+    monkeypatch.setattr(export_mod, "read_journal", read_then_append)
+    report = export_annotations(items_path, ann)
+    assert report["counts"]["preferences"] == 1
+    assert report["inputs"]["journals"]["x"]["sha256"] == hashlib.sha256(read).hexdigest()
