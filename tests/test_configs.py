@@ -200,6 +200,184 @@ def test_paper_config_is_faithful(capsys: pytest.CaptureFixture[str]) -> None:
         "python -m biomedvital fit --config conf/paper/selector.yaml"
         in (CONF / "paper" / "selector.yaml").read_text()
     )
+    # the released head is Linear-ReLU x 3 then Linear-Sigmoid, hinge margin 1, one Adam lr
+    assert (model["dropout"], model["margin"], model["head_lr"], model["weight_decay"]) == (
+        0.0,
+        1.0,
+        None,
+        0.0,
+    )
+    assert data["train_fraction"] == 0.8 and cfg["trainer"]["precision"] == "32-true"
+
+
+def test_paper_clinician_split_is_50_train_2000_test(capsys: pytest.CaptureFixture[str]) -> None:
+    """The paper trains the selector on 50 clinician pairs and measures alignment on 2,000: the
+    paper config must train on 50 whatever the file's size (w = 400 is tuned to 50 training
+    pairs against 30,000 model pairs)."""
+    import numpy as np
+
+    from biomedvital.selection.pairs import split_clinician
+
+    data = _print_config(capsys, CONF / "paper" / "selector.yaml")["data"]["init_args"]
+    for n in (2050, 3000):
+        groups = [f"img{i}" for i in range(n)]  # one figure per pair
+        train, val = split_clinician(
+            groups,
+            data["clinician_val_fraction"],
+            np.random.default_rng(0),
+            data["clinician_train_pairs"],
+        )
+        assert (len(train), len(val)) == (50, n - 50)
+
+
+def _diff(a: object, b: object, path: str = "") -> dict[str, tuple[object, object]]:
+    """Leaves that differ between two resolved configs, by dotted path."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        out: dict[str, tuple[object, object]] = {}
+        for k in sorted(set(a) | set(b), key=str):
+            out |= _diff(a.get(k), b.get(k), f"{path}.{k}" if path else str(k))
+        return out
+    return {} if a == b else {path: (a, b)}
+
+
+@pytest.mark.parametrize("path", OVERLAYS, ids=lambda p: p.name)
+def test_ablation_overlay_changes_only_what_it_names_on_the_paper_config(
+    path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``--config conf/paper/selector.yaml --config conf/ablation/X.yaml`` is the paper config
+    with exactly the overlay's keys changed (to the overlay's values)."""
+    paper = _print_config(capsys, CONF / "paper" / "selector.yaml")
+    merged = _print_config(capsys, CONF / "paper" / "selector.yaml", path)
+    overlay = yaml.safe_load(path.read_text())
+    named = {
+        f"{section}.init_args.{key}": value
+        for section, body in overlay.items()
+        for key, value in body["init_args"].items()
+    }
+    changed = _diff(paper, merged)
+    for key, value in named.items():
+        section, _, name = key.split(".")
+        assert merged[section]["init_args"][name] == value, key
+    assert set(changed) <= set(named), f"{path.name} also changed {set(changed) - set(named)}"
+    # every overlay changes something on the paper config, except w400 (the paper's own w)
+    assert bool(changed) == (path.stem != "w400"), changed
+
+
+def test_ablation_overlays_stack(capsys: pytest.CaptureFixture[str]) -> None:
+    """Later overlays win key by key: frozen + w10 keeps both, on top of the paper config."""
+    paper = _print_config(capsys, CONF / "paper" / "selector.yaml")
+    merged = _print_config(
+        capsys,
+        CONF / "paper" / "selector.yaml",
+        CONF / "ablation" / "frozen.yaml",
+        CONF / "ablation" / "w10.yaml",
+        CONF / "ablation" / "ranknet.yaml",
+    )
+    assert _diff(paper, merged) == {
+        "model.init_args.backbone_mode": ("finetune", "frozen"),
+        "model.init_args.w": (400.0, 10.0),
+        "model.init_args.loss": ("hinge", "ranknet"),
+    }
+
+
+PAPER_W_SWEEP = {1.0, 10.0, 100.0, 200.0, 300.0, 400.0}
+
+
+def test_w_overlays_and_their_comments() -> None:
+    """conf/ablation/w<N>.yaml sets w = N; only the paper's sweep values claim to be in it."""
+    found = {}
+    for path in sorted((CONF / "ablation").glob("w*.yaml")):
+        w = yaml.safe_load(path.read_text())["model"]["init_args"]["w"]
+        assert float(path.stem[1:]) == w, path.name
+        found[w] = path.read_text().splitlines()[0]
+    assert set(found) >= PAPER_W_SWEEP
+    for w, header in found.items():
+        assert (w in PAPER_W_SWEEP) == (
+            "in the paper's sweep" in header or "paper's best" in header
+        ), (
+            w,
+            header,
+        )
+    for w in set(found) - PAPER_W_SWEEP:
+        assert "beyond the paper's sweep" in found[w], found[w]
+    assert "paper's best" in found[400.0]
+
+
+def test_paper_tuner_config_is_the_documented_recipe(capsys: pytest.CaptureFixture[str]) -> None:
+    """LLaVA-1.5-13B, LLaVA-1.5's task LoRA (r 128, alpha 256, lr 2e-4, projector 2e-5) on
+    LLaVA-Med stage 2's schedule (global batch 128, 3 epochs, cosine with 3 % warmup, max length
+    2048, vision tower frozen), also on the 2-node launch of the header."""
+    path = CONF / "paper" / "tuner.yaml"
+    cfg = _print_config(capsys, path)
+    model, data, trainer = cfg["model"]["init_args"], cfg["data"]["init_args"], cfg["trainer"]
+    assert model["model"] == "hf:llava-hf/llava-1.5-13b-hf"
+    assert (model["mode"], model["lora_r"], model["lora_alpha"]) == ("lora", 128, 256)
+    assert (model["lr"], model["projector_lr"], model["warmup_ratio"]) == (2e-4, 2e-5, 0.03)
+    assert model["min_lr_ratio"] == 0.0 and model["weight_decay"] == 0.0  # cosine to 0, no decay
+    assert model["freeze_vision_tower"] and model["train_projector"]
+    assert model["lora_scope"] == "language_model"
+    assert data["max_length"] == 2048 and trainer["max_epochs"] == 3
+    assert trainer["precision"] == "bf16-mixed"
+
+    def global_batch(c: dict) -> int:
+        t = c["trainer"]
+        world = t["devices"] * t["num_nodes"]
+        assert t["strategy"]["init_args"]["data_parallel_size"] == world
+        return c["data"]["init_args"]["batch_size"] * world * t["accumulate_grad_batches"]
+
+    assert global_batch(cfg) == 128
+    two_nodes = [
+        "--trainer.num_nodes", "2", "--trainer.accumulate_grad_batches", "2",
+        "--trainer.strategy.init_args.data_parallel_size", "16",
+    ]  # fmt: skip
+    header = path.read_text()
+    assert all(arg in header for arg in two_nodes)
+    with pytest.raises(SystemExit):
+        main(["fit", "--config", str(path), *two_nodes, "--print_config"])
+    assert global_batch(yaml.safe_load(capsys.readouterr().out)) == 128
+
+
+@pytest.mark.parametrize("name", ["vqa_rad", "slake", "pathvqa"])
+def test_vqa_eval_configs_use_llava_meds_rule(
+    name: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit):
+        main(["test", "--config", str(CONF / "eval" / f"{name}.yaml"), "--print_config"])
+    cfg = yaml.safe_load(capsys.readouterr().out)
+    assert cfg["model"]["init_args"]["closed_rule"] == "llava_med"
+    assert cfg["data"]["init_args"]["benchmark"] == name
+    assert cfg["data"]["init_args"]["split"] == "test"
+
+
+def test_paper_numbers_in_header_and_readme(capsys: pytest.CaptureFixture[str]) -> None:
+    """The selector's and tuner's paper numbers, as their headers and the README state them,
+    are the configs' values."""
+    sel = _print_config(capsys, CONF / "paper" / "selector.yaml")
+    tun = _print_config(capsys, CONF / "paper" / "tuner.yaml")
+    m, d = sel["model"]["init_args"], sel["data"]["init_args"]
+    tm = tun["model"]["init_args"]
+    selector_says = [
+        f"w = {m['w']:g}",
+        f"lr {m['lr']:.0e}".replace("e-0", "e-"),
+        f"{sel['trainer']['max_epochs']} epochs",
+        f"batch {d['batch_size']}",
+        "1024-512-512-512-1",
+    ]
+    tuner_says = [
+        f"r {tm['lora_r']}",
+        f"alpha {tm['lora_alpha']}",
+        f"lr {tm['lr']:.0e}".replace("e-0", "e-"),
+        f"projector lr {tm['projector_lr']:.0e}".replace("e-0", "e-"),
+        f"max length {tun['data']['init_args']['max_length']}",
+        f"warmup {tm['warmup_ratio'] * 100:g} %",
+    ]
+    header = (CONF / "paper" / "selector.yaml").read_text()
+    assert [s for s in selector_says if s not in header] == []
+    header = (CONF / "paper" / "tuner.yaml").read_text()
+    assert [s for s in tuner_says if s not in header] == []
+    readme = (CONF.parent / "README.md").read_text().replace("\u2011", "-").replace("→", "-")
+    assert [s for s in selector_says if s not in readme] == []
+    assert [s for s in tuner_says if s.replace("projector lr", "projector") not in readme] == []
 
 
 @pytest.mark.parametrize("path", GRIDS, ids=lambda p: p.name)

@@ -282,3 +282,90 @@ def test_a_credential_in_a_grid_stays_out_of_cell_json(tmp_path: Path) -> None:
         "https://alice:***@llm.example.org/v1?api-key=***"
         in json.loads(written)["stages"][0]["argv"]
     )
+
+
+def _resolved(argv: list[str], capsys: pytest.CaptureFixture[str]) -> dict:
+    with pytest.raises(SystemExit):
+        main([*argv, "--print_config"])
+    return yaml.safe_load(capsys.readouterr().out)
+
+
+def _model_and_data(cfg: dict) -> dict:
+    """What a selector cell trains: model and data arguments and the run's seed (not its
+    folder, logger tags or run name, which differ per cell by construction)."""
+    return {
+        "model": cfg["model"]["init_args"],
+        "data": cfg["data"]["init_args"],
+        "seed": cfg["seed_everything"],
+    }
+
+
+def _leaf_diff(a: dict, b: dict, path: str = "") -> dict:
+    out = {}
+    for k in set(a) | set(b):
+        x, y, p = a.get(k), b.get(k), f"{path}.{k}" if path else k
+        out |= (
+            _leaf_diff(x, y, p)
+            if isinstance(x, dict) and isinstance(y, dict)
+            else ({} if x == y else {p: y})
+        )
+    return out
+
+
+def test_repository_selector_grids_resolve_to_the_intended_cells(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Each cell of the selector grids, resolved through the CLI, differs from the grid's
+    reference cell in exactly the switch it names, and no two cells train the same thing."""
+    monkeypatch.chdir(REPO)
+
+    def cells(name: str) -> dict[str, dict]:
+        path = Path(f"conf/grids/{name}.yaml")
+        out = {}
+        for cell in cell_names(load_grid(path)):
+            (stage,) = stage_commands(path, cell)
+            out[cell] = _model_and_data(_resolved(stage["argv"], capsys))
+        return out
+
+    w = cells("w")
+    ref = w["w400"]
+    assert ref["model"]["backbone_mode"] == "frozen"  # the grid's base: frozen, cached features
+    for cell, cfg in w.items():
+        want = {} if cell == "w400" else {"model.w": float(cell[1:])}
+        assert _leaf_diff(ref, cfg) == want, cell
+    assert {cfg["model"]["w"] for cfg in w.values()} >= {1.0, 10.0, 100.0, 200.0, 300.0, 400.0}
+
+    switches = cells("selector_switches")
+    paper = switches["paper"]
+    assert (paper["model"]["loss"], paper["model"]["backbone_mode"]) == ("hinge", "finetune")
+    assert paper["data"]["text_recipe"] == "paper"
+    assert {c: _leaf_diff(paper, cfg) for c, cfg in switches.items()} == {
+        "paper": {},
+        "ranknet": {"model.loss": "ranknet"},
+        "conversation_text": {"data.text_recipe": "conversation"},
+        "frozen": {"model.backbone_mode": "frozen"},
+    }
+
+    source = cells("preference_source")
+    for seed in (0, 1, 2):
+        mixed = source[f"mixed-s{seed}"]
+        assert (mixed["seed"], mixed["data"]["seed"]) == (seed, seed)
+        assert mixed["model"]["w"] > 0 and mixed["data"]["model_pairs"] > 0
+        assert _leaf_diff(mixed, source[f"clinician_only-s{seed}"]) == {"data.model_pairs": 0}
+        assert _leaf_diff(mixed, source[f"model_only-s{seed}"]) == {"model.w": 0.0}
+    everything = [*w.values(), *switches.values()]
+    assert len({yaml.safe_dump(c) for c in everything}) == len(everything)
+    assert len({yaml.safe_dump(c) for c in source.values()}) == len(source)
+
+
+def test_topk_grid_cells_keep_their_k(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(REPO)
+    path = Path("conf/grids/topk.yaml")
+    ks = {}
+    for cell in cell_names(load_grid(path)):
+        select = stage_commands(path, cell)[0]
+        assert select["stage"] == "select"
+        argv = select["argv"]
+        ks[cell] = float(argv[argv.index("--top_percent") + 1])
+        assert ks[cell] == float(cell[1:])
+    assert set(ks.values()) >= {10.0, 40.0, 80.0, 90.0}  # the paper's data sizes

@@ -76,6 +76,7 @@ question-answer conversation about the image.
 
 Score the conversation from 0 (useless or wrong) to 10 (excellent), considering:
 - relevance of the questions to the image and to medicine;
+- whether each answer directly addresses the question it follows;
 - accuracy of the answers with respect to the figure and its text;
 - use of what the image shows, rather than generic statements;
 - clarity, detail and precision of the answers;
@@ -193,7 +194,8 @@ def rate(
             Without it the candidates' own ``fig_caption`` / ``in_text_mention`` fields are
             used, which ``generate``'s output lacks: candidates judged without a caption are
             counted (``counts.no_caption``) and warned about.
-        image_root / vision: attach each candidate's image to the judge's request.
+        image_root / vision: attach each candidate's image to the judge's request (the
+            paper's GPT-4V judge saw it: ``vision: true`` with a vision model).
         preferences: clinician pairs (or accept/reject marks): both answers are scored too and
             the agreement with clinicians is reported.
         temperature / max_tokens / seed: judge sampling (part of the cache key).

@@ -269,6 +269,9 @@ class SelectorDataModule(LightningDataModule):
         val_model_pairs: held-out model pairs for ``val/pair_acc`` (paper: 10000).
         train_fraction: share of each rating level that feeds training pairs (paper: 0.8).
         clinician_val_fraction: share of clinician pairs held out to measure alignment.
+        clinician_train_pairs: train on this many clinician pairs and hold out the rest,
+            instead of ``clinician_val_fraction`` (paper: 50, with 2,000 held out; whole
+            groups of the split, so at least this many when several pairs share a group).
         clinician_split: hold out clinician pairs by ``image`` (no figure on both sides) or by
             ``pair`` (by preference record: the pairs expanded from one answer-marks record,
             ``id#i>j``, share its question and answers and stay on one side).
@@ -292,6 +295,7 @@ class SelectorDataModule(LightningDataModule):
         val_model_pairs: int = 10000,
         train_fraction: float = 0.8,
         clinician_val_fraction: float = 0.5,
+        clinician_train_pairs: int | None = None,
         clinician_split: ClinicianSplit = "image",
         batch_size: int = 64,
         predict_chunk: int = 256,
@@ -307,6 +311,7 @@ class SelectorDataModule(LightningDataModule):
         self.val_model_pairs = val_model_pairs
         self.train_fraction = train_fraction
         self.clinician_val_fraction = clinician_val_fraction
+        self.clinician_train_pairs = clinician_train_pairs
         self.clinician_split = clinician_split
         self.batch_size = batch_size
         self.predict_chunk = predict_chunk
@@ -606,7 +611,9 @@ class SelectorDataModule(LightningDataModule):
                 clin_pairs.append(Pair(a, b, CLINICIAN))
                 by_image = self.clinician_split == "image"
                 groups.append(p.image if by_image else preference_record(p.id))
-        c_train, c_val = split_clinician(groups, self.clinician_val_fraction, rng)
+        c_train, c_val = split_clinician(
+            groups, self.clinician_val_fraction, rng, self.clinician_train_pairs
+        )
         self.sets = {
             "train": model_train + [clin_pairs[i] for i in c_train],
             "val_model": model_val,

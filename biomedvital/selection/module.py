@@ -50,7 +50,8 @@ class SelectorModule(LightningModule):
         cache_dir: where the frozen backbone's feature cache lives.
         head_hidden: hidden widths of the MLP head (paper: 512, 512, 512; input is twice the
             backbone's embedding size, text features first).
-        dropout: dropout after each hidden layer of the head.
+        dropout: dropout after each hidden layer of the head (paper: 0, none in the released
+            head; the demo uses 0.2).
         loss: ``hinge`` (paper, margin 1 on sigmoid scores) or ``ranknet``.
         margin: hinge margin.
         w: weight of a clinician pair in the loss; model pairs weigh 1 (paper's best: 400).

@@ -70,22 +70,47 @@ def sample_model_pairs(
 
 
 def split_clinician(
-    groups: list[str], val_fraction: float, rng: np.random.Generator
+    groups: list[str],
+    val_fraction: float,
+    rng: np.random.Generator,
+    train_pairs: int | None = None,
 ) -> tuple[list[int], list[int]]:
     """Indices of clinician pairs for training and held-out validation.
 
     ``groups`` holds one label per pair (its image for a by-image split, the id of its
     preference record for a by-pair split: see :func:`preference_record`); whole groups go to
-    one side.
+    one side. ``train_pairs`` (the paper: 50) sets the training side's size instead of
+    ``val_fraction``: whole groups, drawn in random order, are added until it holds at least
+    that many pairs (exactly that many when each group holds one pair); the rest is held out.
     """
     if not 0.0 <= val_fraction < 1.0:
         raise ValueError(f"clinician_val_fraction must be in [0, 1), got {val_fraction}")
     unique = sorted(set(groups))
     order = rng.permutation(len(unique))
-    n_val = int(round(len(unique) * val_fraction))
-    if val_fraction > 0 and len(unique) > 1:
-        n_val = min(max(n_val, 1), len(unique) - 1)
-    val_groups = {unique[i] for i in order[:n_val]}
+    if train_pairs is not None:
+        if train_pairs < 1:
+            raise ValueError(f"clinician_train_pairs must be at least 1, got {train_pairs}")
+        if groups and train_pairs >= len(groups):
+            raise ValueError(
+                f"clinician_train_pairs {train_pairs} leaves none of the {len(groups)} "
+                "clinician pairs held out to measure alignment"
+            )
+        size = {g: 0 for g in unique}
+        for g in groups:
+            size[g] += 1
+        train_groups: set[str] = set()
+        taken = 0
+        for i in order:
+            if taken >= train_pairs:
+                break
+            train_groups.add(unique[i])
+            taken += size[unique[i]]
+        val_groups = set(unique) - train_groups
+    else:
+        n_val = int(round(len(unique) * val_fraction))
+        if val_fraction > 0 and len(unique) > 1:
+            n_val = min(max(n_val, 1), len(unique) - 1)
+        val_groups = {unique[i] for i in order[:n_val]}
     train = [i for i, g in enumerate(groups) if g not in val_groups]
     val = [i for i, g in enumerate(groups) if g in val_groups]
     return train, val

@@ -142,6 +142,21 @@ def test_split_clinician_whole_groups() -> None:
     assert len(others) > 1  # the seed matters
 
 
+def test_split_clinician_train_pairs_counts_pairs_of_whole_groups() -> None:
+    rng = np.random.default_rng(0)
+    singles = [f"i{k}" for k in range(30)]
+    train, val = split_clinician(singles, 0.5, rng, train_pairs=7)
+    assert (len(train), len(val)) == (7, 23)  # the fraction is not used
+    grouped = [f"g{k // 3}" for k in range(30)]  # 10 figures of 3 pairs
+    train, val = split_clinician(grouped, 0.5, np.random.default_rng(1), train_pairs=7)
+    assert len(train) == 9 and len(val) == 21  # whole figures: 3 of them
+    assert not {grouped[i] for i in train} & {grouped[i] for i in val}
+    with pytest.raises(ValueError, match="leaves none of the 30"):
+        split_clinician(singles, 0.5, rng, train_pairs=30)
+    with pytest.raises(ValueError, match="at least 1"):
+        split_clinician(singles, 0.5, rng, train_pairs=0)
+
+
 def test_split_clinician_edges() -> None:
     rng = np.random.default_rng(0)
     assert split_clinician(["a", "a", "b"], 0.0, rng) == ([0, 1, 2], [])
@@ -448,9 +463,8 @@ def test_paper_head_sizes() -> None:
     linears = [(m.in_features, m.out_features) for m in head if isinstance(m, nn.Linear)]
     assert linears == [(1024, 512), (512, 512), (512, 512), (512, 1)]
     kinds = [type(m).__name__ for m in head]
-    assert kinds == ["Linear", "ReLU", "Dropout"] * 3 + ["Linear"]
-    assert all(m.p == 0.2 for m in head if isinstance(m, nn.Dropout))
-    assert [type(m).__name__ for m in mlp(8, [4], 0.0)] == ["Linear", "ReLU", "Linear"]
+    assert kinds == ["Linear", "ReLU"] * 3 + ["Linear"]  # the released head has no dropout
+    assert [type(m).__name__ for m in mlp(8, [4], 0.2)] == ["Linear", "ReLU", "Dropout", "Linear"]
 
 
 def test_module_default_head_is_the_papers(tmp_path: Path) -> None:
