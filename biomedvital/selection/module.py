@@ -18,6 +18,7 @@ from biomedvital.selection.backbones import create_backbone
 from biomedvital.selection.batching import Codec
 from biomedvital.selection.cache import EmbeddingCache
 from biomedvital.selection.losses import LossName, pair_loss
+from biomedvital.selection.metrics import NormalisedMeanRank
 from biomedvital.selection.pairs import CLINICIAN, MODEL
 from biomedvital.selection.seeds import resolve_seed
 
@@ -111,6 +112,7 @@ class SelectorModule(LightningModule):
             self.metrics[f"{stage}_align_ties"] = MeanMetric()
             self.metrics[f"{stage}_auroc"] = BinaryAUROC()
             self.metrics[f"{stage}_map"] = BinaryAveragePrecision()
+            self.metrics[f"{stage}_mean_rank"] = NormalisedMeanRank()
         # positions of the pairs dropped for unreadable images, by pair set (``train``,
         # ``train_clinician``, ``val_model``, ``val_clinician``): a set, so that a pair met
         # again in a later epoch is counted once
@@ -315,7 +317,8 @@ class SelectorModule(LightningModule):
             labels = torch.cat([torch.ones(n), torch.zeros(n)]).long().to(self.device)
             m[f"{stage}_auroc"].update(scores, labels)
             m[f"{stage}_map"].update(scores, labels)
-            for name in ("align_rate", "align_ties", "auroc", "map"):
+            m[f"{stage}_mean_rank"].update(torch.cat([sa, sb]), labels)  # logits: no false ties
+            for name in ("align_rate", "align_ties", "auroc", "map", "mean_rank"):
                 self.log(
                     f"{stage}/{name}",
                     m[f"{stage}_{name}"],

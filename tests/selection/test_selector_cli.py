@@ -111,7 +111,14 @@ def test_fit_predict_select_tracked(tmp_path: Path, pool: dict[str, Path]) -> No
     client, runs = _runs(tmp_path / "mlruns")
     assert len(runs) == 1
     run = runs[0]
-    for key in ("val/pair_acc", "val/align_rate", "val/auroc", "val/map", "train/loss"):
+    for key in (
+        "val/pair_acc",
+        "val/align_rate",
+        "val/auroc",
+        "val/map",
+        "val/mean_rank",
+        "train/loss",
+    ):
         assert key in run.data.metrics, key
     assert "git_sha" in run.data.tags and "git_dirty" in run.data.tags
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
