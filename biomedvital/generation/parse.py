@@ -9,16 +9,25 @@ survive. Rejections carry a reason so a run can report how much it lost and why:
 * ``not_alternating`` - two questions or two answers in a row;
 * ``empty_turn`` - a tag with nothing after it;
 * ``too_few_turns`` - fewer complete exchanges than required;
-* ``refusal`` - the model declined (an API refusal or an apology instead of content);
-* ``mentions_caption`` / ``mentions_context`` - the text gives away that the model read a caption
-  or context rather than the image (LLaVA-Med drops these too);
+* ``refusal`` - the model declined (an API refusal, an apology, or a statement that it cannot
+  see the image);
+* ``mentions_caption`` - an answer names the caption, giving away that the model read it rather
+  than the image (LLaVA-Med's post-processing drops such answers);
+* ``mentions_context`` - an answer cites the supplied text as its source ("the context provided",
+  "according to the context"; LLaVA-Med strips these phrases rather than keeping them);
 * ``identical_answers`` - (answer pairs) both answers to a question are the same;
 * ``truncated`` - the reply was cut off by ``max_tokens`` (``finish_reason: length``): its last
   answer is half-written, and a parser cannot tell (set by ``generate``, not by the parsers).
+
+The content filters (refusal, caption, context) read answers only, as LLaVA-Med's do: a question
+such as "What does consolidation mean in this context?" is ordinary clinical wording, and the
+clinician-picked BioMed-VITAL demonstrations ask such questions. Measured on those 58
+demonstrations, a bare-word ``context`` filter over questions and answers rejected 19 of them.
 """
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass, field
 from typing import Any
@@ -38,30 +47,54 @@ REJECT_REASONS = (
     "truncated",
 )
 
-# A tag at the start of a line, optionally bulleted, numbered or in markdown bold:
-# "User:", "**Assistant:**", "1. User:", "- Question:".
-_PREFIX = r"^[ \t]*(?:[-*•][ \t]*|\d+[.)][ \t]*)?(?:\*\*|__)?[ \t]*"
-_SUFFIX = r"[ \t]*(?:\*\*|__)?[ \t]*:[ \t]*(?:\*\*|__)?"
+# A tag at the start of a line, optionally under a markdown heading, bulleted, numbered or in
+# markdown bold: "User:", "**Assistant:**", "1. User:", "- Question:", "### User:". ``open`` is
+# a bold marker before the tag; when nothing closes it by the colon, the model bolded the whole
+# line ("**User: What is shown?**") and the marker at the line's end is not part of the text.
+_PREFIX = r"^[ \t]*(?:#{1,6}[ \t]*)?(?:[-*•][ \t]*|\d+[.)][ \t]*)?(?P<open>\*\*|__)?[ \t]*"
+_SUFFIX = r"[ \t]*(?P<mid>\*\*|__)?[ \t]*:[ \t]*(?P<close>\*\*|__)?"
 _CONV_TAGS = re.compile(
     _PREFIX + r"(?P<tag>user|human|assistant|gpt)" + _SUFFIX, re.IGNORECASE | re.MULTILINE
 )
+# "Question 3:" is a question tag too (models number them).
 _PAIR_TAGS = re.compile(
     _PREFIX
-    + r"(?P<tag>question|answer[ \t]*a|answer[ \t]*b|answer[ \t]*1|answer[ \t]*2)"
+    + r"(?P<tag>question(?:[ \t]*\d+)?|answer[ \t]*a|answer[ \t]*b|answer[ \t]*1|answer[ \t]*2)"
     + _SUFFIX,
     re.IGNORECASE | re.MULTILINE,
 )
+# A markdown code fence alone on a line: models sometimes wrap the whole reply in one.
+_FENCE = re.compile(r"^[ \t]*```[\w-]*[ \t]*$", re.MULTILINE)
 _ROLE = {"user": "human", "human": "human", "assistant": "gpt", "gpt": "gpt"}
 _PAIR_ROLE = {"question": "q", "answera": "a", "answer1": "a", "answerb": "b", "answer2": "b"}
 
+# Perception verbs count as a refusal only with the image as their object: "I cannot see the
+# image" declines, "I cannot see any fracture" is a finding.
+_IMAGE_OBJ = (
+    r"(?:(?:the|this|that|your|these|any) )?(?:actual |provided |attached |uploaded |original )?"
+    r"(?:images?|pictures?|photos?|figures?|it)\b"
+)
 _REFUSAL = re.compile(
-    r"\b(?:i['’]?m sorry|i am sorry|i apologi[sz]e|i (?:cannot|can['’]?t|am unable to|won['’]?t) "
-    r"(?:help|assist|provide|comply|analy[sz]e|view|see|interpret|identify|do that)|"
-    r"as an ai(?: language model)?|i['’]?m (?:not able|unable) to)",
+    r"\b(?:i['’]?m sorry|i am sorry|i apologi[sz]e|as an ai(?: language model)?"
+    r"|(?:i (?:cannot|can ?not|can['’]?t|won['’]?t|am (?:unable|not able) to)"
+    r"|i['’]?m (?:unable|not able) to)(?: actually| directly)? "
+    r"(?:(?:help|assist|provide|comply|do that)\b"
+    r"|(?:see|view|access|analy[sz]e|interpret|identify|examine) " + _IMAGE_OBJ + r"))",
     re.IGNORECASE,
 )
 _CAPTION = re.compile(r"\bcaptions?\b", re.IGNORECASE)
-_CONTEXT = re.compile(r"\bcontexts?\b", re.IGNORECASE)
+# "context" as the source of an answer, the phrases LLaVA-Med strips ("the context provided",
+# "mentioned in the context"...); "in the context of a liver biopsy" or "provides context for
+# the size" are ordinary wording and pass.
+_CONTEXT = re.compile(
+    r"\b(?:provided|supplied|accompanying|figure['’]?s?) context\b"
+    r"|\b(?:the|this|that) given context\b|\bits context\b"
+    r"|\bcontext (?:provided|given|supplied)\b"
+    r"|\b(?:(?:mentioned|described|stated|noted|reported|found|given) in"
+    r"|according to|based on|from|given) (?:the|its) context\b(?! of\b)"
+    r"|\bthe context (?:mentions|notes|says|states|suggests|indicates|confirms|describes|reports)\b",
+    re.IGNORECASE,
+)
 
 
 class Rejected(ValueError):
@@ -88,17 +121,26 @@ def _segments(text: str, pattern: re.Pattern[str]) -> list[tuple[str, str]]:
     for i, m in enumerate(matches):
         end = matches[i + 1].start() if i + 1 < len(matches) else len(text)
         tag = re.sub(r"\s+", "", m.group("tag").lower())
-        out.append((tag, text[m.end() : end].strip()))
+        value = text[m.end() : end].strip()
+        marker = m.group("open")
+        if marker and not m.group("mid") and not m.group("close"):
+            first, nl, rest = value.partition("\n")
+            if first.rstrip().endswith(marker):
+                value = (first.rstrip()[: -len(marker)].rstrip() + nl + rest).strip()
+        out.append((tag, value))
     return out
 
 
-def _check_content(texts: list[str], refusal: str | None) -> None:
-    if refusal:
-        raise Rejected("refusal", refusal[:80])
-    for t in texts:
+def _check_content(answers: list[str]) -> None:
+    """Reject on the first answer that refuses, names the caption or cites the context.
+
+    Only answers are read (LLaVA-Med filters its ``gpt`` turns only): a question may ask what a
+    term means "in this context" without giving anything away.
+    """
+    for t in answers:
         if _REFUSAL.search(t):
             raise Rejected("refusal", t[:80])
-    for t in texts:
+    for t in answers:
         if _CAPTION.search(t):
             raise Rejected("mentions_caption", t[:80])
         if _CONTEXT.search(t):
@@ -106,11 +148,48 @@ def _check_content(texts: list[str], refusal: str | None) -> None:
 
 
 def _check_text(text: str | None, refusal: str | None) -> str:
+    """The reply with line endings unified and code-fence lines (a wrapping ``json`` block) removed.
+
+    CRLF endings would otherwise stay inside multi-line answers, and lone CRs hide every tag but
+    the first; a closing fence would end up in the last answer.
+    """
     if refusal:
         raise Rejected("refusal", refusal[:80])
     if text is None or not text.strip():
         raise Rejected("empty_output")
+    text = text.replace("\r\n", "\n").replace("\r", "\n")
+    text = _FENCE.sub("", text)
+    if not text.strip():
+        raise Rejected("empty_output")
     return text
+
+
+def _json_segments(text: str) -> list[tuple[str, str]]:
+    """(tag, text) from a reply written as JSON instead of tagged lines, else ``[]``.
+
+    Accepted: a list of ``{"from": "human"|"gpt", "value"}`` or ``{"role": "user"|"assistant",
+    "content"}`` turns, or an object holding such a list under ``"conversations"``. A reply in
+    this form is the conversation asked for, only written differently; losing it would waste a
+    paid request.
+    """
+    try:
+        data = json.loads(text.strip())
+    except ValueError:
+        return []
+    if isinstance(data, dict):
+        data = data.get("conversations")
+    if not isinstance(data, list) or not data:
+        return []
+    out = []
+    for turn in data:
+        if not isinstance(turn, dict):
+            return []
+        role = turn.get("from", turn.get("role"))
+        value = turn.get("value", turn.get("content"))
+        if not isinstance(role, str) or role.lower() not in _ROLE or not isinstance(value, str):
+            return []
+        out.append((role.lower(), value.strip()))
+    return out
 
 
 def parse_conversation(
@@ -119,10 +198,11 @@ def parse_conversation(
     """LLaVA turns (``{"from": "human"|"gpt", "value"}``) from ``User:``/``Assistant:`` text.
 
     ``<image>`` goes on its own line before the first question, as in LLaVA's data. A trailing
-    question without an answer is dropped. Raises :class:`Rejected` with the reason otherwise.
+    question without an answer (or with an empty ``Assistant:``) is dropped. A reply written as
+    a JSON list of turns is read too. Raises :class:`Rejected` with the reason otherwise.
     """
     text = _check_text(text, refusal)
-    segs = _segments(text, _CONV_TAGS)
+    segs = _segments(text, _CONV_TAGS) or _json_segments(text)
     if not segs:
         if _REFUSAL.search(text):
             raise Rejected("refusal", text[:80])
@@ -132,12 +212,14 @@ def parse_conversation(
         expected = "human" if i % 2 == 0 else "gpt"
         if role != expected:
             raise Rejected("not_alternating", f"turn {i + 1} is from {role}, expected {expected}")
+    if turns[-1][0] == "gpt" and not turns[-1][1]:
+        turns = turns[:-1]
     if turns[-1][0] == "human":
         turns = turns[:-1]
     for i, (_, value) in enumerate(turns):
         if not value:
             raise Rejected("empty_turn", f"turn {i + 1}")
-    _check_content([v for _, v in turns], None)
+    _check_content([v for role, v in turns if role == "gpt"])
     if len(turns) // 2 < min_exchanges:
         raise Rejected("too_few_turns", f"{len(turns) // 2} exchanges, need {min_exchanges}")
     out = [{"from": role, "value": value} for role, value in turns]
@@ -151,7 +233,8 @@ def parse_pairs(
     """Questions with two answers from ``Question:`` / ``Answer A:`` / ``Answer B:`` text.
 
     Each question needs exactly one A and one B answer, non-empty and different; a question
-    that breaks this makes the whole output rejected (the model did not follow the format).
+    that breaks this makes the whole output rejected (the model did not follow the format). A
+    last question left without its answers (or with an empty last answer) is dropped.
     """
     text = _check_text(text, refusal)
     segs = _segments(text, _PAIR_TAGS)
@@ -161,10 +244,12 @@ def parse_pairs(
         raise Rejected("no_turns", text[:80])
     items: list[PairItem] = []
     expected = "q"
-    for tag, value in segs:
-        role = _PAIR_ROLE[tag]
+    for k, (tag, value) in enumerate(segs):
+        role = "q" if tag.startswith("question") else _PAIR_ROLE[tag]
         if role != expected:
             raise Rejected("not_alternating", f"got {tag!r} where {expected!r} was expected")
+        if not value and k == len(segs) - 1 and role != "q":
+            break  # the last answer is empty: that question is left unanswered, dropped below
         if not value:
             raise Rejected("empty_turn", tag)
         if role == "q":
@@ -174,8 +259,7 @@ def parse_pairs(
         expected = {"q": "a", "a": "b", "b": "q"}[role]
     if items and len(items[-1].answers) < 2:
         items.pop()
-    texts = [t for it in items for t in (it.question, *it.answers)]
-    _check_content(texts, None)
+    _check_content([t for it in items for t in it.answers])
     for it in items:
         if it.answers[0].strip() == it.answers[1].strip():
             raise Rejected("identical_answers", it.question[:80])

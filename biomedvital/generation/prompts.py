@@ -117,12 +117,21 @@ def figure_text_parts(fig: SourceFigure | Demonstration) -> list[dict[str, str]]
 
 
 def render_conversation(demo: Demonstration) -> str:
-    """A demonstration's turns in the ``User:`` / ``Assistant:`` format the model must write."""
-    lines = []
+    """A demonstration's turns in the ``User:`` / ``Assistant:`` format the model must write.
+
+    Consecutive turns of one speaker are written under one tag: two released BioMed-VITAL
+    demonstrations (ids 34 and 49) hold two answers in a row, and showing the model
+    ``Assistant:`` twice teaches it a layout the parser rejects as ``not_alternating``.
+    """
+    blocks: list[tuple[str, list[str]]] = []
     for turn in demo.conversations:
         tag = "User" if turn.from_ == "human" else "Assistant"
-        lines.append(f"{tag}: {strip_image_token(turn.value)}")
-    return "\n".join(lines)
+        text = strip_image_token(turn.value)
+        if blocks and blocks[-1][0] == tag:
+            blocks[-1][1].append(text)
+        else:
+            blocks.append((tag, [text]))
+    return "\n".join(f"{tag}: " + "\n".join(texts) for tag, texts in blocks)
 
 
 def _demo_block(demo: Demonstration) -> str:

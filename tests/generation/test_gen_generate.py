@@ -234,7 +234,10 @@ def test_parse_keeps_multiline_and_places_image() -> None:
         ("User: a?\nAssistant: b", "too_few_turns"),
         ("I'm sorry, I can't help with that.", "refusal"),
         (GOOD.replace("About 3 cm.", "As the caption says, 3 cm."), "mentions_caption"),
-        (GOOD.replace("About 3 cm.", "In this context, 3 cm."), "mentions_context"),
+        (
+            GOOD.replace("About 3 cm.", "According to the context provided, 3 cm."),
+            "mentions_context",
+        ),
         (GOOD.replace("Yes.", "As an AI, I cannot view images."), "refusal"),
     ],
 )
