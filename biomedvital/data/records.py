@@ -83,7 +83,7 @@ class Mention(BaseModel):
     entities: list[dict[str, Any]] = Field(default_factory=list)
 
 
-def mentions_text(mentions: list[Mention] | list[dict[str, Any]] | str | None) -> str:
+def mentions_text(mentions: list[Mention] | list[dict[str, Any] | str] | str | None) -> str:
     """Join mention sentences with a space: the form prompts and text scorers consume."""
     if mentions is None:
         return ""
@@ -91,7 +91,10 @@ def mentions_text(mentions: list[Mention] | list[dict[str, Any]] | str | None) -
         return mentions.strip()
     parts: list[str] = []
     for m in mentions:
-        tokens = m.tokens if isinstance(m, Mention) else Mention.model_validate(m).tokens
+        if isinstance(m, str):
+            tokens = m
+        else:
+            tokens = m.tokens if isinstance(m, Mention) else Mention.model_validate(m).tokens
         tokens = tokens.strip()
         if tokens:
             parts.append(tokens)
@@ -99,8 +102,15 @@ def mentions_text(mentions: list[Mention] | list[dict[str, Any]] | str | None) -
 
 
 def _none_to_list(value: Any) -> Any:
-    # 4 of the 50 LLaVA-Med benchmark figures have "in_text_mention": null.
-    return [] if value is None else value
+    # 4 of the 50 LLaVA-Med benchmark figures have "in_text_mention": null; LLaVA-Med's own
+    # generation demonstrations hold plain sentences rather than {"tokens": ...} mentions.
+    if value is None:
+        return []
+    if isinstance(value, str):
+        return [{"tokens": value}] if value.strip() else []
+    if isinstance(value, list):
+        return [{"tokens": m} if isinstance(m, str) else m for m in value]
+    return value
 
 
 class _FigureFields(BaseModel):
@@ -172,12 +182,23 @@ def _qa_pairs(turns: list[Turn]) -> list[tuple[str, str]]:
 
 
 class Demonstration(_FigureFields):
-    """A clinician-selected few-shot example (BioMed-VITAL ``doctor_few_shot_examples.json``)."""
+    """A clinician-selected few-shot example (BioMed-VITAL ``doctor_few_shot_examples.json``).
+
+    LLaVA-Med's ``instruct_few_shot_examples.json`` reads too: it has no ``id`` (its
+    ``pair_id`` serves) and no ``imgs`` (prompts carry demonstrations as text only).
+    """
 
     id: IdStr
-    imgs: str
+    imgs: str | None = None
     conversations: list[Turn]
     fig_caption: Text
+
+    @model_validator(mode="before")
+    @classmethod
+    def _id_from_pair_id(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("id") is None and data.get("pair_id") is not None:
+            return {**data, "id": data["pair_id"]}
+        return data
 
     def qa_pairs(self) -> list[tuple[str, str]]:
         """(question, answer) pairs with the image token removed."""

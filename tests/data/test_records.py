@@ -93,6 +93,46 @@ def test_real_demonstrations_parse_with_modality_counts() -> None:
     assert q == "What modality is used to take this image?" and "computed tomography" in a
 
 
+LLAVA_MED_DEMOS = SHARED / "llava-med" / "instruct_few_shot_examples.json"
+
+
+def test_llava_med_demonstrations_read_and_prompt() -> None:
+    """LLaVA-Med's own demonstrations: no ``id``, no ``imgs``, mentions as plain sentences."""
+    from biomedvital.data.records import SourceFigure
+    from biomedvital.generation.prompts import build_messages, select_demonstrations
+
+    demos = read_demonstrations(_need(LLAVA_MED_DEMOS))
+    assert len(demos) == 8 and demos[0].id == "18627621_F2" and demos[0].imgs is None
+    assert demos[0].mentions_text().startswith("His respiratory status continued to worsen")
+    assert len({d.id for d in demos}) == 8
+    fig = SourceFigure.model_validate(
+        {"pair_id": "x", "fig_caption": "Chest CT.", "domain": {"ct_scan": True}}
+    )
+    chosen = select_demonstrations(demos, 3, 0, "x")
+    msgs = build_messages(fig, chosen)
+    assert [m["role"] for m in msgs] == ["system"] + ["user", "assistant"] * 3 + ["user"]
+    for demo, user in zip(chosen, msgs[1:-1:2], strict=True):  # each demo's text is in its turn
+        assert demo.mentions_text()[:40] in json.dumps(user["content"], ensure_ascii=False)
+
+
+def test_plain_sentence_mentions_and_pair_id_as_demonstration_id() -> None:
+    demo = Demonstration.model_validate(
+        {
+            "pair_id": "p1",
+            "fig_caption": "c",
+            "in_text_mention": ["First sentence.", " ", "Second one."],
+            "conversations": [{"from": "human", "value": "q?"}, {"from": "gpt", "value": "a."}],
+        }
+    )
+    assert demo.id == "p1" and demo.imgs is None
+    assert demo.mentions_text() == "First sentence. Second one."
+    one = Demonstration.model_validate(
+        {"id": "d", "pair_id": "p", "fig_caption": "c", "in_text_mention": "Only one.",
+         "conversations": [{"from": "human", "value": "q?"}, {"from": "gpt", "value": "a."}]}
+    )  # fmt: skip
+    assert one.id == "d" and one.mentions_text() == "Only one."
+
+
 def test_real_demonstrations_round_trip_losslessly() -> None:
     raw = json.loads(_need(DEMOS).read_text())
     for rec, demo in zip(raw, read_demonstrations(DEMOS), strict=True):
