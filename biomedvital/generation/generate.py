@@ -49,7 +49,14 @@ from biomedvital.generation.client import (
     fill_requests,
     request_key,
 )
-from biomedvital.generation.parse import Rejected, pair_records, parse_conversation, parse_pairs
+from biomedvital.generation.parse import (
+    DroppedExchange,
+    FlaggedAnswers,
+    Rejected,
+    pair_records,
+    parse_conversation,
+    parse_pairs,
+)
 from biomedvital.generation.prompts import (
     MODALITIES,
     build_messages,
@@ -275,6 +282,7 @@ def generate(
     store: str = DEFAULT_STORE,
     tags: dict[str, str] | None = None,
     min_exchanges: int = 4,
+    flagged_answers: FlaggedAnswers = "drop_exchange",
     progress: bool = True,
     batch_results: list[Path] | Path | None = None,
 ) -> dict:
@@ -285,7 +293,8 @@ def generate(
         image_root: folder of the figure images (``<pair_id>.jpg``); paths cannot escape it.
         demonstrations: clinician-picked conversations (``doctor_few_shot_examples.json``).
         out: output folder: ``candidates.jsonl`` (``answers=1``) or ``pairs.jsonl``
-            (``answers=2``), ``journal.jsonl``, ``failed.jsonl``, ``manifest.json``
+            (``answers=2``), ``journal.jsonl``, ``failed.jsonl``, ``dropped_exchanges.jsonl``,
+            ``manifest.json``
             (``batch/`` in batch mode).
         client: the endpoint and how to call it, shared with ``rate``, ``judge`` and
             ``pairwise``: ``base_url``, ``model`` (paper: ``gpt-4-vision-preview``),
@@ -306,6 +315,12 @@ def generate(
         tags: extra MLflow run tags (a grid's ``grid``/``cell``/``stage``).
         min_exchanges: conversations with fewer question-answer exchanges are rejected
             (``answers=2`` needs one complete question).
+        flagged_answers: what an answer that refuses or gives away the caption or context
+            costs: ``drop_exchange`` (LLaVA-Med's post-processing removes such answers) takes
+            out its question-answer exchange, written to ``dropped_exchanges.jsonl`` and
+            counted, and rejects the reply only when fewer than ``min_exchanges`` are left;
+            ``reject`` rejects the whole reply. Applied when replies are parsed, so a rerun
+            with the other value re-parses the journal and sends nothing.
         progress: show the progress bar.
         batch_results: results file(s) of the offline runner to import (``client.batch_runner:
             file``).
@@ -423,6 +438,7 @@ def generate(
             "seed": seed,
             "extra_body": extra_body,
             "min_exchanges": min_exchanges,
+            "flagged_answers": flagged_answers,
             "on_bad_record": on_bad_record,
             "batch_results": [str(p) for p in batch_results] if batch_results else None,
         }
@@ -455,8 +471,10 @@ def generate(
                     client,
                     out / name,
                     out / "failed.jsonl",
+                    out / "dropped_exchanges.jsonl",
                     answers,
                     min_exchanges,
+                    flagged_answers,
                     {"model": client.model, "prompt_version": version, "params": params},
                 )
                 torn = journal.torn_lines
@@ -491,6 +509,7 @@ def generate(
                     "generate/done": counts["done"],
                     "generate/failed": counts["failed"],
                     "generate/rejected": counts["rejected"],
+                    "generate/dropped_exchanges": counts["dropped_exchanges"],
                     "generate/written": counts["written"],
                     "generate/requests_sent": ledger.requests_sent,
                     "generate/cached": ledger.cached,
@@ -509,18 +528,22 @@ def _assemble(
     config: ClientConfig,
     out_path: Path,
     failed_path: Path,
+    dropped_path: Path,
     answers: int,
     min_exchanges: int,
+    flagged: FlaggedAnswers,
     generator_base: dict[str, Any],
 ) -> dict[str, Any]:
     """Write the outputs in figure order from the plan and the journal; return the counts."""
     requested = failed = written = 0
     rejected: dict[str, int] = {}
+    dropped_by_reason: dict[str, int] = {}
     prices = config.price_per_million
     with (
         open(plan_path, encoding="utf-8") as plan,
         atomic_write(out_path) as fo,
         atomic_write(failed_path) as ff,
+        atomic_write(dropped_path) as fd,
     ):
 
         def emit(fh: IO[str], rec: dict[str, Any]) -> None:
@@ -557,6 +580,7 @@ def _assemble(
                 "demonstrations": p["demos"],
                 "finish_reason": res.finish_reason,
             }
+            dropped: list[DroppedExchange] = []
             try:
                 if res.finish_reason == "length":
                     # cut off by max_tokens: the last answer is half-written, yet it parses
@@ -565,7 +589,9 @@ def _assemble(
                         "the reply hit max_tokens (finish_reason 'length'); raise max_tokens",
                     )
                 if answers == 1:
-                    turns = parse_conversation(res.content, min_exchanges, res.refusal)
+                    turns = parse_conversation(
+                        res.content, min_exchanges, res.refusal, flagged, dropped
+                    )
                     cand = Candidate(
                         id=p["pair_id"],
                         image=p["image"],
@@ -577,7 +603,7 @@ def _assemble(
                     emit(fo, cand.model_dump(mode="json", by_alias=True))
                     written += 1
                 else:
-                    items = parse_pairs(res.content, 1, res.refusal)
+                    items = parse_pairs(res.content, 1, res.refusal, flagged, dropped)
                     base = {
                         "image": p["image"],
                         "fig_caption": p["fig_caption"],
@@ -601,11 +627,26 @@ def _assemble(
                         "raw": res.content,
                     },
                 )
+                continue
+            for d in dropped:  # taken out of a kept reply: reported, never silently lost
+                dropped_by_reason[d.reason] = dropped_by_reason.get(d.reason, 0) + 1
+                emit(
+                    fd,
+                    {
+                        "pair_id": p["pair_id"],
+                        "key": key,
+                        "reason": d.reason,
+                        "question": d.question,
+                        "answer": d.answer,
+                    },
+                )
     return {
         "requested": requested,
         "done": requested - failed,
         "failed": failed,
         "rejected": sum(rejected.values()),
         "rejected_by_reason": dict(sorted(rejected.items())),
+        "dropped_exchanges": sum(dropped_by_reason.values()),
+        "dropped_exchanges_by_reason": dict(sorted(dropped_by_reason.items())),
         "written": written,
     }

@@ -30,7 +30,7 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 from biomedvital.data.records import IMAGE_TOKEN
 
@@ -131,6 +131,18 @@ def _segments(text: str, pattern: re.Pattern[str]) -> list[tuple[str, str]]:
     return out
 
 
+def _flag(answer: str) -> str | None:
+    """Why an answer must not be trained on (``refusal``, ``mentions_caption``,
+    ``mentions_context``), or ``None``."""
+    if _REFUSAL.search(answer):
+        return "refusal"
+    if _CAPTION.search(answer):
+        return "mentions_caption"
+    if _CONTEXT.search(answer):
+        return "mentions_context"
+    return None
+
+
 def _check_content(answers: list[str]) -> None:
     """Reject on the first answer that refuses, names the caption or cites the context.
 
@@ -145,6 +157,55 @@ def _check_content(answers: list[str]) -> None:
             raise Rejected("mentions_caption", t[:80])
         if _CONTEXT.search(t):
             raise Rejected("mentions_context", t[:80])
+
+
+FlaggedAnswers = Literal["drop_exchange", "reject"]
+
+
+@dataclass
+class DroppedExchange:
+    """A question-answer exchange taken out of a kept reply: its answer was flagged."""
+
+    reason: str
+    question: str
+    answer: str
+
+
+def _drop_flagged(
+    exchanges: list[tuple[str, list[str]]], need: int, flagged: FlaggedAnswers
+) -> tuple[list[int], list[DroppedExchange]]:
+    """Which exchanges (a question and its answers) stay once those with a flagged answer go,
+    and those that went.
+
+    ``reject`` (stricter than the reference): one flagged answer rejects the reply.
+    ``drop_exchange`` (LLaVA-Med's post-processing, which removes such answers): only its
+    exchange goes; if fewer than ``need`` exchanges are left, the reply is rejected for the
+    reason that removed the most.
+    """
+    if flagged == "reject":
+        _check_content([a for _, answers in exchanges for a in answers])
+        return list(range(len(exchanges))), []
+    if flagged != "drop_exchange":
+        raise ValueError(f"flagged_answers must be 'drop_exchange' or 'reject', got {flagged!r}")
+    kept: list[int] = []
+    gone: list[DroppedExchange] = []
+    for i, (question, answers) in enumerate(exchanges):
+        flags = [(r, a) for a in answers if (r := _flag(a)) is not None]
+        if flags:
+            gone.append(DroppedExchange(flags[0][0], question, flags[0][1]))
+        else:
+            kept.append(i)
+    if gone and len(kept) < max(need, 1):
+        order = ("refusal", "mentions_caption", "mentions_context")
+        counts = {r: sum(d.reason == r for d in gone) for r in order}
+        reason = max(order, key=lambda r: (counts[r], -order.index(r)))
+        first = next(d for d in gone if d.reason == reason)
+        raise Rejected(
+            reason,
+            f"{len(gone)} of {len(exchanges)} exchanges flagged, {len(kept)} left "
+            f"(need {need}): {first.answer[:80]}",
+        )
+    return kept, gone
 
 
 def _check_text(text: str | None, refusal: str | None) -> str:
@@ -193,13 +254,19 @@ def _json_segments(text: str) -> list[tuple[str, str]]:
 
 
 def parse_conversation(
-    text: str | None, min_exchanges: int = 4, refusal: str | None = None
+    text: str | None,
+    min_exchanges: int = 4,
+    refusal: str | None = None,
+    flagged: FlaggedAnswers = "drop_exchange",
+    dropped: list[DroppedExchange] | None = None,
 ) -> list[dict[str, str]]:
     """LLaVA turns (``{"from": "human"|"gpt", "value"}``) from ``User:``/``Assistant:`` text.
 
     ``<image>`` goes on its own line before the first question, as in LLaVA's data. A trailing
     question without an answer (or with an empty ``Assistant:``) is dropped. A reply written as
-    a JSON list of turns is read too. Raises :class:`Rejected` with the reason otherwise.
+    a JSON list of turns is read too. An exchange whose answer refuses or gives away the
+    caption or context is taken out (``flagged``, see :func:`_drop_flagged`; appended to
+    ``dropped``). Raises :class:`Rejected` with the reason otherwise.
     """
     text = _check_text(text, refusal)
     segs = _segments(text, _CONV_TAGS) or _json_segments(text)
@@ -219,22 +286,31 @@ def parse_conversation(
     for i, (_, value) in enumerate(turns):
         if not value:
             raise Rejected("empty_turn", f"turn {i + 1}")
-    _check_content([v for role, v in turns if role == "gpt"])
-    if len(turns) // 2 < min_exchanges:
+    exchanges = [(turns[i][1], [turns[i + 1][1]]) for i in range(0, len(turns), 2)]
+    kept, gone = _drop_flagged(exchanges, min_exchanges, flagged)
+    turns = [t for i in kept for t in (("human", exchanges[i][0]), ("gpt", exchanges[i][1][0]))]
+    if not turns or len(turns) // 2 < min_exchanges:
         raise Rejected("too_few_turns", f"{len(turns) // 2} exchanges, need {min_exchanges}")
     out = [{"from": role, "value": value} for role, value in turns]
     out[0]["value"] = f"{IMAGE_TOKEN}\n{out[0]['value']}"
+    if dropped is not None:
+        dropped.extend(gone)
     return out
 
 
 def parse_pairs(
-    text: str | None, min_questions: int = 1, refusal: str | None = None
+    text: str | None,
+    min_questions: int = 1,
+    refusal: str | None = None,
+    flagged: FlaggedAnswers = "drop_exchange",
+    dropped: list[DroppedExchange] | None = None,
 ) -> list[PairItem]:
     """Questions with two answers from ``Question:`` / ``Answer A:`` / ``Answer B:`` text.
 
     Each question needs exactly one A and one B answer, non-empty and different; a question
     that breaks this makes the whole output rejected (the model did not follow the format). A
-    last question left without its answers (or with an empty last answer) is dropped.
+    last question left without its answers (or with an empty last answer) is dropped. A
+    question with a flagged answer is taken out as in :func:`parse_conversation`.
     """
     text = _check_text(text, refusal)
     segs = _segments(text, _PAIR_TAGS)
@@ -259,12 +335,15 @@ def parse_pairs(
         expected = {"q": "a", "a": "b", "b": "q"}[role]
     if items and len(items[-1].answers) < 2:
         items.pop()
-    _check_content([t for it in items for t in it.answers])
+    kept, gone = _drop_flagged([(it.question, it.answers) for it in items], min_questions, flagged)
+    items = [items[i] for i in kept]
     for it in items:
         if it.answers[0].strip() == it.answers[1].strip():
             raise Rejected("identical_answers", it.question[:80])
     if len(items) < min_questions:
         raise Rejected("too_few_turns", f"{len(items)} questions, need {min_questions}")
+    if dropped is not None:
+        dropped.extend(gone)
     return items
 
 

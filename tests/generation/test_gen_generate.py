@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
-from fakeapi import KEY_ENV, SECRET, SHARED, FakeAPI, fake_client, write_inputs
+from fakeapi import KEY_ENV, SECRET, SHARED, FakeAPI, default_responder, fake_client, write_inputs
 
 from biomedvital.data.records import Candidate, Demonstration, read_demonstrations, read_figures
 from biomedvital.generation.generate import generate
@@ -396,3 +396,38 @@ def test_empty_reply_is_retried_not_kept(api: FakeAPI, tmp_path: Path, mlstore: 
     m2 = _gen(api, inputs, out, mlstore, vision=False)
     assert api.count() == 1 and api.count("EMPTY-ALL") == 1
     assert m2["counts"]["written"] == 3
+
+
+def test_flagged_answer_drops_its_exchange_and_is_reported(
+    api: FakeAPI, tmp_path: Path, mlstore: str
+) -> None:
+    """One answer citing the caption costs its exchange, not the conversation (LLaVA-Med's
+    post-processing); the exchange is written to dropped_exchanges.jsonl and counted. Rerun
+    under ``reject``: the journal is re-parsed, nothing is sent, the reply is rejected."""
+    inputs = write_inputs(tmp_path / "in", n_figures=2, markers={1: "GIVEAWAY"})
+
+    def responder(body: dict) -> str:
+        reply = default_responder(body)
+        if "GIVEAWAY" in json.dumps(body["messages"][-1]):
+            reply += "\nUser: What is the finding?\nAssistant: The caption says a mass."
+        return reply
+
+    api.responder = responder
+    out = tmp_path / "out"
+    m = _gen(api, inputs, out, mlstore)
+    assert m["counts"]["written"] == 2 and m["counts"]["rejected"] == 0
+    assert m["counts"]["dropped_exchanges_by_reason"] == {"mentions_caption": 1}
+    (gone,) = [json.loads(x) for x in (out / "dropped_exchanges.jsonl").open()]
+    assert gone["pair_id"] == "PMC1_F1" and gone["reason"] == "mentions_caption"
+    assert gone["question"] == "What is the finding?"
+    assert gone["answer"] == "The caption says a mass."
+    cands = {c["id"]: c for c in map(json.loads, (out / "candidates.jsonl").open())}
+    assert len(cands["PMC1_F1"]["conversations"]) == 8
+    assert "caption" not in json.dumps(cands["PMC1_F1"]["conversations"])
+
+    api.reset()
+    m2 = _gen(api, inputs, out, mlstore, flagged_answers="reject")
+    assert api.count() == 0
+    assert m2["counts"]["rejected_by_reason"] == {"mentions_caption": 1}
+    assert m2["counts"]["dropped_exchanges"] == 0
+    assert (out / "dropped_exchanges.jsonl").read_text() == ""

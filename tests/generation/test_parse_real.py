@@ -16,7 +16,13 @@ import pytest
 from fakeapi import SHARED
 
 from biomedvital.data import read_demonstrations
-from biomedvital.generation.parse import Rejected, parse_conversation, parse_pairs
+from biomedvital.generation.parse import (
+    DroppedExchange,
+    FlaggedAnswers,
+    Rejected,
+    parse_conversation,
+    parse_pairs,
+)
 from biomedvital.generation.prompts import render_conversation
 
 needs_shared = pytest.mark.skipif(not SHARED.is_dir(), reason="../shared/data is not present")
@@ -29,9 +35,11 @@ def _conv(sep: str = "\n", q: str = "User: {}", a: str = "Assistant: {}") -> str
     return sep.join(f"{q.format(x)}{sep}{a.format(y)}" for x, y in zip(QS, AS, strict=True))
 
 
-def _reason(text: str, **kw: int) -> str:
+def _reason(text: str, flagged: FlaggedAnswers = "reject", **kw: int) -> str:
+    """The reply's fate; by default under ``reject``, so that the golden counts below pin what
+    each filter flags (under ``drop_exchange`` a flag costs one exchange, not the reply)."""
     try:
-        parse_conversation(text, **kw)
+        parse_conversation(text, flagged=flagged, **kw)
     except Rejected as e:
         return e.reason
     return "kept"
@@ -71,6 +79,26 @@ def test_biomedvital_demonstrations_mostly_pass() -> None:
     supplied text in an answer ("According to the context, the MRI was performed...")."""
     got = _demo_outcomes(SHARED / "biomed-vital" / "doctor_few_shot_examples.json")
     assert got == {"kept": 52, "mentions_context": 6}
+
+
+@needs_shared
+def test_biomedvital_demonstrations_drop_flagged_exchanges() -> None:
+    """Under ``drop_exchange`` (LLaVA-Med's way) a demonstration citing the context in one
+    answer of several loses that exchange only; the ones left short of their exchanges are
+    still rejected, and every exchange taken out is reported."""
+    demos = read_demonstrations(SHARED / "biomed-vital" / "doctor_few_shot_examples.json")
+    fates: Counter[str] = Counter()
+    dropped: list[DroppedExchange] = []
+    for d in demos:
+        need = min(4, len(d.conversations) // 2)
+        try:
+            parse_conversation(render_conversation(d), need, dropped=dropped)
+            fates["kept"] += 1
+        except Rejected as e:
+            fates[e.reason] += 1
+    assert fates == {"kept": 53, "mentions_context": 5}
+    assert [x.reason for x in dropped] == ["mentions_context"]
+    assert "context" in dropped[0].answer.lower()
 
 
 @needs_shared
@@ -277,3 +305,44 @@ def test_json_that_is_not_a_conversation_is_no_turns() -> None:
     for text in ('{"answer": "CT"}', "[1, 2]", '[{"from": "doctor", "value": "x"}]'):
         with pytest.raises(Rejected, match="no_turns"):
             parse_conversation(text)
+
+
+# ------------------------------------------------------------------ flagged answers
+
+
+def test_flagged_exchange_is_dropped_and_reported() -> None:
+    text = _conv() + "\nUser: What does it show?\nAssistant: The caption says a liver lesion."
+    dropped: list[DroppedExchange] = []
+    turns = parse_conversation(text, 4, dropped=dropped)
+    assert len(turns) == 8 and "caption" not in json.dumps(turns)
+    assert turns[0]["value"].startswith("<image>\n")
+    assert dropped == [
+        DroppedExchange(
+            "mentions_caption", "What does it show?", "The caption says a liver lesion."
+        )
+    ]
+    # the same reply under reject, or when the drop leaves too few exchanges: rejected
+    assert _reason(text) == "mentions_caption"
+    kept: list[DroppedExchange] = []
+    with pytest.raises(Rejected) as info:
+        parse_conversation(text, 5, dropped=kept)
+    assert info.value.reason == "mentions_caption" and "1 of 5 exchanges" in info.value.detail
+    assert kept == []  # a rejected reply reports its rejection, not drops
+
+
+def test_reply_of_refusals_is_rejected_as_refusal() -> None:
+    text = "\n".join(f"User: {q}\nAssistant: I'm sorry, I cannot see the image." for q in QS)
+    assert _reason(text, flagged="drop_exchange", min_exchanges=1) == "refusal"
+
+
+def test_flagged_question_dropped_from_answer_pairs() -> None:
+    text = (
+        "Question: What organ?\nAnswer A: The liver.\nAnswer B: The spleen.\n"
+        "Question: Any lesion?\nAnswer A: As the caption notes, yes.\nAnswer B: No.\n"
+    )
+    dropped: list[DroppedExchange] = []
+    items = parse_pairs(text, 1, dropped=dropped)
+    assert [it.question for it in items] == ["What organ?"]
+    assert [(d.reason, d.question) for d in dropped] == [("mentions_caption", "Any lesion?")]
+    with pytest.raises(Rejected, match="mentions_caption"):
+        parse_pairs(text, 1, flagged="reject")
