@@ -17,7 +17,9 @@ Refusals (a :class:`BadRecordError` naming file, line and field), never silent s
   the review row, the question file and the caption file.
 
 Reviews missing for some benchmark questions (the real review file has 192 of 193) are not an
-error: they are counted and listed in ``missing_question_ids`` when the question file is given.
+error: they are counted and listed in ``missing_question_ids`` when the question file is given,
+and the summary is then marked ``partial`` (its scores are over the reviewed questions only, so
+they are not the benchmark's figure); without the question file completeness is unknown.
 """
 
 from __future__ import annotations
@@ -320,6 +322,7 @@ def score_chat(
         missing = [q for q in qmap if q not in reviewed]
         result["n_questions"] = len(qmap)
         result["missing_question_ids"] = missing
+        result["partial"] = bool(missing)
     result["reviews"] = {"path": str(reviews), "sha256": sha256_file(reviews)}
     if out is not None:
         write_json(out, result)
@@ -335,6 +338,8 @@ def _log(result: dict[str, Any], store: str, tags: dict[str, str] | None = None)
         run.log_params(
             {"reviews": result["reviews"]["path"], "sha256": result["reviews"]["sha256"]}
         )
+        if "partial" in result:
+            run.client.set_tag(run.run_id, "partial", str(result["partial"]).lower())
         groups = {"overall": result["overall"], **result["type"], **result["domain"]}
         metrics = {}
         for name, g in groups.items():

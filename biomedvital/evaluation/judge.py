@@ -9,6 +9,11 @@ retries with backoff, a request journal that makes reruns free, a cost ledger). 
 first line is not two scores in 1..10 gets one follow-up asking for them; if that fails too the
 question is recorded in ``failed.jsonl`` and gets no review, never a default score.
 
+A run that reviews fewer than all the benchmark's questions (``limit``, or failures) is marked
+``partial`` in its manifest, ``scores.json`` and MLflow tags: its relative score is over the
+reviewed questions only and is not the benchmark's figure. A killed run resumes from the journal:
+rerun it with the same arguments and only the requests not yet answered are sent.
+
 The review file is LLaVA-Med's layout (``question_id``, ``type``, ``domain``, ``pair_id``,
 ``question``, ``ans1``, ``ans2``, ``result``), read by ``score_chat``; failures show up there
 as ``missing_question_ids`` when the question file is passed.
@@ -322,6 +327,7 @@ def judge(
                 "answers": {"path": str(answers), "sha256": sha256_file(answers)},
             },
             "overall": summary["overall"] if summary else None,
+            "partial": len(reviews) < len(qmap),
             "config": public,
             "mlflow_run_id": run.run_id,
             "git": git_state(),
@@ -332,6 +338,7 @@ def judge(
             for key in ("relative_mean_of_ratios", "relative_ratio_of_means"):
                 metrics[f"judge/{key}"] = summary["overall"][key]
         run.log_metrics(metrics)
+        run.client.set_tag(run.run_id, "partial", str(manifest["partial"]).lower())
         run.log_dict(manifest, "judge.manifest.json")
         run.client.log_artifact(run.run_id, str(out / "reviews.jsonl"))
     write_json(out / "manifest.json", manifest)

@@ -8,10 +8,12 @@ shows model A's answer as Assistant A, order ``ba`` shows model B's answer as As
 calls go through the project's OpenAI-compatible client (bounded concurrency, retries, a request
 journal that makes reruns free, a cost ledger), as for ``judge``.
 
-``verdicts.jsonl`` holds one record per call (``question_id``, ``order``, ``verdict`` plus
-``error`` when the call failed, whose verdict is then empty), the layout ``win_rate`` reads; a
+``verdicts.jsonl`` holds one record per call (``question_id``, ``order``, ``category`` = the
+question's answer type, ``verdict`` plus ``error`` when the call failed, whose verdict is then
+empty), the layout ``win_rate`` reads (with rates per category too); a
 failed call or a reply without a marker makes the question a counted failure there, never a tie.
-The result is model A's win rate over model B.
+The result is model A's win rate over model B. A run that counts fewer than all the split's
+questions (``limit``, or failed verdicts) is marked ``partial`` in its manifest and MLflow tags.
 """
 
 from __future__ import annotations
@@ -148,7 +150,13 @@ def pairwise(
             # both orders would be one prompt (one journal key, one verdict read twice), and
             # any verdict but a tie would be the judge's noise counted as position bias
             identical += [
-                {"question_id": item.question_id, "order": o, "verdict": "[[C]]", "identical": True}
+                {
+                    "question_id": item.question_id,
+                    "order": o,
+                    "category": item.answer_type,
+                    "verdict": "[[C]]",
+                    "identical": True,
+                }
                 for o in ("ab", "ba")
             ]
             continue
@@ -157,6 +165,7 @@ def pairwise(
             msgs = pairwise_messages(item.question, item.answer, first, second, url)
             req = ChatRequest(msgs, dict(params), meta={"question_id": item.question_id})
             req.meta["order"] = order
+            req.meta["category"] = item.answer_type  # open / closed: win rates per category
             req.key = request_key(client.model, msgs, req.params)
             requests.append(req)
 
@@ -207,6 +216,7 @@ def pairwise(
         manifest = {
             "counts": counts,
             "win_rate": result,
+            "partial": len(scope) < len(items) or result["n_failed"] > 0,
             "ledger": ledger.as_dict(),
             "cost_usd": round(ledger.cost_usd, 6),
             "torn_journal_lines": torn,
@@ -221,7 +231,8 @@ def pairwise(
         }
         metrics: dict[str, float] = {f"pairwise/{k}": v for k, v in counts.items()}
         metrics["pairwise/cost_usd"] = ledger.cost_usd
-        for key in ("n", "wins", "ties", "losses", "n_failed", "position_consistency"):
+        tallies = ("n", "wins", "ties", "losses", "n_failed", "n_identical", "position_consistency")
+        for key in tallies:
             if result.get(key) is not None:
                 metrics[f"pairwise/{key}"] = result[key]
         for key in ("win_rate_half_ties", "win_rate_excl_ties"):
@@ -232,6 +243,7 @@ def pairwise(
                     metrics[f"pairwise/{key}_ci_low"] = low
                     metrics[f"pairwise/{key}_ci_high"] = high
         run.log_metrics(metrics)
+        run.client.set_tag(run.run_id, "partial", str(manifest["partial"]).lower())
         run.log_dict(manifest, "pairwise.manifest.json")
         run.client.log_artifact(run.run_id, str(out / "verdicts.jsonl"))
     write_json(out / "manifest.json", manifest)

@@ -9,7 +9,10 @@ Verdict file layout (JSONL or a JSON array), one record per judge call::
 baseline as B; ``"ba"`` = positions swapped (model as B). Every question needs exactly one record
 of each order (the swap is always on, switch 7 of the reference method); a repeated
 ``(question_id, order)`` or a missing order is refused, since either would weight a question
-twice or judge it in one position only. Other fields are ignored.
+twice or judge it in one position only. An optional ``category`` (``pairwise`` writes the
+question's answer type, ``open`` or ``closed``) must be the same in both orders; with it, the
+result also has ``by_category``: the counts, failures, rates and intervals of each category.
+Other fields are ignored, except ``identical`` (below).
 
 Parsing (:func:`parse_verdict`): the markers ``[[A]]``, ``[[B]]`` and ``[[C]]`` (tie; ``[[tie]]``
 is accepted too), case-insensitive, spaces inside the brackets allowed, anywhere in the text. The
@@ -30,6 +33,12 @@ excluded from ``n``, never turned into a tie. Rates, in percent: ``win_rate_half
 each with a seeded percentile-bootstrap interval over questions. ``by_order`` counts every parsed
 call per position (including the parsed half of a failed pair) to expose position bias;
 ``position_consistency`` is the share of counted questions whose two orders agree.
+
+Records with ``"identical": true`` in both orders (``pairwise`` writes them, without a judge
+call, when the two models gave the same answer) count as ties in the rates, but not in
+``by_order`` or ``position_consistency``: those describe the judge, which never saw them
+(counted in ``n_identical``). The percentile bootstrap has zero width when every counted
+question has the same outcome (e.g. all wins): report ``n`` beside such an interval.
 """
 
 from __future__ import annotations
@@ -153,7 +162,18 @@ def rates_with_ci(
 
 def read_verdicts(path: Path) -> dict[str, dict[str, str]]:
     """``question_id -> {order: verdict text}``; refuses repeats, bad orders and half pairs."""
+    return _read_verdicts(path)[0]
+
+
+def _read_verdicts(
+    path: Path,
+) -> tuple[dict[str, dict[str, str]], set[str], dict[str, str]]:
+    """The verdict pairs, the ids whose two records are both marked ``identical`` (ties
+    ``pairwise`` writes without asking the judge, which must not count as the judge's own) and
+    each question's optional ``category`` (the two orders must agree on it)."""
     pairs: dict[str, dict[str, str]] = {}
+    flagged: dict[str, int] = {}
+    categories: dict[str, str] = {}
     first_pos: dict[tuple[str, str], int] = {}
     for pos, kind, obj in iter_objects(path):
         if not isinstance(obj, dict):
@@ -193,8 +213,26 @@ def read_verdicts(path: Path) -> dict[str, dict[str, str]]:
                 kind=kind,
                 category="duplicate:question_id",
             )
+        cat = obj.get("category")
+        if cat is not None and (not isinstance(cat, str) or not cat):
+            raise BadRecordError(
+                path, pos, f"expected a non-empty string (got {cat!r})", "category", kind=kind
+            )
+        if qid in pairs and categories.get(qid) != cat:
+            raise BadRecordError(
+                path,
+                pos,
+                f"question_id {qid!r}: category {cat!r} differs from the other order's "
+                f"{categories.get(qid)!r}",
+                "category",
+                kind=kind,
+            )
+        if cat is not None:
+            categories[qid] = cat
         first_pos[qid, order] = pos
         pairs.setdefault(qid, {})[order] = verdict
+        if obj.get("identical") is True:
+            flagged[qid] = flagged.get(qid, 0) + 1
     half = [(q, next(iter(v))) for q, v in pairs.items() if len(v) != 2]
     if half:
         shown = ", ".join(f"{q!r} (only {o!r})" for q, o in half[:5])
@@ -206,7 +244,7 @@ def read_verdicts(path: Path) -> dict[str, dict[str, str]]:
             "order",
             category="unpaired:order",
         )
-    return pairs
+    return pairs, {q for q, n in flagged.items() if n == len(ORDERS)}, categories
 
 
 @locks_output("out", parent=True)
@@ -236,14 +274,22 @@ def win_rate(
     Returns one dict with counts, failures, position consistency, both rates and their intervals.
     """
     verdicts = Path(verdicts)
-    pairs = read_verdicts(verdicts)
+    pairs, identical, categories = _read_verdicts(verdicts)
     if not pairs:
         raise BadRecordError(verdicts, None, "no verdicts", category="empty")
     outcomes: list[Outcome] = []
+    by_cat: dict[str, list[Outcome]] = {}
+    failed_cat: dict[str, int] = {}
     failed: list[str] = []
-    n_multi = n_agree = 0
+    n_multi = n_agree = n_judged = 0
     by_order = {o: {"win": 0, "tie": 0, "loss": 0, "failed": 0} for o in ORDERS}
     for qid, texts in pairs.items():
+        cat = categories.get(qid)
+        if qid in identical:
+            outcomes.append("tie")  # the same answer twice: a tie the judge never gave
+            if cat is not None:
+                by_cat.setdefault(cat, []).append("tie")
+            continue
         per: dict[str, Outcome] = {}
         for order in ORDERS:
             markers = find_markers(texts[order])
@@ -255,19 +301,33 @@ def win_rate(
             by_order[order][per[order]] += 1
         if len(per) < 2:
             failed.append(qid)
+            if cat is not None:
+                failed_cat[cat] = failed_cat.get(cat, 0) + 1
             continue
+        n_judged += 1
         n_agree += per["ab"] == per["ba"]
         outcomes.append(combine(per["ab"], per["ba"], rule))
+        if cat is not None:
+            by_cat.setdefault(cat, []).append(outcomes[-1])
     result: dict[str, Any] = {
         "rule": rule,
         "n_questions": len(pairs),
         "n_failed": len(failed),
         "failed_question_ids": failed,
+        "n_identical": len(identical),
         "n_multi_marker": n_multi,
-        "position_consistency": n_agree / len(outcomes) * 100 if outcomes else None,
+        "position_consistency": n_agree / n_judged * 100 if n_judged else None,
         "by_order": by_order,
     }
     result.update(rates_with_ci(outcomes, n_boot=n_boot, seed=seed, ci=ci))
+    if categories:
+        result["by_category"] = {
+            cat: {
+                "n_failed": failed_cat.get(cat, 0),
+                **rates_with_ci(by_cat.get(cat, []), n_boot=n_boot, seed=seed, ci=ci),
+            }
+            for cat in sorted(set(categories.values()))
+        }
     result["verdicts"] = {"path": str(verdicts), "sha256": sha256_file(verdicts)}
     if out is not None:
         write_json(out, result)
@@ -291,7 +351,7 @@ def _log(result: dict[str, Any], store: str, tags: dict[str, str] | None = None)
         )
         metrics = {
             k: result[k]
-            for k in ("n", "wins", "ties", "losses", "n_failed", "n_multi_marker")
+            for k in ("n", "wins", "ties", "losses", "n_failed", "n_identical", "n_multi_marker")
             if result.get(k) is not None
         }
         for key in ("win_rate_half_ties", "win_rate_excl_ties"):

@@ -73,7 +73,8 @@ def test_real_review_file_golden() -> None:
             assert _figures(_group(res, name)) == pytest.approx(golden, abs=1e-9), name
     # the question file has 193 questions: question 183 was never reviewed
     assert joined["n_questions"] == 193 and joined["missing_question_ids"] == ["183"]
-    assert "missing_question_ids" not in alone
+    assert joined["partial"] is True  # 192 of 193: not the whole benchmark
+    assert "missing_question_ids" not in alone and "partial" not in alone
 
 
 @needs_shared
@@ -163,7 +164,11 @@ def test_type_and_domain_from_question_and_caption_files(tmp_path: Path) -> None
     assert res["domain"]["gross"]["n"] == 2 and res["domain"]["ct_scan"]["n"] == 1
     assert res["domain"]["gross"]["relative_mean_of_ratios"] == pytest.approx(37.5)
     assert res["type"]["detailed_description"]["relative_ratio_of_means"] == pytest.approx(100.0)
-    assert res["missing_question_ids"] == ["3"]
+    assert res["missing_question_ids"] == ["3"] and res["partial"] is True
+    complete = _write(
+        tmp_path / "q3.jsonl", [json.loads(x) for x in questions.read_text().splitlines()[:3]]
+    )
+    assert score_chat(reviews, complete, captions)["partial"] is False
     with pytest.raises(BadRecordError, match=r"r\.jsonl:2: field 'domain': no domain"):
         score_chat(reviews, questions)  # question 1 has no domain without the caption file
 

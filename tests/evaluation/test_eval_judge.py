@@ -107,6 +107,15 @@ def test_judge_reviews_score_chat_reads(api: FakeAPI, tmp_path: Path) -> None:
     assert summary["overall"]["relative_mean_of_ratios"] == pytest.approx(expect * 100)
     assert manifest["overall"]["relative_mean_of_ratios"] == pytest.approx(expect * 100)
     assert manifest["cost_usd"] > 0
+    # 4 of the benchmark's 193 questions reviewed: marked partial everywhere it is read
+    assert manifest["partial"] is True
+    assert json.loads((out / "scores.json").read_text())["partial"] is True
+    from mlflow.tracking import MlflowClient
+
+    from biomedvital.tracking.mlflow import tracking_uri
+
+    mlf = MlflowClient(tracking_uri=tracking_uri(str(tmp_path / "mlruns")))
+    assert mlf.get_run(manifest["mlflow_run_id"]).data.tags["partial"] == "true"
 
     # a rerun is answered from the journal: nothing is sent again
     n_sent = len(api.seen)
@@ -139,3 +148,21 @@ def test_judge_refuses_batch_mode(api: FakeAPI, tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="judge runs online only"):
         _run(api, tmp_path, client=fake_client(api, mode="batch"))
     assert api.seen == [] and not (tmp_path / "judge" / "journal.jsonl").exists()
+
+
+def test_killed_run_resumes_without_paying_again(api: FakeAPI, tmp_path: Path) -> None:
+    # A run killed after 3 of 5 verdicts leaves only its journal (and maybe a torn last line):
+    # the rerun sends the 2 missing requests and nothing else, and its summary is complete.
+    api.responder = _verdict
+    _run(api, tmp_path, limit=3)
+    out = tmp_path / "judge"
+    for name in ("reviews.jsonl", "failed.jsonl", "scores.json", "manifest.json"):
+        (out / name).unlink()
+    with (out / "journal.jsonl").open("a") as fh:
+        fh.write('{"key": "cut sho')
+    n_sent = len(api.seen)
+    manifest = _run(api, tmp_path)
+    assert len(api.seen) - n_sent == N - 3
+    assert manifest["ledger"]["first"]["requests_sent"] == N - 3
+    assert manifest["torn_journal_lines"] == 1
+    assert manifest["counts"]["reviewed"] == N

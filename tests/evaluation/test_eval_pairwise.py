@@ -98,6 +98,16 @@ def test_pairwise_win_rate(api: FakeAPI, tmp_path: Path) -> None:
     assert res["failed_question_ids"] == [items[4].question_id]
     assert res["win_rate_half_ties"] == pytest.approx((1 + 2.5) / 6 * 100)
     assert res["position_consistency"] == pytest.approx(100.0)
+    assert res["n_identical"] == 2
+    # per answer type: the verdicts carry each question's category, and the counts add up
+    cats = {it.question_id: it.answer_type for it in items[:N]}
+    assert {r["category"] for r in pairs_records(out)} <= {"open", "closed"}
+    by_cat = res["by_category"]
+    assert sum(c["n"] + c["n_failed"] for c in by_cat.values()) == N
+    for cat, c in by_cat.items():
+        assert c["n"] + c["n_failed"] == sum(1 for t in cats.values() if t == cat)
+    assert sum(c["wins"] for c in by_cat.values()) == 1
+    assert manifest["partial"] is True  # limit: 7 of the 451 test questions
     assert json.loads((out / "win_rate.json").read_text())["wins"] == 1
     assert manifest["cost_usd"] > 0
 
@@ -127,6 +137,11 @@ def test_pairwise_win_rate(api: FakeAPI, tmp_path: Path) -> None:
     run = client.get_run(manifest["mlflow_run_id"])
     assert run.data.metrics["pairwise/wins"] == 1
     assert run.data.metrics["pairwise/n_failed"] == 1
+    assert run.data.tags["partial"] == "true"
+
+
+def pairs_records(out: Path) -> list[dict]:
+    return [json.loads(x) for x in (out / "verdicts.jsonl").read_text().splitlines()]
 
 
 def test_answers_must_match_questions(api: FakeAPI, tmp_path: Path) -> None:

@@ -182,3 +182,52 @@ def test_logs_to_mlflow_store(tmp_path: Path) -> None:
     assert run.data.metrics["win_rate/win_rate_half_ties"] == pytest.approx(60.0)
     assert run.data.metrics["win_rate/n_failed"] == 1
     assert run.data.params["rule"] == "sum"
+
+
+def test_identical_answer_ties_do_not_count_as_judge_consistency(tmp_path: Path) -> None:
+    # The judge picks position A every time: zero consistency, whatever the ties pairwise adds
+    # for identical answers (never shown to the judge). Those ties still count in the rates.
+    rows = [r for q in range(4) for r in _pair(q, "[[A]]", "[[A]]")]
+    rows += [
+        {"question_id": q, "order": o, "verdict": "[[C]]", "identical": True}
+        for q in range(4, 8)
+        for o in ("ab", "ba")
+    ]
+    # flagged in one order only: not an identical pair, judged as usual (a consistent tie)
+    rows += [
+        {"question_id": 8, "order": "ab", "verdict": "[[C]]", "identical": True},
+        {"question_id": 8, "order": "ba", "verdict": "[[C]]"},
+    ]
+    res = win_rate(_write(tmp_path / "v.jsonl", rows), n_boot=20)
+    assert (res["n"], res["wins"], res["ties"], res["losses"]) == (9, 0, 9, 0)
+    assert res["n_identical"] == 4
+    assert res["position_consistency"] == pytest.approx(1 / 5 * 100)
+    assert res["by_order"]["ab"] == {"win": 4, "tie": 1, "loss": 0, "failed": 0}
+    assert res["by_order"]["ba"] == {"win": 0, "tie": 1, "loss": 4, "failed": 0}
+
+
+def test_rates_per_category(tmp_path: Path) -> None:
+    def pair(qid: int, ab: str, ba: str, cat: str) -> list[dict[str, Any]]:
+        return [{**r, "category": cat} for r in _pair(qid, ab, ba)]
+
+    rows = [
+        *pair(1, "[[A]]", "[[B]]", "closed"),  # win
+        *pair(2, "[[A]]", "[[B]]", "closed"),  # win
+        *pair(3, "[[B]]", "[[A]]", "closed"),  # loss
+        *pair(4, "[[C]]", "[[C]]", "open"),  # tie
+        *pair(5, "??", "[[A]]", "open"),  # failed
+        *pair(6, "[[B]]", "[[A]]", "open"),  # loss
+    ]
+    res = win_rate(_write(tmp_path / "v.jsonl", rows), n_boot=50)
+    closed, opened = res["by_category"]["closed"], res["by_category"]["open"]
+    assert list(res["by_category"]) == ["closed", "open"]
+    assert (closed["n"], closed["wins"], closed["ties"], closed["n_failed"]) == (3, 2, 0, 0)
+    assert closed["win_rate_half_ties"] == pytest.approx(2 / 3 * 100)
+    assert (opened["n"], opened["wins"], opened["ties"], opened["n_failed"]) == (2, 0, 1, 1)
+    assert opened["win_rate_half_ties"] == pytest.approx(25.0)
+    assert opened["win_rate_excl_ties"] == pytest.approx(0.0)
+    assert res["n"] == 5 and "by_category" not in win_rate(_hand_file(tmp_path), n_boot=10)
+
+    rows[1]["category"] = "open"  # the two orders of question 1 disagree
+    with pytest.raises(BadRecordError, match=r"v2\.jsonl:2: field 'category'.*differs"):
+        win_rate(_write(tmp_path / "v2.jsonl", rows), n_boot=10)
