@@ -14,12 +14,15 @@ CONF = Path(__file__).resolve().parents[1] / "conf"
 PIPELINE = sorted(
     p for p in (CONF / "demo").glob("*.yaml") if p.stem in {"generate", "rate", "judge"}
 )
+PAPER_PIPELINE = sorted(
+    p for p in (CONF / "paper").glob("*.yaml") if p.stem in {"generate", "rate", "judge"}
+)
 DEMO_OVERLAYS = [CONF / "demo" / "generated_pool.yaml"]
 BASES = sorted(
     p
     for p in CONF.rglob("*.yaml")
     if not {"ablation", "grids", "strategy", "perf", "endpoints"} & set(p.parts)
-    and p not in PIPELINE + DEMO_OVERLAYS
+    and p not in PIPELINE + PAPER_PIPELINE + DEMO_OVERLAYS
 )
 ENDPOINTS = sorted((CONF / "endpoints").glob("*.yaml"))
 CLIENT_VERBS = ("generate", "rate", "judge", "pairwise")
@@ -104,6 +107,34 @@ def test_pipeline_config_parses(path: Path, capsys: pytest.CaptureFixture[str]) 
     assert cfg["client"]["base_url"] == "local:smollm2"
     assert cfg["client"]["concurrency"] == 1  # the demo's llama.cpp: one request at a time
     assert not {"base_url", "model", "concurrency", "mode", "price_per_million"} & set(cfg)
+
+
+@pytest.mark.parametrize("path", PAPER_PIPELINE, ids=lambda p: p.relative_to(CONF).as_posix())
+def test_paper_pipeline_config_parses(path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """conf/paper/<verb>.yaml is accepted by its verb with every key it sets, points at an
+    OpenAI-compatible endpoint with the key read from the environment, and keeps the paper's
+    settings (vision for generation and rating, 5 demonstrations, the judge's captions)."""
+    assert {p.stem for p in PAPER_PIPELINE} == {"generate", "rate", "judge"}
+    raw = yaml.safe_load(path.read_text())
+    cfg = _pipeline_config(capsys, path.stem, "--config", str(path))
+    for key, value in raw.items():
+        if isinstance(value, dict) and key == "client":
+            assert value.items() <= cfg[key].items(), key
+        else:
+            assert cfg[key] == value, key
+    assert cfg["client"]["base_url"].startswith("https://")
+    assert cfg["client"]["api_key_env"] == "OPENAI_API_KEY" and "api_key" not in cfg["client"]
+    text = path.read_text()
+    assert f"python -m biomedvital {path.stem} --config conf/paper/{path.stem}.yaml" in text
+    if path.stem == "generate":
+        assert (cfg["n_demos"], cfg["vision"], cfg["answers"]) == (5, True, 1)
+        assert cfg["flagged_answers"] == "drop_exchange"
+        assert cfg["demonstrations"].endswith("doctor_few_shot_examples.json")
+    elif path.stem == "rate":
+        assert cfg["vision"] is True and cfg["image_root"] and cfg["figures"]
+        assert cfg["candidates"] == "outputs/paper/generate/candidates.jsonl"
+    else:
+        assert cfg["vision"] is False and cfg["captions"].endswith("fig_captions.json")
 
 
 @pytest.mark.parametrize("endpoint", ENDPOINTS, ids=lambda p: p.name)
