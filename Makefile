@@ -63,7 +63,11 @@ $(DEMO)/selected/manifest.json: $(DEMO)/selector/scores.jsonl
 list: $(STAMP)  ## list the cells of a grid: make list GRID=w (grids live in conf/grids/)
 	@$(BIN)/python -m biomedvital grid --grid $(GRID_FILE)
 
+# CELLS is empty when the grid file is missing or broken (its error went to /dev/null): the grid
+# is read once more here so that make stops with that error, instead of a sub-make with no
+# target running the default goal and exiting 0
 grid: $(STAMP) $(NEEDS)  ## run the cells of GRID not yet done (make -k keeps going, make -n shows them)
+	@$(BIN)/python -m biomedvital grid --grid $(GRID_FILE) > /dev/null
 	@$(MAKE) --no-print-directory $(foreach c,$(CELLS),$(GRID_DIR)/$(c)/cell.json)
 
 $(GRID_DIR)/%/cell.json: $(GRID_FILE)

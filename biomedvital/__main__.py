@@ -15,6 +15,7 @@ USER_ERRORS = {
     "biomedvital.data.images": ("UnsafePathError", "ImageLoadError"),
     "biomedvital.data.outputs": ("OutputFolderBusy",),
     "biomedvital.generation.client": ("ClientConfigError", "ApiAccessError"),
+    "biomedvital.grid": ("GridError",),
     "biomedvital.tracking.checkpoints": ("UnsafeCheckpointError",),
 }
 

@@ -26,14 +26,17 @@ and ``data.init_args.seed`` follow ``seed_everything`` unless a config pins them
 varies its initialisation, pair sampling, clinician split and batch order per replicate.
 
 Each cell writes into ``<out_root>/<grid>/<cell>/``; every MLflow run of a cell carries the tags
-``grid``, ``cell``, ``base_cell`` and ``seed``, so ``experiments/report.py`` can collect them. A
-stage whose ``done`` file exists is skipped (a rerun resumes the cell), a failing stage stops
-the cell with its error, and ``cell.json`` is written last: the Makefile's target for the cell.
+``grid``, ``cell``, ``base_cell``, ``seed`` and ``stage``, added to any tags its configs set, so
+``experiments/report.py`` can collect them. A stage whose ``done`` file exists and whose command
+is the one it last finished with (``stages.json``) is skipped (a rerun resumes the cell; an
+edited cell runs again from its first changed stage), a failing stage stops the cell with its
+error, and ``cell.json`` is written last: the Makefile's target for the cell.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -45,6 +48,7 @@ from biomedvital.data.jsonio import write_json
 
 TRAINER_VERBS = ("fit", "validate", "test", "predict")
 CELL_FILE = "cell.json"
+STAGES_FILE = "stages.json"  # the command each stage last finished with
 GRID_KEYS = {"verb", "base", "stages", "cells", "seeds", "seed_args", "needs"}
 
 
@@ -75,7 +79,12 @@ def load_grid(path: Path) -> dict:
     """Read and check a grid file, normalised to ``stages`` + ``cells`` (+ ``seeds``); every
     config file must exist."""
     path = Path(path)
-    spec = yaml.safe_load(path.read_text())
+    try:
+        spec = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
+        raise GridError(f"{where}: invalid YAML ({getattr(e, 'problem', None) or e})") from None
     if not isinstance(spec, dict) or not isinstance(spec.get("cells"), dict) or not spec["cells"]:
         raise GridError(f"{path}: a grid needs a non-empty 'cells' mapping")
     unknown = sorted(set(spec) - GRID_KEYS)
@@ -136,8 +145,25 @@ def _split_cell(spec: dict, cell: str) -> tuple[str, int | None]:
     raise GridError(f"no cell {cell!r}; cells: {', '.join(cell_names(spec))}")
 
 
+def _filled(value: Any, names: dict[str, Any]) -> Any:
+    """``value`` with the grid's placeholders filled in wherever they occur (in lists and
+    mappings too: a list of per-cell paths). Only ``{cell_dir}``, ``{grid}``, ``{cell}`` and
+    ``{seed}`` are replaced; other braces are the value's own (a grammar's ``[0-9]{1,2}``)."""
+    if isinstance(value, str):
+        for key, sub in names.items():
+            value = value.replace(f"{{{key}}}", str(sub))
+        return value
+    if isinstance(value, list):
+        return [_filled(v, names) for v in value]
+    if isinstance(value, dict):
+        return {_filled(k, names): _filled(v, names) for k, v in value.items()}
+    return value
+
+
 def _fill(value: Any, names: dict[str, Any]) -> str:
-    return str(value).format(**names) if isinstance(value, str) else json.dumps(value)
+    """A command-line value: strings as they are, anything else as JSON, placeholders filled."""
+    value = _filled(value, names)
+    return value if isinstance(value, str) else json.dumps(value)
 
 
 def _takes_tags(verb: str) -> bool:
@@ -172,12 +198,17 @@ def stage_commands(grid: Path, cell: str, out_root: str = "outputs/grids") -> li
         args = {**stage["args"], **override.get("args", {})}
         if seed is not None and verb in TRAINER_VERBS:  # pipeline stages use "{seed}" in args
             args = {**spec["seed_args"], **args}
+        # the cell's tags go one key at a time (``--tags.cell k10``): jsonargparse adds them to
+        # the tags a config sets, where one ``--tags {...}`` would replace those
+        tag_key = None
         if verb in TRAINER_VERBS:
             args.setdefault("trainer.default_root_dir", "{cell_dir}")
             args["trainer.logger.init_args.run_name"] = f"{name}/{cell}/{stage_name}"
-            args["trainer.logger.init_args.tags"] = {**tags, "stage": stage_name}
+            tag_key = "trainer.logger.init_args.tags"
         elif _takes_tags(verb):
-            args["tags"] = {**tags, "stage": stage_name}
+            tag_key = "tags"
+        if tag_key is not None:
+            args.update({f"{tag_key}.{k}": v for k, v in {**tags, "stage": stage_name}.items()})
         for key, value in args.items():
             argv += [f"--{key}", _fill(value, names)]
         out.append({"stage": stage_name, "argv": argv, "done": _fill(stage["done"], names)})
@@ -205,31 +236,55 @@ def _run_stage(argv: list[str]) -> str | None:
 def run_cell(grid: Path, cell: str, out_root: str = "outputs/grids") -> dict:
     """Run a cell's stages not yet done, each in its own process; the first failure stops the
     cell with that stage's exit status. Writes ``cell.json`` (stages, commands) when all are
-    done."""
+    done.
+
+    A stage is done when its ``done`` file exists and it ran with the command it has now
+    (recorded in ``stages.json`` as each stage ends): a cell edited in the grid file runs
+    again from its first changed stage, and every stage after a stage that ran runs too, since
+    it reads that stage's outputs.
+    """
     spec = load_grid(grid)
     missing = [n for n in spec["needs"] if not Path(n).exists()]
     if missing:
         raise GridError(f"{grid}: needs {', '.join(missing)} (see the grid file's header)")
     stages = stage_commands(grid, cell, out_root)
     cell_dir = Path(out_root) / Path(grid).stem / cell
+    ran_with = _commands_run(cell_dir)
     record = {"grid": str(grid), "cell": cell, "stages": []}
+    upstream_ran = False
     for stage in stages:
-        ran = not Path(stage["done"]).exists()
-        shown = _shown(stage["argv"])
+        name, shown = stage["stage"], _shown(stage["argv"])
+        changed = name in ran_with and ran_with[name] != shown
+        ran = upstream_ran or changed or not Path(stage["done"]).exists()
         if ran:
-            print(f"[grid] {cell}: {stage['stage']}: python -m biomedvital {' '.join(shown)}")
+            why = " (its command changed)" if changed else ""
+            print(f"[grid] {cell}: {name}{why}: python -m biomedvital {' '.join(shown)}")
             status = _run_stage(stage["argv"])
             if status:
-                raise SystemExit(f"[grid] {cell}: stage {stage['stage']!r} failed ({status})")
+                raise SystemExit(f"[grid] {cell}: stage {name!r} failed ({status})")
             if not Path(stage["done"]).exists():
                 raise SystemExit(
-                    f"[grid] {cell}: stage {stage['stage']!r} ended without writing {stage['done']}"
+                    f"[grid] {cell}: stage {name!r} ended without writing {stage['done']}"
                 )
+            upstream_ran = True
         else:
-            print(f"[grid] {cell}: {stage['stage']}: done ({stage['done']})")
+            print(f"[grid] {cell}: {name}: done ({stage['done']})")
+        ran_with[name] = shown
+        write_json(cell_dir / STAGES_FILE, ran_with)
         record["stages"].append({**stage, "argv": shown, "ran": ran})
     write_json(cell_dir / CELL_FILE, record)
     return record
+
+
+def _commands_run(cell_dir: Path) -> dict[str, list[str]]:
+    """The (masked) command each stage of the cell last finished with, from ``stages.json``;
+    empty for a new cell, or one finished before the file was kept (whose done files are
+    trusted as they were: its commands are not known)."""
+    try:
+        data = json.loads((cell_dir / STAGES_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
 
 
 def _shown(argv: list[str]) -> list[str]:
@@ -237,7 +292,11 @@ def _shown(argv: list[str]) -> list[str]:
     values masked (a grid file may name ``client.base_url`` with a credential in it)."""
     from biomedvital.generation.client import safe_url
 
-    return [safe_url(a) if "://" in a else a for a in argv]
+    # every URL in an argument, also one inside a JSON value (``--client '{"base_url": ...}'``)
+    return [_URL.sub(lambda m: safe_url(m.group(0)), a) for a in argv]
+
+
+_URL = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^\s\"'<>]+")
 
 
 def grid(

@@ -200,10 +200,10 @@ def test_cell_tags_go_to_the_verbs_that_log_runs(tmp_path: Path) -> None:
     }
     grid.write_text(yaml.safe_dump({"stages": stages, "cells": {"a": {}}}))
     argvs = {s["stage"]: s["argv"] for s in stage_commands(grid, "a")}
-    assert "--tags" in argvs["gen"] and "--tags" in argvs["chat"]
-    assert "--tags" not in argvs["bench"]  # demo-vqa logs no run and has no such option
+    assert "--tags.cell" in argvs["gen"] and "--tags.cell" in argvs["chat"]
+    assert not any(a.startswith("--tags") for a in argvs["bench"])  # demo-vqa logs no run
     gen = argvs["gen"]
-    assert yaml.safe_load(gen[gen.index("--tags") + 1])["stage"] == "gen"
+    assert gen[gen.index("--tags.stage") + 1] == "gen"
 
 
 def test_repository_grids_expand(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -369,3 +369,130 @@ def test_topk_grid_cells_keep_their_k(monkeypatch: pytest.MonkeyPatch) -> None:
         ks[cell] = float(argv[argv.index("--top_percent") + 1])
         assert ks[cell] == float(cell[1:])
     assert set(ks.values()) >= {10.0, 40.0, 80.0, 90.0}  # the paper's data sizes
+
+
+@pytest.mark.parametrize(
+    ("text", "cell", "message"),
+    [
+        ("cells: {a: [x\n", None, r"g\.yaml:2:1: invalid YAML"),
+        ("verb: fit\ncells: {a: []}\n", "nope", "no cell 'nope'; cells: a"),
+    ],
+)
+def test_a_bad_grid_or_cell_is_one_line_not_a_traceback(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    text: str,
+    cell: str | None,
+    message: str,
+) -> None:
+    """A typo in a grid file or a cell name is the user's: one ``biomedvital: error:`` line
+    naming the file (and line) and a non-zero exit, as for a bad config."""
+    import re
+
+    from biomedvital.__main__ import run
+
+    grid = tmp_path / "g.yaml"
+    grid.write_text(text)
+    argv = ["biomedvital", "grid", "--grid", str(grid), *(["--cell", cell] if cell else [])]
+    monkeypatch.setattr(sys, "argv", argv)
+    monkeypatch.delenv("BIOMEDVITAL_TRACEBACK", raising=False)
+    with pytest.raises(SystemExit) as stop:
+        run()
+    assert stop.value.code == 1
+    err = capsys.readouterr().err
+    assert err.startswith("biomedvital: error: ") and len(err.strip().splitlines()) == 1
+    assert re.search(message, err), err
+
+
+def test_placeholders_are_filled_in_lists_and_other_braces_are_kept(tmp_path: Path) -> None:
+    """``{cell_dir}`` in a list of paths is each cell's own folder (left literal, every cell
+    would write to one ``{cell_dir}`` folder), and a value's own braces (a grammar's
+    repetition) reach the verb unchanged instead of failing the grid."""
+    grid = tmp_path / "g.yaml"
+    args = {
+        "candidates": ["{cell_dir}/a.jsonl", "shared.jsonl"],
+        "extra_body.grammar": 'root ::= [0-9]{1,2} " " "{cell}"',
+        "out": "{cell_dir}/out",
+    }
+    stages = {"s": {"verb": "select", "args": args, "done": "{cell_dir}/out/manifest.json"}}
+    grid.write_text(yaml.safe_dump({"stages": stages, "cells": {"k1": {}}}))
+    (stage,) = stage_commands(grid, "k1", str(tmp_path / "o"))
+    argv, cell_dir = stage["argv"], f"{tmp_path}/o/g/k1"
+    assert json.loads(argv[argv.index("--candidates") + 1]) == [
+        f"{cell_dir}/a.jsonl",
+        "shared.jsonl",
+    ]
+    assert argv[argv.index("--extra_body.grammar") + 1] == 'root ::= [0-9]{1,2} " " "k1"'
+    assert stage["done"] == f"{cell_dir}/out/manifest.json"
+
+
+def test_cell_tags_are_added_to_the_tags_a_config_sets(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A config's own run tags survive in a grid cell: the cell's tags join them (one
+    ``--tags {...}`` on the command line would replace them)."""
+    monkeypatch.chdir(REPO)
+    own = tmp_path / "own_tags.yaml"
+    own.write_text(
+        yaml.safe_dump({"trainer": {"logger": {"init_args": {"tags": {"owner": "alice"}}}}})
+    )
+    sel = tmp_path / "select.yaml"
+    sel.write_text(yaml.safe_dump({"tags": {"owner": "bob"}}))
+    grid = tmp_path / "g.yaml"
+    stages = {
+        "fit": {"verb": "fit", "config": ["conf/demo/selector.yaml", str(own)]},
+        "sel": {"verb": "select", "config": [str(sel)], "done": "{cell_dir}/s",
+                "args": {"scores": "s.jsonl", "candidates": "c.jsonl", "out": "{cell_dir}/s"}},
+    }  # fmt: skip
+    grid.write_text(yaml.safe_dump({"stages": stages, "seeds": [3], "cells": {"a": {}}}))
+    fit, sel_stage = stage_commands(grid, "a-s3", str(tmp_path / "o"))
+    cell = {"grid": "g", "cell": "a-s3", "base_cell": "a", "seed": "3"}
+    tags = _resolved(fit["argv"], capsys)["trainer"]["logger"]["init_args"]["tags"]
+    assert tags == {"owner": "alice", **cell, "stage": "fit"}
+    assert _resolved(sel_stage["argv"], capsys)["tags"] == {"owner": "bob", **cell, "stage": "sel"}
+
+
+def test_a_credential_inside_a_json_argument_stays_out_of_cell_json(tmp_path: Path) -> None:
+    """The endpoint given as one ``client`` mapping (JSON on the command line, not the dotted
+    ``client.base_url``): its password and key are masked in ``cell.json`` all the same."""
+    from biomedvital.grid import run_cell
+
+    url = "https://alice:s3cret@llm.example.org/v1?api-key=abc123"
+    grid = tmp_path / "g.yaml"
+    args = {"client": {"base_url": url, "model": "m"}}
+    stages = {"gen": {"verb": "generate", "args": args, "done": "{cell_dir}/g"}}
+    grid.write_text(yaml.safe_dump({"stages": stages, "cells": {"a": {}}}))
+    (stage,) = stage_commands(grid, "a", str(tmp_path / "out"))
+    assert json.loads(stage["argv"][stage["argv"].index("--client") + 1])["base_url"] == url
+    Path(stage["done"]).parent.mkdir(parents=True)
+    Path(stage["done"]).write_text("done")
+    run_cell(grid, "a", str(tmp_path / "out"))
+    written = (tmp_path / "out" / "g" / "a" / "cell.json").read_text()
+    assert "s3cret" not in written and "abc123" not in written
+    argv = json.loads(written)["stages"][0]["argv"]
+    shown = json.loads(argv[argv.index("--client") + 1])
+    assert shown == {"base_url": "https://alice:***@llm.example.org/v1?api-key=***", "model": "m"}
+
+
+def test_a_cell_whose_command_changed_runs_again(tmp_path: Path, pool: dict[str, Path]) -> None:
+    """Editing a finished cell in the grid file (``top_percent`` 50 -> 25) makes ``make`` rerun
+    it; its stages must run with the new command, and the stages after a rerun one too (they
+    read its outputs), not be skipped because their files exist from the old command."""
+    grid = _chain_grid(tmp_path, pool)
+    root = str(tmp_path / "grids")
+    main(["grid", "--grid", str(grid), "--cell", "k50-s0", "--out_root", root])
+    folder = tmp_path / "grids" / "chain" / "k50-s0"
+    spec = yaml.safe_load(grid.read_text())
+    spec["cells"]["k50"]["select"]["args"]["top_percent"] = 25
+    grid.write_text(yaml.safe_dump(spec, sort_keys=False))
+    main(["grid", "--grid", str(grid), "--cell", "k50-s0", "--out_root", root])
+    n_all = len(pool["candidates"].read_text().splitlines())
+    kept = json.loads((folder / "selected" / "manifest.json").read_text())["kept"]
+    assert kept == n_all // 4
+    record = json.loads((folder / "cell.json").read_text())
+    assert [s["ran"] for s in record["stages"]] == [True, True]
+    # unchanged since: nothing runs
+    main(["grid", "--grid", str(grid), "--cell", "k50-s0", "--out_root", root])
+    record = json.loads((folder / "cell.json").read_text())
+    assert [s["ran"] for s in record["stages"]] == [False, False]

@@ -32,3 +32,31 @@ def test_demo_runs_every_stage_once_in_order() -> None:
         assert stages.count(stage) == 1, stage
     assert stages.index(("test", "conf/eval/demo_chat.yaml")) < stages.index(wanted[-1])
     assert stages.index(("fit", "conf/demo/tuner.yaml")) < stages.index(wanted[5])
+
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="make is not installed")
+@pytest.mark.parametrize("grid_text", [None, "cells: {a: [x\n"])
+def test_grid_with_a_missing_or_broken_grid_file_fails(
+    tmp_path: Path, grid_text: str | None
+) -> None:
+    """``make grid`` with a misspelt GRID or a grid file that does not parse stops with the
+    grid's error and a failing status (it used to print the help and exit 0, having run
+    nothing). The venv is a stand-in whose python is this one, so nothing is installed."""
+    import sys
+
+    venv = tmp_path / "venv"
+    (venv / "bin").mkdir(parents=True)
+    python = venv / "bin" / "python"
+    python.write_text(f'#!/bin/sh\nexec "{sys.executable}" "$@"\n')
+    python.chmod(0o755)
+    (venv / ".installed").touch()  # newer than pyproject.toml: make does not reinstall
+    grid = tmp_path / "g.yaml"
+    if grid_text is not None:
+        grid.write_text(grid_text)
+    proc = subprocess.run(
+        ["make", "--no-print-directory", "grid", f"VENV={venv}", f"GRID_FILE={grid}"],
+        cwd=REPO, capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    assert proc.returncode != 0, proc.stdout
+    assert "biomedvital: error:" in proc.stderr and str(grid) in proc.stderr
+    assert "list the targets" not in proc.stdout  # not the help of an empty sub-make

@@ -15,11 +15,38 @@ from biomedvital.tracking.provenance import git_state
 DEFAULT_STORE = "mlruns"
 
 
+_READY: set[Path] = set()  # stores whose tables this process has seen created
+
+
 def tracking_uri(store: str | Path = DEFAULT_STORE) -> str:
-    """The sqlite URI of the store folder (created if missing)."""
+    """The sqlite URI of the store folder (folder and tables created if missing)."""
     root = Path(store).resolve()
     root.mkdir(parents=True, exist_ok=True)
-    return f"sqlite:///{root / 'mlflow.db'}"
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    if root not in _READY:
+        _create_tables(root, uri)
+        _READY.add(root)
+    return uri
+
+
+def _create_tables(root: Path, uri: str) -> None:
+    """Create (or migrate) the store's tables, one process at a time.
+
+    MLflow creates them on a process's first use of a new database; processes starting together
+    on a fresh store (``make -j grid`` after a clone or a ``rm -rf mlruns``) each run that
+    creation and all but one fail (``table ... already exists``). An exclusive lock on a file
+    beside the database makes the others wait and then find the tables made.
+    """
+    import fcntl
+
+    from mlflow.tracking import MlflowClient
+
+    with open(root / ".tables.lock", "a") as lock:
+        fcntl.lockf(lock, fcntl.LOCK_EX)
+        try:
+            MlflowClient(tracking_uri=uri).search_experiments(max_results=1)
+        finally:
+            fcntl.lockf(lock, fcntl.LOCK_UN)
 
 
 def artifact_location(store: str | Path, experiment: str) -> str:
