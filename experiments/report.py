@@ -3,7 +3,9 @@
     python experiments/report.py --grid w [--store mlruns] [--out experiments/reports]
 
 Collects, per cell, the latest finished run of each of its stages (runs tagged ``grid`` = NAME:
-a selector fit, a select → tune → test chain, a win-rate…) and merges their metrics. Writes
+a selector fit, a select → tune → test chain, a win-rate…) and merges their metrics. Only the
+cells the grid file lists now count (``--grid_file``, default ``conf/grids/NAME.yaml``): runs of
+cells or seeds since removed from it are left out, and said so. Writes
 ``<out>/<grid>/table.md`` and ``table.csv`` (one row per cell, the CSV with every metric; with
 seeds, also
 ``summary.md``/``summary.csv``: mean, standard deviation and count per cell over seeds) and the
@@ -31,7 +33,14 @@ from pathlib import Path
 
 from biomedvital.tracking.mlflow import PipelineRun, tracking_uri
 
-SELECTOR = ("val/align_rate", "val/align_ties", "val/pair_acc", "val/auroc", "val/map")
+SELECTOR = (
+    "val/align_rate",
+    "val/align_ties",
+    "val/pair_acc",
+    "val/auroc",
+    "val/map",
+    "val/mean_rank",
+)
 CHAT = ("judge/relative_mean_of_ratios", "judge/relative_ratio_of_means")  # LLaVA-Med-Bench
 WIN = "win_rate_half_ties"
 AXES = {"w": "clinician-pair weight w", "k": "top k % of the scored pool kept"}  # cell prefixes
@@ -92,6 +101,30 @@ def collect(grid: str, store: str, page_size: int = 1000) -> list[dict]:
             row.update({_column(k): v for k, v in metrics.items()})
             row["run_ids"] = ",".join(filter(None, [row.get("run_ids", ""), r.info.run_id]))
     return [r for r in rows.values() if "run_ids" in r]  # cells with a wanted metric
+
+
+def current_cells(grid_file: Path | None) -> set[str] | None:
+    """The cells (seeds expanded) the grid file lists now; ``None`` without a file."""
+    if grid_file is None or not Path(grid_file).is_file():
+        return None
+    from biomedvital.grid import cell_names, load_grid
+
+    return set(cell_names(load_grid(Path(grid_file))))
+
+
+def keep_current(rows: list[dict], cells: set[str] | None) -> tuple[list[dict], list[str]]:
+    """The rows of cells the grid lists now, and the names of the others (stale runs of cells
+    or seeds removed from the grid file, which would otherwise enter the tables and means)."""
+    if cells is None:
+        return rows, []
+    kept = [r for r in rows if r["cell"] in cells]
+    return kept, sorted(r["cell"] for r in rows if r["cell"] not in cells)
+
+
+def _seed_key(seed: object) -> tuple:
+    """Seeds in numeric order (``2`` before ``10``); no seed first."""
+    text = str(seed)
+    return (0, int(text), "") if text.isdigit() else (1, 0, text)
 
 
 def _order(cell: str) -> tuple:
@@ -241,8 +274,19 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--grid", required=True)
     ap.add_argument("--store", default="mlruns")
     ap.add_argument("--out", default="experiments/reports")
+    ap.add_argument(
+        "--grid_file",
+        default=None,
+        help="the grid file whose cells count (default conf/grids/GRID.yaml when it exists)",
+    )
     args = ap.parse_args(argv)
-    rows = sorted(collect(args.grid, args.store), key=lambda r: (_order(r["base_cell"]), r["seed"]))
+    grid_file = Path(args.grid_file or f"conf/grids/{args.grid}.yaml")
+    if args.grid_file and not grid_file.is_file():
+        raise SystemExit(f"--grid_file {grid_file}: no such file")
+    rows, stale = keep_current(collect(args.grid, args.store), current_cells(grid_file))
+    if stale:
+        print(f"left out {len(stale)} cell(s) no longer in {grid_file}: {', '.join(stale)}")
+    rows.sort(key=lambda r: (_order(r["base_cell"]), _seed_key(r["seed"])))
     if not rows:
         raise SystemExit(
             f"no finished runs tagged grid={args.grid!r} in {args.store}: "

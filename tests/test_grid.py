@@ -496,3 +496,37 @@ def test_a_cell_whose_command_changed_runs_again(tmp_path: Path, pool: dict[str,
     main(["grid", "--grid", str(grid), "--cell", "k50-s0", "--out_root", root])
     record = json.loads((folder / "cell.json").read_text())
     assert [s["ran"] for s in record["stages"]] == [False, False]
+
+
+def test_report_counts_only_the_cells_the_grid_file_lists_now(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A seed or cell removed from the grid file leaves finished runs in the store: they must
+    not enter the tables and means. Seeds sort as numbers (2 before 10)."""
+    import importlib.util
+
+    from biomedvital.tracking.mlflow import PipelineRun
+
+    spec = importlib.util.spec_from_file_location("report", REPO / "experiments" / "report.py")
+    report = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(report)
+    store = str(tmp_path / "mlruns")
+    grid_file = tmp_path / "g.yaml"
+    grid_file.write_text(
+        "verb: fit\nbase: [conf/demo/selector.yaml]\nseeds: [0, 2, 10]\n"
+        "cells:\n  w1: [conf/ablation/w1.yaml]\n"
+    )
+    for cell, seed, value in (("w1", 0, 0.5), ("w1", 2, 0.6), ("w1", 10, 0.7), ("w1", 3, 0.0),
+                              ("w9", 0, 0.0)):  # fmt: skip
+        tags = {"grid": "g", "cell": f"{cell}-s{seed}", "base_cell": cell, "seed": str(seed)}
+        with PipelineRun("selection", "fit", store, tags) as run:
+            run.log_metrics({"val/align_rate": value, "val/mean_rank": 0.3})
+    out = tmp_path / "reports"
+    report.main(["--grid", "g", "--store", store, "--out", str(out), "--grid_file", str(grid_file)])
+    printed = capsys.readouterr().out
+    assert "left out 2 cell(s) no longer in" in printed and "w1-s3, w9-s0" in printed
+    rows = list(csv.DictReader((out / "g" / "table.csv").open()))
+    assert [r["seed"] for r in rows] == ["0", "2", "10"]
+    (summary,) = list(csv.DictReader((out / "g" / "summary.csv").open()))
+    assert summary["n"] == "3" and float(summary["val/align_rate"]) == pytest.approx(0.6)
+    assert "val/mean_rank" in summary
