@@ -251,7 +251,8 @@ class VQAEvaluator(LightningModule):
         prompt_suffix: appended to every question (after a space), e.g. an answer-format hint.
         closed_prompt_suffix: appended to closed questions only (LLaVA-Med's "Please choose from
             the following two options: [yes, no]"); empty by default.
-        system_prompt: text before ``USER:`` (LLaVA-1.5's vicuna_v1 system by default).
+        system_prompt: text before ``USER:``; by default the one the model was tuned with, as
+            its export records it (``run.json``), else LLaVA-1.5's vicuna_v1 system.
         closed_rule: ``llava_med`` · ``llava_med_original`` · ``strict`` (see ``metrics``).
         dtype: dtype the weights are loaded in (``None``: the checkpoint's; float32 for tiny).
         seed: seed of random weights (``tiny:`` only).
@@ -295,6 +296,7 @@ class VQAEvaluator(LightningModule):
         self.journaled: dict[int, dict[str, Any]] = {}  # batches a killed run answered
         self.resumed: dict[str, Any] | None = None  # what was taken from the journal (run record)
         self.upstream_run: str | None = None
+        self.trained_system: str | None = None  # the export's training system prompt
 
     # -- building ----------------------------------------------------------------------------
 
@@ -321,6 +323,7 @@ class VQAEvaluator(LightningModule):
         bundle = create_llava(self.hparams.model, seed=self.hparams.seed, dtype=self._torch_dtype())
         self._attach(bundle.model, bundle.processor, self.hparams.model)
         self.upstream_run = exported_by(self.hparams.model)
+        self.trained_system = _export_record(self.hparams.model).get("system_prompt")
 
     def _attach(self, model: Any, processor: Any, source: str) -> None:
         model.eval()
@@ -399,9 +402,12 @@ class VQAEvaluator(LightningModule):
             # and its resume must not have its answers mixed with the old weights')
             "revision": getattr(getattr(self.model, "config", None), "_commit_hash", None),
             "generation": {
-                k: hp[k]
-                for k in ("max_new_tokens", "prompt_suffix", "closed_prompt_suffix")
-                + ("system_prompt", "dtype", "seed")
+                **{
+                    k: hp[k]
+                    for k in ("max_new_tokens", "prompt_suffix", "closed_prompt_suffix")
+                    + ("system_prompt", "dtype", "seed")
+                },
+                "system_prompt_used": self.system_prompt(),
             },
             "precision": str(trainer.precision),
             "data": {k: described[k] for k in ("benchmark", "split", "data", "limit")},
@@ -438,6 +444,16 @@ class VQAEvaluator(LightningModule):
 
     # -- generation --------------------------------------------------------------------------
 
+    def system_prompt(self) -> str:
+        """The system prompt asked with: as configured, else the one the model was tuned with
+        (a model tuned without one must not be asked with vicuna_v1's)."""
+        from biomedvital.tuning.conversation import VICUNA_V1_SYSTEM
+
+        for system in (self.hparams.system_prompt, self.trained_system):
+            if isinstance(system, str):
+                return system
+        return VICUNA_V1_SYSTEM
+
     def question_text(self, item: VQAItem) -> str:
         parts = [item.question.strip()]
         if self.hparams.prompt_suffix:
@@ -449,14 +465,13 @@ class VQAEvaluator(LightningModule):
     @torch.no_grad()
     def answer(self, images: list[Any], questions: list[str]) -> list[str]:
         """Greedy answers to a batch of (image, question) pairs, left-padded, decoded."""
-        from biomedvital.tuning.conversation import VICUNA_V1_SYSTEM, prompt
+        from biomedvital.tuning.conversation import prompt
 
         if self.model is None:
             raise RuntimeError(
                 "no model: set model (local-dir:PATH, hf:ID, tiny:NAME) or checkpoint (a tuner .ckpt)"
             )
-        system = self.hparams.system_prompt
-        system = VICUNA_V1_SYSTEM if system is None else system
+        system = self.system_prompt()
         texts = [prompt(q, system) for q in questions]
         inputs = self.processor(text=texts, images=images, return_tensors="pt", padding=True)
         inputs = inputs.to(self.device)
@@ -624,17 +639,24 @@ class VQAEvaluator(LightningModule):
             logger.experiment.log_artifact(logger.run_id, str(out / SCORES_FILE), f"eval/{name}")
 
 
-def exported_by(model: str) -> str | None:
-    """The tuning run that exported a ``local-dir:`` model (``run.json`` beside or above the
-    merged weights, as ``ExportTuned`` writes), for the evaluation run's lineage tag."""
+def _export_record(model: str) -> dict[str, Any]:
+    """``run.json`` beside or above a ``local-dir:`` model's weights, as ``ExportTuned``
+    writes it; ``{}`` when there is none or it cannot be read."""
     if not model.startswith("local-dir:"):
-        return None
+        return {}
     folder = Path(model.removeprefix("local-dir:")).expanduser()
     for candidate in (folder / "run.json", folder.parent / "run.json"):
         if candidate.is_file():
             try:
-                run_id = json.loads(candidate.read_text()).get("mlflow_run_id")
-            except (ValueError, AttributeError, OSError):
-                return None
-            return run_id if isinstance(run_id, str) else None
-    return None
+                record = json.loads(candidate.read_text())
+            except (ValueError, OSError):
+                return {}
+            return record if isinstance(record, dict) else {}
+    return {}
+
+
+def exported_by(model: str) -> str | None:
+    """The tuning run that exported a ``local-dir:`` model (``run.json`` beside or above the
+    merged weights, as ``ExportTuned`` writes), for the evaluation run's lineage tag."""
+    run_id = _export_record(model).get("mlflow_run_id")
+    return run_id if isinstance(run_id, str) else None

@@ -12,6 +12,7 @@ the answer and its end-of-turn token are learned, the system prompt, roles and q
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from typing import Any
 
@@ -104,6 +105,50 @@ def prompt(question: str, system: str = VICUNA_V1_SYSTEM) -> str:
     q = question.replace(IMAGE_TOKEN, "").strip()
     head = system + " " if system else ""
     return f"{head}USER: {IMAGE_TOKEN}\n{q} ASSISTANT:"
+
+
+def chat_template(system: str = VICUNA_V1_SYSTEM) -> str:
+    """A Jinja chat template that renders what :func:`render` and :func:`prompt` write.
+
+    Saved with an exported processor, so that ``apply_chat_template`` (and servers that use
+    it, e.g. vLLM) give a tuned model the prompt it was trained on: ``system`` (the training
+    system prompt) unless a ``system`` message replaces it, ``<image>\\n`` at the start of its
+    turn, ``</s>`` after every answer (inside ``{% generation %}``, so the assistant-token mask
+    is the training loss mask). No ``bos_token``: the tokenizer adds it, as in training
+    (written into the text, a Llama tokenizer would encode the first word without its space).
+    Message content may be a string (with ``<image>`` in it) or a list of ``image`` / ``text``
+    parts.
+    """
+    default = json.dumps(system)  # a valid Jinja string literal
+    return (
+        "{%- set sys = namespace(text=" + default + ") -%}"
+        "{%- if messages and messages[0]['role'] == 'system' -%}"
+        "{%- set c = messages[0]['content'] -%}"
+        "{%- if c is string -%}{%- set sys.text = c -%}{%- else -%}"
+        "{%- set sys.text = c | selectattr('type', 'equalto', 'text')"
+        " | map(attribute='text') | join(' ') -%}{%- endif -%}"
+        "{%- endif -%}"
+        "{%- if sys.text -%}{{ sys.text + ' ' }}{%- endif -%}"
+        "{%- for m in messages if m['role'] != 'system' -%}"
+        "{%- set c = m['content'] -%}"
+        "{%- if c is string -%}"
+        "{%- set n_img = c.count('<image>') -%}{%- set text = c.replace('<image>', '') -%}"
+        "{%- else -%}"
+        "{%- set n_img = c | selectattr('type', 'equalto', 'image') | list | length -%}"
+        "{%- set text = c | selectattr('type', 'equalto', 'text')"
+        " | map(attribute='text') | join(' ') -%}"
+        "{%- endif -%}"
+        "{%- if m['role'] == 'user' -%}"
+        "{%- if n_img -%}{%- set text = '<image>\\n' * n_img + (text | trim) -%}{%- endif -%}"
+        "{{ 'USER: ' + text + ' ' }}"
+        "{%- elif m['role'] == 'assistant' -%}"
+        "{{ 'ASSISTANT: ' }}{% generation %}{{ text + eos_token }}{% endgeneration %}"
+        "{%- else -%}"
+        "{{ raise_exception('roles are system (first), user and assistant') }}"
+        "{%- endif -%}"
+        "{%- endfor -%}"
+        "{%- if add_generation_prompt -%}{{ 'ASSISTANT:' }}{%- endif -%}"
+    )
 
 
 def encode(

@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 import secrets
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +16,7 @@ from biomedvital.data.jsonio import write_json
 from biomedvital.data.outputs import LOCK_NAME, acquire_output, release_output
 from biomedvital.tracking.callbacks import EndOfFit
 from biomedvital.tracking.provenance import git_state
+from biomedvital.tuning.conversation import VICUNA_V1_SYSTEM, chat_template
 
 
 class ExportTuned(EndOfFit):
@@ -74,7 +77,8 @@ class ExportTuned(EndOfFit):
         if trainer.is_global_zero:
             tmp.mkdir(parents=True)
         # sharded (FSDP2): every rank takes part in gathering the full tensors; rank 0 writes
-        written = pl_module.export(tmp, adapter=self.adapter, merged=self.merged)  # type: ignore[operator]
+        with serving_processor(pl_module.processor, _system_prompt(trainer)):
+            written = pl_module.export(tmp, adapter=self.adapter, merged=self.merged)  # type: ignore[operator]
         if not trainer.is_global_zero:
             trainer.strategy.barrier("export")
             return
@@ -94,6 +98,8 @@ class ExportTuned(EndOfFit):
                 "git": git_state(),
                 "model": pl_module.hparams.get("model"),
                 "mode": pl_module.hparams.get("mode"),
+                # the evaluator asks with it (a tuned model must be prompted as it was trained)
+                "system_prompt": _system_prompt(trainer),
                 "global_step": trainer.global_step,
                 "epoch": trainer.current_epoch,
                 "metrics": metrics,
@@ -106,6 +112,26 @@ class ExportTuned(EndOfFit):
             logger.log_dict(manifest, "export/data_manifest.json")
         if sharded:
             trainer.strategy.barrier("export")
+
+
+def _system_prompt(trainer: Trainer) -> str:
+    """The system prompt the model was trained with (the data module's)."""
+    return getattr(trainer.datamodule, "system_prompt", VICUNA_V1_SYSTEM)
+
+
+@contextmanager
+def serving_processor(processor: Any, system: str) -> Iterator[Any]:
+    """The processor as it is saved with the model: its chat template renders the training
+    conversation (:func:`~biomedvital.tuning.conversation.chat_template`; a base model's own,
+    e.g. llava-hf's, has no system prompt and no ``</s>`` after answers), and its tokenizer
+    pads on the left, as batched generation needs (training pads by itself). Restored after."""
+    tok = processor.tokenizer
+    saved = processor.chat_template, tok.padding_side
+    processor.chat_template, tok.padding_side = chat_template(system), "left"
+    try:
+        yield processor
+    finally:
+        processor.chat_template, tok.padding_side = saved
 
 
 def _swap_in(tmp: Path, out: Path) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -157,6 +158,72 @@ def test_batch_one_gives_identical_predictions(setup: dict[str, Path], merged_ru
         "1",
     )
     assert _predictions(one) == _predictions(merged_run)
+
+
+def test_exported_processor_prompts_as_trained(setup: dict[str, Path]) -> None:
+    """A user of the export (``AutoProcessor.apply_chat_template``, or vLLM serving the folder
+    through it) asks with the tokens the evaluator asks with, the start of a training sample:
+    system prompt, ``<image>`` placeholders, separators; and batches pad on the left."""
+    from PIL import Image
+    from transformers import AutoProcessor
+
+    from biomedvital.data.records import Turn
+    from biomedvital.tuning.conversation import IGNORE_INDEX, encode, prompt, render
+    from biomedvital.tuning.models import image_token_count
+
+    served = AutoProcessor.from_pretrained(setup["merged"])
+    assert served.tokenizer.padding_side == "left"
+    evaluator = VQAEvaluator(model=f"local-dir:{setup['merged']}")
+    evaluator.build()
+    image = Image.open(setup["images"] / "retina.jpg")
+    question = "Is anything abnormal?"
+    ask = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+    got = served.apply_chat_template(
+        ask, add_generation_prompt=True, tokenize=True, return_dict=True, images=[image]
+    )["input_ids"][0]
+    want = evaluator.processor(text=prompt(question), images=image)["input_ids"][0]
+    assert [int(i) for i in got] == [int(i) for i in want]
+    # a whole conversation: the training sample's tokens, the answers as its loss mask
+    turns = [Turn(**{"from": "human", "value": "<image>\n" + question}),
+             Turn(**{"from": "gpt", "value": "No."})]  # fmt: skip
+    train = encode(render(turns), served.tokenizer, image_token_count(served))
+    chat = [*ask, {"role": "assistant", "content": "No."}]
+    out = served.apply_chat_template(
+        chat, tokenize=True, return_dict=True, images=[image], return_assistant_tokens_mask=True
+    )
+    assert [int(i) for i in out["input_ids"][0]] == train.input_ids.tolist()
+    mask = [int(m) for m in out["assistant_masks"][0]]
+    assert mask == (train.labels != IGNORE_INDEX).astype(int).tolist()
+
+
+def test_evaluator_asks_with_the_system_prompt_the_model_was_tuned_with(
+    setup: dict[str, Path],
+) -> None:
+    """A model tuned without a system prompt (``system_prompt: ""``) is not asked with
+    vicuna_v1's: the export records the one it was tuned with and the evaluator takes it."""
+    import shutil
+
+    from biomedvital.tuning.conversation import VICUNA_V1_SYSTEM
+
+    export = setup["merged"].parent
+    assert json.loads((export / "run.json").read_text())["system_prompt"] == VICUNA_V1_SYSTEM
+    tuned_bare = setup["tmp"] / "tuned-bare"
+    shutil.copytree(export, tuned_bare)
+    record = json.loads((tuned_bare / "run.json").read_text())
+    (tuned_bare / "run.json").write_text(json.dumps({**record, "system_prompt": ""}))
+
+    dm = VQADataModule("vqa_rad", str(setup["questions"]), str(setup["images"]), batch_size=8)
+    rows = collate_vqa([dm.test_dataloader().dataset[i] for i in range(8)])
+    questions = [it.question for it in rows["items"]]
+
+    def answers(**kwargs: Any) -> list[str]:
+        ev = VQAEvaluator(model=f"local-dir:{tuned_bare / 'merged'}", max_new_tokens=8, **kwargs)
+        ev.build()
+        return ev.answer(rows["images"], questions)
+
+    default = answers()
+    assert default == answers(system_prompt="")
+    assert default != answers(system_prompt=VICUNA_V1_SYSTEM)  # the prompt shows in the answers
 
 
 def test_tuner_checkpoint_through_cli(setup: dict[str, Path], merged_run: Path) -> None:
