@@ -200,6 +200,9 @@ def load_vqa_rad(path: PathLike, split: str = "test") -> list[VQAItem]:
     path = _resolve(Path(path), _file_names("vqa_rad", split))
     records = _records(path)
     if _is_llava_layout(records):
+        # a converted file holds one split, named only by its file name (the official file
+        # holds both and is filtered by phrase_type below)
+        _check_split_name(path, split, path.stem)
         return _llava_items(records, split)
     items, wheres = [], []
     for where, obj in records:

@@ -136,6 +136,16 @@ def test_llava_layout_is_detected_for_any_benchmark(tmp_path: Path) -> None:
         assert load_benchmark(benchmark, tmp_path) == expected  # type: ignore[arg-type]
 
 
+@pytest.mark.parametrize("benchmark", ["vqa_rad", "slake", "pathvqa"])
+def test_llava_layout_file_of_another_split_is_refused(tmp_path: Path, benchmark: str) -> None:
+    """A converted file holds one split, named by its file name: ``train.json`` passed as the
+    test data must not be scored as the test split (VQA-RAD used to accept it)."""
+    path = _write(tmp_path / "train.json", [_llava(0, "yes")])
+    with pytest.raises(ValueError, match="file name says split 'train' but split='test'"):
+        load_benchmark(benchmark, path)  # type: ignore[arg-type]
+    assert [it.split for it in load_benchmark(benchmark, path, "train")] == ["train"]  # type: ignore[arg-type]
+
+
 def test_llava_layout_refuses_repeated_ids(tmp_path: Path) -> None:
     # a conversion that reuses the PathVQA image id for every question cannot be joined by id
     path = _write(tmp_path / "test.json", [_llava("test_0001", "yes"), _llava("test_0001", "no")])

@@ -221,9 +221,15 @@ RULES = ("llava_med", "llava_med_original", "strict")
         ("It is an MRI, not a CT.", "mri", (1.0, 1.0, 0.0)),
         ("Left.", "left", (0.0, 0.0, 1.0)),
         ("yes.", "Yes", (1.0, 1.0, 1.0)),
+        # VQA-RAD's one "Maybe" answer (qid 2156, a closed question): right only by accident
+        ("Assistant: Maybe", "Maybe", (0.0, 0.0, 0.0)),
+        ("No, maybe.", "Maybe", (1.0, 1.0, 0.0)),
+        ("Yes", "Maybe", (0.0, None, 0.0)),
+        # an int reference (VQA-RAD stores five counts as ints) is compared as its string
+        ("four", 4, (0.0, 0.0, 1.0)),
     ],
 )
-def test_closed_rules(pred: str, ref: str, expected: tuple) -> None:
+def test_closed_rules(pred: str, ref: str | int, expected: tuple) -> None:
     assert tuple(closed_hit(pred, ref, rule) for rule in RULES) == expected
 
 
