@@ -152,6 +152,24 @@ def _random_arch(arch: str, seed: int) -> Backbone:
     )
 
 
+def _embed_dim(model: nn.Module) -> int:
+    """Width of the joint embedding, whatever the text tower.
+
+    A built-in CLIP text tower ends in ``text_projection``; a Hugging Face one (BiomedCLIP's
+    PubMedBERT: open_clip's ``CustomTextCLIP``) has no such attribute and projects inside
+    ``model.text``, whose ``output_dim`` is the width.
+    """
+    proj = getattr(model, "text_projection", None)
+    if isinstance(proj, nn.Linear):
+        return int(proj.out_features)
+    if isinstance(proj, torch.Tensor):
+        return int(proj.shape[-1])
+    width = getattr(getattr(model, "text", None), "output_dim", None)
+    if width is None:
+        raise ValueError(f"cannot tell the embedding width of {type(model).__name__}")
+    return int(width)
+
+
 def _open_clip(name: str) -> Backbone:
     """``hf-hub:`` / ``local-dir:``. Preprocessing comes from a weightless (meta-device) build
     and the identity from the bytes of the weight file: neither loads a tensor."""
@@ -174,7 +192,7 @@ def _open_clip(name: str) -> Backbone:
     skeleton, _, preprocess = open_clip.create_model_and_transforms(
         name, load_weights=False, device="meta"
     )
-    embed_dim = int(skeleton.text_projection.shape[-1])
+    embed_dim = _embed_dim(skeleton)
     del skeleton
 
     def build() -> nn.Module:

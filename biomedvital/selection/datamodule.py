@@ -2,14 +2,21 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 import torch
 from lightning.pytorch import LightningDataModule
-from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler, get_worker_info
+from torch.utils.data import (
+    DataLoader,
+    Dataset,
+    DistributedSampler,
+    IterableDataset,
+    get_worker_info,
+)
 
 from biomedvital.data.images import ImageRoot, UnsafePathError
 from biomedvital.data.jsonio import (
@@ -34,6 +41,7 @@ from biomedvital.selection.pairs import (
     CLINICIAN,
     ClinicianSplit,
     Pair,
+    drop_repeats,
     preference_record,
     sample_model_pairs,
     split_clinician,
@@ -60,22 +68,69 @@ class _Pairs(Dataset):
         return i
 
 
-class EpochShuffle(Sampler[int]):
+class EpochShuffle(DistributedSampler):
     """A permutation that depends only on (seed, epoch), so a run resumed from a checkpoint
-    sees the same batches as one that never stopped (Lightning calls ``set_epoch``)."""
+    sees the same batches as one that never stopped (Lightning calls ``set_epoch``).
 
-    def __init__(self, n: int, seed: int) -> None:
+    With several processes each takes every ``num_replicas``-th index of the permutation,
+    padded with its first indices to an equal share (as ``DistributedSampler`` does): being a
+    ``DistributedSampler``, Lightning leaves it unwrapped, so that :meth:`resume` can skip the
+    batches a process already trained.
+    """
+
+    def __init__(self, n: int, seed: int, num_replicas: int = 1, rank: int = 0) -> None:
+        super().__init__(range(n), num_replicas=num_replicas, rank=rank, shuffle=False)
         self.n, self.seed, self.epoch = n, seed, 0
+        self._skip = 0
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
+    def resume(self, epoch: int, samples_done: int) -> None:
+        """Continue ``epoch`` after ``samples_done`` of this process's samples: the next
+        iteration yields the rest; a finished epoch resumes at the start of the next."""
+        if samples_done >= self.num_samples:
+            epoch, samples_done = epoch + 1, 0
+        self.epoch, self._skip = epoch, samples_done
+
     def __len__(self) -> int:
-        return self.n
+        return self.num_samples
 
     def __iter__(self) -> Iterator[int]:
         g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
-        return iter(torch.randperm(self.n, generator=g).tolist())
+        order = torch.randperm(self.n, generator=g).tolist()
+        if self.num_replicas > 1 and order:
+            pad = self.total_size - len(order)
+            order += (order * -(-pad // len(order)))[:pad]
+        skip, self._skip = self._skip, 0
+        return iter(order[self.rank : self.total_size : self.num_replicas][skip:])
+
+
+class _ResumableLoader(DataLoader):
+    """The training loader, checkpointed by Lightning (``state_dict``): the epoch and how many
+    of its batches were trained, so that ``fit --ckpt_path last`` from a checkpoint written
+    mid-epoch (``every_n_train_steps``) trains the rest of that epoch in the order of a run
+    that never stopped, instead of starting the epoch over with its first batches again."""
+
+    def __init__(self, *args: Any, progress: Callable[[], tuple[int, int]], **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        if not isinstance(self.sampler, EpochShuffle):
+            raise TypeError("_ResumableLoader needs an EpochShuffle sampler")
+        self.progress = progress
+
+    def state_dict(self) -> dict[str, int]:
+        epoch, done = self.progress()
+        return {"epoch": int(epoch), "batches_done": int(done)}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        done = int(state["batches_done"]) * int(self.batch_size or 1)
+        self.sampler.resume(int(state["epoch"]), done)  # type: ignore[attr-defined]
+
+
+def _trained_batches(trainer: Any) -> tuple[int, int]:
+    """The epoch under way and how many of its batches were trained (Lightning's counters,
+    read when a checkpoint is written, after the batch's step)."""
+    return trainer.current_epoch, trainer.fit_loop.epoch_loop.batch_progress.current.processed
 
 
 class _Tagged:
@@ -402,6 +457,8 @@ class SelectorDataModule(LightningDataModule):
             "upstream_runs": self.upstream_runs(),
             "records": {k: r.as_dict() for k, r in self.report.items()},
             "pairs": {k: len(v) for k, v in self.sets.items()},
+            # held-out rated candidates left out: a training candidate has the same input
+            "val_model_repeats": getattr(self, "val_model_repeats", 0),
             "entries": len(self.entries),
             "seed": self.seed,
             "truncation": getattr(self, "truncation", None),
@@ -462,14 +519,27 @@ class SelectorDataModule(LightningDataModule):
 
     def _pair_loader(self, name: str, shuffle: bool = False) -> DataLoader:
         pairs = _Pairs(self.sets[name])
-        return DataLoader(
-            pairs,
-            batch_size=self.batch_size,
-            sampler=EpochShuffle(len(pairs), self.seed) if shuffle else None,
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
-            collate_fn=_Tagged(PairCollate(self.entries, self.codec()), name, pairs.pairs),
+        kwargs: dict[str, Any] = {
+            "batch_size": self.batch_size,
+            "num_workers": self.num_workers,
+            "persistent_workers": self.num_workers > 0,
+            "collate_fn": _Tagged(PairCollate(self.entries, self.codec()), name, pairs.pairs),
+        }
+        if not shuffle:
+            return DataLoader(pairs, **kwargs)
+        trainer = self.trainer
+        rank, world = (trainer.global_rank, trainer.world_size) if trainer else (0, 1)
+        sampler = EpochShuffle(len(pairs), self.seed, num_replicas=world, rank=rank)
+        if trainer is None:
+            return DataLoader(pairs, sampler=sampler, **kwargs)
+        return _ResumableLoader(
+            pairs, sampler=sampler, progress=partial(_trained_batches, trainer), **kwargs
         )
+
+    def _content(self, entry: int) -> tuple[str, str]:
+        """What the selector reads of an entry: its image file and its text."""
+        e = self.entries[entry]
+        return str(self.root.resolve(e.image)), e.text
 
     def _entry(self, image: str, text: str, path: Path, line: int | None) -> int:
         try:
@@ -550,6 +620,9 @@ class SelectorDataModule(LightningDataModule):
 
         train_levels, val_levels = split_levels(rated_scores, self.train_fraction)
         as_entry = lambda levels: {k: [rated[i] for i in v] for k, v in levels.items()}  # noqa: E731
+        val_levels, self.val_model_repeats = drop_repeats(
+            train_levels, val_levels, lambda i: self._content(rated[i])
+        )
         model_train = sample_model_pairs(as_entry(train_levels), self.model_pairs, rng)
         model_val = (
             sample_model_pairs(as_entry(val_levels), self.val_model_pairs, rng)
@@ -609,8 +682,11 @@ class SelectorDataModule(LightningDataModule):
                     dropped.add(preference_record(p.id))
                     continue
                 clin_pairs.append(Pair(a, b, CLINICIAN))
+                # one figure however its path is spelled ("a.jpg", "./a.jpg"): the file itself
                 by_image = self.clinician_split == "image"
-                groups.append(p.image if by_image else preference_record(p.id))
+                groups.append(
+                    str(self.root.resolve(p.image)) if by_image else preference_record(p.id)
+                )
         c_train, c_val = split_clinician(
             groups, self.clinician_val_fraction, rng, self.clinician_train_pairs
         )

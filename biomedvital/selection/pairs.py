@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import re
 from collections import defaultdict
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -46,6 +47,28 @@ def split_levels(
         if items[cut:]:
             val[level] = items[cut:]
     return train, val
+
+
+def drop_repeats(
+    train: dict[float, list[int]], val: dict[float, list[int]], key: Callable[[int], Hashable]
+) -> tuple[dict[float, list[int]], int]:
+    """``val`` without the items whose content (``key``) a training item has too.
+
+    Two candidates with one image and one selector text (a repeated generation; under the
+    ``paper`` recipe, conversations that differ only after the first turn) are one input: split
+    across the cut, the held-out pairs would score what the selector trained on. The released
+    code likewise refuses a test item equal to a training one. Returns the rest and how many
+    items were dropped; a level left empty is removed.
+    """
+    seen = {key(i) for items in train.values() for i in items}
+    kept: dict[float, list[int]] = {}
+    dropped = 0
+    for level, items in val.items():
+        rest = [i for i in items if key(i) not in seen]
+        dropped += len(items) - len(rest)
+        if rest:
+            kept[level] = rest
+    return kept, dropped
 
 
 def sample_model_pairs(

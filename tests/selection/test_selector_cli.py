@@ -323,3 +323,33 @@ def test_resumed_fit_continues_its_mlflow_run(tmp_path: Path, pool: dict[str, Pa
     assert len(history) == 2  # epoch 0 from the first process, epoch 1 from the resumed one
     last = torch.load(tmp_path / "out" / "checkpoints" / "last.ckpt", weights_only=True)
     assert last["mlflow_run_id"] == run.info.run_id
+
+
+def test_resume_mid_epoch_trains_the_rest_of_that_epoch(
+    tmp_path: Path, pool: dict[str, Path]
+) -> None:
+    """A run stopped between step checkpoints in its second epoch and resumed with
+    ``--ckpt_path last`` ends with the weights of a run that never stopped (the epoch's first
+    batches are not trained again)."""
+    import torch
+
+    ends = []
+    for name, stop in (("straight", None), ("stopped", 7)):  # 5 batches an epoch: epoch 1, batch 2
+        d = tmp_path / name
+        d.mkdir()
+        cfg = _config(d, pool)
+        raw = yaml.safe_load(cfg.read_text())
+        raw["trainer"]["callbacks"][0]["init_args"]["every_n_train_steps"] = 1
+        cfg.write_text(yaml.safe_dump(raw))
+        if stop is not None:
+            main(["fit", "--config", str(cfg), "--trainer.max_steps", str(stop)])
+            ckpt = torch.load(d / "out" / "checkpoints" / "last.ckpt", weights_only=True)
+            assert (ckpt["epoch"], ckpt["global_step"]) == (1, stop)
+            main(["fit", "--config", str(cfg), "--ckpt_path", "last"])
+        else:
+            main(["fit", "--config", str(cfg)])
+        ends.append(torch.load(d / "out" / "checkpoints" / "last.ckpt", weights_only=True))
+    a, b = ends
+    assert a["global_step"] == b["global_step"] == 10
+    for key, value in a["state_dict"].items():
+        torch.testing.assert_close(b["state_dict"][key], value, msg=key)

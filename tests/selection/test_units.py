@@ -216,6 +216,83 @@ def test_pair_split_keeps_an_answer_marks_record_on_one_side(pool: dict[str, Pat
         assert all(len(sides) == 1 for sides in side.values()), (seed, dict(side))
 
 
+def test_image_split_knows_one_figure_however_its_path_is_spelled(pool: dict[str, Path]) -> None:
+    # "cell.png", "./cell.png" and "x/../cell.png" are one file: a by-image split that grouped
+    # the strings would put the same figure on both sides of the clinician hold-out
+    rows = [json.loads(line) for line in pool["preferences"].read_text().splitlines()]
+    spellings = ["{}", "./{}", "x/../{}"]
+    for n, row in enumerate(rows):
+        row["image"] = spellings[n % 3].format(row["image"])
+    pool["preferences"].write_text("".join(json.dumps(r) + "\n" for r in rows))
+    root = pool["image_root"].resolve()
+    for seed in range(3):
+        dm = SelectorDataModule(
+            FilePool(**{k: str(v) for k, v in pool.items()}),
+            model_pairs=16,
+            val_model_pairs=4,
+            num_workers=0,
+            clinician_split="image",
+            seed=seed,
+        )
+        dm.setup("fit")
+        sides = {
+            name: {(root / dm.entries[p.a].image).resolve() for p in dm.sets[name]}
+            for name in ("train_clinician", "val_clinician")
+        }
+        assert sides["train_clinician"] and sides["val_clinician"]
+        assert not sides["train_clinician"] & sides["val_clinician"], seed
+
+
+def test_epoch_shuffle_shares_and_resumes_like_a_wrapped_sampler() -> None:
+    # each process's share is what Lightning's DistributedSamplerWrapper would have given it
+    # (so DDP batches are unchanged), and resume() skips exactly the samples already trained
+    from lightning.fabric.utilities.distributed import DistributedSamplerWrapper
+
+    from biomedvital.selection.datamodule import EpochShuffle
+
+    for world in (1, 2, 3):
+        for rank in range(world):
+            mine = EpochShuffle(7, seed=5, num_replicas=world, rank=rank)
+            plain = EpochShuffle(7, seed=5)
+            wrapped = DistributedSamplerWrapper(plain, num_replicas=world, rank=rank, shuffle=False)
+            for epoch in (0, 1):
+                mine.set_epoch(epoch)
+                wrapped.set_epoch(epoch)
+                want = list(wrapped)
+                assert list(mine) == want and len(mine) == len(want)
+                mine.resume(epoch, 2)
+                assert list(mine) == want[2:]
+                assert list(mine) == want  # the skip applies once
+    full = EpochShuffle(7, seed=5)
+    full.resume(0, 7)  # a finished epoch resumes at the start of the next
+    nxt = EpochShuffle(7, seed=5)
+    nxt.set_epoch(1)
+    assert list(full) == list(nxt)
+
+
+def test_held_out_model_pairs_never_score_a_training_input(pool: dict[str, Path]) -> None:
+    # "dup" repeats fig0-c0 (same image, same conversation) under another id, last in the file:
+    # level 8 is then fig0..3-c0 (train) + dup (held out), and dup is an input trained on
+    rows = [json.loads(line) for line in pool["candidates"].read_text().splitlines()]
+    twin = next(r for r in rows if r["id"] == "fig0-c0")
+    rows.append({**twin, "id": "dup"})
+    pool["candidates"].write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pool["ratings"].open("a") as f:
+        f.write(json.dumps({"candidate_id": "dup", "score": 8, "judge": "t"}) + "\n")
+    dm = SelectorDataModule(
+        FilePool(**{k: str(v) for k, v in pool.items()}),
+        model_pairs=64,
+        val_model_pairs=64,
+        num_workers=0,
+        seed=0,
+    )
+    dm.setup("fit")
+    inputs = lambda name: {dm.entries[i] for p in dm.sets[name] for i in (p.a, p.b)}  # noqa: E731
+    train, val = inputs("train"), inputs("val_model")
+    assert val and not train & val
+    assert dm.describe()["val_model_repeats"] == 1
+
+
 # ----------------------------------------------------------------------------- text
 
 CAPTION = "Fig 1: CT of the chest."
@@ -526,3 +603,51 @@ def test_local_dir_backbone_matches_the_saved_weights(tmp_path: Path) -> None:
         assert create_backbone(f"local-dir:{folder}").fingerprint() != changed
     finally:
         open_clip.__version__ = real
+
+
+def test_backbone_with_a_hugging_face_text_tower(tmp_path: Path) -> None:
+    # BiomedCLIP's layout (open_clip CustomTextCLIP: a BERT text tower, no text_projection),
+    # tiny and local: its embedding width must come from the text tower's projection
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import BertConfig, BertModel, PreTrainedTokenizerFast
+
+    bert = tmp_path / "bert"
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *"abcdefghijklmnopqrstuvwxyz"]
+    wordpiece = Tokenizer(models.WordPiece({w: i for i, w in enumerate(vocab)}, unk_token="[UNK]"))
+    wordpiece.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    special = {"pad_token": "[PAD]", "unk_token": "[UNK]", "cls_token": "[CLS]"}
+    tok = tmp_path / "clip"  # open_clip reads a local-dir tokenizer from the folder itself
+    PreTrainedTokenizerFast(tokenizer_object=wordpiece, **special).save_pretrained(tok)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        BertModel(
+            BertConfig(
+                vocab_size=len(vocab),
+                hidden_size=32,
+                num_hidden_layers=1,
+                num_attention_heads=2,
+                intermediate_size=64,
+                max_position_embeddings=64,
+            )
+        ).save_pretrained(bert)
+    clip = tok
+    text_cfg = {
+        "hf_model_name": str(bert),
+        "hf_tokenizer_name": str(tok),
+        "hf_proj_type": "mlp",
+        "hf_pooler_type": "cls_last_hidden_state_pooler",
+        "context_length": 16,
+    }
+    vision_cfg = {"image_size": 32, "layers": 1, "width": 32, "patch_size": 16, "head_width": 16}
+    model_cfg = {"embed_dim": 24, "vision_cfg": vision_cfg, "text_cfg": text_cfg}
+    (clip / "open_clip_config.json").write_text(json.dumps({"model_cfg": model_cfg}))
+    import open_clip
+
+    weights = open_clip.create_model(f"local-dir:{clip}", load_weights=False)
+    torch.save(weights.state_dict(), clip / "open_clip_pytorch_model.bin")
+
+    backbone = create_backbone(f"local-dir:{clip}")
+    assert backbone.embed_dim == 24
+    with torch.no_grad():
+        text = backbone.model.encode_text(backbone.tokenizer(["abc"]))
+    assert text.shape == (1, backbone.embed_dim)
