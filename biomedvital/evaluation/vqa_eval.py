@@ -123,6 +123,7 @@ class VQADataModule(LightningDataModule):
         self.split, self.name = split, name or benchmark
         self.batch_size, self.num_workers, self.limit = batch_size, num_workers, limit
         self.items: list[VQAItem] | None = None
+        self.n_benchmark: int | None = None
         self._described: dict[str, Any] | None = None
 
     def load_items(self) -> list[VQAItem]:
@@ -138,6 +139,7 @@ class VQADataModule(LightningDataModule):
             )
             if not items:
                 raise ValueError(f"{self.data}: no {self.benchmark} questions in {self.split!r}")
+            self.n_benchmark = len(items)  # the split's questions, before ``limit``
             self.items = items[: self.limit] if self.limit is not None else items
         return self.items
 
@@ -545,6 +547,8 @@ class VQAEvaluator(LightningModule):
         if self.resumed and self.logger is not None and hasattr(self.logger, "log_hyperparams"):
             self.logger.log_hyperparams({"resumed_batches": self.resumed["batches"]})
         total = len(dm.load_items()) if hasattr(dm, "load_items") else len(rows)
+        # the benchmark's questions: a run limited by ``limit`` covers fewer, not its figure
+        full = getattr(dm, "n_benchmark", None) or total
         if len(rows) < total:  # limit_test_batches, fast_dev_run: not the benchmark's figures
             from lightning.pytorch.utilities import rank_zero_warn
 
@@ -553,7 +557,7 @@ class VQAEvaluator(LightningModule):
                 "marked partial and the answer journal is kept for a full run to resume"
             )
         if self.hparams.write_predictions and self.trainer.is_global_zero:
-            self._write(name, scores, rows, answered=(len(rows), total))
+            self._write(name, scores, rows, answered=(len(rows), full))
             if self.journal is not None and len(rows) == total:
                 self.journal.remove()  # its answers are in the predictions file now
 
@@ -635,6 +639,8 @@ class VQAEvaluator(LightningModule):
         write_json(out / SCORES_FILE, result)
         logger = self.logger
         if logger is not None and hasattr(logger, "run_id") and hasattr(logger, "experiment"):
+            # as for judge / pairwise: a run over part of the benchmark says so in the store
+            logger.experiment.set_tag(logger.run_id, "partial", str(result["partial"]).lower())
             logger.experiment.log_artifact(logger.run_id, str(preds), f"eval/{name}")
             logger.experiment.log_artifact(logger.run_id, str(out / SCORES_FILE), f"eval/{name}")
 
