@@ -46,13 +46,14 @@ class LlavaTuner(LightningModule):
         lora_alpha: adapter scale numerator (LLaVA-1.5: 256).
         lora_dropout: dropout on the adapter input (LLaVA-1.5: 0.05).
         lora_target_modules: module names to adapt (default: every Llama linear layer).
-        lora_scope: ``language_model`` (default; the vision tower is never adapted) or ``all``.
+        lora_scope: ``language_model`` (default; the vision tower is never adapted) or ``all``
+            (the tower's linear layers get adapters too, which train; its weights stay frozen).
         train_projector: whether the vision-language projector trains (LLaVA: yes).
         freeze_vision_tower: keep the CLIP tower frozen (LLaVA and LLaVA-Med: frozen).
         lr: learning rate of the adapters (LoRA) or the language model (full). LoRA: 2e-4;
             full (LLaVA-Med stage 2): 2e-5.
         projector_lr: learning rate of the projector (LLaVA-1.5 LoRA: 2e-5); ``None`` = ``lr``.
-        weight_decay: AdamW weight decay (LLaVA: 0).
+        weight_decay: AdamW weight decay (LLaVA: 0); biases and norm weights are exempt.
         betas: AdamW betas.
         warmup_ratio: share of optimizer steps with linear warmup (LLaVA: 0.03).
         min_lr_ratio: the cosine schedule's floor as a share of each group's lr (LLaVA: 0).
@@ -161,10 +162,15 @@ class LlavaTuner(LightningModule):
             return get_peft_model(base, config)
 
     def _set_trainable(self) -> None:
+        """Projector per ``train_projector``; the CLIP tower's own weights frozen in LoRA mode
+        or with ``freeze_vision_tower``. Adapters always train, the tower's too
+        (``lora_scope: all`` asks for them)."""
         hp = self.hparams
         for name, p in self.model.named_parameters():
             if PROJECTOR in name and "original_module" not in name:
                 p.requires_grad_(hp.train_projector)
+            elif "lora_" in name:
+                continue  # peft made them trainable
             elif "vision_tower" in name and (hp.freeze_vision_tower or hp.mode == "lora"):
                 p.requires_grad_(False)
             elif "vision_tower" in name:
@@ -217,18 +223,29 @@ class LlavaTuner(LightningModule):
         fully_shard(self.model, mesh=dp)
 
     def param_groups(self) -> list[dict[str, Any]]:
-        """Trainable parameters: the projector with its own learning rate, the rest with ``lr``."""
+        """Trainable parameters: the projector with its own learning rate, the rest with ``lr``.
+
+        With ``weight_decay``, biases and norm weights are left undecayed, as LLaVA's trainer
+        does (decay pulls an RMSNorm gain towards 0, i.e. scales the layer's input down): each
+        group then has a ``*_no_decay`` twin with ``weight_decay`` 0."""
         hp = self.hparams
-        projector, rest = [], []
+        undecayed = no_decay_names(self.model) if hp.weight_decay else set()
+        buckets: dict[str, list[nn.Parameter]] = {}
         for name, p in self.model.named_parameters():
             if p.requires_grad:
-                (projector if PROJECTOR in name else rest).append(p)
+                key = "projector" if PROJECTOR in name else "model"
+                buckets.setdefault(key + ("_no_decay" if name in undecayed else ""), []).append(p)
         groups = []
-        if rest:
-            groups.append({"params": rest, "lr": hp.lr, "name": "model"})
-        if projector:
-            lr = hp.projector_lr if hp.projector_lr is not None else hp.lr
-            groups.append({"params": projector, "lr": lr, "name": "projector"})
+        for key in ("model", "model_no_decay", "projector", "projector_no_decay"):
+            if not buckets.get(key):
+                continue
+            lr = hp.lr
+            if key.startswith("projector") and hp.projector_lr is not None:
+                lr = hp.projector_lr
+            group: dict[str, Any] = {"params": buckets[key], "lr": lr, "name": key}
+            if key.endswith("_no_decay"):
+                group["weight_decay"] = 0.0
+            groups.append(group)
         return groups
 
     # -- training --------------------------------------------------------------------------
@@ -371,6 +388,30 @@ class LlavaTuner(LightningModule):
             dist.all_gather_object(parts, sorted(ids))
             ids = {i for part in parts for i in part}
         return sorted(ids)
+
+    def configure_gradient_clipping(
+        self,
+        optimizer: torch.optim.Optimizer,
+        gradient_clip_val: float | None = None,
+        gradient_clip_algorithm: str | None = None,
+    ) -> None:
+        """Clip by norm under FSDP (v1) too, with the norm over every rank's shard.
+
+        Lightning's FSDP precision plugin refuses norm clipping (it holds no reference to the
+        root unit), so ``gradient_clip_val`` (the paper config's 1.0) with
+        ``conf/strategy/fsdp.yaml`` would stop the run at its first optimiser step; the root
+        unit's ``clip_grad_norm_`` reduces the norm across ranks. Other strategies (FSDP2's
+        ``DTensor`` gradients included) keep Lightning's ``clip_grad_norm_``."""
+        from lightning.pytorch.strategies import FSDPStrategy
+
+        trainer = self._trainer
+        by_norm = gradient_clip_algorithm in (None, "norm")  # GradClipAlgorithmType equals its str
+        if trainer is not None and isinstance(trainer.strategy, FSDPStrategy) and by_norm:
+            clip = gradient_clip_val if gradient_clip_val is not None else trainer.gradient_clip_val
+            if clip:
+                trainer.strategy.model.clip_grad_norm_(clip)  # collective: every rank calls
+            return
+        super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
     def configure_optimizers(self) -> dict[str, Any]:
         hp = self.hparams
@@ -602,6 +643,18 @@ def check_fsdp1_dtypes(llava: nn.Module) -> None:
         dtypes = sorted({str(p.dtype).removeprefix("torch.") for p in params})
         if len(dtypes) > 1:
             raise ValueError(FSDP1_DTYPE_MESSAGE.format(unit=unit, dtypes=" and ".join(dtypes)))
+
+
+def no_decay_names(model: nn.Module) -> set[str]:
+    """Names of the parameters LLaVA's trainer exempts from weight decay: biases, and the
+    weights of normalisation layers (``LayerNorm``, ``LlamaRMSNorm``)."""
+    names = set()
+    for module_name, module in model.named_modules():
+        is_norm = isinstance(module, nn.LayerNorm) or type(module).__name__.endswith("RMSNorm")
+        for leaf, _ in module.named_parameters(recurse=False):
+            if is_norm or leaf == "bias":
+                names.add(f"{module_name}.{leaf}" if module_name else leaf)
+    return names
 
 
 def cosine_with_warmup(step: int, warmup: int, total: int, floor: float = 0.0) -> float:

@@ -681,3 +681,76 @@ def test_accumulated_micro_batches_weight_tokens_as_one_batch(
         assert any(not torch.allclose(g, w, rtol=1e-3) for g, w in zip(old, want, strict=True))
     finally:
         tuner._trainer = None
+
+
+def test_fsdp1_clips_by_norm_through_the_root_unit(tmp_path: Path) -> None:
+    """``gradient_clip_val`` under Lightning's FSDP (v1) strategy: its precision plugin refuses
+    norm clipping, so the tuner clips with the root unit's ``clip_grad_norm_``. Lightning
+    refuses FSDP (v1) on CPU, so a CPU trainer is given the strategy holding a real FSDP unit
+    (one gloo process)."""
+    import torch.distributed as dist
+    from lightning.pytorch import Trainer
+    from lightning.pytorch.plugins.precision import FSDPPrecision
+    from lightning.pytorch.strategies import FSDPStrategy
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    dist.init_process_group(
+        "gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1
+    )
+    try:
+        tuner = LlavaTuner("tiny:tiny-llava", lora_r=4, lora_alpha=8, lora_dropout=0.0)
+        batch = _one_batch(tuner)
+        root = FullyShardedDataParallel(tuner, use_orig_params=True, device_id=torch.device("cpu"))
+        trainer = Trainer(accelerator="cpu", devices=1, gradient_clip_val=0.01, logger=False)
+        strategy = FSDPStrategy(precision_plugin=FSDPPrecision("32-true"))
+        trainer._accelerator_connector.strategy = strategy
+        strategy.model = root
+        tuner.trainer = trainer
+        root(batch).loss.backward()
+        trainable = [p for p in tuner.parameters() if p.requires_grad]
+        before = [p.grad.clone() for p in trainable]
+        norm = torch.linalg.vector_norm(torch.stack([g.norm() for g in before]))
+        assert norm > 0.01
+        opt = torch.optim.SGD(trainable, lr=0.1)
+        tuner.configure_gradient_clipping(opt, 0.01, trainer.gradient_clip_algorithm)
+        for p, g in zip(trainable, before, strict=True):
+            torch.testing.assert_close(p.grad, g * (0.01 / norm), rtol=1e-4, atol=1e-9)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("mode", ["full", "lora"])
+def test_weight_decay_spares_biases_and_norms(mode: str) -> None:
+    """As LLaVA's trainer: AdamW decays the weight matrices (adapters included) but not the
+    biases and norm gains; every trainable parameter is in exactly one group."""
+    tuner = LlavaTuner("tiny:tiny-llava", mode=mode, lora_r=4, lora_alpha=8, weight_decay=0.5)
+    groups = tuner.param_groups()
+    ids = [id(p) for g in groups for p in g["params"]]
+    named = {n: p for n, p in tuner.model.named_parameters() if p.requires_grad}
+    assert sorted(ids) == sorted(id(p) for p in named.values())
+    opt = torch.optim.AdamW(groups, lr=0.1, weight_decay=tuner.hparams.weight_decay)
+    with torch.no_grad():  # lora_B and biases start at 0, which no decay would move
+        for p in named.values():
+            if not p.any():
+                p.fill_(0.5)
+    before = {n: p.detach().clone() for n, p in named.items()}
+    for p in named.values():
+        p.grad = torch.zeros_like(p)
+    opt.step()  # a zero gradient: only the decay moves a weight
+    spared = {n for n, p in named.items() if torch.equal(p, before[n])}
+    norms = {n for n in named if "norm" in n or n.endswith(".bias")}
+    assert norms and spared == norms
+    lr = {g["name"]: g["lr"] for g in groups}
+    assert lr.get("projector_no_decay", lr["projector"]) == lr["projector"]
+
+
+def test_lora_scope_all_trains_the_towers_adapters() -> None:
+    """``lora_scope: all`` adapts the CLIP tower too: its adapters must train (frozen ones
+    would cost compute and export as no-ops) while the tower's own weights stay frozen."""
+    tuner = LlavaTuner("tiny:tiny-llava", lora_r=4, lora_alpha=8, lora_scope="all")
+    tower = {n: p for n, p in tuner.model.named_parameters() if "vision_tower" in n}
+    adapters = {n for n in tower if "lora_" in n}
+    assert adapters
+    assert {n for n, p in tower.items() if p.requires_grad} == adapters
+    ids = {id(p) for g in tuner.param_groups() for p in g["params"]}
+    assert all(id(tower[n]) in ids for n in adapters)
