@@ -26,6 +26,7 @@ from biomedvital.data.jsonio import (
     parse_record,
     sha256_file,
 )
+from biomedvital.data.loaders import ResumableLoader, trained_batches
 from biomedvital.data.pool import DemoPool, FilePool, PoolFiles
 from biomedvital.data.records import (
     Candidate,
@@ -106,31 +107,17 @@ class EpochShuffle(DistributedSampler):
         return iter(order[self.rank : self.total_size : self.num_replicas][skip:])
 
 
-class _ResumableLoader(DataLoader):
-    """The training loader, checkpointed by Lightning (``state_dict``): the epoch and how many
-    of its batches were trained, so that ``fit --ckpt_path last`` from a checkpoint written
-    mid-epoch (``every_n_train_steps``) trains the rest of that epoch in the order of a run
-    that never stopped, instead of starting the epoch over with its first batches again."""
+class _PairLoader(ResumableLoader):
+    """The selector's training loader: resumable (:class:`~biomedvital.data.loaders.
+    ResumableLoader`) over an :class:`EpochShuffle`, which skips the samples already trained."""
 
     def __init__(self, *args: Any, progress: Callable[[], tuple[int, int]], **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
+        super().__init__(*args, progress=progress, **kwargs)
         if not isinstance(self.sampler, EpochShuffle):
-            raise TypeError("_ResumableLoader needs an EpochShuffle sampler")
-        self.progress = progress
+            raise TypeError("_PairLoader needs an EpochShuffle sampler")
 
-    def state_dict(self) -> dict[str, int]:
-        epoch, done = self.progress()
-        return {"epoch": int(epoch), "batches_done": int(done)}
-
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        done = int(state["batches_done"]) * int(self.batch_size or 1)
-        self.sampler.resume(int(state["epoch"]), done)  # type: ignore[attr-defined]
-
-
-def _trained_batches(trainer: Any) -> tuple[int, int]:
-    """The epoch under way and how many of its batches were trained (Lightning's counters,
-    read when a checkpoint is written, after the batch's step)."""
-    return trainer.current_epoch, trainer.fit_loop.epoch_loop.batch_progress.current.processed
+    def resume(self, epoch: int, batches_done: int) -> None:
+        self.sampler.resume(epoch, batches_done * int(self.batch_size or 1))  # type: ignore[attr-defined]
 
 
 class _Tagged:
@@ -532,8 +519,8 @@ class SelectorDataModule(LightningDataModule):
         sampler = EpochShuffle(len(pairs), self.seed, num_replicas=world, rank=rank)
         if trainer is None:
             return DataLoader(pairs, sampler=sampler, **kwargs)
-        return _ResumableLoader(
-            pairs, sampler=sampler, progress=partial(_trained_batches, trainer), **kwargs
+        return _PairLoader(
+            pairs, sampler=sampler, progress=partial(trained_batches, trainer), **kwargs
         )
 
     def _content(self, entry: int) -> tuple[str, str]:

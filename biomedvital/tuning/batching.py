@@ -9,9 +9,10 @@ from typing import Any, Literal
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import Dataset, Sampler
 
 from biomedvital.data.images import ImageLoadError, ImageRoot, UnsafePathError
+from biomedvital.data.loaders import ResumableLoader
 from biomedvital.tuning.conversation import IGNORE_INDEX
 
 IMAGE_ERRORS = (ImageLoadError, UnsafePathError, FileNotFoundError, OSError)
@@ -186,30 +187,18 @@ def min_padding_sizes(lengths_desc: Sequence[int], max_size: int, unit: int = 1)
     return sizes[::-1]
 
 
-class ResumableLoader(DataLoader):
-    """A training loader Lightning checkpoints (``state_dict``): the epoch and how many of its
-    batches were trained, so a run resumed mid-epoch (``fit --ckpt_path last`` after a crash
-    between ``every_n_train_steps`` checkpoints) trains the rest of that epoch's batches, in the
-    order of a run that never stopped, instead of starting the epoch over.
-
-    Args:
-        progress: returns (epoch, batches of it trained) when a checkpoint is written; the
-            trainer's loop counters (see ``TunerDataModule.train_dataloader``).
-        Others: ``DataLoader``'s; ``batch_sampler`` must be a :class:`GroupedBatchSampler`.
-    """
+class GroupedLoader(ResumableLoader):
+    """The tuner's training loader: resumable (:class:`~biomedvital.data.loaders.
+    ResumableLoader`) over a :class:`GroupedBatchSampler` (``batch_sampler``), which skips the
+    batches already trained."""
 
     def __init__(self, *args: Any, progress: Callable[[], tuple[int, int]], **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
+        super().__init__(*args, progress=progress, **kwargs)
         if not isinstance(self.batch_sampler, GroupedBatchSampler):
-            raise TypeError("ResumableLoader needs a GroupedBatchSampler as batch_sampler")
-        self.progress = progress
+            raise TypeError("GroupedLoader needs a GroupedBatchSampler as batch_sampler")
 
-    def state_dict(self) -> dict[str, int]:
-        epoch, done = self.progress()
-        return {"epoch": int(epoch), "batches_done": int(done)}
-
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        self.batch_sampler.resume(int(state["epoch"]), int(state["batches_done"]))  # type: ignore[union-attr]
+    def resume(self, epoch: int, batches_done: int) -> None:
+        self.batch_sampler.resume(epoch, batches_done)  # type: ignore[union-attr]
 
 
 class TuningDataset(Dataset):

@@ -14,13 +14,14 @@ from torch.utils.data import DataLoader
 
 from biomedvital.data.images import ImageRoot, UnsafePathError
 from biomedvital.data.jsonio import bad_from_validation, handle_bad, iter_objects, sha256_file
+from biomedvital.data.loaders import trained_batches
 from biomedvital.data.records import Turn
 from biomedvital.data.report import BadRecordError, RecordReport
 from biomedvital.tracking.mlflow import upstream_run_of
 from biomedvital.tuning.batching import (
     GroupedBatchSampler,
+    GroupedLoader,
     PadCollate,
-    ResumableLoader,
     Sample,
     TuningDataset,
 )
@@ -263,7 +264,7 @@ class TunerDataModule(LightningDataModule):
         trainer = getattr(self, "trainer", None)
         if name != "train" or trainer is None:
             return DataLoader(ds, **kwargs)
-        return ResumableLoader(ds, progress=partial(_trained_batches, trainer), **kwargs)
+        return GroupedLoader(ds, progress=partial(trained_batches, trainer), **kwargs)
 
     # -- what the run records --------------------------------------------------------------
 
@@ -305,9 +306,3 @@ class TunerDataModule(LightningDataModule):
             "max_length": self.max_length,
             "group_by": self.group_by,
         }
-
-
-def _trained_batches(trainer: Any) -> tuple[int, int]:
-    """The epoch under way and how many of its (micro-)batches have been trained: Lightning's
-    own counters, read when a checkpoint is written (after the batch's step)."""
-    return trainer.current_epoch, trainer.fit_loop.epoch_loop.batch_progress.current.processed
