@@ -131,9 +131,14 @@ def _segments(text: str, pattern: re.Pattern[str]) -> list[tuple[str, str]]:
     return out
 
 
+_FLAG_ORDER = ("refusal", "mentions_caption", "mentions_context")
+
+
 def _flag(answer: str) -> str | None:
     """Why an answer must not be trained on (``refusal``, ``mentions_caption``,
-    ``mentions_context``), or ``None``."""
+    ``mentions_context``), or ``None``. Only answers are read (LLaVA-Med filters its ``gpt``
+    turns only): a question may ask what a term means "in this context" without giving
+    anything away."""
     if _REFUSAL.search(answer):
         return "refusal"
     if _CAPTION.search(answer):
@@ -141,22 +146,6 @@ def _flag(answer: str) -> str | None:
     if _CONTEXT.search(answer):
         return "mentions_context"
     return None
-
-
-def _check_content(answers: list[str]) -> None:
-    """Reject on the first answer that refuses, names the caption or cites the context.
-
-    Only answers are read (LLaVA-Med filters its ``gpt`` turns only): a question may ask what a
-    term means "in this context" without giving anything away.
-    """
-    for t in answers:
-        if _REFUSAL.search(t):
-            raise Rejected("refusal", t[:80])
-    for t in answers:
-        if _CAPTION.search(t):
-            raise Rejected("mentions_caption", t[:80])
-        if _CONTEXT.search(t):
-            raise Rejected("mentions_context", t[:80])
 
 
 FlaggedAnswers = Literal["drop_exchange", "reject"]
@@ -182,10 +171,7 @@ def _drop_flagged(
     exchange goes; if fewer than ``need`` exchanges are left, the reply is rejected for the
     reason that removed the most.
     """
-    if flagged == "reject":
-        _check_content([a for _, answers in exchanges for a in answers])
-        return list(range(len(exchanges))), []
-    if flagged != "drop_exchange":
+    if flagged not in ("drop_exchange", "reject"):
         raise ValueError(f"flagged_answers must be 'drop_exchange' or 'reject', got {flagged!r}")
     kept: list[int] = []
     gone: list[DroppedExchange] = []
@@ -195,10 +181,13 @@ def _drop_flagged(
             gone.append(DroppedExchange(flags[0][0], question, flags[0][1]))
         else:
             kept.append(i)
+    if flagged == "reject" and gone:
+        # a refusal anywhere names the reply; else its first flagged answer
+        first = next((d for d in gone if d.reason == "refusal"), gone[0])
+        raise Rejected(first.reason, first.answer[:80])
     if gone and len(kept) < max(need, 1):
-        order = ("refusal", "mentions_caption", "mentions_context")
-        counts = {r: sum(d.reason == r for d in gone) for r in order}
-        reason = max(order, key=lambda r: (counts[r], -order.index(r)))
+        counts = {r: sum(d.reason == r for d in gone) for r in _FLAG_ORDER}
+        reason = max(_FLAG_ORDER, key=lambda r: (counts[r], -_FLAG_ORDER.index(r)))
         first = next(d for d in gone if d.reason == reason)
         raise Rejected(
             reason,

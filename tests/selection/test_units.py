@@ -185,6 +185,14 @@ def test_preference_record_strips_the_expansion_suffix_only() -> None:
     assert preference_record("a#b") == "a#b"  # a '#' of the user's own id is kept
 
 
+def _set_up(pool: dict[str, Path], **kw: object) -> SelectorDataModule:
+    """A data module over the pool's files, set up for fit (few pairs, no workers)."""
+    args: dict = {"model_pairs": 16, "val_model_pairs": 4, "num_workers": 0, **kw}
+    dm = SelectorDataModule(FilePool(**{k: str(v) for k, v in pool.items()}), **args)
+    dm.setup("fit")
+    return dm
+
+
 def test_pair_split_keeps_an_answer_marks_record_on_one_side(pool: dict[str, Path]) -> None:
     # each marks record expands into 4 pairs sharing its question and answers; a by-pair
     # split that separated them would validate on answers the selector trained on
@@ -197,15 +205,7 @@ def test_pair_split_keeps_an_answer_marks_record_on_one_side(pool: dict[str, Pat
             rec["pair_id"] = f"fig{k % 4}"  # its figure: the paper recipe needs the caption
             f.write(json.dumps({**rec, "answers": answers}) + "\n")
     for seed in range(3):
-        dm = SelectorDataModule(
-            FilePool(**{k: str(v) for k, v in pool.items()}),
-            model_pairs=16,
-            val_model_pairs=4,
-            num_workers=0,
-            clinician_split="pair",
-            seed=seed,
-        )
-        dm.setup("fit")
+        dm = _set_up(pool, clinician_split="pair", seed=seed)
         side: dict[str, set[str]] = defaultdict(set)
         for name in ("train_clinician", "val_clinician"):
             for pair in dm.sets[name]:
@@ -226,15 +226,7 @@ def test_image_split_knows_one_figure_however_its_path_is_spelled(pool: dict[str
     pool["preferences"].write_text("".join(json.dumps(r) + "\n" for r in rows))
     root = pool["image_root"].resolve()
     for seed in range(3):
-        dm = SelectorDataModule(
-            FilePool(**{k: str(v) for k, v in pool.items()}),
-            model_pairs=16,
-            val_model_pairs=4,
-            num_workers=0,
-            clinician_split="image",
-            seed=seed,
-        )
-        dm.setup("fit")
+        dm = _set_up(pool, clinician_split="image", seed=seed)
         sides = {
             name: {(root / dm.entries[p.a].image).resolve() for p in dm.sets[name]}
             for name in ("train_clinician", "val_clinician")
@@ -279,14 +271,7 @@ def test_held_out_model_pairs_never_score_a_training_input(pool: dict[str, Path]
     pool["candidates"].write_text("".join(json.dumps(r) + "\n" for r in rows))
     with pool["ratings"].open("a") as f:
         f.write(json.dumps({"candidate_id": "dup", "score": 8, "judge": "t"}) + "\n")
-    dm = SelectorDataModule(
-        FilePool(**{k: str(v) for k, v in pool.items()}),
-        model_pairs=64,
-        val_model_pairs=64,
-        num_workers=0,
-        seed=0,
-    )
-    dm.setup("fit")
+    dm = _set_up(pool, model_pairs=64, val_model_pairs=64, seed=0)
     inputs = lambda name: {dm.entries[i] for p in dm.sets[name] for i in (p.a, p.b)}  # noqa: E731
     train, val = inputs("train"), inputs("val_model")
     assert val and not train & val
