@@ -53,13 +53,19 @@ from biomedvital.generation.parse import (
     DroppedExchange,
     FlaggedAnswers,
     Rejected,
+    TruncatedReplies,
+    check_flagged_answers,
+    check_truncated_replies,
+    check_truncation,
     pair_records,
     parse_conversation,
     parse_pairs,
 )
 from biomedvital.generation.prompts import (
     MODALITIES,
+    PromptStyle,
     build_messages,
+    check_prompt_style,
     image_ref,
     printable_messages,
     prompt_version,
@@ -283,6 +289,8 @@ def generate(
     tags: dict[str, str] | None = None,
     min_exchanges: int = 4,
     flagged_answers: FlaggedAnswers = "drop_exchange",
+    prompt_style: PromptStyle = "suite",
+    truncated_replies: TruncatedReplies = "reject",
     progress: bool = True,
     batch_results: list[Path] | Path | None = None,
 ) -> dict:
@@ -319,8 +327,17 @@ def generate(
             costs: ``drop_exchange`` (LLaVA-Med's post-processing removes such answers) takes
             out its question-answer exchange, written to ``dropped_exchanges.jsonl`` and
             counted, and rejects the reply only when fewer than ``min_exchanges`` are left;
-            ``reject`` rejects the whole reply. Applied when replies are parsed, so a rerun
-            with the other value re-parses the journal and sends nothing.
+            ``reject`` rejects the whole reply; ``keep`` (BioMed-VITAL's released script)
+            keeps them, counted by reason (``kept_flagged_answers_by_reason``). Applied when
+            replies are parsed, so a rerun with another value re-parses the journal and sends
+            nothing.
+        prompt_style: ``suite`` (this project's prompts) or ``vital`` (the released
+            clinician-demonstration script's requirements in this project's words; with
+            ``answers=2``, the released two-answer script's); see ``prompts``.
+        truncated_replies: a reply cut off by ``max_tokens`` has a half-written last answer:
+            ``reject`` it (counted as ``truncated``) or ``keep`` it as the released script does
+            (counted as ``kept_truncated``). Applied when replies are parsed, like
+            ``flagged_answers``.
         progress: show the progress bar.
         batch_results: results file(s) of the offline runner to import (``client.batch_runner:
             file``).
@@ -328,6 +345,9 @@ def generate(
     figures, demonstrations, out = Path(figures), Path(demonstrations), Path(out)
     if answers not in (1, 2):
         raise ValueError(f"answers must be 1 or 2, got {answers}")
+    check_prompt_style(prompt_style)
+    check_flagged_answers(flagged_answers)
+    check_truncated_replies(truncated_replies)
     if isinstance(batch_results, str | Path):
         batch_results = [Path(batch_results)]
     reports = {"figures": RecordReport(), "demonstrations": RecordReport()}
@@ -386,7 +406,7 @@ def generate(
                     continue
             report.kept()
             chosen = select_demonstrations(demos, n_demos, seed, str(fig.pair_id))
-            msgs = build_messages(fig, chosen, url, answers)
+            msgs = build_messages(fig, chosen, url, answers, prompt_style)
             req = ChatRequest(msgs, dict(params), meta={"pair_id": fig.pair_id})
             req.key = request_key(client.model, msgs, req.params)
             estimate.add(req)
@@ -439,10 +459,12 @@ def generate(
             "extra_body": extra_body,
             "min_exchanges": min_exchanges,
             "flagged_answers": flagged_answers,
+            "prompt_style": prompt_style,
+            "truncated_replies": truncated_replies,
             "on_bad_record": on_bad_record,
             "batch_results": [str(p) for p in batch_results] if batch_results else None,
         }
-        version = prompt_version(answers)
+        version = prompt_version(answers, prompt_style)
         plan_path = out / ".generate.plan.jsonl"
         name = "candidates.jsonl" if answers == 1 else "pairs.jsonl"
         with PipelineRun(
@@ -475,6 +497,7 @@ def generate(
                     answers,
                     min_exchanges,
                     flagged_answers,
+                    truncated_replies,
                     {"model": client.model, "prompt_version": version, "params": params},
                 )
                 torn = journal.torn_lines
@@ -510,6 +533,8 @@ def generate(
                     "generate/failed": counts["failed"],
                     "generate/rejected": counts["rejected"],
                     "generate/dropped_exchanges": counts["dropped_exchanges"],
+                    "generate/kept_flagged_answers": counts["kept_flagged_answers"],
+                    "generate/kept_truncated": counts["kept_truncated"],
                     "generate/written": counts["written"],
                     "generate/requests_sent": ledger.requests_sent,
                     "generate/cached": ledger.cached,
@@ -532,12 +557,14 @@ def _assemble(
     answers: int,
     min_exchanges: int,
     flagged: FlaggedAnswers,
+    truncated: TruncatedReplies,
     generator_base: dict[str, Any],
 ) -> dict[str, Any]:
     """Write the outputs in figure order from the plan and the journal; return the counts."""
-    requested = failed = written = 0
+    requested = failed = written = kept_truncated = 0
     rejected: dict[str, int] = {}
     dropped_by_reason: dict[str, int] = {}
+    kept_flagged: dict[str, int] = {}
     prices = config.price_per_million
     with (
         open(plan_path, encoding="utf-8") as plan,
@@ -582,12 +609,7 @@ def _assemble(
             }
             dropped: list[DroppedExchange] = []
             try:
-                if res.finish_reason == "length":
-                    # cut off by max_tokens: the last answer is half-written, yet it parses
-                    raise Rejected(
-                        "truncated",
-                        "the reply hit max_tokens (finish_reason 'length'); raise max_tokens",
-                    )
+                cut = check_truncation(res.finish_reason, truncated)
                 if answers == 1:
                     turns = parse_conversation(
                         res.content, min_exchanges, res.refusal, flagged, dropped
@@ -628,7 +650,11 @@ def _assemble(
                     },
                 )
                 continue
+            kept_truncated += cut
             for d in dropped:  # taken out of a kept reply: reported, never silently lost
+                if d.kept:  # flagged_answers: keep
+                    kept_flagged[d.reason] = kept_flagged.get(d.reason, 0) + 1
+                    continue
                 dropped_by_reason[d.reason] = dropped_by_reason.get(d.reason, 0) + 1
                 emit(
                     fd,
@@ -648,5 +674,8 @@ def _assemble(
         "rejected_by_reason": dict(sorted(rejected.items())),
         "dropped_exchanges": sum(dropped_by_reason.values()),
         "dropped_exchanges_by_reason": dict(sorted(dropped_by_reason.items())),
+        "kept_flagged_answers": sum(kept_flagged.values()),
+        "kept_flagged_answers_by_reason": dict(sorted(kept_flagged.items())),
+        "kept_truncated": kept_truncated,
         "written": written,
     }

@@ -30,7 +30,7 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from biomedvital.data.records import IMAGE_TOKEN
 
@@ -148,31 +148,77 @@ def _flag(answer: str) -> str | None:
     return None
 
 
-FlaggedAnswers = Literal["drop_exchange", "reject"]
+FlaggedAnswers = Literal["drop_exchange", "reject", "keep"]
+
+
+def check_flagged_answers(flagged: str) -> None:
+    """Refuse an unknown ``flagged_answers`` value before anything is read or sent."""
+    if flagged not in get_args(FlaggedAnswers):
+        raise ValueError(
+            f"flagged_answers must be one of {', '.join(get_args(FlaggedAnswers))}, got {flagged!r}"
+        )
+
+
+TruncatedReplies = Literal["reject", "keep"]
+
+
+def check_truncated_replies(mode: str) -> None:
+    """Refuse an unknown ``truncated_replies`` value before anything is read or sent."""
+    if mode not in get_args(TruncatedReplies):
+        raise ValueError(
+            f"truncated_replies must be one of {', '.join(get_args(TruncatedReplies))}, "
+            f"got {mode!r}"
+        )
+
+
+def check_truncation(finish_reason: str | None, mode: TruncatedReplies) -> bool:
+    """Whether a reply was cut off by ``max_tokens`` (``finish_reason: length``) and is kept.
+
+    A cut reply still parses, its last answer half-written, and a parser cannot tell: ``reject``
+    raises :class:`Rejected` (``truncated``); ``keep`` (BioMed-VITAL's released script, which
+    keeps every tagged line) returns ``True`` so the caller counts it.
+    """
+    check_truncated_replies(mode)
+    if finish_reason != "length":
+        return False
+    if mode == "reject":
+        raise Rejected(
+            "truncated", "the reply hit max_tokens (finish_reason 'length'); raise max_tokens"
+        )
+    return True
 
 
 @dataclass
 class DroppedExchange:
-    """A question-answer exchange taken out of a kept reply: its answer was flagged."""
+    """A question-answer exchange whose answer was flagged: taken out of a kept reply, or, with
+    ``kept`` (``flagged_answers: keep``), left in it and only counted."""
 
     reason: str
     question: str
     answer: str
+    kept: bool = False
 
 
 def _drop_flagged(
     exchanges: list[tuple[str, list[str]]], need: int, flagged: FlaggedAnswers
 ) -> tuple[list[int], list[DroppedExchange]]:
-    """Which exchanges (a question and its answers) stay once those with a flagged answer go,
-    and those that went.
+    """Which exchanges (a question and its answers) stay, and the flagged answers' records.
 
     ``reject`` (stricter than the reference): one flagged answer rejects the reply.
     ``drop_exchange`` (LLaVA-Med's post-processing, which removes such answers): only its
     exchange goes; if fewer than ``need`` exchanges are left, the reply is rejected for the
-    reason that removed the most.
+    reason that removed the most. ``keep`` (BioMed-VITAL's released script, which filters
+    nothing): every exchange stays, and each flagged answer is reported with ``kept`` set.
     """
-    if flagged not in ("drop_exchange", "reject"):
-        raise ValueError(f"flagged_answers must be 'drop_exchange' or 'reject', got {flagged!r}")
+    check_flagged_answers(flagged)
+    if flagged == "keep":
+        found = [
+            DroppedExchange(r, question, a, kept=True)
+            for question, answers in exchanges
+            for a in answers
+            if (r := _flag(a)) is not None
+        ]
+        return list(range(len(exchanges))), found
     kept: list[int] = []
     gone: list[DroppedExchange] = []
     for i, (question, answers) in enumerate(exchanges):
@@ -254,8 +300,9 @@ def parse_conversation(
     ``<image>`` goes on its own line before the first question, as in LLaVA's data. A trailing
     question without an answer (or with an empty ``Assistant:``) is dropped. A reply written as
     a JSON list of turns is read too. An exchange whose answer refuses or gives away the
-    caption or context is taken out (``flagged``, see :func:`_drop_flagged`; appended to
-    ``dropped``). Raises :class:`Rejected` with the reason otherwise.
+    caption or context is taken out, or kept and counted (``flagged``, see
+    :func:`_drop_flagged`; appended to ``dropped``). Raises :class:`Rejected` with the reason
+    otherwise.
     """
     text = _check_text(text, refusal)
     segs = _segments(text, _CONV_TAGS) or _json_segments(text)

@@ -1,10 +1,19 @@
 """Prompts for generating instruction conversations (and answer pairs) about biomedical figures.
 
-The wording is this project's own; what it asks for follows the paper's stage 1: a multi-turn
-conversation of 4-5 exchanges, varied questions (modality, organ, location, abnormality, size and
-count, reasoning; yes/no and open), the terminology of the caption and in-text mentions, and
-answers phrased as if the assistant looked at the image itself. Demonstrations are clinician-picked
-conversations, one drawn per modality for each figure, sent as text (no demonstration images).
+The wording is this project's own, in two styles (``prompt_style``):
+
+* ``suite`` (the default): a multi-turn conversation of 4-5 exchanges, varied questions
+  (modality, organ, location, abnormality, size and count, reasoning; yes/no and open), the
+  terminology of the caption and in-text mentions, and answers phrased as if the assistant looked
+  at the image itself, never naming the caption or context.
+* ``vital``: the requirements of BioMed-VITAL's released clinician-demonstration script, point by
+  point (:data:`VITAL_REQUIREMENTS`): at least 4-5 exchanges and more for rich figures, the text
+  worked in and linked to the image, responsible answers. Its paired-answers variant follows the
+  released two-answer script (:data:`VITAL_PAIR_REQUIREMENTS`).
+
+Each style's requirements are ``(id, phrase)`` pairs, so a test can hold every prompt to what it
+must ask for. Demonstrations are clinician-picked conversations, one drawn per modality for each
+figure, sent as text (no demonstration images).
 """
 
 from __future__ import annotations
@@ -15,7 +24,7 @@ import io
 import random
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args
 
 from biomedvital.data.images import load_image
 from biomedvital.data.records import Demonstration, SourceFigure, strip_image_token
@@ -66,10 +75,176 @@ with "Answer B:" at the beginning of a line, with nothing before the first quest
 
 MENTIONS_HEADER = "Sentences of the article that refer to the figure:"
 
+PromptStyle = Literal["suite", "vital"]
+"""``suite``: this project's prompts; ``vital``: the released BioMed-VITAL scripts' requirements."""
 
-def prompt_version(answers: int = 1) -> str:
+Requirement = tuple[str, str]
+"""``(id, phrase)``: one thing a prompt asks for, and the words it asks for it in."""
+
+SUITE_REQUIREMENTS: tuple[Requirement, ...] = (
+    ("conversation", "Write a conversation between a User, who asks about the image, and an"),
+    ("user_first", "The User speaks first."),
+    ("exchanges", "Write 4 to 5 question-answer exchanges."),
+    ("diverse_questions", "Mix yes/no questions with open ones."),
+    ("terminology", "Use the precise medical terms found in the caption and the mentions."),
+    ("no_source", "Never say that information comes from a caption, a text, a context"),
+    ("specific", "avoid vague or evasive replies"),
+    ("supported", "Only ask questions whose answers the figure and its text support."),
+    ("multi_line", "Answers may span several lines."),
+)
+"""What :data:`SYSTEM_PROMPT` asks for: phrases of that text, which is kept as written (its hash
+is every suite candidate's ``prompt_version`` and part of every cached request)."""
+
+SUITE_PAIR_REQUIREMENTS: tuple[Requirement, ...] = (
+    ("questions", "Write 4 to 5 questions about the image"),
+    ("two_answers", "for each question two different answers written independently"),
+    ("diverse_questions", "Mix yes/no questions with open ones."),
+    ("terminology", "Use the precise medical terms found in the caption and the mentions."),
+    ("no_source", "Never say that information comes from a caption, a text, a context"),
+    ("distinct", "The two answers must differ in content or wording, not be copies."),
+)
+"""What :data:`PAIR_SYSTEM_PROMPT` asks for (phrases of that text, kept as written)."""
+
+VITAL_REQUIREMENTS: tuple[Requirement, ...] = (
+    (
+        "conversation",
+        "Write a conversation in which a User asks about the figure and an Assistant answers, "
+        "as if the two of them were looking at the image together.",
+    ),
+    ("user_first", "The User speaks first: open with a question, never with an answer."),
+    (
+        "exchanges",
+        "Write no fewer than 4 to 5 question-answer exchanges; when the figure and its text "
+        "hold much information, add more.",
+    ),
+    (
+        "diverse_questions",
+        "Vary the questions across the image's aspects: the imaging modality, the organ, where "
+        "a finding lies, which disease it may point to, sizes, how many elements there are, and "
+        "questions that take reasoning. Mix yes/no questions with open ones.",
+    ),
+    (
+        "visual_first",
+        "Begin from what the image itself shows, what a viewer could tell without the text, and "
+        "bring out as many of its key details as you can.",
+    ),
+    (
+        "text_linked",
+        "Bring the caption and the article's sentences into the questions and answers, and make "
+        "explicit how what they say relates to what is visible in the image.",
+    ),
+    (
+        "terminology",
+        "When the text bears on a question, answer in its specialist vocabulary and with its "
+        "expertise, not in vague lay terms.",
+    ),
+    (
+        "responsible",
+        "Give careful, responsible answers that neither overstate certainty nor stay vague.",
+    ),
+    (
+        "training_value",
+        "The conversation becomes training data for another medical vision-language model: "
+        "make every exchange worth learning from.",
+    ),
+)
+"""The released clinician-demonstration script's requirements (``instructions_generation.py``),
+in this project's words. It does not forbid naming the caption: ``flagged_answers`` decides what
+happens to such answers."""
+
+VITAL_PAIR_REQUIREMENTS: tuple[Requirement, ...] = (
+    (
+        "two_answers",
+        "For each question write two answers independently, each offering its own explanation "
+        "or view of what the image shows, so that clinicians can tell which is the better one.",
+    ),
+    (
+        "image_focus",
+        "Keep the focus on the image: use the text to understand it, but do not repeat the "
+        "text's specific facts, terms, abbreviations, dates, numbers or names.",
+    ),
+    (
+        "diverse_questions",
+        "Ask varied questions that explore different visual aspects of the image.",
+    ),
+    (
+        "questions",
+        "Write no fewer than 3 to 4 questions, each followed by its two different answers.",
+    ),
+    (
+        "responsible",
+        "Answer with care and without overconfidence; give no medical advice or diagnosis, and "
+        "suggest consulting a medical professional instead.",
+    ),
+    ("user_first", "Start with a question, never with an answer."),
+    (
+        "visual_detail",
+        "Draw out as much of the key visual information in the image as you can, with the text as "
+        "a complement, relating what it says to what is visible.",
+    ),
+)
+"""The released two-answer script's requirements (``generate_vision_instructions_2_answers.py``),
+in this project's words. Its single demonstration was LLaVA-Med's, shown with its image; here the
+drawn clinician demonstrations are shown as examples of questions, as for ``suite``."""
+
+
+def render_requirements(requirements: tuple[Requirement, ...]) -> str:
+    """The requirements as the prompt's bullet list, one phrase a line, in order."""
+    return "\n".join(f"- {phrase}" for _, phrase in requirements)
+
+
+VITAL_SYSTEM_PROMPT = (
+    "You are an expert in biomedical imaging writing training data for a medical "
+    "vision-language assistant. For each figure of a biomedical article you receive the image, "
+    "its label and caption, and the sentences of the article that refer to it.\n\n"
+    + render_requirements(VITAL_REQUIREMENTS)
+    + '\n\nFormat: start each question with "User:" and each answer with "Assistant:" at the '
+    "beginning of a line, with nothing before the first question."
+)
+
+VITAL_PAIR_SYSTEM_PROMPT = (
+    "You are an expert in biomedical imaging preparing questions and answers that clinicians "
+    "will compare. For each figure of a biomedical article you receive the image, its label and "
+    "caption, and the sentences of the article that refer to it.\n\n"
+    + render_requirements(VITAL_PAIR_REQUIREMENTS)
+    + '\n\nFormat: start each question with "Question:", its first answer with "Answer A:" and '
+    'its second with "Answer B:" at the beginning of a line, with nothing before the first '
+    "question.\n{examples}"
+)
+
+_PROMPTS: dict[tuple[str, int], tuple[str, tuple[Requirement, ...]]] = {
+    ("suite", 1): (SYSTEM_PROMPT, SUITE_REQUIREMENTS),
+    ("suite", 2): (PAIR_SYSTEM_PROMPT, SUITE_PAIR_REQUIREMENTS),
+    ("vital", 1): (VITAL_SYSTEM_PROMPT, VITAL_REQUIREMENTS),
+    ("vital", 2): (VITAL_PAIR_SYSTEM_PROMPT, VITAL_PAIR_REQUIREMENTS),
+}
+
+
+def check_prompt_style(style: str) -> None:
+    """Refuse an unknown ``prompt_style`` before anything is read or sent."""
+    if style not in get_args(PromptStyle):
+        raise ValueError(
+            f"prompt_style must be one of {', '.join(get_args(PromptStyle))}, got {style!r}"
+        )
+
+
+def prompt_template(answers: int = 1, style: PromptStyle = "suite") -> str:
+    """The system prompt of a style (``answers=2``: with its ``{examples}`` slot unfilled)."""
+    check_prompt_style(style)
+    if answers not in (1, 2):
+        raise ValueError(f"answers must be 1 or 2, got {answers}")
+    return _PROMPTS[style, answers][0]
+
+
+def prompt_requirements(answers: int = 1, style: PromptStyle = "suite") -> tuple[Requirement, ...]:
+    """The ``(id, phrase)`` requirements that :func:`prompt_template` carries."""
+    prompt_template(answers, style)
+    return _PROMPTS[style, answers][1]
+
+
+def prompt_version(answers: int = 1, style: PromptStyle = "suite") -> str:
     """Hash of the instruction text, recorded with every candidate (which prompt made it)."""
-    text = SYSTEM_PROMPT if answers == 1 else PAIR_SYSTEM_PROMPT
+    text = prompt_template(answers, style)
     return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
 
 
@@ -224,8 +399,9 @@ def build_messages(
     demos: list[Demonstration],
     image_url: str | None = None,
     answers: int = 1,
+    style: PromptStyle = "suite",
 ) -> list[dict[str, Any]]:
-    """The chat messages for one figure.
+    """The chat messages for one figure, with the system prompt of ``style``.
 
     ``answers=1``: system prompt, then each demonstration as a user turn (its caption and
     mentions) answered by an assistant turn (its conversation), then the figure. ``answers=2``:
@@ -233,8 +409,7 @@ def build_messages(
     single answers cannot model the two-answer format). The image is attached only when
     ``image_url`` is given (``vision: true``).
     """
-    if answers not in (1, 2):
-        raise ValueError(f"answers must be 1 or 2, got {answers}")
+    system = prompt_template(answers, style)
     query: list[dict[str, Any]] = list(figure_text_parts(fig))
     if image_url is not None:
         query.append({"type": "image_url", "image_url": {"url": image_url}})
@@ -247,10 +422,10 @@ def build_messages(
                 f"its figure's text:\n\n{blocks}"
             )
         return [
-            {"role": "system", "content": PAIR_SYSTEM_PROMPT.format(examples=examples)},
+            {"role": "system", "content": system.format(examples=examples)},
             {"role": "user", "content": query},
         ]
-    messages: list[dict[str, Any]] = [{"role": "system", "content": SYSTEM_PROMPT}]
+    messages: list[dict[str, Any]] = [{"role": "system", "content": system}]
     for d in demos:
         messages.append({"role": "user", "content": figure_text_parts(d)})
         messages.append({"role": "assistant", "content": render_conversation(d)})

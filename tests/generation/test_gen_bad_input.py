@@ -187,3 +187,20 @@ def test_bad_client_setting_is_one_line_before_any_request(
     assert proc.stderr.startswith(f"biomedvital: error: {message}")
     assert "Traceback" not in proc.stderr
     assert not (tmp_path / "rate").exists() and not (tmp_path / "mlruns").exists()
+
+
+@pytest.mark.parametrize("key", ["prompt_style", "flagged_answers", "truncated_replies"])
+def test_bad_choice_is_one_error_naming_the_key(api: FakeAPI, tmp_path: Path, key: str) -> None:
+    """A value outside a switch's choices stops the verb before anything is read or sent, from
+    the command line (the parser names the key) and from Python alike."""
+    from biomedvital.cli import ConfigError, main
+
+    paper = Path(__file__).resolve().parents[2] / "conf" / "paper" / "generate.yaml"
+    with pytest.raises(ConfigError) as info:
+        main(["generate", "--config", str(paper), f"--{key}", "bogus", "--dry_run", "true"])
+    assert f'key "{key}"' in str(info.value) and "Got value: bogus" in str(info.value)
+    inputs = write_inputs(tmp_path / "in", n_figures=1)
+    with pytest.raises(ValueError, match=f"^{key} must be one of .*, got 'bogus'$"):
+        _gen(api, inputs, tmp_path / "out", str(tmp_path / "ml"), **{key: "bogus"})
+    assert api.count() == 0 and not (tmp_path / "out").exists()
+    assert not (tmp_path / "ml").exists()

@@ -376,6 +376,20 @@ def test_reply_cut_off_by_max_tokens_is_rejected(
     name = "candidates.jsonl" if answers == 1 else "pairs.jsonl"
     written = [json.loads(x) for x in (out / name).open()]
     assert written and all(r["pair_id"] == "PMC0_F0" for r in written)
+    assert c["kept_truncated"] == 0
+
+    # ``truncated_replies: keep`` (the released script keeps every tagged line): the journal is
+    # re-parsed, nothing is sent, the cut reply is written with its finish_reason and counted
+    api.reset()
+    m2 = _gen(api, inputs, out, mlstore, answers=answers, vision=False, truncated_replies="keep")
+    assert api.count() == 0 and m2["config"]["truncated_replies"] == "keep"
+    c2 = m2["counts"]
+    assert (c2["rejected"], c2["kept_truncated"]) == (0, 1)
+    kept = [json.loads(x) for x in (out / name).open() if "PMC1_F1" in x]
+    assert kept and {r["generator"]["finish_reason"] for r in kept} == {"length"}
+    last = kept[-1]["conversations"][-1]["value"] if answers == 1 else kept[-1]["answers"][1]
+    assert last.endswith(("a diag", "in the left"))
+    assert (out / "failed.jsonl").read_text() == ""
 
 
 def test_empty_reply_is_retried_not_kept(api: FakeAPI, tmp_path: Path, mlstore: str) -> None:
@@ -430,4 +444,16 @@ def test_flagged_answer_drops_its_exchange_and_is_reported(
     assert api.count() == 0
     assert m2["counts"]["rejected_by_reason"] == {"mentions_caption": 1}
     assert m2["counts"]["dropped_exchanges"] == 0
+    assert (out / "dropped_exchanges.jsonl").read_text() == ""
+
+    # ``keep`` (the released script filters nothing): the answer stays, counted by reason
+    api.reset()
+    m3 = _gen(api, inputs, out, mlstore, flagged_answers="keep")
+    assert api.count() == 0 and m3["counts"]["written"] == 2
+    assert m3["counts"]["rejected"] == m3["counts"]["dropped_exchanges"] == 0
+    assert m3["counts"]["kept_flagged_answers_by_reason"] == {"mentions_caption": 1}
+    assert m3["counts"]["kept_flagged_answers"] == 1
+    cands = {c["id"]: c for c in map(json.loads, (out / "candidates.jsonl").open())}
+    assert len(cands["PMC1_F1"]["conversations"]) == 10
+    assert cands["PMC1_F1"]["conversations"][-1]["value"] == "The caption says a mass."
     assert (out / "dropped_exchanges.jsonl").read_text() == ""

@@ -330,6 +330,35 @@ def test_flagged_exchange_is_dropped_and_reported() -> None:
     assert kept == []  # a rejected reply reports its rejection, not drops
 
 
+def test_flagged_answers_keep_leaves_every_exchange_and_reports_each_flag() -> None:
+    """``keep`` (BioMed-VITAL's released script) trains on flagged answers: nothing is taken out
+    or rejected, and each flagged answer is reported with ``kept`` set (even a reply of
+    refusals, which the other modes reject)."""
+    text = _conv() + "\nUser: What does it show?\nAssistant: The caption says a liver lesion."
+    found: list[DroppedExchange] = []
+    turns = parse_conversation(text, 5, flagged="keep", dropped=found)
+    assert len(turns) == 10 and turns[-1]["value"] == "The caption says a liver lesion."
+    assert found == [
+        DroppedExchange(
+            "mentions_caption", "What does it show?", "The caption says a liver lesion.", True
+        )
+    ]
+    refusals = "\n".join(f"User: {q}\nAssistant: I'm sorry, I cannot see the image." for q in QS)
+    found = []
+    assert len(parse_conversation(refusals, 1, flagged="keep", dropped=found)) == 2 * len(QS)
+    assert [d.reason for d in found] == ["refusal"] * len(QS) and all(d.kept for d in found)
+    pairs = (
+        "Question: Any lesion?\nAnswer A: As the caption notes, yes.\n"
+        "Answer B: I cannot see the image.\n"
+    )
+    found = []
+    (item,) = parse_pairs(pairs, 1, flagged="keep", dropped=found)
+    assert item.answers[0] == "As the caption notes, yes."
+    assert [d.reason for d in found] == ["mentions_caption", "refusal"]  # one per answer
+    with pytest.raises(ValueError, match="flagged_answers must be one of .*'drop'"):
+        parse_conversation(text, 1, flagged="drop")  # type: ignore[arg-type]
+
+
 def test_reply_of_refusals_is_rejected_as_refusal() -> None:
     text = "\n".join(f"User: {q}\nAssistant: I'm sorry, I cannot see the image." for q in QS)
     assert _reason(text, flagged="drop_exchange", min_exchanges=1) == "refusal"
