@@ -128,7 +128,10 @@ def test_paper_pipeline_config_parses(path: Path, capsys: pytest.CaptureFixture[
     assert f"python -m biomedvital {path.stem} --config conf/paper/{path.stem}.yaml" in text
     if path.stem == "generate":
         assert (cfg["n_demos"], cfg["vision"], cfg["answers"]) == (5, True, 1)
-        assert cfg["flagged_answers"] == "drop_exchange"
+        # the released clinician-demonstration script's values (docs/fidelity.md)
+        assert (cfg["prompt_style"], cfg["max_tokens"], cfg["temperature"]) == ("vital", 4096, 1.0)
+        assert (cfg["flagged_answers"], cfg["min_exchanges"]) == ("keep", 1)
+        assert cfg["truncated_replies"] == "keep"
         assert cfg["demonstrations"].endswith("doctor_few_shot_examples.json")
     elif path.stem == "rate":
         assert cfg["vision"] is True and cfg["image_root"] and cfg["figures"]
