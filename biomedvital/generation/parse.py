@@ -17,7 +17,11 @@ survive. Rejections carry a reason so a run can report how much it lost and why:
   "according to the context"; LLaVA-Med strips these phrases rather than keeping them);
 * ``identical_answers`` - (answer pairs) both answers to a question are the same;
 * ``truncated`` - the reply was cut off by ``max_tokens`` (``finish_reason: length``): its last
-  answer is half-written, and a parser cannot tell (set by ``generate``, not by the parsers).
+  answer is half-written, and a parser cannot tell (:func:`check_truncation`, given the
+  reply's finish reason; ``truncated_replies: keep`` keeps such replies, as the released script does).
+
+``flagged_answers`` decides what a refusal or a caption or context citation in an answer costs:
+its exchange (``drop_exchange``), the reply (``reject``), or nothing but a count (``keep``).
 
 The content filters (refusal, caption, context) read answers only, as LLaVA-Med's do: a question
 such as "What does consolidation mean in this context?" is ordinary clinical wording, and the
