@@ -175,3 +175,21 @@ class PairCollate:
         # epochs meet it again
         batch["dropped"] = [n for n, good in enumerate(ok) if not good]
         return batch
+
+
+class TaggedCollate:
+    """Adds the name of the pair set to each batch so metrics know what they measure, and the
+    positions (in that set) and kinds of the pairs dropped for unreadable images, so the model
+    can count each dropped pair once per set."""
+
+    def __init__(self, collate: PairCollate, source: str, pairs: Sequence[Pair]) -> None:
+        self.collate, self.source, self.pairs = collate, source, pairs
+
+    def __call__(self, positions: list[int]) -> dict[str, Any]:
+        pairs = [self.pairs[i] for i in positions]
+        batch = self.collate(pairs)
+        dropped = batch.pop("dropped")
+        batch["source"] = self.source
+        batch["dropped_index"] = [positions[n] for n in dropped]
+        batch["dropped_kind"] = [pairs[n].kind for n in dropped]
+        return batch

@@ -5,9 +5,10 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Iterator
+from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
-from typing import Literal
+from typing import IO, Any, Literal
 
 import numpy as np
 from tqdm import tqdm
@@ -93,6 +94,21 @@ def _iter_files(
             yield path, pos, kind, obj
 
 
+@dataclass(frozen=True)
+class _Ranking:
+    """Pass 1: each candidate's score in file order (NaN: invalid, repeated or unscored) and
+    the scores whose id names no candidate."""
+
+    scores: np.ndarray  # float64, one per candidate record
+    keys: np.ndarray  # float64 rank keys (the logit when given)
+    orphans: int
+    orphan_examples: list[str]
+
+    @property
+    def scored(self) -> int:
+        return int(np.isfinite(self.scores).sum())
+
+
 @locks_output("out")
 def select(
     scores: Path,
@@ -128,26 +144,77 @@ def select(
     files = (
         [Path(candidates)] if isinstance(candidates, (str, Path)) else list(map(Path, candidates))
     )
+    _check_share(top_percent, top_n)
+    upstream_run = _upstream_run(scores, upstream_run)
+    reports = {"scores": RecordReport(), "candidates": RecordReport()}
+    score_of = _read_scores(scores, on_bad_record, reports["scores"])
+    ranking = _rank(scores, score_of, files, on_bad_record, reports["candidates"])
+    n_keep = top_n if top_n is not None else top_count(ranking.scored, top_percent)
+    keep = _keep_mask(ranking, n_keep)
+    out.mkdir(parents=True, exist_ok=True)
+    with (
+        atomic_write(out / "selected.json") as f,
+        PipelineRun(
+            "selection", "select", store, {**(tags or {}), "upstream_run": upstream_run}
+        ) as run,
+    ):
+        written = _write_kept(f, files, keep, on_bad_record)
+        manifest = {
+            **_counts(ranking, keep, written, top_percent, top_n),
+            "inputs": _inputs(scores, files),
+            "records": {k: r.as_dict() for k, r in reports.items()},
+            "upstream_run": upstream_run,
+            "mlflow_run_id": run.run_id,
+            "config": {
+                "scores": str(scores),
+                "candidates": str(files[0]) if len(files) == 1 else [str(f) for f in files],
+                "out": str(out),
+                "top_percent": top_percent,
+                "top_n": top_n,
+                "on_bad_record": on_bad_record,
+            },
+            "git": git_state(),
+        }
+        params = {"top_percent": top_percent, "top_n": top_n, "scores": scores}
+        _log_run(run, manifest, {**params, "candidates": candidates})
+    write_json(out / "manifest.json", manifest)
+    return manifest
+
+
+def _check_share(top_percent: float | None, top_n: int | None) -> None:
+    """Refuse a share that keeps nothing sensible, before anything is read."""
     if top_n is None and top_percent is None:
         raise ValueError("give top_percent or top_n")
     if top_n is None and not 0 < float(top_percent) <= 100:
         raise ValueError(f"top_percent must be in (0, 100], got {top_percent}")
     if top_n is not None and top_n < 0:
         raise ValueError(f"top_n must be >= 0, got {top_n}")
+
+
+def _upstream_run(scores: Path, upstream_run: str | None) -> str | None:
+    """The scoring run: as given, else from the manifest beside the scores."""
     manifest_in = scores.with_name(scores.name + ".manifest.json")
     if upstream_run is None and manifest_in.is_file():
         upstream_run = json.loads(manifest_in.read_text()).get("mlflow_run_id")
+    return upstream_run
 
-    reports = {"scores": RecordReport(), "candidates": RecordReport()}
-    score_of = _read_scores(scores, on_bad_record, reports["scores"])
 
-    # pass 1: the score of each candidate in file order (floats only: memory stays small);
-    # an invalid or repeated candidate is never kept (raised, or counted in skip mode), so that
-    # pass 2 writes only valid records, each id once
+def _rank(
+    scores: Path,
+    score_of: dict[str, tuple[float, float]],
+    files: list[Path],
+    on_bad_record: str,
+    report: RecordReport,
+) -> _Ranking:
+    """Pass 1: the score of each candidate in file order (floats only: memory stays small).
+
+    An invalid or repeated candidate is never kept (raised, or counted in skip mode), so that
+    pass 2 writes only valid records, each id once.
+    """
     order_scores, order_keys = [], []
     seen: set[str] = set()
     matched = 0  # scores whose id names a candidate; the rest are orphans, counted
-    for path, pos, kind, obj in _iter_files(files, on_bad_record, reports["candidates"]):
+    for path, pos, kind, obj in _iter_files(files, on_bad_record, report):
         score, key = np.nan, np.nan
         try:
             cid = parse_record(obj, Candidate, path, pos, kind).id
@@ -162,9 +229,9 @@ def select(
                 )
             seen.add(cid)
         except BadRecordError as err:
-            handle_bad(err, on_bad_record, reports["candidates"])
+            handle_bad(err, on_bad_record, report)
         else:
-            reports["candidates"].kept()
+            report.kept()
             score, key = score_of.get(cid, (np.nan, np.nan))
             matched += cid in score_of
         order_scores.append(score)
@@ -177,84 +244,89 @@ def select(
             f"{named} (e.g. {next(iter(score_of))!r}): were they scored from another pool?"
         )
     orphan_examples = [cid for cid in score_of if cid not in seen][:MAX_EXAMPLES] if orphans else []
-    del seen
-    arr = np.asarray(order_scores, dtype=np.float64)
-    keys = np.asarray(order_keys, dtype=np.float64)
-    scored = int(np.isfinite(arr).sum())
-    n_keep = top_n if top_n is not None else top_count(scored, top_percent)
-    n_keep = min(n_keep, scored)
+    return _Ranking(
+        np.asarray(order_scores, dtype=np.float64),
+        np.asarray(order_keys, dtype=np.float64),
+        orphans,
+        orphan_examples,
+    )
+
+
+def _keep_mask(ranking: _Ranking, n_keep: int) -> np.ndarray:
+    """The ``n_keep`` best-ranked scored candidates (at most all of them); ties by file order."""
+    arr, keys = ranking.scores, ranking.keys
+    n_keep = min(n_keep, ranking.scored)
     keep = np.zeros(len(arr), dtype=bool)
     if n_keep:
         ranked = np.lexsort((np.arange(len(arr)), -np.nan_to_num(keys, nan=-np.inf)))
         keep[ranked[:n_keep]] = True
-    threshold = float(arr[keep].min()) if n_keep else None
+    return keep
 
-    # pass 2: stream the kept candidates out
-    out.mkdir(parents=True, exist_ok=True)
-    written, unscored = 0, int(len(arr) - scored)
-    with (
-        atomic_write(out / "selected.json") as f,
-        PipelineRun(
-            "selection", "select", store, {**(tags or {}), "upstream_run": upstream_run}
-        ) as run,
+
+def _write_kept(f: IO[str], files: list[Path], keep: np.ndarray, on_bad_record: str) -> int:
+    """Pass 2: stream the kept candidates out as one JSON array; how many were written."""
+    written = 0
+    f.write("[\n")
+    items = _iter_files(files, on_bad_record, RecordReport())
+    for i, (path, pos, kind, obj) in enumerate(
+        tqdm(items, total=len(keep), desc="select", unit="cand")
     ):
-        f.write("[\n")
-        items = _iter_files(files, on_bad_record, RecordReport())
-        for i, (path, pos, kind, obj) in enumerate(
-            tqdm(items, total=len(arr), desc="select", unit="cand")
-        ):
-            if not keep[i]:
-                continue
-            cand = parse_record(obj, Candidate, path, pos, kind)
-            f.write(
-                ("," if written else "")
-                + json.dumps(cand.model_dump(by_alias=True, exclude_none=True), ensure_ascii=False)
-                + "\n"
-            )
-            written += 1
-        f.write("]\n")
-        cand_inputs = [{"path": str(f), "sha256": sha256_file(f)} for f in files]
-        hist, edges = np.histogram(arr[np.isfinite(arr)], bins=10, range=(0.0, 1.0))
-        manifest = {
-            "kept": written,
-            "dropped": scored - written,
-            "unscored_candidates": unscored,
-            "orphan_scores": orphans,  # scores naming no candidate (e.g. the first few below)
-            "orphan_score_examples": orphan_examples,
-            "threshold": threshold,
-            "top_percent": None if top_n is not None else top_percent,
-            "top_n": top_n,
-            "score_histogram": {
-                f"{edges[i]:.1f}-{edges[i + 1]:.1f}": int(n) for i, n in enumerate(hist)
-            },
-            "inputs": {
-                "scores": {"path": str(scores), "sha256": sha256_file(scores)},
-                "candidates": cand_inputs[0] if len(cand_inputs) == 1 else cand_inputs,
-            },
-            "records": {k: r.as_dict() for k, r in reports.items()},
-            "upstream_run": upstream_run,
-            "mlflow_run_id": run.run_id,
-            "config": {
-                "scores": str(scores),
-                "candidates": str(files[0]) if len(files) == 1 else [str(f) for f in files],
-                "out": str(out),
-                "top_percent": top_percent,
-                "top_n": top_n,
-                "on_bad_record": on_bad_record,
-            },
-            "git": git_state(),
+        if not keep[i]:
+            continue
+        cand = parse_record(obj, Candidate, path, pos, kind)
+        f.write(
+            ("," if written else "")
+            + json.dumps(cand.model_dump(by_alias=True, exclude_none=True), ensure_ascii=False)
+            + "\n"
+        )
+        written += 1
+    f.write("]\n")
+    return written
+
+
+def _counts(
+    ranking: _Ranking,
+    keep: np.ndarray,
+    written: int,
+    top_percent: float | None,
+    top_n: int | None,
+) -> dict[str, Any]:
+    """The manifest's counts: kept, dropped, unscored, orphan scores, threshold, histogram."""
+    arr, scored = ranking.scores, ranking.scored
+    hist, edges = np.histogram(arr[np.isfinite(arr)], bins=10, range=(0.0, 1.0))
+    return {
+        "kept": written,
+        "dropped": scored - written,
+        "unscored_candidates": int(len(arr) - scored),
+        "orphan_scores": ranking.orphans,  # scores naming no candidate (e.g. the first few below)
+        "orphan_score_examples": ranking.orphan_examples,
+        "threshold": float(arr[keep].min()) if keep.any() else None,
+        "top_percent": None if top_n is not None else top_percent,
+        "top_n": top_n,
+        "score_histogram": {
+            f"{edges[i]:.1f}-{edges[i + 1]:.1f}": int(n) for i, n in enumerate(hist)
+        },
+    }
+
+
+def _inputs(scores: Path, files: list[Path]) -> dict[str, Any]:
+    """The input files with their hashes (one candidate file as an object, several as a list)."""
+    cand_inputs = [{"path": str(f), "sha256": sha256_file(f)} for f in files]
+    return {
+        "scores": {"path": str(scores), "sha256": sha256_file(scores)},
+        "candidates": cand_inputs[0] if len(cand_inputs) == 1 else cand_inputs,
+    }
+
+
+def _log_run(run: PipelineRun, manifest: dict[str, Any], params: dict[str, Any]) -> None:
+    """The parameters, the counts as ``select/*`` metrics and the manifest, to MLflow."""
+    run.log_params(params)
+    run.log_metrics(
+        {
+            "select/kept": manifest["kept"],
+            "select/dropped": manifest["dropped"],
+            "select/unscored": manifest["unscored_candidates"],
+            "select/orphan_scores": manifest["orphan_scores"],
         }
-        run.log_params(
-            {"top_percent": top_percent, "top_n": top_n, "scores": scores, "candidates": candidates}
-        )
-        run.log_metrics(
-            {
-                "select/kept": written,
-                "select/dropped": scored - written,
-                "select/unscored": unscored,
-                "select/orphan_scores": orphans,
-            }
-        )
-        run.log_dict(manifest, "select.manifest.json")
-    write_json(out / "manifest.json", manifest)
-    return manifest
+    )
+    run.log_dict(manifest, "select.manifest.json")

@@ -7,12 +7,17 @@ truncates it to the backbone's context length.
 
 Clinician pairs go through the same recipe (their one QA turn), so that the selector sees the
 same kind of text in training and scoring — the released code fed clinician pairs question and
-answer only, which differs from what it scored.
+answer only, which differs from what it scored. :class:`Captions` finds a candidate's or a
+preference's caption and mentions among the source figures.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Literal
+
+from biomedvital.data.records import Candidate, Preference, SourceFigure
+from biomedvital.data.report import BadRecordError
 
 TextRecipe = Literal["paper", "conversation"]
 
@@ -36,3 +41,46 @@ def candidate_text(
         body = " ".join(f"Question: {_strip_image(q)} Answer: {a.strip()}" for q, a in turns)
         return " ".join(part for part in (caption, mentions, body) if part)
     raise ValueError(f"unknown text recipe {recipe!r}; use 'paper' or 'conversation'")
+
+
+class Captions:
+    """Caption and in-text mentions of each source figure, by ``pair_id``."""
+
+    def __init__(self, figures: list[SourceFigure]) -> None:
+        self.by_pair = {f.pair_id: (f.fig_caption, f.mentions_text()) for f in figures}
+
+    def text_of(self, cand: Candidate, recipe: TextRecipe, path: Path, line: int | None) -> str:
+        caption, mentions = "", ""
+        if cand.pair_id is not None and cand.pair_id in self.by_pair:
+            caption, mentions = self.by_pair[cand.pair_id]
+        elif recipe == "paper":
+            raise BadRecordError(
+                path,
+                line,
+                f"candidate {cand.id!r}: its pair_id {cand.pair_id!r} is not among the source "
+                "figures, and the 'paper' text recipe needs the caption and mentions",
+                "pair_id",
+                category="unknown_figure",
+            )
+        return candidate_text(recipe, caption, mentions, cand.qa_pairs())
+
+    def of_preference(
+        self, pref: Preference, recipe: TextRecipe, path: Path, line: int | None
+    ) -> tuple[str, str]:
+        """Caption and mentions of a clinician preference: its own, else its figure's. Under
+        the ``paper`` recipe one with neither is refused as a candidate is (``unknown_figure``):
+        its text would lack the caption and mentions that every scored text has."""
+        if pref.fig_caption:
+            return pref.fig_caption, pref.mentions_text()
+        if pref.pair_id is not None and pref.pair_id in self.by_pair:
+            return self.by_pair[pref.pair_id]
+        if recipe == "paper":
+            raise BadRecordError(
+                path,
+                line,
+                f"it has no fig_caption and its pair_id {pref.pair_id!r} is not among the source "
+                "figures, and the 'paper' text recipe needs the caption and mentions",
+                "pair_id",
+                category="unknown_figure",
+            )
+        return "", pref.mentions_text()

@@ -14,8 +14,9 @@ import torch
 
 from biomedvital.data.pool import DemoPool, FilePool
 from biomedvital.data.report import BadRecordError
-from biomedvital.selection.datamodule import CandidateStream, SelectorDataModule
+from biomedvital.selection.datamodule import SelectorDataModule
 from biomedvital.selection.select import select
+from biomedvital.selection.stream import CandidateStream
 from biomedvital.tracking.callbacks import lineage_tags
 from biomedvital.tracking.mlflow import upstream_run_of
 

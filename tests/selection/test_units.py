@@ -240,7 +240,7 @@ def test_epoch_shuffle_shares_and_resumes_like_a_wrapped_sampler() -> None:
     # (so DDP batches are unchanged), and resume() skips exactly the samples already trained
     from lightning.fabric.utilities.distributed import DistributedSamplerWrapper
 
-    from biomedvital.selection.datamodule import EpochShuffle
+    from biomedvital.selection.samplers import EpochShuffle
 
     for world in (1, 2, 3):
         for rank in range(world):
