@@ -28,7 +28,7 @@ from biomedvital.selection.pairs import ClinicianSplit, Pair
 from biomedvital.selection.samplers import EpochShuffle, PairLoader, PairPositions
 from biomedvital.selection.seeds import resolve_seed
 from biomedvital.selection.stream import CandidateStream
-from biomedvital.selection.text import Captions, TextRecipe
+from biomedvital.selection.text import Captions, ClinicianText, TextRecipe, check_clinician_text
 from biomedvital.tracking.mlflow import upstream_run_of
 
 
@@ -39,6 +39,10 @@ class SelectorDataModule(LightningDataModule):
         pool: where candidates, ratings, preferences, figures and images come from
             (``biomedvital.data.pool.FilePool`` or ``DemoPool``).
         text_recipe: ``paper`` (faithful: caption + mentions + first QA) or ``conversation``.
+        clinician_text: the text of the clinician pairs trained on: ``candidate_recipe``
+            (default: ``text_recipe``, caption and mentions included, as the selector scores)
+            or ``qa_only`` (the released code: question and answer only). Held-out clinician
+            pairs read ``text_recipe`` either way, as the released alignment test did.
         model_pairs: training pairs drawn across rating levels (paper: 30000).
         val_model_pairs: held-out model pairs for ``val/pair_acc`` (paper: 10000).
         train_fraction: share of each rating level that feeds training pairs (paper: 0.8).
@@ -65,6 +69,7 @@ class SelectorDataModule(LightningDataModule):
         self,
         pool: FilePool | DemoPool,
         text_recipe: TextRecipe = "paper",
+        clinician_text: ClinicianText = "candidate_recipe",
         model_pairs: int = 30000,
         val_model_pairs: int = 10000,
         train_fraction: float = 0.8,
@@ -80,7 +85,9 @@ class SelectorDataModule(LightningDataModule):
     ) -> None:
         super().__init__()
         self.pool = pool
+        check_clinician_text(clinician_text)
         self.text_recipe = text_recipe
+        self.clinician_text = clinician_text
         self.model_pairs = model_pairs
         self.val_model_pairs = val_model_pairs
         self.train_fraction = train_fraction
@@ -128,6 +135,7 @@ class SelectorDataModule(LightningDataModule):
                 self.root,
                 self.captions,
                 text_recipe=self.text_recipe,
+                clinician_text=self.clinician_text,
                 model_pairs=self.model_pairs,
                 val_model_pairs=self.val_model_pairs,
                 train_fraction=self.train_fraction,

@@ -33,7 +33,13 @@ from biomedvital.selection.pairs import (
     split_clinician,
     split_levels,
 )
-from biomedvital.selection.text import Captions, TextRecipe, candidate_text
+from biomedvital.selection.text import (
+    Captions,
+    ClinicianText,
+    TextRecipe,
+    check_clinician_text,
+    clinician_text,
+)
 
 
 @dataclass(frozen=True)
@@ -77,6 +83,7 @@ def build_pair_sets(
     captions: Captions,
     *,
     text_recipe: TextRecipe = "paper",
+    clinician_text: ClinicianText = "candidate_recipe",
     model_pairs: int = 30000,
     val_model_pairs: int = 10000,
     train_fraction: float = 0.8,
@@ -93,10 +100,15 @@ def build_pair_sets(
     model pairs and the clinician split. Bad records raise (naming file, line and field) or,
     with ``on_bad="skip"``, are counted in ``records``.
 
+    ``clinician_text`` sets the text of the clinician pairs trained on (``qa_only``: question
+    and answer only, as released); held-out clinician pairs always read the candidates'
+    recipe, the text the selector scores.
+
     Raises:
         ValueError: when there is nothing to train on, or an argument is out of range.
         BadRecordError: on the first bad record, with ``on_bad="raise"``.
     """
+    check_clinician_text(clinician_text)
     rng = np.random.default_rng(seed)
     records: dict[str, RecordReport] = {}
     entries = _Entries(root)
@@ -107,14 +119,20 @@ def build_pair_sets(
     model_train, model_val, repeats = _model_pairs(
         rated, rated_scores, entries, train_fraction, model_pairs, val_model_pairs, rng
     )
-    clin_pairs: list[Pair] = []
+    clin: list[_Clinician] = []
     groups: list[str] = []
     if files.preferences is not None:
-        clin_pairs, groups = _clinician_pairs(
+        clin, groups = _clinician_prefs(
             files.preferences, captions, text_recipe, clinician_split, entries, on_bad, records
         )
     c_train, c_val = split_clinician(groups, clinician_val_fraction, rng, clinician_train_pairs)
+    trained = set(c_train)  # entries in file order; the split picks each side's text
+    clin_pairs = [
+        c.pair(entries, text_recipe, clinician_text if i in trained else "candidate_recipe")
+        for i, c in enumerate(clin)
+    ]
     train_clinician = tuple(clin_pairs[i] for i in c_train)
+    val_clinician = tuple(clin_pairs[i] for i in c_val)
     train = tuple(model_train) + train_clinician
     if not train:
         raise ValueError("no training pairs: give ratings (model pairs) or clinician preferences")
@@ -122,7 +140,7 @@ def build_pair_sets(
         entries=tuple(entries.items),
         train=train,
         val_model=tuple(model_val),
-        val_clinician=tuple(clin_pairs[i] for i in c_val),
+        val_clinician=val_clinician,
         train_clinician=train_clinician,
         val_model_repeats=repeats,
         records=records,
@@ -136,11 +154,15 @@ class _Entries:
         self.root = root
         self.items: list[Entry] = []
 
-    def add(self, image: str, text: str, path: Path, line: int | None) -> int:
+    def check(self, image: str, path: Path, line: int | None) -> Path:
+        """The image's file; a bad path is a bad record (``bad_image_path``)."""
         try:
-            self.root.resolve(image)
+            return self.root.resolve(image)
         except (UnsafePathError, FileNotFoundError) as err:
             raise BadRecordError(path, line, str(err), "image", category="bad_image_path") from err
+
+    def add(self, image: str, text: str, path: Path, line: int | None) -> int:
+        self.check(image, path, line)
         self.items.append(Entry(image, text))
         return len(self.items) - 1
 
@@ -258,7 +280,31 @@ def _model_pairs(
     return model_train, model_val, repeats
 
 
-def _clinician_pairs(
+@dataclass(frozen=True)
+class _Clinician:
+    """A clinician preference whose image and figure text were found."""
+
+    pref: Preference
+    caption: str
+    mentions: str
+    path: Path
+
+    def pair(self, entries: _Entries, recipe: TextRecipe, mode: ClinicianText) -> Pair:
+        """Its (preferred, rejected) pair, the text of each side as ``mode`` says."""
+        p = self.pref
+        a, b = (
+            entries.add(
+                p.image,
+                clinician_text(recipe, mode, self.caption, self.mentions, p.question, answer),
+                self.path,
+                None,
+            )
+            for answer in (p.preferred, p.rejected)
+        )
+        return Pair(a, b, CLINICIAN)
+
+
+def _clinician_prefs(
     path: Path,
     captions: Captions,
     text_recipe: TextRecipe,
@@ -266,13 +312,14 @@ def _clinician_pairs(
     entries: _Entries,
     on_bad: OnBad,
     records: dict[str, RecordReport],
-) -> tuple[list[Pair], list[str]]:
-    """A pair (preferred, rejected) per clinician preference, and its split group: its image
-    file (a by-image split) or its preference record (by pair)."""
+) -> tuple[list[_Clinician], list[str]]:
+    """The clinician preferences that can become pairs, and each one's split group: its image
+    file (a by-image split) or its preference record (by pair). Their entries are added once
+    the split says which text each side reads."""
     rep = _report(records, "preferences")
     prefs = read_preferences(path, on_bad=on_bad, report=rep)
     prefs = check_unique(prefs, "id", path, on_bad=on_bad, report=rep)
-    pairs: list[Pair] = []
+    kept: list[_Clinician] = []
     groups: list[str] = []
     where: dict[str, tuple[int, str]] | None = None  # record positions, read on error
     dropped: set[str] = set()  # records skipped (an answer-marks record: once)
@@ -280,7 +327,8 @@ def _clinician_pairs(
         if preference_record(p.id) in dropped:
             continue  # its record's other pairs share its image and figure
         try:
-            a, b = _preference_entries(p, captions, text_recipe, entries, path)
+            caption, mentions = captions.of_preference(p, text_recipe, path, None)
+            image = entries.check(p.image, path, None)
         except BadRecordError as err:
             if where is None:
                 where = _preference_positions(path)
@@ -298,31 +346,11 @@ def _clinician_pairs(
             rep.unkeep()
             dropped.add(preference_record(p.id))
             continue
-        pairs.append(Pair(a, b, CLINICIAN))
+        kept.append(_Clinician(p, caption, mentions, path))
         # one figure however its path is spelled ("a.jpg", "./a.jpg"): the file itself
         by_image = clinician_split == "image"
-        groups.append(str(entries.root.resolve(p.image)) if by_image else preference_record(p.id))
-    return pairs, groups
-
-
-def _preference_entries(
-    pref: Preference, captions: Captions, text_recipe: TextRecipe, entries: _Entries, path: Path
-) -> tuple[int, int]:
-    """The entries of a preference's preferred and rejected answer."""
-    caption, mentions = captions.of_preference(pref, text_recipe, path, None)
-    a = entries.add(
-        pref.image,
-        candidate_text(text_recipe, caption, mentions, [(pref.question, pref.preferred)]),
-        path,
-        None,
-    )
-    b = entries.add(
-        pref.image,
-        candidate_text(text_recipe, caption, mentions, [(pref.question, pref.rejected)]),
-        path,
-        None,
-    )
-    return a, b
+        groups.append(str(image) if by_image else preference_record(p.id))
+    return kept, groups
 
 
 def _iter_files(

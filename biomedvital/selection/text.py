@@ -5,10 +5,13 @@
 ``conversation``: caption and mentions, then every turn of the conversation; the tokenizer
 truncates it to the backbone's context length.
 
-Clinician pairs go through the same recipe (their one QA turn), so that the selector sees the
-same kind of text in training and scoring — the released code fed clinician pairs question and
-answer only, which differs from what it scored. :class:`Captions` finds a candidate's or a
-preference's caption and mentions among the source figures.
+Clinician pairs (their one QA turn) follow the ``clinician_text`` switch:
+``candidate_recipe`` (default) gives them the candidates' recipe, so that the selector reads the
+same kind of text in training and scoring; ``qa_only`` (the released code) gives the clinician
+pairs trained on their question and answer only (the recipe's ``Question:``/``Answer:`` layout
+without caption and mentions), while held-out clinician pairs keep the candidates' recipe, as
+the released alignment test read them. :class:`Captions` finds a candidate's or a preference's
+caption and mentions among the source figures.
 """
 
 from __future__ import annotations
@@ -20,6 +23,8 @@ from biomedvital.data.records import Candidate, Preference, SourceFigure
 from biomedvital.data.report import BadRecordError
 
 TextRecipe = Literal["paper", "conversation"]
+ClinicianText = Literal["candidate_recipe", "qa_only"]
+CLINICIAN_TEXTS: tuple[str, ...] = ("candidate_recipe", "qa_only")
 
 
 def _strip_image(text: str) -> str:
@@ -41,6 +46,28 @@ def candidate_text(
         body = " ".join(f"Question: {_strip_image(q)} Answer: {a.strip()}" for q, a in turns)
         return " ".join(part for part in (caption, mentions, body) if part)
     raise ValueError(f"unknown text recipe {recipe!r}; use 'paper' or 'conversation'")
+
+
+def check_clinician_text(value: str) -> None:
+    """Refuse a ``clinician_text`` that is not one of :data:`CLINICIAN_TEXTS`."""
+    if value not in CLINICIAN_TEXTS:
+        raise ValueError(f"clinician_text must be 'candidate_recipe' or 'qa_only', got {value!r}")
+
+
+def clinician_text(
+    recipe: TextRecipe,
+    mode: ClinicianText,
+    caption: str,
+    mentions: str,
+    question: str,
+    answer: str,
+) -> str:
+    """Text for one side of a clinician pair: the candidates' recipe, or under ``qa_only`` the
+    same recipe without caption and mentions (the released code's clinician training text)."""
+    check_clinician_text(mode)
+    if mode == "qa_only":
+        caption, mentions = "", ""
+    return candidate_text(recipe, caption, mentions, [(question, answer)])
 
 
 class Captions:

@@ -14,7 +14,7 @@ from biomedvital.data.records import read_figures
 from biomedvital.selection.datamodule import SelectorDataModule
 from biomedvital.selection.pair_sets import PairSets, build_pair_sets
 from biomedvital.selection.pairs import CLINICIAN, MODEL
-from biomedvital.selection.text import Captions
+from biomedvital.selection.text import Captions, clinician_text
 
 
 def _build(pool: dict[str, Path], **kw: Any) -> PairSets:
@@ -115,3 +115,46 @@ def test_the_data_module_keeps_what_build_pair_sets_returns(pool: dict[str, Path
     ]
     assert record["pairs"] == {k: len(v) for k, v in want.by_name().items()}
     assert isinstance(dm.files, PoolFiles)
+
+
+def test_clinician_text_qa_only_as_released() -> None:
+    """``qa_only`` drops caption and mentions from a clinician pair's text, in the recipe's own
+    Question/Answer layout; ``candidate_recipe`` keeps them."""
+    args = ("Cap.", "Mention.", "What is shown? <image>", "A lesion.")
+    assert clinician_text("paper", "candidate_recipe", *args) == (
+        "Cap.Mention.Question:What is shown?Answer:A lesion."
+    )
+    assert clinician_text("paper", "qa_only", *args) == "Question:What is shown?Answer:A lesion."
+    assert clinician_text("conversation", "qa_only", *args) == (
+        "Question: What is shown? Answer: A lesion."
+    )
+    with pytest.raises(ValueError, match="clinician_text must be 'candidate_recipe' or 'qa_only'"):
+        clinician_text("paper", "question_answer", *args)  # type: ignore[arg-type]
+
+
+def test_qa_only_changes_the_clinician_training_texts_only(pool: dict[str, Path]) -> None:
+    """Same seed, same pairs; under ``qa_only`` the clinician pairs trained on read question and
+    answer only, while the held-out clinician pairs and the candidates keep the recipe."""
+    recipe = _build(pool, seed=0)
+    qa = _build(pool, seed=0, clinician_text="qa_only")
+    text = lambda sets, i: sets.entries[i].text  # noqa: E731
+    assert recipe.train_clinician and recipe.val_clinician
+    for r, q in zip(recipe.train_clinician, qa.train_clinician, strict=True):
+        for side in ("a", "b"):
+            full, short = text(recipe, getattr(r, side)), text(qa, getattr(q, side))
+            assert short != full and short.startswith("Question:") and full.endswith(short)
+            assert recipe.entries[getattr(r, side)].image == qa.entries[getattr(q, side)].image
+    for r, q in zip(recipe.val_clinician, qa.val_clinician, strict=True):
+        assert (text(recipe, r.a), text(recipe, r.b)) == (text(qa, q.a), text(qa, q.b))
+        assert not text(qa, q.a).startswith("Question:")  # caption and mentions first
+    n_model = len(recipe.train) - len(recipe.train_clinician)
+    assert recipe.train[:n_model] == qa.train[:n_model] and recipe.val_model == qa.val_model
+    rated = range(len(_lines(pool["ratings"])))
+    assert [recipe.entries[i] for i in rated] == [qa.entries[i] for i in rated]
+
+
+def test_a_bad_clinician_text_is_one_error_naming_the_key(pool: dict[str, Path]) -> None:
+    with pytest.raises(ValueError, match="clinician_text must be .* got 'qa'"):
+        _build(pool, seed=0, clinician_text="qa")
+    with pytest.raises(ValueError, match="clinician_text must be"):
+        SelectorDataModule(FilePool(**{k: str(v) for k, v in pool.items()}), clinician_text="qa")
