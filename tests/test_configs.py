@@ -15,7 +15,9 @@ PIPELINE = sorted(
     p for p in (CONF / "demo").glob("*.yaml") if p.stem in {"generate", "rate", "judge"}
 )
 PAPER_PIPELINE = sorted(
-    p for p in (CONF / "paper").glob("*.yaml") if p.stem in {"generate", "rate", "judge"}
+    p
+    for p in (CONF / "paper").glob("*.yaml")
+    if p.stem in {"generate", "rate", "judge", "pairwise"}
 )
 DEMO_OVERLAYS = [CONF / "demo" / "generated_pool.yaml"]
 BASES = sorted(
@@ -113,8 +115,9 @@ def test_pipeline_config_parses(path: Path, capsys: pytest.CaptureFixture[str]) 
 def test_paper_pipeline_config_parses(path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """conf/paper/<verb>.yaml is accepted by its verb with every key it sets, points at an
     OpenAI-compatible endpoint with the key read from the environment, and keeps the paper's
-    settings (vision for generation and rating, 5 demonstrations, the judge's captions)."""
-    assert {p.stem for p in PAPER_PIPELINE} == {"generate", "rate", "judge"}
+    settings (vision for generation, rating and the pairwise judge, 5 demonstrations, the judge's
+    captions)."""
+    assert {p.stem for p in PAPER_PIPELINE} == {"generate", "rate", "judge", "pairwise"}
     raw = yaml.safe_load(path.read_text())
     cfg = _pipeline_config(capsys, path.stem, "--config", str(path))
     for key, value in raw.items():
@@ -136,6 +139,10 @@ def test_paper_pipeline_config_parses(path: Path, capsys: pytest.CaptureFixture[
     elif path.stem == "rate":
         assert cfg["vision"] is True and cfg["image_root"] and cfg["figures"]
         assert cfg["candidates"] == "outputs/paper/generate/candidates.jsonl"
+    elif path.stem == "pairwise":
+        # a vision judge (the reference is always shown); both orders, reported apart and combined
+        assert cfg["vision"] is True and cfg["image_root"] and cfg["benchmark"] == "vqa_rad"
+        assert cfg["rule"] == "sum" and cfg["answers_a"] != cfg["answers_b"]
     else:
         assert cfg["vision"] is False and cfg["captions"].endswith("fig_captions.json")
 

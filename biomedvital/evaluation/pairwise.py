@@ -51,8 +51,9 @@ Decide which assistant answered the question better. What matters first is agree
 reference answer in meaning (synonyms and extra correct detail are fine; a wrong or \
 contradicting statement is not), then clarity. Length is not a merit, and the order in which the \
 answers are shown must not sway you. Explain briefly, then end with your verdict on its own \
-line: the letter of the better assistant in double square brackets, or C in double square \
-brackets when the two are equally good or equally bad."""
+line: the letter of the better assistant, A or B, in double square brackets. A tie is the last \
+resort: give C in double square brackets only if, having compared both answers with the \
+reference, you can find no difference at all in their quality."""
 
 
 def pairwise_messages(

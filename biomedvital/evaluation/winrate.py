@@ -27,6 +27,14 @@ Combining the two orders (:func:`combine`), per question, from the model's side 
 * ``rule="strict"``: a win or loss only when both orders agree; any disagreement → tie (FastChat's
   "inconsistent counts as a tie").
 
+``rule`` picks the headline (the top-level counts and rates); the result always holds both:
+``by_rule`` has the counts, rates and intervals under ``sum`` and under ``strict``. Each order is
+also reported on its own, as if only it had been judged: ``single_order["ab"]`` and
+``single_order["ba"]`` are win/tie/loss tallies of every question whose verdict in that order
+parsed (``n_failed``: those whose did not), with both rates and their intervals.
+``single_order["ab"]`` (the model shown as Assistant A) is the tally BioMed-VITAL's released
+script makes, which judges one order with the evaluated model first.
+
 A question with an unparseable verdict in either order is a counted failure (``n_failed``),
 excluded from ``n``, never turned into a tie. Rates, in percent: ``win_rate_half_ties`` =
 (wins + ½ ties) / n and ``win_rate_excl_ties`` = wins / (n − ties) (None when every pair is tied),
@@ -35,7 +43,8 @@ call per position (including the parsed half of a failed pair) to expose positio
 ``position_consistency`` is the share of counted questions whose two orders agree.
 
 Records with ``"identical": true`` in both orders (``pairwise`` writes them, without a judge
-call, when the two models gave the same answer) count as ties in the rates, but not in
+call, when the two models gave the same answer) count as ties in the rates (each order's
+included), but not in
 ``by_order`` or ``position_consistency``: those describe the judge, which never saw them
 (counted in ``n_identical``). The percentile bootstrap has zero width when every counted
 question has the same outcome (e.g. all wins): report ``n`` beside such an interval.
@@ -58,6 +67,7 @@ Label = Literal["A", "B", "C"]
 Outcome = Literal["win", "tie", "loss"]
 CombineRule = Literal["sum", "strict"]
 ORDERS = ("ab", "ba")
+RULES: tuple[CombineRule, ...] = ("sum", "strict")
 
 _MARKER = re.compile(r"\[\[\s*(A|B|C|tie)\s*\]\]", re.IGNORECASE)
 _VOTE = {"win": 1, "tie": 0, "loss": -1}
@@ -273,6 +283,8 @@ def win_rate(
 
     Returns one dict with counts, failures, position consistency, both rates and their intervals.
     """
+    if rule not in RULES:
+        raise ValueError(f"rule must be 'sum' or 'strict', got {rule!r}")
     verdicts = Path(verdicts)
     pairs, identical, categories = _read_verdicts(verdicts)
     if not pairs:
@@ -283,10 +295,15 @@ def win_rate(
     failed: list[str] = []
     n_multi = n_agree = n_judged = 0
     by_order = {o: {"win": 0, "tie": 0, "loss": 0, "failed": 0} for o in ORDERS}
+    both: list[tuple[Outcome, Outcome]] = []  # each counted question's (ab, ba) outcomes
+    single: dict[str, list[Outcome]] = {o: [] for o in ORDERS}  # each order on its own
     for qid, texts in pairs.items():
         cat = categories.get(qid)
         if qid in identical:
             outcomes.append("tie")  # the same answer twice: a tie the judge never gave
+            both.append(("tie", "tie"))
+            for order in ORDERS:
+                single[order].append("tie")
             if cat is not None:
                 by_cat.setdefault(cat, []).append("tie")
             continue
@@ -299,6 +316,7 @@ def win_rate(
                 continue
             per[order] = model_outcome(markers[-1], order)
             by_order[order][per[order]] += 1
+            single[order].append(per[order])
         if len(per) < 2:
             failed.append(qid)
             if cat is not None:
@@ -306,6 +324,7 @@ def win_rate(
             continue
         n_judged += 1
         n_agree += per["ab"] == per["ba"]
+        both.append((per["ab"], per["ba"]))
         outcomes.append(combine(per["ab"], per["ba"], rule))
         if cat is not None:
             by_cat.setdefault(cat, []).append(outcomes[-1])
@@ -320,6 +339,17 @@ def win_rate(
         "by_order": by_order,
     }
     result.update(rates_with_ci(outcomes, n_boot=n_boot, seed=seed, ci=ci))
+    result["by_rule"] = {
+        r: rates_with_ci([combine(a, b, r) for a, b in both], n_boot=n_boot, seed=seed, ci=ci)
+        for r in RULES
+    }
+    result["single_order"] = {
+        o: {
+            "n_failed": by_order[o]["failed"],
+            **rates_with_ci(single[o], n_boot=n_boot, seed=seed, ci=ci),
+        }
+        for o in ORDERS
+    }
     if categories:
         result["by_category"] = {
             cat: {
@@ -334,6 +364,21 @@ def win_rate(
     if store is not None:
         _log(result, store, tags)
     return result
+
+
+def rate_metrics(part: dict[str, Any], prefix: str = "") -> dict[str, float]:
+    """Counts, both rates and their interval ends of one tally (the headline, a ``by_rule`` or a
+    ``single_order`` entry) as flat metrics, ``prefix`` before each name."""
+    metrics: dict[str, float] = {}
+    for key in ("n", "wins", "ties", "losses"):
+        metrics[f"{prefix}{key}"] = part[key]
+    for key in ("win_rate_half_ties", "win_rate_excl_ties"):
+        if part.get(key) is not None:
+            metrics[f"{prefix}{key}"] = part[key]
+            if part.get(f"{key}_ci") is not None:
+                low, high = part[f"{key}_ci"]
+                metrics[f"{prefix}{key}_ci_low"], metrics[f"{prefix}{key}_ci_high"] = low, high
+    return metrics
 
 
 def _log(result: dict[str, Any], store: str, tags: dict[str, str] | None = None) -> None:
@@ -351,14 +396,12 @@ def _log(result: dict[str, Any], store: str, tags: dict[str, str] | None = None)
         )
         metrics = {
             k: result[k]
-            for k in ("n", "wins", "ties", "losses", "n_failed", "n_identical", "n_multi_marker")
+            for k in ("n_failed", "n_identical", "n_multi_marker")
             if result.get(k) is not None
         }
-        for key in ("win_rate_half_ties", "win_rate_excl_ties"):
-            if result[key] is not None:
-                metrics[key] = result[key]
-                if result[f"{key}_ci"] is not None:
-                    metrics[f"{key}_ci_low"], metrics[f"{key}_ci_high"] = result[f"{key}_ci"]
+        metrics.update(rate_metrics(result))
+        for name, part in (*result["by_rule"].items(), *result["single_order"].items()):
+            metrics.update(rate_metrics(part, f"{name}/"))
         if result["position_consistency"] is not None:
             metrics["position_consistency"] = result["position_consistency"]
         run.log_metrics({f"win_rate/{k}": v for k, v in metrics.items()})

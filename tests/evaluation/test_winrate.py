@@ -182,6 +182,10 @@ def test_logs_to_mlflow_store(tmp_path: Path) -> None:
     assert run.data.metrics["win_rate/win_rate_half_ties"] == pytest.approx(60.0)
     assert run.data.metrics["win_rate/n_failed"] == 1
     assert run.data.params["rule"] == "sum"
+    # each order and each rule too: ab = win, loss, win, tie, tie of 5 (question 5 failed in ab)
+    assert run.data.metrics["win_rate/ab/win_rate_half_ties"] == pytest.approx(60.0)
+    assert run.data.metrics["win_rate/strict/win_rate_half_ties"] == pytest.approx(50.0)
+    assert run.data.metrics["win_rate/ba/n"] == 6
 
 
 def test_identical_answer_ties_do_not_count_as_judge_consistency(tmp_path: Path) -> None:
@@ -231,3 +235,75 @@ def test_rates_per_category(tmp_path: Path) -> None:
     rows[1]["category"] = "open"  # the two orders of question 1 disagree
     with pytest.raises(BadRecordError, match=r"v2\.jsonl:2: field 'category'.*differs"):
         win_rate(_write(tmp_path / "v2.jsonl", rows), n_boot=10)
+
+
+def _fake_judge(qid: int, outcomes: tuple[str, str]) -> list[dict[str, Any]]:
+    """The verdicts a judge gives when the model's outcome is ``outcomes`` = (ab, ba):
+    the model sits at A in order ab and at B in order ba; ``failed``: a reply without a marker."""
+    label = {"ab": {"win": "A", "loss": "B"}, "ba": {"win": "B", "loss": "A"}}
+    texts = []
+    for order, outcome in zip(("ab", "ba"), outcomes, strict=True):
+        marker = "C" if outcome == "tie" else label[order].get(outcome)
+        texts.append(f"Compared with the reference: [[{marker}]]" if marker else "Hard to say.")
+    return _pair(qid, *texts)
+
+
+def test_each_order_alone_and_both_rules_under_both_tie_conventions(tmp_path: Path) -> None:
+    """Per-order tallies (the released script's one-order count is ``single_order.ab``) and the
+    combined ``sum`` and ``strict`` results, each with both rates, hand-computed."""
+    judged = [
+        ("win", "win"),
+        ("win", "win"),
+        ("win", "tie"),
+        ("win", "loss"),  # the judge prefers position A
+        ("tie", "tie"),
+        ("loss", "loss"),
+        ("loss", "win"),  # the judge prefers position B
+        ("failed", "win"),  # one order unparsed: a failure of the pair, counted in ba alone
+    ]
+    rows = [r for q, o in enumerate(judged) for r in _fake_judge(q, o)]
+    rows += [
+        {"question_id": 8, "order": o, "verdict": "[[C]]", "identical": True} for o in ("ab", "ba")
+    ]
+    res = win_rate(_write(tmp_path / "v.jsonl", rows), n_boot=100, rule="strict")
+
+    def tally(part: dict[str, Any]) -> tuple[float, ...]:
+        return (part["n"], part["wins"], part["ties"], part["losses"])
+
+    ab, ba = res["single_order"]["ab"], res["single_order"]["ba"]
+    assert tally(ab) == (8, 4, 2, 2) and ab["n_failed"] == 1  # the identical pair: a tie
+    assert ab["win_rate_half_ties"] == pytest.approx((4 + 0.5 * 2) / 8 * 100)
+    assert ab["win_rate_excl_ties"] == pytest.approx(4 / 6 * 100)
+    assert tally(ba) == (9, 4, 3, 2) and ba["n_failed"] == 0
+    assert ba["win_rate_half_ties"] == pytest.approx((4 + 0.5 * 3) / 9 * 100)
+    assert ba["win_rate_excl_ties"] == pytest.approx(4 / 6 * 100)
+    summed, strict = res["by_rule"]["sum"], res["by_rule"]["strict"]
+    assert tally(summed) == (8, 3, 4, 1)
+    assert summed["win_rate_half_ties"] == pytest.approx((3 + 0.5 * 4) / 8 * 100)
+    assert summed["win_rate_excl_ties"] == pytest.approx(3 / 4 * 100)
+    assert tally(strict) == (8, 2, 5, 1)
+    assert strict["win_rate_half_ties"] == pytest.approx((2 + 0.5 * 5) / 8 * 100)
+    assert strict["win_rate_excl_ties"] == pytest.approx(2 / 3 * 100)
+    for part in (ab, ba, summed, strict):
+        low, high = part["win_rate_half_ties_ci"]
+        assert low <= part["win_rate_half_ties"] <= high
+    # ``rule`` picks the headline; the other rule is reported all the same
+    assert {k: res[k] for k in strict} == strict
+    assert win_rate(tmp_path / "v.jsonl", n_boot=100)["by_rule"] == res["by_rule"]
+    with pytest.raises(ValueError, match="rule must be 'sum' or 'strict'"):
+        win_rate(tmp_path / "v.jsonl", rule="majority")  # type: ignore[arg-type]
+
+
+def test_the_pairwise_prompt_makes_a_tie_the_last_resort() -> None:
+    """The judge is shown the question, the ground truth and both answers; the task asks for A
+    or B first and allows a tie only as the last resort."""
+    from biomedvital.evaluation.pairwise import PAIRWISE_TASK, pairwise_messages
+
+    task = " ".join(PAIRWISE_TASK.split())
+    assert "A or B, in double square brackets" in task
+    assert "A tie is the last resort" in task
+    assert task.index("A or B") < task.index("last resort") < task.index("give C")
+    (_, user) = pairwise_messages("Is it the liver?", "yes", "Yes.", "No.")
+    body = user["content"]
+    assert "[Reference answer]\nyes" in body and "[Assistant A]\nYes." in body
+    assert body.endswith(PAIRWISE_TASK)
