@@ -105,6 +105,13 @@ class Checkpoints(ModelCheckpoint):
             "starts from scratch (pass --ckpt_path last to resume instead)"
         )
 
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        # Lightning restores the best scores but not the latest one, which its own state holds:
+        # a resumed run's checkpoints would say None where an uninterrupted run's hold a score
+        if self.dirpath == state_dict.get("dirpath", self.dirpath):
+            self.current_score = state_dict.get("current_score", self.current_score)
+
     def _find_last_checkpoints(self, trainer: Trainer) -> set[str]:
         # ``--ckpt_path last`` is resolved before ``setup``: the folder must be known here too
         self._default_dir(trainer)
