@@ -82,6 +82,7 @@ class Checkpoints(ModelCheckpoint):
         # after any restore, before the first save: ``trainer.ckpt_path`` tells a resume apart
         if trainer.ckpt_path is None and trainer.is_global_zero:
             self._set_aside_earlier_run()
+        _close_restart(trainer)
         super().on_train_start(trainer, pl_module)
 
     def _set_aside_earlier_run(self) -> None:
@@ -103,6 +104,13 @@ class Checkpoints(ModelCheckpoint):
             f"{len(old)} checkpoint(s) of an earlier run in {folder} moved to {dest}: this fit "
             "starts from scratch (pass --ckpt_path last to resume instead)"
         )
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        # Lightning restores the best scores but not the latest one, which its own state holds:
+        # a resumed run's checkpoints would say None where an uninterrupted run's hold a score
+        if self.dirpath == state_dict.get("dirpath", self.dirpath):
+            self.current_score = state_dict.get("current_score", self.current_score)
 
     def _find_last_checkpoints(self, trainer: Trainer) -> set[str]:
         # ``--ckpt_path last`` is resolved before ``setup``: the folder must be known here too
@@ -141,3 +149,20 @@ class Checkpoints(ModelCheckpoint):
         if trainer.is_global_zero:
             for logger in trainer.loggers:
                 logger.after_save_checkpoint(proxy(self))
+
+
+def _close_restart(trainer: Trainer) -> None:
+    """Let the first epoch of a run resumed from an epoch's end start as any epoch does.
+
+    A checkpoint written at the end of validation holds an epoch that Lightning counts as not
+    yet processed: on resume it treats the restart as mid-epoch, closes that epoch, and keeps
+    the "restarted mid-epoch" stage into the next, whose start it then skips (its
+    ``on_train_epoch_start`` hooks and its ready/started counters). The checkpoints of that
+    epoch then differ from an uninterrupted run's, and a run killed again after one of its
+    step checkpoints resumed at the epoch's first batch, training its first steps twice. Once
+    every epoch started is completed nothing is under way, and the stage is cleared.
+    """
+    loop = trainer.fit_loop
+    progress = loop.epoch_progress.current
+    if loop.restarting and progress.ready == progress.completed:
+        loop.reset_restart_stage()

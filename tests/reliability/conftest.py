@@ -5,8 +5,12 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import pytest
-from kill_harness import ForkServer
-from reliability_helpers import KEY_ENVS, SECRET, Chain, build_chain, run_reference
+
+# the trials' comparisons live in helper modules: their asserts say what differed
+pytest.register_assert_rewrite("resume_compare")
+
+from kill_harness import ForkServer  # noqa: E402
+from reliability_helpers import KEY_ENVS, SECRET, Chain, build_chain, run_reference  # noqa: E402
 
 SECRET_ENV: dict[str, str | None] = {k: SECRET for k in KEY_ENVS}
 """Every run of these tests has a recognisable API key in its environment."""

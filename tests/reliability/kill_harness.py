@@ -5,7 +5,8 @@ than most tiny runs. :class:`ForkServer` imports them once in a helper process a
 child per command: each child is a real process (its own pid, process group, files, exit status)
 that runs ``python -m biomedvital <verb> ...`` (``biomedvital.__main__``), and can be
 killed with SIGKILL at any instant. :func:`kill_and_resume` kills a run at seeded random times
-and reruns it until it completes.
+and reruns it until it completes; :func:`kill_at` runs one that kills itself at a chosen batch
+(:mod:`kill_points`) and reruns it.
 """
 
 from __future__ import annotations
@@ -86,12 +87,17 @@ class ForkServer:
     """A process with the heavy modules imported, forking a child per CLI command."""
 
     def __init__(self, preload: tuple[str, ...] = PRELOAD, env: dict[str, str] | None = None):
+        env = {**os.environ, **(env or {})}
+        # the children (and the other ranks a multi-process strategy starts) import the
+        # harness's callbacks (kill_points) by name
+        here = str(Path(__file__).parent)
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (here, env.get("PYTHONPATH")) if p)
         self.proc = subprocess.Popen(
             [sys.executable, "-c", _SERVER, json.dumps(list(preload))],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             text=True,
-            env={**os.environ, **(env or {})},
+            env=env,
         )
         self._read()
 
@@ -146,16 +152,23 @@ class ForkServer:
 class Trial:
     """What happened to one interrupted run: kill times, exit codes, reruns until success."""
 
-    seed: int
-    kills_at: list[float] = field(default_factory=list)
+    seed: int | None
+    kills_at: list[float | str] = field(default_factory=list)
     exit_codes: list[int] = field(default_factory=list)
     finished_in: float | None = None
     """Seconds the first run took when it ended before its kill instant."""
+    unfinished: list[bool] = field(default_factory=list)
+    """Per kill: the killed run had not written its final output (``finished`` was false)."""
 
     @property
     def killed(self) -> int:
-        """How many of the runs were SIGKILLed before they finished."""
+        """How many of the runs were SIGKILLed (before they exited by themselves)."""
         return sum(rc == -9 for rc in self.exit_codes)
+
+    @property
+    def killed_unfinished(self) -> int:
+        """How many SIGKILLs landed before the run had finished its work."""
+        return sum(self.unfinished)
 
 
 def _alive(pid: int) -> bool:
@@ -176,10 +189,13 @@ def kill_and_resume(
     env: dict[str, str | None] | None = None,
     kills: int = 1,
     prepare: Callable[[], None] | None = None,
+    finished: Callable[[], bool] | None = None,
 ) -> Trial:
     """Run ``first``, SIGKILL it after a seeded random 2-95 % of ``duration`` seconds (``kills``
     times, each on the rerun), then run ``rerun`` to completion; raises if that fails. A run
-    that ends before its kill time is not killed (``Trial.killed`` counts the kills)."""
+    that ends before its kill time is not killed (``Trial.killed`` counts the kills);
+    ``finished`` (read just after each kill) says whether the run had written its final output,
+    so that a kill landing after the work (``Trial.killed_unfinished``) does not count as one."""
     rng = random.Random(seed)
     trial = Trial(seed)
     log = cwd / "log.txt"
@@ -197,12 +213,45 @@ def kill_and_resume(
         server.kill(pid)
         trial.kills_at.append(round(delay, 3))
         trial.exit_codes.append(server.wait(pid))
+        if finished is not None:
+            trial.unfinished.append(trial.exit_codes[-1] == -9 and not finished())
         argv = rerun
     rc = server.run(rerun, cwd, log, env)
     trial.exit_codes.append(rc)
     if rc != 0:
         raise AssertionError(
             f"rerun after kill failed (seed {seed}, rc {rc}):\n{log.read_text()[-4000:]}"
+        )
+    return trial
+
+
+def kill_at(
+    server: ForkServer,
+    first: list[str],
+    rerun: list[str],
+    cwd: Path,
+    finished: Callable[[], bool],
+    env: dict[str, str | None] | None = None,
+    point: str = "",
+) -> Trial:
+    """Run ``first``, which SIGKILLs itself at a chosen batch (:mod:`kill_points`), check that
+    it was killed and had not finished (``finished`` false: a kill after the work would prove
+    nothing), then run ``rerun`` to completion; raises if any of that fails."""
+    log = cwd / "log.txt"
+    trial = Trial(None, kills_at=[point])
+    trial.exit_codes.append(server.run(first, cwd, log, env))
+    if trial.exit_codes[0] != -9:
+        raise AssertionError(
+            f"not killed at {point} (rc {trial.exit_codes[0]}):\n{log.read_text()[-4000:]}"
+        )
+    trial.unfinished.append(not finished())
+    if not trial.unfinished[0]:
+        raise AssertionError(f"the run killed at {point} had already finished its work")
+    rc = server.run(rerun, cwd, log, env)
+    trial.exit_codes.append(rc)
+    if rc != 0:
+        raise AssertionError(
+            f"rerun after the kill at {point} failed (rc {rc}):\n{log.read_text()[-4000:]}"
         )
     return trial
 
