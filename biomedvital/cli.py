@@ -65,6 +65,7 @@ PIPELINE_VERBS = {
         "biomedvital.annotation.annotate:annotate",
         "serve the clinician annotation page for answer pairs, or export preferences (--export)",
     ),
+    "ui": ("biomedvital.tracking.ui:ui", "serve MLflow's web UI on the store (make ui)"),
 }
 
 
@@ -208,6 +209,7 @@ def _cli_class() -> type:
             # one run per output folder: the trainer's folder is locked before anything is built
             sub = self.config.get("subcommand")
             trainer = (self.config[sub] if sub else self.config).get("trainer") or {}
+            _open_logger_store(trainer)
             if is_rank_zero():
                 root = trainer.get("default_root_dir") or os.getcwd()
                 _TRAINER_LOCKS.append(acquire_output(root))
@@ -235,6 +237,18 @@ def _cli_class() -> type:
                 init["run_id"] = run_id
 
     return BiomedCLI
+
+
+def _open_logger_store(trainer: Any) -> None:
+    """Open the MLflow logger's store before jsonargparse builds the logger: a store of another
+    MLflow schema is then refused in one line (``StoreVersionError``), not inside jsonargparse's
+    dump of the logger Union it was instantiating."""
+    logger = trainer.get("logger")
+    if not (hasattr(logger, "get") and str(logger.get("class_path", "")).endswith("MLflowLogger")):
+        return
+    from biomedvital.tracking.mlflow import DEFAULT_STORE, tracking_uri
+
+    tracking_uri((logger.get("init_args") or {}).get("store") or DEFAULT_STORE)
 
 
 def _resume_file(ckpt_path: str, trainer: Any) -> Path | None:

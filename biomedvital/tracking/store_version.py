@@ -81,9 +81,10 @@ def check_store(root: Path) -> None:
             "locked environment that wrote it (make setup from that checkout), or point "
             "--store at another folder"
         )
-    writer = _recorded_writer(root, revision) or f"an older MLflow (schema {revision})"
+    writer = _recorded_writer(root, revision)
+    who = f"MLflow {writer}" if writer else f"an older MLflow (schema {revision})"
     raise StoreVersionError(
-        f"{db}: this store was written by {writer}; the suite has {version}: back it up, "
+        f"{db}: this store was written by {who}; the suite has {version}: back it up, "
         f"then migrate it with: mlflow db upgrade sqlite:///{db}"
     )
 
