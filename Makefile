@@ -25,22 +25,39 @@ TO_RUN    = $(shell $(BIN)/python -m biomedvital grid $(GRID_ARGS) --stale true 
 NEEDS     = $(shell $(BIN)/python -m biomedvital grid --grid $(GRID_FILE) --needs true 2>/dev/null)
 
 .DEFAULT_GOAL := help
-.PHONY: help setup demo test lint format ui bench clean list plan grid report FORCE
+.PHONY: help setup lock demo test lint format ui bench clean list plan grid report FORCE
 
 help:  ## list the targets
 	@grep -E '^[a-zA-Z_/%.-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | expand -t 28
 
-# llama-cpp-python (dev extra: the local endpoint) is built from source, ~5 min on 2 cores, then
-# cached by pip; llama.cpp's native build (-march=native) dies here with an illegal instruction
-LLAMA_CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_AVX512=OFF -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF
+# llama-cpp-python (dev extra: the local endpoint) is built from source, then cached by uv;
+# llama.cpp's native build (-march=native) dies here with an illegal instruction. The Python
+# package loads libllama and libggml only: the multimodal library (LLAVA_BUILD) is not built.
+LLAMA_CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_AVX512=OFF -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF -DLLAVA_BUILD=OFF
 
-$(STAMP): pyproject.toml
+# The environment is requirements.lock (every dependency and extra: versions and hashes, no
+# machine's paths), installed by uv, itself pinned and hashed in the lock. UV_SOURCES gives uv
+# the package sources pip is configured with here (local wheels: torch comes from disk).
+LOCK       := requirements.lock
+UV         := $(BIN)/uv
+UV_SOURCES  = $(shell $(PY) tools/uv_sources.py)
+
+$(UV):
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
-	$(BIN)/pip install --quiet --upgrade pip
-	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(BIN)/pip install --quiet -e '.[dev]'
+	awk '/^uv==/{p=1} p{print} p && !/\\$$/{exit}' $(LOCK) > $(VENV)/uv-requirement.txt
+	$(BIN)/python -m pip install --quiet --require-hashes --no-deps -r $(VENV)/uv-requirement.txt
+
+$(STAMP): pyproject.toml $(LOCK) | $(UV)
+	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(UV) pip sync --python $(BIN)/python --require-hashes $(UV_SOURCES) $(LOCK)
+	$(UV) pip install --python $(BIN)/python --no-deps $(UV_SOURCES) -e .
 	touch $(STAMP)
 
-setup: $(STAMP)  ## create .venv (when missing) and install the package with its dev tools
+setup: $(STAMP)  ## create .venv (when missing) and install requirements.lock (all extras) and the package
+
+lock: | $(UV)  ## refresh requirements.lock from pyproject.toml (resolved on PyPI; pins: requirements-pins.txt)
+	$(UV) pip compile pyproject.toml --all-extras --universal --generate-hashes \
+		-c requirements-pins.txt --custom-compile-command "make lock" -o $(LOCK)
+	$(BIN)/python tools/lock_fingerprint.py --write $(LOCK)
 
 demo: $(DEMO)/eval/demo_vqa/scores.json $(DEMO)/judge/manifest.json  ## the main job on the embedded demo: generate, rate (local SmolLM2), selector fit, score, select, tune LLaVA, test, judge
 	@echo "selected: $(DEMO)/selected/selected.json; tuned: $(DEMO)/tuner/export/; VQA: $(DEMO)/eval/demo_vqa/scores.json; chat answers: $(DEMO)/eval/demo_chat/predictions.jsonl; judge: $(DEMO)/judge/manifest.json — runs: make ui"
@@ -89,7 +106,6 @@ $(GRID_DIR)/%/cell.json: FORCE
 FORCE:
 
 report: $(STAMP)  ## table (Markdown, CSV) and plots of GRID's runs from MLflow, under experiments/reports/ (PUBLISH=true: the committed copy)
-	$(BIN)/python -c "import matplotlib" 2>/dev/null || $(BIN)/pip install --quiet -e '.[report]'
 	$(BIN)/python experiments/report.py --grid $(GRID) --grid_file $(GRID_FILE) --grid_root $(GRID_ROOT) \
 		--allow_mixed $(ALLOW_MIXED) --publish $(PUBLISH)
 
@@ -124,9 +140,9 @@ format: $(STAMP)  ## apply ruff formatting and fixes
 	$(BIN)/ruff check --fix .
 	$(BIN)/ruff format .
 
-ui: $(STAMP)  ## open the MLflow UI on the project's store (mlruns/mlflow.db)
-	$(BIN)/python -c "import flask" 2>/dev/null || $(BIN)/pip install --quiet -e '.[ui]'
-	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlruns/mlflow.db --port 5000
+UI_PORT ?= 5000
+ui: $(STAMP)  ## open the MLflow UI on the project's store (mlruns/mlflow.db) at http://127.0.0.1:$(UI_PORT)
+	$(BIN)/python -m biomedvital ui --store mlruns --port $(UI_PORT)
 
 bench: $(STAMP)  ## run the benchmarks in bench/ (prints ratios against the reference recipe)
 	$(BIN)/python bench/scoring_throughput.py

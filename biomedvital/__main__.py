@@ -17,6 +17,7 @@ USER_ERRORS = {
     "biomedvital.generation.client": ("ClientConfigError", "ApiAccessError"),
     "biomedvital.grid": ("GridError",),
     "biomedvital.tracking.checkpoints": ("UnsafeCheckpointError",),
+    "biomedvital.tracking.store_version": ("StoreVersionError",),
 }
 
 

@@ -65,6 +65,7 @@ PIPELINE_VERBS = {
         "biomedvital.annotation.annotate:annotate",
         "serve the clinician annotation page for answer pairs, or export preferences (--export)",
     ),
+    "ui": ("biomedvital.tracking.ui:ui", "serve MLflow's web UI on the store (make ui)"),
 }
 
 
@@ -99,13 +100,20 @@ def _check_config_files(files: list[str]) -> None:
             raise ConfigError(f"{where}: invalid YAML ({problem})") from None
 
 
-def _config_error(verb: str, err: Exception, files: list[str]) -> ConfigError:
-    """The parser's error, naming the config file that sets the offending key."""
+def _config_error(
+    verb: str, err: Exception, files: list[str], argv: list[str] = (), parser: Any = None
+) -> ConfigError:
+    """The parser's error, naming the config file that sets the offending key (an unknown key:
+    one line with the nearest valid key, ``biomedvital.config_keys``)."""
     import re
 
     import yaml
 
+    from biomedvital.config_keys import unknown_key_message
+
     text = str(err).strip()
+    if message := unknown_key_message(text, files, list(argv), parser, verb):
+        return ConfigError(message)
     m = re.search(r'(?:Parser key|Key) "([^"]+)"', text)
     key = m.group(1) if m else None
     if key is None:  # an unknown key: "Option 'x' is not accepted", "Group 'g' does not ..."
@@ -145,6 +153,7 @@ def _usage() -> str:
 
 
 def _cli_class() -> type:
+    from jsonargparse import ArgumentError
     from lightning.pytorch.cli import LightningCLI
 
     from biomedvital.data.outputs import acquire_output, is_rank_zero
@@ -188,10 +197,19 @@ def _cli_class() -> type:
             model = {"class_path": written, "dict_kwargs": hparams} if written else hparams
             self.config = self.parser.parse_object({sub: {"model": model}}, self.config)
 
+        def parse_arguments(self, parser: Any, args: Any) -> None:
+            try:
+                super().parse_arguments(parser, args)
+            except ArgumentError as e:  # the verb's own parser names the keys it accepts
+                verb = sys.argv[1] if len(sys.argv) > 1 else ""
+                e.parser = getattr(self, "_subcommand_parsers", {}).get(verb, parser)
+                raise
+
         def before_instantiate_classes(self) -> None:
             # one run per output folder: the trainer's folder is locked before anything is built
             sub = self.config.get("subcommand")
             trainer = (self.config[sub] if sub else self.config).get("trainer") or {}
+            _open_logger_store(trainer)
             if is_rank_zero():
                 root = trainer.get("default_root_dir") or os.getcwd()
                 _TRAINER_LOCKS.append(acquire_output(root))
@@ -219,6 +237,18 @@ def _cli_class() -> type:
                 init["run_id"] = run_id
 
     return BiomedCLI
+
+
+def _open_logger_store(trainer: Any) -> None:
+    """Open the MLflow logger's store before jsonargparse builds the logger: a store of another
+    MLflow schema is then refused in one line (``StoreVersionError``), not inside jsonargparse's
+    dump of the logger Union it was instantiating."""
+    logger = trainer.get("logger")
+    if not (hasattr(logger, "get") and str(logger.get("class_path", "")).endswith("MLflowLogger")):
+        return
+    from biomedvital.tracking.mlflow import DEFAULT_STORE, tracking_uri
+
+    tracking_uri((logger.get("init_args") or {}).get("store") or DEFAULT_STORE)
 
 
 def _resume_file(ckpt_path: str, trainer: Any) -> Path | None:
@@ -285,7 +315,7 @@ def run_trainer_verb(argv: list[str]) -> None:
             parser_kwargs={**no_exit, **{verb: dict(no_exit) for verb in TRAINER_VERBS}},
         )
     except ArgumentError as e:
-        raise _config_error(argv[0], e, files) from None
+        raise _config_error(argv[0], e, files, argv, getattr(e, "parser", None)) from None
     except pickle.UnpicklingError as e:  # a checkpoint Lightning itself loads (--ckpt_path last)
         path = _loaded_path(e.__traceback__) or "the checkpoint"
         raise UnsafeCheckpointError(unsafe_checkpoint_message(path, e)) from e
@@ -304,20 +334,22 @@ def main(argv: list[str] | None = None) -> None:
     if verb in TRAINER_VERBS:
         run_trainer_verb(argv)
     elif verb in PIPELINE_VERBS:
-        from jsonargparse import ArgumentError, auto_cli
+        from jsonargparse import ArgumentError, auto_cli, auto_parser
 
         files = _config_files(argv[1:])
         _check_config_files(files)
+        function = _load(PIPELINE_VERBS[verb][0])
         try:
             result = auto_cli(
-                _load(PIPELINE_VERBS[verb][0]),
+                function,
                 args=argv[1:],
                 as_positional=False,
                 prog=f"python -m biomedvital {verb}",
                 exit_on_error=False,
             )
         except ArgumentError as e:
-            raise _config_error(verb, e, files) from None
+            parser = auto_parser(function, as_positional=False, exit_on_error=False)
+            raise _config_error(verb, e, files, argv[1:], parser) from None
         if isinstance(result, dict):
             import json
 

@@ -41,10 +41,14 @@ def _create_tables(root: Path, uri: str) -> None:
 
     from mlflow.tracking import MlflowClient
 
+    from biomedvital.tracking.store_version import check_store, record_writer
+
     with open(root / ".tables.lock", "a") as lock:
         fcntl.lockf(lock, fcntl.LOCK_EX)
         try:
+            check_store(root)  # a store of another MLflow schema: one line naming both versions
             MlflowClient(tracking_uri=uri).search_experiments(max_results=1)
+            record_writer(root)
         finally:
             fcntl.lockf(lock, fcntl.LOCK_UN)
 
