@@ -14,7 +14,8 @@ USER_ERRORS = {
     "biomedvital.data.report": ("BadRecordError",),
     "biomedvital.data.images": ("UnsafePathError", "ImageLoadError"),
     "biomedvital.data.outputs": ("OutputFolderBusy",),
-    "biomedvital.generation.client": ("ClientConfigError", "ApiAccessError"),
+    "biomedvital.llm.config": ("ClientConfigError",),
+    "biomedvital.llm.errors": ("ApiAccessError",),
     "biomedvital.grid": ("GridError",),
     "biomedvital.tracking.checkpoints": ("UnsafeCheckpointError",),
 }

@@ -23,7 +23,7 @@ PIPELINE_VERBS = {
     ),
     "rate": ("biomedvital.generation.rate:rate", "score candidates 0-10 with a judge model"),
     "serve-local": (
-        "biomedvital.generation.local_server:serve_local",
+        "biomedvital.llm.local_server:serve_local",
         "serve a local GGUF model (SmolLM2) over an OpenAI-compatible API on loopback",
     ),
     "import-preferences": (

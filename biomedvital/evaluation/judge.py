@@ -27,12 +27,10 @@ from typing import Any
 from biomedvital.data.jsonio import load_json, sha256_file, write_json, write_jsonl
 from biomedvital.data.outputs import locks_output
 from biomedvital.data.report import BadRecordError
-from biomedvital.generation.client import (
-    ChatRequest,
-    ClientConfig,
-    request_key,
-    run_requests,
-)
+from biomedvital.llm.config import ClientConfig
+from biomedvital.llm.keys import request_key
+from biomedvital.llm.outcome import ChatRequest
+from biomedvital.llm.runner import run_requests
 from biomedvital.tracking.mlflow import DEFAULT_STORE, PipelineRun
 from biomedvital.tracking.provenance import git_state
 

@@ -8,7 +8,7 @@ therefore stays flat in the number of figures (the journal's key index and the s
 ``pair_id`` values are all that grow). Outputs are written at the end, atomically.
 
 ``client.mode: batch`` sends the same requests as Batch API jobs (or writes them for vLLM's
-offline batch runner), see :mod:`biomedvital.generation.batch`.
+offline batch runner), see :mod:`biomedvital.llm.batch`.
 """
 
 from __future__ import annotations
@@ -38,17 +38,6 @@ from biomedvital.data.records import (
     strip_image_token,
 )
 from biomedvital.data.report import BadRecordError, OnBad, PositionKind, RecordReport
-from biomedvital.generation.batch import BatchPending
-from biomedvital.generation.client import (
-    ChatRequest,
-    ClientConfig,
-    Journal,
-    Outcome,
-    cost_of,
-    estimate_tokens,
-    fill_requests,
-    request_key,
-)
 from biomedvital.generation.parse import (
     DroppedExchange,
     FlaggedAnswers,
@@ -60,11 +49,17 @@ from biomedvital.generation.parse import (
 from biomedvital.generation.prompts import (
     MODALITIES,
     build_messages,
-    image_ref,
     printable_messages,
     prompt_version,
     select_demonstrations,
 )
+from biomedvital.llm.batch import BatchPending
+from biomedvital.llm.config import ClientConfig
+from biomedvital.llm.images import image_ref
+from biomedvital.llm.journal import Journal
+from biomedvital.llm.keys import cost_of, estimate_tokens, request_key
+from biomedvital.llm.outcome import ChatRequest, Outcome
+from biomedvital.llm.runner import fill_requests
 from biomedvital.tracking.mlflow import DEFAULT_STORE, PipelineRun
 from biomedvital.tracking.provenance import git_state
 

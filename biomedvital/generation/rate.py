@@ -50,18 +50,15 @@ from biomedvital.data.records import (
     strip_image_token,
 )
 from biomedvital.data.report import BadRecordError, OnBad, RecordReport
-from biomedvital.generation.batch import BatchPending
-from biomedvital.generation.client import (
-    ChatRequest,
-    ClientConfig,
-    FillResult,
-    Journal,
-    Outcome,
-    fill_requests,
-    request_key,
-)
 from biomedvital.generation.generate import Estimate, estimate_cost, pending_result
-from biomedvital.generation.prompts import MENTIONS_HEADER, image_ref, printable_messages
+from biomedvital.generation.prompts import MENTIONS_HEADER, printable_messages
+from biomedvital.llm.batch import BatchPending
+from biomedvital.llm.config import ClientConfig
+from biomedvital.llm.images import image_ref
+from biomedvital.llm.journal import Journal
+from biomedvital.llm.keys import request_key
+from biomedvital.llm.outcome import ChatRequest, FillResult, Outcome
+from biomedvital.llm.runner import fill_requests
 from biomedvital.tracking.mlflow import DEFAULT_STORE, PipelineRun
 from biomedvital.tracking.provenance import git_state
 
