@@ -9,12 +9,12 @@ inlines the bytes as a data URL when it sends (:func:`inline_images`).
 from __future__ import annotations
 
 import base64
-import hashlib
 import io
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from biomedvital.data.hashing import sha256_file
 from biomedvital.data.images import load_image
 
 IMAGE_REF = "biomedvital-image:"
@@ -32,11 +32,7 @@ def image_ref(path: Path) -> str:
     """
     if MIME.get(path.suffix.lower()) is None:
         load_image(path)  # converted at send time (DICOM…): fail now, naming the file, not then
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return f"{IMAGE_REF}{path}{HASH_SEP}{h.hexdigest()}"
+    return f"{IMAGE_REF}{path}{HASH_SEP}{sha256_file(path)}"
 
 
 def _map_image_refs(

@@ -4,7 +4,8 @@ free and resumable.
 Each line is written and flushed before its request counts as done (it survives ``kill -9``);
 ``fsync`` runs at most every ``sync_interval_s`` and at close (what a power cut can lose). The
 journal is indexed by offset, not held in memory, and locked against a second process. A torn
-last line (a process killed mid-write) is dropped and its request made again.
+last line (a process killed mid-write) is cut and its request made again: the torn-line policy
+and the lock of every journal (:mod:`biomedvital.data.journal`).
 """
 
 from __future__ import annotations
@@ -18,12 +19,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from biomedvital.data.journal import JournalWriter, LineScan
+from biomedvital.data.locks import LockBusy
 from biomedvital.llm.response import is_empty_reply
-
-try:  # advisory lock against two runs on one journal (POSIX)
-    import fcntl
-except ImportError:  # pragma: no cover - Windows
-    fcntl = None  # type: ignore[assignment]
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +52,8 @@ class Journal:
 
     Only an index (key → offset and length of its line) is kept in memory; entries are read
     back from disk on demand. Lines start with the key so the index loads without parsing them.
+    An existing journal is locked from the start (its torn tail cut), a new one at its first
+    append.
     """
 
     def __init__(self, path: str | Path, sync_interval_s: float = 0.2) -> None:
@@ -62,16 +62,14 @@ class Journal:
         self.torn_lines = 0
         self.empty_replies = 0
         self._index: dict[str, int] = {}
-        self._size = 0
-        self._wfh: Any = None
+        self._writer = JournalWriter(self.path)
         self._rfd: int | None = None
-        self._lock_fd: int | None = None
         self._last_sync = 0.0
         self._dirty = False
         self.auto_sync = True  # fsync from append(); the async client syncs from a thread instead
         if self.path.is_file():
-            self._lock()
-        self._load()
+            self._open_writer()
+            self._load()
 
     # -- loading
     @staticmethod
@@ -89,53 +87,30 @@ class Journal:
         return entry["key"]
 
     def _load(self) -> None:
-        if not self.path.is_file():
-            return
-        offset, cut = 0, None
-        with open(self.path, "rb") as f:
-            for raw in f:
-                if not raw.endswith(b"\n"):
-                    # A write was cut short: drop the partial line so the next append starts clean.
-                    cut = offset
-                    self.torn_lines += 1
-                    break
-                key = self._key_of(raw)
-                if key is not None and _empty_entry(raw):
-                    self.empty_replies += 1  # journaled by an older version: asked again
-                elif key is not None:
-                    self._index[key] = (offset << _OFFSET_SHIFT) | len(raw)
-                elif raw.strip():
-                    self.torn_lines += 1
-                offset += len(raw)
-        self._size = offset
+        for offset, raw in LineScan(self.path):
+            key = self._key_of(raw)
+            if key is not None and _empty_entry(raw):
+                self.empty_replies += 1  # journaled by an older version: asked again
+            elif key is not None:
+                self._index[key] = (offset << _OFFSET_SHIFT) | len(raw)
+            elif raw.strip():
+                self.torn_lines += 1
         if self.empty_replies:
             log.warning(
                 "journal %s: %d empty replies (no text, no refusal) are asked again",
                 self.path,
                 self.empty_replies,
             )
-        if cut is not None:
-            with open(self.path, "r+b") as f:
-                f.truncate(cut)
-                f.flush()
-                os.fsync(f.fileno())
-            log.warning(
-                "journal %s: dropped a torn last line; its request is made again", self.path
-            )
 
-    def _lock(self) -> None:
-        if fcntl is None or self._lock_fd is not None:
-            return
-        fd = os.open(self.path, os.O_RDONLY | os.O_CREAT, 0o666)
+    def _open_writer(self) -> None:
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            os.close(fd)
+            self._writer.open()
+        except LockBusy:
             raise JournalBusy(
                 f"journal {self.path} is in use by another process; wait for it to finish "
                 "(two runs on one output folder would send the same requests twice)"
             ) from None
-        self._lock_fd = fd
+        self.torn_lines += self._writer.torn_cut
 
     # -- reading
     def __contains__(self, key: object) -> bool:
@@ -173,43 +148,32 @@ class Journal:
     # -- writing
     def append(self, entry: dict[str, Any]) -> None:
         """Write one finished request (flushed at once; fsynced in groups) before it counts."""
-        if self._wfh is None:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._wfh = open(self.path, "ab")  # noqa: SIM115 - kept open for the run
-            self._lock()
-            self._size = os.fstat(self._wfh.fileno()).st_size
+        if self._writer.fd is None:
+            self._open_writer()
         entry = {"key": entry["key"], **entry}
         line = (json.dumps(entry, ensure_ascii=False) + "\n").encode("utf-8")
         if len(line) >= 1 << _OFFSET_SHIFT:  # pragma: no cover - 4 GB response
             raise ValueError("journal entry too large")
-        self._wfh.write(line)
-        self._wfh.flush()
-        self._index[entry["key"]] = (self._size << _OFFSET_SHIFT) | len(line)
-        self._size += len(line)
+        offset = self._writer.append(line, sync=False)
+        self._index[entry["key"]] = (offset << _OFFSET_SHIFT) | len(line)
         self._dirty = True
         if self.auto_sync and time.monotonic() - self._last_sync >= self.sync_interval_s:
             self.sync()
 
     def sync(self) -> None:
         """fsync what was appended since the last sync (safe to call from another thread)."""
-        fh = self._wfh
-        if fh is not None and self._dirty:
+        if self._dirty:
             self._dirty = False
-            os.fsync(fh.fileno())
+            self._writer.sync()
         self._last_sync = time.monotonic()
 
     def close(self) -> None:
         """Sync and release the files and the lock."""
-        if self._wfh is not None:
-            self.sync()
-            self._wfh.close()
-            self._wfh = None
+        self.sync()
+        self._writer.close()
         if self._rfd is not None:
             os.close(self._rfd)
             self._rfd = None
-        if self._lock_fd is not None:
-            os.close(self._lock_fd)
-            self._lock_fd = None
 
     def __enter__(self) -> Journal:
         return self

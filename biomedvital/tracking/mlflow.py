@@ -10,6 +10,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from biomedvital.data.locks import held_lock
 from biomedvital.tracking.provenance import git_state
 
 DEFAULT_STORE = "mlruns"
@@ -37,16 +38,10 @@ def _create_tables(root: Path, uri: str) -> None:
     creation and all but one fail (``table ... already exists``). An exclusive lock on a file
     beside the database makes the others wait and then find the tables made.
     """
-    import fcntl
-
     from mlflow.tracking import MlflowClient
 
-    with open(root / ".tables.lock", "a") as lock:
-        fcntl.lockf(lock, fcntl.LOCK_EX)
-        try:
-            MlflowClient(tracking_uri=uri).search_experiments(max_results=1)
-        finally:
-            fcntl.lockf(lock, fcntl.LOCK_UN)
+    with held_lock(root / ".tables.lock", wait=True):
+        MlflowClient(tracking_uri=uri).search_experiments(max_results=1)
 
 
 def artifact_location(store: str | Path, experiment: str) -> str:
