@@ -99,8 +99,29 @@ def _check_config_files(files: list[str]) -> None:
             raise ConfigError(f"{where}: invalid YAML ({problem})") from None
 
 
-def _config_error(verb: str, err: Exception, files: list[str]) -> ConfigError:
-    """The parser's error, naming the config file that sets the offending key."""
+def _moved_key(fn: Callable | None, key: str | None) -> str | None:
+    """Where a flat key now lives when it became a field of a grouped argument (a dataclass
+    parameter of the verb: ``temperature`` -> ``sampling.temperature``), else ``None``."""
+    import dataclasses
+    import typing
+
+    if fn is None or not key or "." in key:
+        return None
+    try:
+        hints = typing.get_type_hints(fn)
+    except (NameError, TypeError):
+        return None
+    for name, hint in hints.items():
+        if dataclasses.is_dataclass(hint) and key in {f.name for f in dataclasses.fields(hint)}:
+            return f"{name}.{key}"
+    return None
+
+
+def _config_error(
+    verb: str, err: Exception, files: list[str], fn: Callable | None = None
+) -> ConfigError:
+    """The parser's error, naming the config file that sets the offending key (and, for a flat
+    key that moved into a group, its new place)."""
     import re
 
     import yaml
@@ -112,8 +133,12 @@ def _config_error(verb: str, err: Exception, files: list[str]) -> ConfigError:
         m = re.search(r"Group '([^']+)' does not accept option '([^']+)'", text)
         if m:
             key = f"{m.group(1)}.{m.group(2)}"
-        elif m := re.search(r"Option '([^']+)' is not accepted", text):
-            key = m.group(1)
+        elif m := re.search(
+            r"Option '([^']+)' is not accepted|unrecognized arguments: --([\w.-]+)", text
+        ):
+            key = m.group(1) or m.group(2)
+    if (moved := _moved_key(fn, key)) is not None:
+        text = f"'{key}' moved to '{moved}' (in YAML: {moved.split('.')[0]}: {{{key}: ...}})"
     source = None
     for name in reversed(files):  # later files overlay earlier ones
         node = yaml.safe_load(open(name, encoding="utf-8"))  # noqa: SIM115 - checked above
@@ -308,16 +333,17 @@ def main(argv: list[str] | None = None) -> None:
 
         files = _config_files(argv[1:])
         _check_config_files(files)
+        fn = _load(PIPELINE_VERBS[verb][0])
         try:
             result = auto_cli(
-                _load(PIPELINE_VERBS[verb][0]),
+                fn,
                 args=argv[1:],
                 as_positional=False,
                 prog=f"python -m biomedvital {verb}",
                 exit_on_error=False,
             )
         except ArgumentError as e:
-            raise _config_error(verb, e, files) from None
+            raise _config_error(verb, e, files, fn) from None
         if isinstance(result, dict):
             import json
 

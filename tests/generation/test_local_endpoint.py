@@ -28,6 +28,7 @@ from biomedvital.llm.local_server import (
     port_is_free,
     resolve_model,
 )
+from biomedvital.llm.sampling import SamplingArgs
 
 needs_llama = pytest.mark.skipif(
     importlib.util.find_spec("llama_cpp") is None,
@@ -92,8 +93,7 @@ def test_generate_and_rate_against_the_local_server(
         out=tmp_path / "gen",
         vision=False,
         n_demos=1,
-        temperature=0.2,
-        max_tokens=96,
+        sampling=SamplingArgs(temperature=0.2, max_tokens=96),
         **common,
     )
     counts = gen["counts"]
@@ -120,7 +120,7 @@ def test_generate_and_rate_against_the_local_server(
         candidates=cands,
         out=tmp_path / "rate",
         figures=demo_files.figures,
-        max_tokens=16,
+        sampling=SamplingArgs(max_tokens=16),
         **common,
     )
     assert rated["counts"]["rated"] + rated["counts"]["failed"] == n
