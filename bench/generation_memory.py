@@ -49,8 +49,8 @@ def write_figures(root: Path, n: int) -> dict[str, Path]:
 
 
 def child(args: argparse.Namespace) -> None:
-    from biomedvital.generation.client import ClientConfig
     from biomedvital.generation.generate import generate
+    from biomedvital.llm.config import ClientConfig
 
     root = Path(args.dir)
     t0 = time.perf_counter()

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from biomedvital.generation.client import ClientConfig
+    from biomedvital.llm.config import ClientConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import REPO, save  # noqa: E402
@@ -65,7 +65,7 @@ class Server:
 
 def bench_client(base_url: str, concurrency: int, **settings: Any) -> ClientConfig:
     """The client block of both timings (the bench server, its key variable) plus ``settings``."""
-    from biomedvital.generation.client import ClientConfig
+    from biomedvital.llm.config import ClientConfig
 
     return ClientConfig(
         base_url=base_url,
@@ -78,7 +78,9 @@ def bench_client(base_url: str, concurrency: int, **settings: Any) -> ClientConf
 
 
 def client_run(base_url: str, journal: Path, n: int, concurrency: int) -> tuple[float, dict]:
-    from biomedvital.generation.client import ChatClient, ChatRequest, Journal
+    from biomedvital.llm.journal import Journal
+    from biomedvital.llm.online import ChatClient
+    from biomedvital.llm.outcome import ChatRequest
 
     config = bench_client(
         base_url, concurrency, max_attempts=3, price_per_million={"input": 2.5, "output": 10.0}
@@ -127,7 +129,7 @@ def main() -> None:
     os.environ[KEY_ENV] = "sk-bench"
     import openai  # noqa: F401 - the SDK's import (~1 s) is start-up, not throughput
 
-    import biomedvital.generation.client  # noqa: F401
+    import biomedvital.llm.online  # noqa: F401
 
     bound = args.requests * args.delay / args.concurrency
     server = Server(args.delay)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from importlib import import_module
 from pathlib import Path
 from typing import Any
@@ -23,7 +23,7 @@ PIPELINE_VERBS = {
     ),
     "rate": ("biomedvital.generation.rate:rate", "score candidates 0-10 with a judge model"),
     "serve-local": (
-        "biomedvital.generation.local_server:serve_local",
+        "biomedvital.llm.local_server:serve_local",
         "serve a local GGUF model (SmolLM2) over an OpenAI-compatible API on loopback",
     ),
     "import-preferences": (
@@ -100,11 +100,35 @@ def _check_config_files(files: list[str]) -> None:
             raise ConfigError(f"{where}: invalid YAML ({problem})") from None
 
 
+def _moved_key(fn: Callable | None, key: str | None) -> str | None:
+    """Where a flat key now lives when it became a field of a grouped argument (a dataclass
+    parameter of the verb: ``temperature`` -> ``sampling.temperature``), else ``None``."""
+    import dataclasses
+    import typing
+
+    if fn is None or not key or "." in key:
+        return None
+    try:
+        hints = typing.get_type_hints(fn)
+    except (NameError, TypeError):
+        return None
+    for name, hint in hints.items():
+        if dataclasses.is_dataclass(hint) and key in {f.name for f in dataclasses.fields(hint)}:
+            return f"{name}.{key}"
+    return None
+
+
 def _config_error(
-    verb: str, err: Exception, files: list[str], argv: list[str] = (), parser: Any = None
+    verb: str,
+    err: Exception,
+    files: list[str],
+    argv: Sequence[str] = (),
+    parser: Any = None,
+    fn: Callable | None = None,
 ) -> ConfigError:
-    """The parser's error, naming the config file that sets the offending key (an unknown key:
-    one line with the nearest valid key, ``biomedvital.config_keys``)."""
+    """The parser's error, naming the config file that sets the offending key: for a flat key
+    that moved into a group, its new place; for another unknown key, one line with the nearest
+    valid key (``biomedvital.config_keys``)."""
     import re
 
     import yaml
@@ -112,16 +136,20 @@ def _config_error(
     from biomedvital.config_keys import unknown_key_message
 
     text = str(err).strip()
-    if message := unknown_key_message(text, files, list(argv), parser, verb):
-        return ConfigError(message)
     m = re.search(r'(?:Parser key|Key) "([^"]+)"', text)
     key = m.group(1) if m else None
     if key is None:  # an unknown key: "Option 'x' is not accepted", "Group 'g' does not ..."
         m = re.search(r"Group '([^']+)' does not accept option '([^']+)'", text)
         if m:
             key = f"{m.group(1)}.{m.group(2)}"
-        elif m := re.search(r"Option '([^']+)' is not accepted", text):
-            key = m.group(1)
+        elif m := re.search(
+            r"Option '([^']+)' is not accepted|unrecognized arguments: --([\w.-]+)", text
+        ):
+            key = m.group(1) or m.group(2)
+    if (moved := _moved_key(fn, key)) is not None:
+        text = f"'{key}' moved to '{moved}' (in YAML: {moved.split('.')[0]}: {{{key}: ...}})"
+    elif message := unknown_key_message(text, files, list(argv), parser, verb):
+        return ConfigError(message)
     source = None
     for name in reversed(files):  # later files overlay earlier ones
         node = yaml.safe_load(open(name, encoding="utf-8"))  # noqa: SIM115 - checked above
@@ -338,18 +366,18 @@ def main(argv: list[str] | None = None) -> None:
 
         files = _config_files(argv[1:])
         _check_config_files(files)
-        function = _load(PIPELINE_VERBS[verb][0])
+        fn = _load(PIPELINE_VERBS[verb][0])
         try:
             result = auto_cli(
-                function,
+                fn,
                 args=argv[1:],
                 as_positional=False,
                 prog=f"python -m biomedvital {verb}",
                 exit_on_error=False,
             )
         except ArgumentError as e:
-            parser = auto_parser(function, as_positional=False, exit_on_error=False)
-            raise _config_error(verb, e, files, argv[1:], parser) from None
+            parser = auto_parser(fn, as_positional=False, exit_on_error=False)
+            raise _config_error(verb, e, files, argv[1:], parser, fn) from None
         if isinstance(result, dict):
             import json
 

@@ -503,7 +503,7 @@ def _finished(stage: StagePlan, previous: dict[str, Any] | None) -> dict[str, An
 def _shown(argv: list[str]) -> list[str]:
     """The command line fit for the console and ``cell.json``: a URL's password and query
     values masked (a grid file may name ``client.base_url`` with a credential in it)."""
-    from biomedvital.generation.client import safe_url
+    from biomedvital.llm.redact import safe_url
 
     # every URL in an argument, also one inside a JSON value (``--client '{"base_url": ...}'``)
     return [_URL.sub(lambda m: safe_url(m.group(0)), a) for a in argv]

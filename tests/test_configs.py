@@ -29,6 +29,8 @@ BASES = sorted(
 ENDPOINTS = sorted((CONF / "endpoints").glob("*.yaml"))
 CLIENT_VERBS = ("generate", "rate", "judge", "pairwise")
 """The verbs that share the ``client`` block (an endpoint file overlays any of them)."""
+GROUPS = ("client", "sampling")
+"""The grouped arguments of the chat verbs: a config sets some of their keys, the rest default."""
 STRATEGIES = sorted((CONF / "strategy").glob("*.yaml"))
 OVERLAYS = sorted((CONF / "ablation").glob("*.yaml"))
 GRIDS = sorted((CONF / "grids").glob("*.yaml"))
@@ -102,13 +104,14 @@ def test_pipeline_config_parses(path: Path, capsys: pytest.CaptureFixture[str]) 
     settings are one ``client`` block, not flat keys."""
     cfg = _pipeline_config(capsys, path.stem, "--config", str(path))
     for key, value in yaml.safe_load(path.read_text()).items():
-        if isinstance(value, dict) and key == "client":
+        if isinstance(value, dict) and key in GROUPS:
             assert value.items() <= cfg[key].items(), key
         else:
             assert cfg[key] == value, key
     assert cfg["client"]["base_url"] == "local:smollm2"
     assert cfg["client"]["concurrency"] == 1  # the demo's llama.cpp: one request at a time
     assert not {"base_url", "model", "concurrency", "mode", "price_per_million"} & set(cfg)
+    assert not {"temperature", "top_p", "seed", "max_tokens"} & set(cfg)  # in ``sampling``
 
 
 @pytest.mark.parametrize("path", PAPER_PIPELINE, ids=lambda p: p.relative_to(CONF).as_posix())
@@ -121,7 +124,7 @@ def test_paper_pipeline_config_parses(path: Path, capsys: pytest.CaptureFixture[
     raw = yaml.safe_load(path.read_text())
     cfg = _pipeline_config(capsys, path.stem, "--config", str(path))
     for key, value in raw.items():
-        if isinstance(value, dict) and key == "client":
+        if isinstance(value, dict) and key in GROUPS:
             assert value.items() <= cfg[key].items(), key
         else:
             assert cfg[key] == value, key
@@ -132,7 +135,12 @@ def test_paper_pipeline_config_parses(path: Path, capsys: pytest.CaptureFixture[
     if path.stem == "generate":
         assert (cfg["n_demos"], cfg["vision"], cfg["answers"]) == (5, True, 1)
         # the released clinician-demonstration script's values (docs/fidelity.md)
-        assert (cfg["prompt_style"], cfg["max_tokens"], cfg["temperature"]) == ("vital", 4096, 1.0)
+        sampling = cfg["sampling"]
+        assert (cfg["prompt_style"], sampling["max_tokens"], sampling["temperature"]) == (
+            "vital",
+            4096,
+            1.0,
+        )
         assert (cfg["flagged_answers"], cfg["min_exchanges"]) == ("keep", 1)
         assert cfg["truncated_replies"] == "keep"
         assert cfg["demonstrations"].endswith("doctor_few_shot_examples.json")
@@ -160,7 +168,9 @@ def test_endpoint_overlay_parses(
     cfg = _pipeline_config(capsys, path.stem, "--config", str(path), "--config", str(endpoint))
     assert cfg["client"] == {**cfg["client"], **base["client"], **overlay["client"]}
     for key, value in base.items():
-        if key != "client":
+        if key == "sampling":
+            assert value.items() <= cfg[key].items(), key
+        elif key != "client":
             assert cfg[key] == value, key
 
 
@@ -214,6 +224,23 @@ def test_unknown_key_error_names_the_file_or_flag_that_sets_it(tmp_path: Path) -
     with pytest.raises(ConfigError) as info:
         main(["rate", "--config", base, "--client.concurency", "3"])
     assert str(info.value).startswith("the command line: --client.concurency ")
+
+
+@pytest.mark.parametrize("verb", CLIENT_VERBS)
+def test_a_flat_sampling_key_is_refused_naming_its_new_place(verb: str, tmp_path: Path) -> None:
+    """temperature, top_p, seed and max_tokens live in ``sampling``: an old config's flat key,
+    or flag, is refused in one line that says where it went."""
+    from biomedvital.cli import ConfigError
+
+    old = tmp_path / "old.yaml"
+    old.write_text("max_tokens: 64\n")
+    for argv, where in ((["--config", str(old)], str(old)), (["--temperature", "0.1"], None)):
+        with pytest.raises(ConfigError) as info:
+            main([verb, *argv])
+        text = str(info.value)
+        key = "max_tokens" if where else "temperature"
+        assert f"'{key}' moved to 'sampling.{key}'" in text and "\n" not in text
+        assert text.startswith(f"{verb}: {where or 'the command line'}: ")
 
 
 def test_generated_pool_overlay_parses(capsys: pytest.CaptureFixture[str]) -> None:

@@ -230,6 +230,6 @@ def test_the_checks_can_fail(tmp_path: Path) -> None:
     assert planned.planned and not wrong.planned
     assert config_value("paper/rate", "nope") is MISSING
     assert config_value("paper/nothing", "max_tokens") is MISSING
-    got = config_value("paper/generate", "max_tokens")
+    got = config_value("paper/generate", "sampling.max_tokens")
     assert not same(got, cell_value(wrong.value)) and same(got, 4096)
     assert same(1e-5, "1.0e-5") and not same(True, 1.0) and same([512], [512])

@@ -3,11 +3,13 @@
 Every action on the page (a mark, a preference, a comment, a flag) appends the item's whole new
 state as one line, written with a single ``O_APPEND`` write and ``fsync``ed before the page is
 told it is saved. The latest line of an item wins. Nothing is ever rewritten, so closing the tab,
-killing the server or losing power costs at most the line being written: on reading, an
-unparsable line (the torn tail of an interrupted write) is counted and ignored, and before the
-next append the torn tail is sealed with a newline so it cannot swallow the new line. An append
-that fails in a running server (disk full) is cut back off the file before the page hears of it,
-so the retry that follows lands on a line of its own.
+killing the server or losing power costs at most the line being written. The torn-line policy is
+every journal's (:mod:`biomedvital.data.journal`): on reading, an unparsable line or the torn
+tail of an interrupted write is counted and ignored; before the next append the server cuts the
+torn tail off, so it cannot swallow the new line; an append that fails in a running server
+(disk full) is cut back off the file before the page hears of it, so the retry that follows
+lands on a line of its own. One server writes an annotator's journal: it holds the journal's
+lock file (:mod:`biomedvital.data.locks`), so it may read the journal as it likes.
 
 Judgments are stored in the order the answers were *shown* (``A``, ``B``) together with that order
 (``shown[p]`` is the item's answer index at position ``p``); the export undoes it.
@@ -17,7 +19,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 import threading
 from dataclasses import dataclass, field
@@ -28,12 +29,9 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from biomedvital.data.jsonio import PathLike, fsync_dir
-
-try:  # advisory lock: one server per annotator journal (POSIX only)
-    import fcntl
-except ImportError:  # pragma: no cover - Windows
-    fcntl = None  # type: ignore[assignment]
+from biomedvital.data.journal import JournalWriter, LineScan
+from biomedvital.data.jsonio import PathLike
+from biomedvital.data.locks import LockBusy
 
 JOURNAL_VERSION = 1
 MAX_COMMENT = 5000
@@ -163,12 +161,8 @@ def read_journal(path: PathLike) -> JournalState:
     A missing file is an empty journal.
     """
     state = JournalState(Path(path))
-    try:
-        data = Path(path).read_bytes()
-    except FileNotFoundError:
-        return state
-    state.sha256 = hashlib.sha256(data).hexdigest()
-    for raw in data.split(b"\n"):
+    scan = LineScan(path, digest=True)
+    for _, raw in scan:
         if not raw.strip():
             continue
         state.lines += 1
@@ -183,6 +177,9 @@ def read_journal(path: PathLike) -> JournalState:
             state.invalid += 1
             continue
         state.latest[j.item] = j
+    state.lines += scan.torn_tail
+    state.torn += scan.torn_tail
+    state.sha256 = scan.sha256 or state.sha256
     return state
 
 
@@ -196,69 +193,34 @@ class Journal:
     def __init__(self, path: PathLike, *, lock: bool = True) -> None:
         self.path = Path(path)
         self._lock = threading.Lock()
-        self._fd: int | None = None
-        self._want_lock = lock
-        self._torn = False  # a failed append may have left part of a line at the end
+        self._writer = JournalWriter(self.path, lock=lock)
+
+    @property
+    def torn_cut(self) -> int:
+        """Torn tails cut off before appending (each counted once, when cut)."""
+        return self._writer.torn_cut
 
     def open(self) -> Journal:
-        """Open for appending: take the file lock, seal a torn tail, make the file durable."""
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        created = not self.path.exists()
-        fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o666)
+        """Open for appending: take the journal's lock, cut a torn tail, make the file durable."""
         try:
-            if self._want_lock and fcntl is not None:
-                try:
-                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                except BlockingIOError:
-                    raise JournalLockedError(
-                        f"{self.path} is in use by another annotate server "
-                        "(one server per annotator)"
-                    ) from None
-            size = os.fstat(fd).st_size
-            if size and os.pread(fd, 1, size - 1) != b"\n":
-                _write_all(fd, b"\n")  # torn tail: keep it a line of its own
-                os.fsync(fd)
-            if created:
-                os.fsync(fd)
-                fsync_dir(self.path.parent)
-        except BaseException:
-            os.close(fd)
-            raise
-        self._fd = fd
+            self._writer.open()
+        except LockBusy:
+            raise JournalLockedError(
+                f"{self.path} is in use by another annotate server (one server per annotator)"
+            ) from None
         return self
 
     def append(self, judgment: Judgment) -> None:
         """Write one complete line and fsync it; returns only once it is on disk."""
-        if self._fd is None:
+        if self._writer.fd is None:
             raise RuntimeError("journal is not open")
         line = judgment.model_dump_json() + "\n"
-        data = line.encode("utf-8")
         with self._lock:
-            fd = self._fd
-            if self._torn:  # seal what a failed append left, or this line would join it
-                size = os.fstat(fd).st_size
-                if size and os.pread(fd, 1, size - 1) != b"\n":
-                    _write_all(fd, b"\n")
-                self._torn = False
-            start = os.fstat(fd).st_size  # one writer (the file lock): the end stays ours
-            try:
-                _write_all(fd, data)
-                os.fsync(fd)
-            except BaseException:
-                # disk full, I/O error: drop the partial line now, else seal it next time
-                self._torn = True
-                try:
-                    os.ftruncate(fd, start)
-                    self._torn = False
-                except OSError:
-                    pass
-                raise
+            self._writer.append(line.encode("utf-8"), sync=True)
 
     def close(self) -> None:
         """Close the file (releases the lock)."""
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
+        self._writer.close()
 
     def __enter__(self) -> Journal:
         return self.open()
@@ -270,11 +232,3 @@ class Journal:
         tb: TracebackType | None,
     ) -> None:
         self.close()
-
-
-def _write_all(fd: int, data: bytes) -> None:
-    # One write() with O_APPEND puts the whole line at the end; loop only for short writes.
-    view = memoryview(data)
-    while view:
-        n = os.write(fd, view)
-        view = view[n:]

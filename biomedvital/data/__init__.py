@@ -1,12 +1,12 @@
 """data stage: record models, streaming JSON/JSONL I/O with located errors, and image loading."""
 
+from .hashing import sha256_file
 from .images import ImageLoadError, ImageRoot, UnsafePathError, image_digest, load_image
 from .jsonio import (
     atomic_write,
     check_unique,
     iter_jsonl,
     read_records,
-    sha256_file,
     write_json,
     write_jsonl,
 )

@@ -33,6 +33,7 @@ from importlib import metadata, resources
 from pathlib import Path
 from typing import Any
 
+from biomedvital.data.hashing import sha256_file
 from biomedvital.data.jsonio import fsync_dir
 
 __all__ = [
@@ -432,14 +433,6 @@ def _read_manifest(root: Path) -> dict[str, Any] | None:
     return manifest
 
 
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _is_current(root: Path, content_hash: str) -> bool:
     """True when ``root`` holds a complete demo with this hash and every listed file intact."""
     manifest = _read_manifest(root)
@@ -453,7 +446,7 @@ def _is_current(root: Path, content_hash: str) -> bool:
             path = root / rel
             if not path.is_file() or path.stat().st_size != entry["bytes"]:
                 return False
-            if _sha256_file(path) != entry["sha256"]:
+            if sha256_file(path) != entry["sha256"]:
                 return False
     except (OSError, KeyError, TypeError):
         return False

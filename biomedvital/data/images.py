@@ -15,7 +15,8 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageOps
 
-from .jsonio import PathLike, sha256_file
+from .hashing import sha256_file
+from .jsonio import PathLike
 
 DICOM_SUFFIXES = frozenset({".dcm", ".dicom"})
 

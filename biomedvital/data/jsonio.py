@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import codecs
 import contextlib
-import hashlib
 import json
 import os
 import re
@@ -20,6 +19,7 @@ from typing import IO, Any, TypeVar, overload
 
 from pydantic import BaseModel, ValidationError
 
+from .hashing import sha256_file as sha256_file  # its home is .hashing; re-exported for callers
 from .report import BadRecordError, OnBad, PositionKind, RecordReport
 
 PathLike = str | os.PathLike[str]
@@ -610,12 +610,3 @@ def write_json(
             obj, f, ensure_ascii=False, indent=indent, allow_nan=allow_nan, default=_json_default
         )
         f.write("\n")
-
-
-def sha256_file(path: PathLike, chunk_size: int = 1 << 20) -> str:
-    """Hex SHA-256 of a file, read in chunks so large files do not fill memory."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(chunk_size):
-            h.update(chunk)
-    return h.hexdigest()

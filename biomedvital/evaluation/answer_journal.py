@@ -8,8 +8,9 @@ and its files, generation settings, data file, batch size), so answers of anothe
 setting are never mixed in: their journal is ignored. Batches are the one-process batches of
 the split (:mod:`.sharding`), so a resumed run, with any number of processes, answers the
 remaining batches exactly as an uninterrupted run would. A torn last line (a kill mid-write) is
-cut before the file is appended to again, and its batch is answered again. The journal is
-removed once the run's predictions are written.
+cut before the file is appended to again, and its batch is answered again (the torn-line policy
+of every journal, :mod:`biomedvital.data.journal`). The journal is removed once the run's
+predictions are written.
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ import json
 import os
 from pathlib import Path
 from typing import Any
+
+from biomedvital.data.journal import JournalWriter, LineScan
 
 PREFIX = "answers.journal-"
 
@@ -75,7 +78,7 @@ class AnswerJournal:
         self.key = journal_key(fingerprint)
         self.path = self.folder / f"{PREFIX}{self.key}-rank{rank}.jsonl"
         self.torn_lines = 0
-        self._fh: Any = None
+        self._writer: JournalWriter | None = None
 
     def files(self) -> list[Path]:
         """This fingerprint's journals (every rank's, of this run and of killed ones)."""
@@ -93,52 +96,45 @@ class AnswerJournal:
         done: dict[int, dict[str, Any]] = {}
         self.torn_lines = 0
         for path in self.files():
-            with open(path, "rb") as f:
-                for raw in f:
-                    try:
-                        entry = json.loads(raw) if raw.endswith(b"\n") else None
-                    except ValueError:
-                        entry = None
-                    if isinstance(entry, dict) and "fingerprint" in entry:
-                        continue  # the header line
-                    if not _is_entry(entry):
-                        self.torn_lines += 1
-                        continue
-                    done[entry["batch"]] = entry
+            scan = LineScan(path)
+            for _, raw in scan:
+                try:
+                    entry = json.loads(raw)
+                except ValueError:
+                    entry = None
+                if isinstance(entry, dict) and "fingerprint" in entry:
+                    continue  # the header line
+                if not _is_entry(entry):
+                    self.torn_lines += 1
+                    continue
+                done[entry["batch"]] = entry
+            self.torn_lines += scan.torn_tail
         return done
 
     def append(
         self, batch: int, indices: list[int], rows: list[dict[str, Any]], truth: list[Any]
     ) -> None:
         """Record one answered batch; it is on disk (fsynced) when this returns."""
-        if self._fh is None:
+        if self._writer is None:
             self._open()
         line = json.dumps(
             {"batch": batch, "indices": indices, "rows": rows, "truth": truth}, ensure_ascii=False
         )
-        self._fh.write((line + "\n").encode("utf-8"))
-        self._fh.flush()
-        os.fsync(self._fh.fileno())
+        assert self._writer is not None
+        self._writer.append((line + "\n").encode("utf-8"), sync=True)
 
     def _open(self) -> None:
-        self.folder.mkdir(parents=True, exist_ok=True)
+        # no lock file: the run folder is locked by its verb, and each rank appends to its own
         fresh = not self.path.exists()
-        self._fh = open(self.path, "ab")  # noqa: SIM115 - kept open for the run
+        self._writer = JournalWriter(self.path, lock=False).open()
         if fresh:
             header = {"fingerprint": self.fingerprint}
-            self._fh.write((json.dumps(header, default=str) + "\n").encode("utf-8"))
-            return
-        size = os.fstat(self._fh.fileno()).st_size
-        if size:
-            with open(self.path, "rb") as f:
-                data = f.read()
-            if not data.endswith(b"\n"):  # a kill cut the last line: drop it, then append
-                self._fh.truncate(data.rfind(b"\n") + 1)
+            self._writer.append((json.dumps(header, default=str) + "\n").encode("utf-8"))
 
     def close(self) -> None:
-        if self._fh is not None:
-            self._fh.close()
-            self._fh = None
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
 
     def remove(self) -> None:
         """Delete this fingerprint's journals (their answers are in the predictions file)."""

@@ -7,7 +7,7 @@ from typing import Any
 
 from biomedvital.data.images import ImageRoot, UnsafePathError
 from biomedvital.data.report import BadRecordError
-from biomedvital.generation.prompts import image_ref
+from biomedvital.llm.images import image_ref
 
 
 def judge_request(

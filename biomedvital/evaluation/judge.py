@@ -21,20 +21,17 @@ as ``missing_question_ids`` when the question file is passed.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from biomedvital.data.jsonio import load_json, sha256_file, write_json, write_jsonl
-from biomedvital.data.outputs import locks_output
+from biomedvital.data.jsonio import load_json, write_jsonl
 from biomedvital.data.report import BadRecordError
-from biomedvital.generation.client import (
-    ChatRequest,
-    ClientConfig,
-    request_key,
-    run_requests,
-)
-from biomedvital.tracking.mlflow import DEFAULT_STORE, PipelineRun
-from biomedvital.tracking.provenance import git_state
+from biomedvital.llm.config import ClientConfig
+from biomedvital.llm.outcome import ChatRequest
+from biomedvital.llm.sampling import SamplingArgs
+from biomedvital.llm.stage import Answer, ChatStage, Report
+from biomedvital.tracking.mlflow import DEFAULT_STORE
 
 from .chat import parse_scores, read_questions
 from .figures import figure_ref, judge_request
@@ -59,6 +56,9 @@ answers are shown sway you.
 
 Output format: the first line holds only the two scores, Assistant 1's then Assistant 2's, \
 separated by a space (for example "7 4"). From the second line on, explain your scores."""
+
+SAMPLING = SamplingArgs(temperature=0.0, max_tokens=512)
+"""``judge``'s default sampling: the most likely scores, room for the comparison."""
 
 REASK_PROMPT = (
     "Your reply did not start with the two scores. Reply with the two scores only, integers "
@@ -136,7 +136,6 @@ def _captions(path: Path | None) -> dict[str, dict[str, Any]]:
     return out
 
 
-@locks_output("out")
 def judge(
     questions: Path,
     answers: Path,
@@ -146,9 +145,7 @@ def judge(
     vision: bool = False,
     image_root: Path | None = None,
     limit: int | None = None,
-    temperature: float = 0.0,
-    max_tokens: int = 512,
-    seed: int = 0,
+    sampling: SamplingArgs = SAMPLING,
     extra_body: dict[str, Any] | None = None,
     store: str = DEFAULT_STORE,
     tags: dict[str, str] | None = None,
@@ -173,7 +170,7 @@ def judge(
         image_root: with ``vision``: the folder the questions' ``image`` names are under
             (escapes refused); every figure is checked before any request.
         limit: judge only the first ``limit`` questions (trial runs; recorded).
-        temperature / max_tokens / seed: judge sampling (part of the cache key).
+        sampling: the judge's temperature, top_p, seed and max_tokens (part of the cache key).
         extra_body: extra request fields for the endpoint, sent as given and part of the cache
             key: e.g. llama.cpp's ``grammar`` or vLLM's ``guided_choice`` to constrain a small
             local model's reply to the format asked for.
@@ -184,162 +181,174 @@ def judge(
     Every question in scope needs exactly one answer; an answer whose id is not a question is
     refused (as ``score-vqa`` does).
     """
-    from .chat import score_chat
-
-    questions, answers, out = Path(questions), Path(answers), Path(out)
     client.require_online("judge")
     if vision and image_root is None:
         raise ValueError("vision=True needs image_root (the folder of the benchmark's figures)")
-    qmap = _read_questions(questions)
-    preds = read_predictions(answers)
-    extra = [qid for qid in preds if qid not in qmap]
-    if extra:
-        raise BadRecordError(
-            answers,
-            None,
-            f"{len(extra)} answers have ids that are not questions (e.g. {extra[:5]})",
-            "question_id",
-            category="unmatched:question_id",
-        )
-    scope = list(qmap)[:limit] if limit is not None else list(qmap)
-    missing = [qid for qid in scope if qid not in preds]
-    if missing:
-        raise BadRecordError(
-            answers,
-            None,
-            f"{len(missing)} of {len(scope)} questions have no answer (e.g. {missing[:5]})",
-            "question_id",
-            category="unmatched:question_id",
-        )
-    figs = _captions(Path(captions) if captions is not None else None)
-    params = {"temperature": temperature, "max_tokens": max_tokens, "seed": seed}
-    params.update(extra_body or {})
-    requests = []
-    for qid in scope:
-        q = qmap[qid]
-        fig = figs.get(str(q.get("pair_id")), {})
-        caption = q.get("fig_caption") or fig.get("fig_caption") or ""
-        mentions = _mentions(q.get("in_text_mention") or fig.get("in_text_mention"))
-        url = figure_ref(image_root, q.get("image"), questions, qid) if vision else None
-        msgs = judge_messages(
-            _question_text(q), caption, mentions, q["gpt4_answer"], preds[qid], url
-        )
-        req = ChatRequest(msgs, dict(params), meta={"question_id": qid})
-        req.key = request_key(client.model, msgs, req.params)
-        requests.append(req)
+    stage = Judge(
+        Path(questions),
+        Path(answers),
+        Path(captions) if captions is not None else None,
+        vision,
+        image_root,
+        limit,
+        out=out,
+        client=client,
+        sampling=sampling,
+        extra_body=extra_body,
+        store=store,
+        tags=tags,
+        progress=progress,
+    )
+    return stage.run()
 
-    out.mkdir(parents=True, exist_ok=True)
-    journal = out / "journal.jsonl"
-    public = {
-        **client.public(),
-        "questions": str(questions),
-        "answers": str(answers),
-        "captions": str(captions) if captions else None,
-        "vision": vision,
-        "image_root": str(image_root) if image_root else None,
-        "limit": limit,
-        "temperature": temperature,
-        "max_tokens": max_tokens,
-        "seed": seed,
-        "extra_body": extra_body,
-    }
-    with PipelineRun("evaluation", "judge", store, {**(tags or {}), "model": client.model}) as run:
-        run.log_params(public)
-        first, ledger1, torn = run_requests(client, journal, requests, "judge", progress)
-        verdicts: dict[str, str] = {}
-        failures: dict[str, str] = {}
-        again: dict[str, ChatRequest] = {}
-        for req in requests:
-            qid, res = req.meta["question_id"], first[req.key]
-            if not res.ok:
-                failures[qid] = res.error or "unknown"
-            elif parse_verdict(res.content) is not None:
-                verdicts[qid] = res.content or ""
-            else:
-                msgs = [
-                    *req.messages,
-                    {"role": "assistant", "content": res.content or ""},
-                    {"role": "user", "content": REASK_PROMPT},
-                ]
-                again[qid] = ChatRequest(msgs, dict(params), meta=req.meta)
-                again[qid].key = request_key(client.model, msgs, again[qid].params)
-        ledger2 = None
-        by_qid = {r.meta["question_id"]: r for r in requests}
-        if again:
-            second, ledger2, _ = run_requests(
-                client, journal, list(again.values()), "judge (re-ask)", progress
+
+class Judge(ChatStage):
+    """``judge`` on the chat-stage skeleton: one review per question, a verdict without two
+    scores re-asked once."""
+
+    name = "judge"
+    experiment = "evaluation"
+    reask_prompt = REASK_PROMPT
+
+    def __init__(
+        self,
+        questions: Path,
+        answers: Path,
+        captions: Path | None,
+        vision: bool,
+        image_root: Path | None,
+        limit: int | None,
+        **stage: Any,
+    ) -> None:
+        super().__init__(**stage)
+        self.questions, self.answers, self.captions = questions, answers, captions
+        self.vision, self.image_root, self.limit = vision, image_root, limit
+        self.qmap = _read_questions(questions)
+        self.preds = read_predictions(answers)
+        self.scope = list(self.qmap)[:limit] if limit is not None else list(self.qmap)
+        self._match_answers()
+
+    def _match_answers(self) -> None:
+        extra = [qid for qid in self.preds if qid not in self.qmap]
+        if extra:
+            raise BadRecordError(
+                self.answers,
+                None,
+                f"{len(extra)} answers have ids that are not questions (e.g. {extra[:5]})",
+                "question_id",
+                category="unmatched:question_id",
             )
-            for qid, req in again.items():
-                res = second[req.key]
-                if res.ok and parse_verdict(res.content) is not None:
-                    raw1 = first[by_qid[qid].key].content or ""
-                    verdicts[qid] = f"{res.content}\n\n[re-asked; first reply]\n{raw1}"
-                else:
-                    failures[qid] = res.error if not res.ok else "unparsable: no two 1-10 scores"
+        missing = [qid for qid in self.scope if qid not in self.preds]
+        if missing:
+            raise BadRecordError(
+                self.answers,
+                None,
+                f"{len(missing)} of {len(self.scope)} questions have no answer "
+                f"(e.g. {missing[:5]})",
+                "question_id",
+                category="unmatched:question_id",
+            )
 
-        reviews, failed = [], []
-        for qid in scope:
-            q = qmap[qid]
-            if qid in failures:
-                failed.append({"question_id": q["question_id"], "reason": failures[qid]})
+    def check(self) -> None:
+        if self.vision:  # every figure is checked before any request
+            for qid in self.scope:
+                figure_ref(self.image_root, self.qmap[qid].get("image"), self.questions, qid)
+
+    def inputs(self) -> dict[str, Path | None]:
+        return {"questions": self.questions, "answers": self.answers}
+
+    def public(self) -> dict[str, Any]:
+        return {
+            "questions": str(self.questions),
+            "answers": str(self.answers),
+            "captions": str(self.captions) if self.captions else None,
+            "vision": self.vision,
+            "image_root": str(self.image_root) if self.image_root else None,
+            "limit": self.limit,
+        }
+
+    def requests(self) -> Iterator[tuple[ChatRequest, dict[str, Any]]]:
+        figs = _captions(self.captions)
+        for qid in self.scope:
+            q = self.qmap[qid]
+            fig = figs.get(str(q.get("pair_id")), {})
+            caption = q.get("fig_caption") or fig.get("fig_caption") or ""
+            mentions = _mentions(q.get("in_text_mention") or fig.get("in_text_mention"))
+            url = (
+                figure_ref(self.image_root, q.get("image"), self.questions, qid)
+                if self.vision
+                else None
+            )
+            msgs = judge_messages(
+                _question_text(q), caption, mentions, q["gpt4_answer"], self.preds[qid], url
+            )
+            req = ChatRequest(msgs, dict(self.params), meta={"question_id": qid})
+            yield req, {"messages": msgs}
+
+    def parses(self, reply: str | None) -> bool:
+        return parse_verdict(reply) is not None
+
+    def assemble(self, answers: Iterator[Answer]) -> Report:
+        """``reviews.jsonl`` in LLaVA-Med's layout, ``failed.jsonl``, and ``scores.json``."""
+        reviews, failed, reasked = [], [], 0
+        for a in answers:
+            qid = a.plan["meta"]["question_id"]
+            q = self.qmap[qid]
+            reasked += a.reasked
+            if a.reply is None:
+                reason = a.error or "unparsable: no two 1-10 scores"
+                failed.append({"question_id": q["question_id"], "reason": reason})
                 continue
-            reviews.append(
-                {
-                    "question_id": q["question_id"],
-                    "pair_id": q.get("pair_id"),
-                    "type": q.get("type"),
-                    "domain": q.get("domain"),
-                    "question": _question_text(q),
-                    "ans1": q["gpt4_answer"],
-                    "ans2": preds[qid],
-                    "answer1_id": "reference",
-                    "answer2_id": str(answers),
-                    "result": verdicts[qid],
-                }
-            )
-        write_jsonl(out / "reviews.jsonl", reviews)
-        write_jsonl(out / "failed.jsonl", failed)
+            verdict = a.reply
+            if a.reasked:
+                verdict = f"{a.reply}\n\n[re-asked; first reply]\n{a.first.content or ''}"
+            reviews.append(self._review(qid, q, verdict))
+        write_jsonl(self.out / "reviews.jsonl", reviews)
+        write_jsonl(self.out / "failed.jsonl", failed)
+        return self._summary(reviews, failed, reasked)
+
+    def _review(self, qid: str, q: dict[str, Any], verdict: str) -> dict[str, Any]:
+        return {
+            "question_id": q["question_id"],
+            "pair_id": q.get("pair_id"),
+            "type": q.get("type"),
+            "domain": q.get("domain"),
+            "question": _question_text(q),
+            "ans1": q["gpt4_answer"],
+            "ans2": self.preds[qid],
+            "answer1_id": "reference",
+            "answer2_id": str(self.answers),
+            "result": verdict,
+        }
+
+    def _summary(self, reviews: list[dict], failed: list[dict], reasked: int) -> Report:
+        """The relative scores (``scores.json``) of what was reviewed, and the counts."""
+        from .chat import score_chat
+
+        reviews_path = self.out / "reviews.jsonl"
         summary = (
-            score_chat(out / "reviews.jsonl", questions, out=out / "scores.json")
+            score_chat(reviews_path, self.questions, out=self.out / "scores.json")
             if reviews
             else None
         )
-        cost = ledger1.cost_usd + (ledger2.cost_usd if ledger2 else 0.0)
         counts = {
-            "questions": len(scope),
+            "questions": len(self.scope),
             "reviewed": len(reviews),
             "failed": len(failed),
-            "reasked": len(again),
+            "reasked": reasked,
             "unparsable_after_reask": sum(
                 1 for f in failed if f["reason"].startswith("unparsable")
             ),
         }
-        manifest = {
-            "counts": counts,
-            "ledger": {
-                "first": ledger1.as_dict(),
-                "reask": ledger2.as_dict() if ledger2 else None,
-            },
-            "cost_usd": round(cost, 6),
-            "torn_journal_lines": torn,
-            "inputs": {
-                "questions": {"path": str(questions), "sha256": sha256_file(questions)},
-                "answers": {"path": str(answers), "sha256": sha256_file(answers)},
-            },
-            "overall": summary["overall"] if summary else None,
-            "partial": len(reviews) < len(qmap),
-            "config": public,
-            "mlflow_run_id": run.run_id,
-            "git": git_state(),
-        }
-        metrics: dict[str, float] = {f"judge/{k}": v for k, v in counts.items()}
-        metrics["judge/cost_usd"] = cost
+        partial = len(reviews) < len(self.qmap)
+        metrics = {}
         if summary:
             for key in ("relative_mean_of_ratios", "relative_ratio_of_means"):
                 metrics[f"judge/{key}"] = summary["overall"][key]
-        run.log_metrics(metrics)
-        run.client.set_tag(run.run_id, "partial", str(manifest["partial"]).lower())
-        run.log_dict(manifest, "judge.manifest.json")
-        run.client.log_artifact(run.run_id, str(out / "reviews.jsonl"))
-    write_json(out / "manifest.json", manifest)
-    return manifest
+        return Report(
+            counts,
+            manifest={"overall": summary["overall"] if summary else None, "partial": partial},
+            metrics=metrics,
+            tags={"partial": str(partial).lower()},
+            artifacts=[reviews_path],
+        )

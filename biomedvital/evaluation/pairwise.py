@@ -18,24 +18,24 @@ questions (``limit``, or failed verdicts) is marked ``partial`` in its manifest 
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from biomedvital.data.jsonio import sha256_file, write_json, write_jsonl
-from biomedvital.data.outputs import locks_output
-from biomedvital.generation.client import (
-    ChatRequest,
-    ClientConfig,
-    request_key,
-    run_requests,
-)
-from biomedvital.tracking.mlflow import DEFAULT_STORE, PipelineRun
-from biomedvital.tracking.provenance import git_state
+from biomedvital.data.jsonio import write_jsonl
+from biomedvital.llm.config import ClientConfig
+from biomedvital.llm.outcome import ChatRequest
+from biomedvital.llm.sampling import SamplingArgs
+from biomedvital.llm.stage import Answer, ChatStage, Report
+from biomedvital.tracking.mlflow import DEFAULT_STORE
 
 from .benchmarks import Benchmark, load_benchmark
 from .figures import figure_ref, judge_request
 from .score_vqa import join_predictions, read_predictions
 from .winrate import CombineRule, win_rate
+
+SAMPLING = SamplingArgs(temperature=0.0, max_tokens=512)
+"""``pairwise``'s default sampling: the most likely verdict, room for its reason."""
 
 PAIRWISE_SYSTEM = (
     "You compare two AI assistants' answers to a question about a medical image. You cannot see "
@@ -71,7 +71,6 @@ def pairwise_messages(
     return judge_request(PAIRWISE_SYSTEM, PAIRWISE_SYSTEM_VISION, body, image_url)
 
 
-@locks_output("out")
 def pairwise(
     questions: Path,
     answers_a: Path,
@@ -86,9 +85,7 @@ def pairwise(
     limit: int | None = None,
     rule: CombineRule = "sum",
     n_boot: int = 1000,
-    temperature: float = 0.0,
-    max_tokens: int = 512,
-    seed: int = 0,
+    sampling: SamplingArgs = SAMPLING,
     extra_body: dict[str, Any] | None = None,
     store: str = DEFAULT_STORE,
     progress: bool = True,
@@ -113,7 +110,8 @@ def pairwise(
             parquet: defaults to ``image_cache``); every image is checked before any request.
         limit: judge only the first ``limit`` questions (trial runs; recorded).
         rule / n_boot: how the two orders combine and the bootstrap size (see ``win_rate``).
-        temperature / max_tokens / seed: judge sampling (part of the cache key).
+        sampling: the judge's temperature, top_p, seed and max_tokens (part of the cache key);
+            the seed also seeds the bootstrap.
         extra_body: extra request fields for the endpoint, sent as given and part of the cache
             key: e.g. llama.cpp's ``grammar`` or vLLM's ``guided_choice`` to constrain a small
             local model's reply to the format asked for.
@@ -123,129 +121,188 @@ def pairwise(
 
     Returns the manifest; its ``win_rate`` is ``win_rate``'s result (model A's side).
     """
-    questions, answers_a, answers_b, out = (
-        Path(questions),
-        Path(answers_a),
-        Path(answers_b),
-        Path(out),
-    )
     client.require_online("pairwise")
     image_root = image_root if image_root is not None else image_cache
     if vision and image_root is None:
         raise ValueError("vision=True needs image_root (the folder of the benchmark's images)")
-    items = load_benchmark(benchmark, questions, split, image_cache)
-    if not items:
-        raise ValueError(f"{questions}: no {benchmark} questions in split {split!r}")
-    what = f"{benchmark} {split}"
-    pairs_a = join_predictions(items, read_predictions(answers_a), answers_a, what)
-    pairs_b = join_predictions(items, read_predictions(answers_b), answers_b, what)
-    scope = range(len(items) if limit is None else min(limit, len(items)))
+    stage = Pairwise(
+        Path(questions),
+        Path(answers_a),
+        Path(answers_b),
+        benchmark,
+        split,
+        image_cache,
+        vision,
+        image_root,
+        limit,
+        rule,
+        n_boot,
+        out=out,
+        client=client,
+        sampling=sampling,
+        extra_body=extra_body,
+        store=store,
+        tags=tags,
+        progress=progress,
+    )
+    return stage.run()
 
-    params = {"temperature": temperature, "max_tokens": max_tokens, "seed": seed}
-    params.update(extra_body or {})
-    requests = []
-    identical: list[dict[str, Any]] = []  # a tie by construction: no judge call
-    for i in scope:
-        item, text_a, text_b = pairs_a[i][0], pairs_a[i][1], pairs_b[i][1]
-        if text_a.strip() == text_b.strip():
-            # both orders would be one prompt (one journal key, one verdict read twice), and
-            # any verdict but a tie would be the judge's noise counted as position bias
-            identical += [
-                {
-                    "question_id": item.question_id,
-                    "order": o,
-                    "category": item.answer_type,
-                    "verdict": "[[C]]",
-                    "identical": True,
-                }
-                for o in ("ab", "ba")
-            ]
-            continue
-        url = figure_ref(image_root, item.image, questions, item.question_id) if vision else None
-        for order, first, second in (("ab", text_a, text_b), ("ba", text_b, text_a)):
-            msgs = pairwise_messages(item.question, item.answer, first, second, url)
-            req = ChatRequest(msgs, dict(params), meta={"question_id": item.question_id})
-            req.meta["order"] = order
-            req.meta["category"] = item.answer_type  # open / closed: win rates per category
-            req.key = request_key(client.model, msgs, req.params)
-            requests.append(req)
 
-    out.mkdir(parents=True, exist_ok=True)
-    public = {
-        **client.public(),
-        "benchmark": benchmark,
-        "split": split,
-        "questions": str(questions),
-        "answers_a": str(answers_a),
-        "answers_b": str(answers_b),
-        "vision": vision,
-        "image_root": str(image_root) if image_root else None,
-        "limit": limit,
-        "rule": rule,
-        "n_boot": n_boot,
-        "temperature": temperature,
-        "max_tokens": max_tokens,
-        "seed": seed,
-        "extra_body": extra_body,
-    }
-    with PipelineRun(
-        "evaluation", "pairwise", store, {**(tags or {}), "model": client.model}
-    ) as run:
-        run.log_params(public)
-        outcomes, ledger, torn = run_requests(
-            client, out / "journal.jsonl", requests, "pairwise", progress
+class Pairwise(ChatStage):
+    """``pairwise`` on the chat-stage skeleton: two judge requests per question (both orders),
+    none where the two answers are the same text (a tie by construction)."""
+
+    name = "pairwise"
+    experiment = "evaluation"
+
+    def __init__(
+        self,
+        questions: Path,
+        answers_a: Path,
+        answers_b: Path,
+        benchmark: Benchmark,
+        split: str,
+        image_cache: Path | None,
+        vision: bool,
+        image_root: Path | None,
+        limit: int | None,
+        rule: CombineRule,
+        n_boot: int,
+        **stage: Any,
+    ) -> None:
+        super().__init__(**stage)
+        self.questions, self.answers_a, self.answers_b = questions, answers_a, answers_b
+        self.benchmark, self.split, self.vision, self.image_root = (
+            benchmark,
+            split,
+            vision,
+            image_root,
         )
+        self.limit, self.rule, self.n_boot = limit, rule, n_boot
+        self.items = load_benchmark(benchmark, questions, split, image_cache)
+        if not self.items:
+            raise ValueError(f"{questions}: no {benchmark} questions in split {split!r}")
+        what = f"{benchmark} {split}"
+        self.pairs_a = join_predictions(self.items, read_predictions(answers_a), answers_a, what)
+        self.pairs_b = join_predictions(self.items, read_predictions(answers_b), answers_b, what)
+        n = len(self.items) if limit is None else min(limit, len(self.items))
+        self.scope = range(n)
+        self.calls = 0
+        self.identical: list[dict[str, Any]] = []  # a tie by construction: no judge call
+
+    def check(self) -> None:
+        if self.vision:  # every image is checked before any request
+            for i in self.scope:
+                item = self.items[i]
+                figure_ref(self.image_root, item.image, self.questions, item.question_id)
+
+    def inputs(self) -> dict[str, Path | None]:
+        return {
+            "questions": self.questions,
+            "answers_a": self.answers_a,
+            "answers_b": self.answers_b,
+        }
+
+    def public(self) -> dict[str, Any]:
+        return {
+            "benchmark": self.benchmark,
+            "split": self.split,
+            "questions": str(self.questions),
+            "answers_a": str(self.answers_a),
+            "answers_b": str(self.answers_b),
+            "vision": self.vision,
+            "image_root": str(self.image_root) if self.image_root else None,
+            "limit": self.limit,
+            "rule": self.rule,
+            "n_boot": self.n_boot,
+        }
+
+    def requests(self) -> Iterator[tuple[ChatRequest, dict[str, Any]]]:
+        """Both orders of every question whose two answers differ: ``ab`` shows model A's as
+        Assistant A, ``ba`` model B's."""
+        self.identical = []
+        for i in self.scope:
+            item, text_a, text_b = self.pairs_a[i][0], self.pairs_a[i][1], self.pairs_b[i][1]
+            if text_a.strip() == text_b.strip():
+                # both orders would be one prompt (one journal key, one verdict read twice), and
+                # any verdict but a tie would be the judge's noise counted as position bias
+                self.identical += [_tie(item, order) for order in ("ab", "ba")]
+                continue
+            url = (
+                figure_ref(self.image_root, item.image, self.questions, item.question_id)
+                if self.vision
+                else None
+            )
+            for order, first, second in (("ab", text_a, text_b), ("ba", text_b, text_a)):
+                msgs = pairwise_messages(item.question, item.answer, first, second, url)
+                # category: the answer type (open / closed), for win rates per category
+                meta = {
+                    "question_id": item.question_id,
+                    "order": order,
+                    "category": item.answer_type,
+                }
+                yield ChatRequest(msgs, dict(self.params), meta=meta), {}
+
+    def assemble(self, answers: Iterator[Answer]) -> Report:
+        """``verdicts.jsonl`` (one record per call, identical answers as ties) and the win rate."""
         records = []
-        for req in requests:
-            res = outcomes[req.key]
-            rec: dict[str, Any] = {**req.meta, "verdict": (res.content or "") if res.ok else ""}
-            if not res.ok:
-                rec["error"] = res.error or "unknown"
+        for a in answers:
+            rec: dict[str, Any] = {
+                **a.plan["meta"],
+                "verdict": (a.first.content or "") if a.first.ok else "",
+            }
+            if not a.first.ok:
+                rec["error"] = a.first.error or "unknown"
             records.append(rec)
-        place = {items[i].question_id: i for i in scope}
-        records = sorted(records + identical, key=lambda r: place[r["question_id"]])  # stable
-        write_jsonl(out / "verdicts.jsonl", records)
+        calls = len(records)
+        place = {self.items[i].question_id: i for i in self.scope}
+        records = sorted(records + self.identical, key=lambda r: place[r["question_id"]])  # stable
+        verdicts = self.out / "verdicts.jsonl"
+        write_jsonl(verdicts, records)
         result = win_rate(
-            out / "verdicts.jsonl", out / "win_rate.json", n_boot=n_boot, seed=seed, rule=rule
+            verdicts,
+            self.out / "win_rate.json",
+            n_boot=self.n_boot,
+            seed=self.sampling.seed,
+            rule=self.rule,
         )
         counts = {
-            "questions": len(scope),
-            "calls": len(requests),
-            "identical_answers": len(identical) // 2,
+            "questions": len(self.scope),
+            "calls": calls,
+            "identical_answers": len(self.identical) // 2,
             "failed_calls": sum(1 for r in records if "error" in r),
         }
-        manifest = {
-            "counts": counts,
-            "win_rate": result,
-            "partial": len(scope) < len(items) or result["n_failed"] > 0,
-            "ledger": ledger.as_dict(),
-            "cost_usd": round(ledger.cost_usd, 6),
-            "torn_journal_lines": torn,
-            "inputs": {
-                "questions": {"path": str(questions)},
-                "answers_a": {"path": str(answers_a), "sha256": sha256_file(answers_a)},
-                "answers_b": {"path": str(answers_b), "sha256": sha256_file(answers_b)},
-            },
-            "config": public,
-            "mlflow_run_id": run.run_id,
-            "git": git_state(),
-        }
-        metrics: dict[str, float] = {f"pairwise/{k}": v for k, v in counts.items()}
-        metrics["pairwise/cost_usd"] = ledger.cost_usd
-        tallies = ("n", "wins", "ties", "losses", "n_failed", "n_identical", "position_consistency")
-        for key in tallies:
-            if result.get(key) is not None:
-                metrics[f"pairwise/{key}"] = result[key]
-        for key in ("win_rate_half_ties", "win_rate_excl_ties"):
-            if result.get(key) is not None:
-                metrics[f"pairwise/{key}"] = result[key]
-                if result.get(f"{key}_ci") is not None:
-                    low, high = result[f"{key}_ci"]
-                    metrics[f"pairwise/{key}_ci_low"] = low
-                    metrics[f"pairwise/{key}_ci_high"] = high
-        run.log_metrics(metrics)
-        run.client.set_tag(run.run_id, "partial", str(manifest["partial"]).lower())
-        run.log_dict(manifest, "pairwise.manifest.json")
-        run.client.log_artifact(run.run_id, str(out / "verdicts.jsonl"))
-    write_json(out / "manifest.json", manifest)
-    return manifest
+        partial = len(self.scope) < len(self.items) or result["n_failed"] > 0
+        return Report(
+            counts,
+            manifest={"win_rate": result, "partial": partial},
+            metrics=_win_rate_metrics(result),
+            tags={"partial": str(partial).lower()},
+            artifacts=[verdicts],
+        )
+
+
+def _tie(item: Any, order: str) -> dict[str, Any]:
+    return {
+        "question_id": item.question_id,
+        "order": order,
+        "category": item.answer_type,
+        "verdict": "[[C]]",
+        "identical": True,
+    }
+
+
+def _win_rate_metrics(result: dict[str, Any]) -> dict[str, float]:
+    metrics: dict[str, float] = {}
+    tallies = ("n", "wins", "ties", "losses", "n_failed", "n_identical", "position_consistency")
+    for key in tallies:
+        if result.get(key) is not None:
+            metrics[f"pairwise/{key}"] = result[key]
+    for key in ("win_rate_half_ties", "win_rate_excl_ties"):
+        if result.get(key) is not None:
+            metrics[f"pairwise/{key}"] = result[key]
+            if result.get(f"{key}_ci") is not None:
+                low, high = result[f"{key}_ci"]
+                metrics[f"pairwise/{key}_ci_low"] = low
+                metrics[f"pairwise/{key}_ci_high"] = high
+    return metrics

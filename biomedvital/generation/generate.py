@@ -3,12 +3,13 @@
 One request per figure; responses are journaled so an interrupted run resumes where it stopped
 and a finished one reruns for free. Figures are streamed: each one's request is built when the
 client has room for it, and a small plan line (key, ids, demonstrations) is spooled to disk so
-the outputs are assembled afterwards, in figure order, from the plan and the journal. Memory
-therefore stays flat in the number of figures (the journal's key index and the set of seen
-``pair_id`` values are all that grow). Outputs are written at the end, atomically.
+the outputs are assembled afterwards, in figure order, from the plan and the journal (the
+chat-stage skeleton, :mod:`biomedvital.llm.stage`). Memory therefore stays flat in the number of
+figures (the journal's key index and the set of seen ``pair_id`` values are all that grow).
+Outputs are written at the end, atomically.
 
 ``client.mode: batch`` sends the same requests as Batch API jobs (or writes them for vLLM's
-offline batch runner), see :mod:`biomedvital.generation.batch`.
+offline batch runner), see :mod:`biomedvital.llm.batch`.
 """
 
 from __future__ import annotations
@@ -26,10 +27,7 @@ from biomedvital.data.jsonio import (
     handle_bad,
     iter_objects,
     parse_record,
-    sha256_file,
-    write_json,
 )
-from biomedvital.data.outputs import output_lock
 from biomedvital.data.records import (
     Candidate,
     Demonstration,
@@ -38,17 +36,6 @@ from biomedvital.data.records import (
     strip_image_token,
 )
 from biomedvital.data.report import BadRecordError, OnBad, PositionKind, RecordReport
-from biomedvital.generation.batch import BatchPending
-from biomedvital.generation.client import (
-    ChatRequest,
-    ClientConfig,
-    Journal,
-    Outcome,
-    cost_of,
-    estimate_tokens,
-    fill_requests,
-    request_key,
-)
 from biomedvital.generation.parse import (
     DroppedExchange,
     FlaggedAnswers,
@@ -66,15 +53,20 @@ from biomedvital.generation.prompts import (
     PromptStyle,
     build_messages,
     check_prompt_style,
-    image_ref,
-    printable_messages,
     prompt_version,
     select_demonstrations,
 )
-from biomedvital.tracking.mlflow import DEFAULT_STORE, PipelineRun
-from biomedvital.tracking.provenance import git_state
+from biomedvital.llm.config import ClientConfig
+from biomedvital.llm.images import image_ref
+from biomedvital.llm.outcome import ChatRequest, Outcome
+from biomedvital.llm.sampling import SamplingArgs
+from biomedvital.llm.stage import Answer, ChatStage, Report
+from biomedvital.tracking.mlflow import DEFAULT_STORE
 
 log = logging.getLogger(__name__)
+
+SAMPLING = SamplingArgs(temperature=0.7, max_tokens=1024)
+"""``generate``'s default sampling: varied conversations, room for 4-5 exchanges."""
 
 
 def figure_image(fig: SourceFigure) -> str:
@@ -220,53 +212,6 @@ def load_demonstrations(path: Path, on_bad: OnBad, report: RecordReport) -> list
     return demos
 
 
-# ----------------------------------------------------------------------------- estimate
-
-
-class Estimate:
-    """Running upper bound of the cost: estimated input tokens plus ``max_tokens`` of output."""
-
-    def __init__(self, prices: dict[str, float] | None, batch: bool = False) -> None:
-        self.prices, self.batch = prices, batch
-        self.requests = self.input_tokens = self.output_tokens = 0
-
-    def add(self, req: ChatRequest) -> None:
-        i, o = estimate_tokens(req.messages, int(req.params.get("max_tokens", 0)))
-        self.requests += 1
-        self.input_tokens += i
-        self.output_tokens += o
-
-    def as_dict(self) -> dict[str, Any]:
-        usage = {"prompt_tokens": self.input_tokens, "completion_tokens": self.output_tokens}
-        return {
-            "requests": self.requests,
-            "input_tokens": self.input_tokens,
-            "max_output_tokens": self.output_tokens,
-            "cost_usd_upper_bound": round(cost_of(usage, self.prices, self.batch), 4),
-        }
-
-
-def estimate_cost(requests: list[ChatRequest], prices: dict[str, float] | None) -> dict[str, float]:
-    """Upper-bound cost of ``requests``: estimated input tokens plus ``max_tokens`` of output."""
-    est = Estimate(prices)
-    for r in requests:
-        est.add(r)
-    return est.as_dict()
-
-
-def pending_result(exc: BatchPending, run: PipelineRun | None) -> dict[str, Any]:
-    """What a verb returns when batch results are not there yet (the message is printed)."""
-    print(str(exc))
-    if run is not None:
-        run.client.set_tag(run.run_id, "batch_pending", "true")
-    return {
-        "batch_pending": True,
-        "message": str(exc),
-        **exc.info,
-        "mlflow_run_id": run.run_id if run else None,
-    }
-
-
 # ----------------------------------------------------------------------------- the verb
 
 
@@ -279,9 +224,7 @@ def generate(
     n_demos: int = 5,
     vision: bool = True,
     answers: int = 1,
-    temperature: float = 0.7,
-    max_tokens: int = 1024,
-    seed: int = 0,
+    sampling: SamplingArgs = SAMPLING,
     extra_body: dict[str, Any] | None = None,
     on_bad_record: Literal["raise", "skip"] = "raise",
     dry_run: bool = False,
@@ -311,7 +254,8 @@ def generate(
         n_demos: demonstrations per prompt, one per modality (paper: 5).
         vision: attach the image as a base64 data URL; ``false`` sends text only.
         answers: 1 = conversations; 2 = per question two answers, for clinician marking.
-        temperature / max_tokens / seed: sampling parameters (part of the cache key).
+        sampling: temperature, top_p, seed and max_tokens of the requests (part of the cache
+            key); the seed also draws each figure's demonstrations.
         extra_body: extra request fields for the endpoint, sent as given and part of the cache
             key: e.g. llama.cpp's ``grammar`` or vLLM's ``guided_choice`` to constrain a small
             local model's reply to the format asked for.
@@ -342,340 +286,305 @@ def generate(
         batch_results: results file(s) of the offline runner to import (``client.batch_runner:
             file``).
     """
-    figures, demonstrations, out = Path(figures), Path(demonstrations), Path(out)
-    if answers not in (1, 2):
-        raise ValueError(f"answers must be 1 or 2, got {answers}")
-    check_prompt_style(prompt_style)
-    check_flagged_answers(flagged_answers)
-    check_truncated_replies(truncated_replies)
-    if isinstance(batch_results, str | Path):
-        batch_results = [Path(batch_results)]
-    reports = {"figures": RecordReport(), "demonstrations": RecordReport()}
-    demos = load_demonstrations(demonstrations, on_bad_record, reports["demonstrations"])
-    if n_demos > 0 and not demos:
-        raise ValueError(f"{demonstrations}: no usable demonstrations (n_demos={n_demos})")
-    root = ImageRoot(image_root) if vision else None
-    params = {"temperature": temperature, "max_tokens": max_tokens, "seed": seed}
-    params.update(extra_body or {})
-    estimate = Estimate(client.price_per_million, client.mode == "batch")
-    seen_ids: set[str] = set()
+    stage = Generate(
+        Path(figures),
+        Path(image_root),
+        Path(demonstrations),
+        n_demos,
+        vision,
+        answers,
+        on_bad_record,
+        min_exchanges,
+        flagged_answers,
+        prompt_style,
+        truncated_replies,
+        out=out,
+        client=client,
+        sampling=sampling,
+        extra_body=extra_body,
+        store=store,
+        tags=tags,
+        progress=progress,
+        dry_run=dry_run,
+        batch_results=batch_results,
+    )
+    return stage.run()
 
-    def checked(report: RecordReport, on_bad: OnBad) -> Iterator[tuple[SourceFigure, Any]]:
+
+class Generate(ChatStage):
+    """``generate`` on the chat-stage skeleton: one request per usable figure, its reply parsed
+    into a candidate conversation (or answer pairs)."""
+
+    name = "generate"
+    experiment = "generation"
+
+    def __init__(
+        self,
+        figures: Path,
+        image_root: Path,
+        demonstrations: Path,
+        n_demos: int,
+        vision: bool,
+        answers: int,
+        on_bad_record: OnBad,
+        min_exchanges: int,
+        flagged_answers: FlaggedAnswers,
+        prompt_style: PromptStyle,
+        truncated_replies: TruncatedReplies,
+        **stage: Any,
+    ) -> None:
+        if answers not in (1, 2):
+            raise ValueError(f"answers must be 1 or 2, got {answers}")
+        check_prompt_style(prompt_style)
+        check_flagged_answers(flagged_answers)
+        check_truncated_replies(truncated_replies)
+        super().__init__(**stage)
+        self.figures, self.image_root, self.demonstrations = figures, image_root, demonstrations
+        self.n_demos, self.vision, self.answers = n_demos, vision, answers
+        self.on_bad_record, self.min_exchanges = on_bad_record, min_exchanges
+        self.flagged_answers = flagged_answers
+        self.prompt_style, self.truncated_replies = prompt_style, truncated_replies
+        self.reports = {"figures": RecordReport(), "demonstrations": RecordReport()}
+        self.demos = load_demonstrations(
+            demonstrations, on_bad_record, self.reports["demonstrations"]
+        )
+        if n_demos > 0 and not self.demos:
+            raise ValueError(f"{demonstrations}: no usable demonstrations (n_demos={n_demos})")
+        self.root = ImageRoot(image_root) if vision else None
+        self.version = prompt_version(answers, prompt_style)
+        self.output = self.out / ("candidates.jsonl" if answers == 1 else "pairs.jsonl")
+
+    # -- inputs
+
+    def _checked(
+        self, report: RecordReport, on_bad: OnBad
+    ) -> Iterator[tuple[SourceFigure, Path | None, int, PositionKind]]:
         """Figures that pass every check, with their image path (``None`` without vision)."""
-        seen_ids.clear()
-        for pos, kind, fig in iter_figures(figures, on_bad, report):
+        seen: set[str] = set()
+        for pos, kind, fig in iter_figures(self.figures, on_bad, report):
             try:
-                check_figure(fig, figures, pos, kind)
+                check_figure(fig, self.figures, pos, kind)
                 pid = str(fig.pair_id)
-                if pid in seen_ids:
+                if pid in seen:
                     raise BadRecordError(
-                        figures,
+                        self.figures,
                         pos,
                         f"duplicate pair_id {pid!r}",
                         "pair_id",
                         kind=kind,
                         category="duplicate:pair_id",
                     )
-                path = None
-                if root is not None:
-                    try:
-                        path = root.resolve(figure_image(fig))
-                    except (OSError, ValueError) as exc:
-                        raise BadRecordError(
-                            figures, pos, str(exc), "image", kind=kind, category="missing_image"
-                        ) from exc
+                path = self._image_path(fig, pos, kind)
             except BadRecordError as err:
                 handle_bad(err, on_bad, report)
                 continue
-            seen_ids.add(pid)
-            yield fig, (path, pos, kind)
+            seen.add(pid)
+            yield fig, path, pos, kind
 
-    def requests(plan: IO[str] | None) -> Iterator[ChatRequest]:
-        """One request per usable figure, built lazily; its plan line spooled to ``plan``."""
-        report = reports["figures"]
-        for fig, (path, pos, kind) in checked(report, on_bad_record):
+    def _image_path(self, fig: SourceFigure, pos: int, kind: PositionKind) -> Path | None:
+        if self.root is None:
+            return None
+        try:
+            return self.root.resolve(figure_image(fig))
+        except (OSError, ValueError) as exc:
+            raise BadRecordError(
+                self.figures, pos, str(exc), "image", kind=kind, category="missing_image"
+            ) from exc
+
+    def check(self) -> None:
+        if self.on_bad_record == "raise":  # fail on a bad record before paying for any
+            for _ in self._checked(RecordReport(), "raise"):
+                pass
+
+    def inputs(self) -> dict[str, Path | None]:
+        return {"figures": self.figures, "demonstrations": self.demonstrations}
+
+    def records(self) -> dict[str, RecordReport]:
+        return self.reports
+
+    def public(self) -> dict[str, Any]:
+        return {
+            "figures": str(self.figures),
+            "image_root": str(self.image_root),
+            "demonstrations": str(self.demonstrations),
+            "out": str(self.out),
+            "n_demos": self.n_demos,
+            "vision": self.vision,
+            "answers": self.answers,
+            "min_exchanges": self.min_exchanges,
+            "flagged_answers": self.flagged_answers,
+            "prompt_style": self.prompt_style,
+            "truncated_replies": self.truncated_replies,
+            "on_bad_record": self.on_bad_record,
+        }
+
+    # -- requests
+
+    def requests(self) -> Iterator[tuple[ChatRequest, dict[str, Any]]]:
+        """One request per usable figure; its plan line says what the output record needs."""
+        report = self.reports["figures"]
+        for fig, path, pos, kind in self._checked(report, self.on_bad_record):
             url = None
             if path is not None:
                 try:
                     url = image_ref(path)
                 except (OSError, ValueError) as exc:  # unreadable DICOM and the like
                     err = BadRecordError(
-                        figures, pos, str(exc), "image", kind=kind, category="missing_image"
+                        self.figures, pos, str(exc), "image", kind=kind, category="missing_image"
                     )
-                    handle_bad(err, on_bad_record, report)
+                    handle_bad(err, self.on_bad_record, report)
                     continue
             report.kept()
-            chosen = select_demonstrations(demos, n_demos, seed, str(fig.pair_id))
-            msgs = build_messages(fig, chosen, url, answers, prompt_style)
-            req = ChatRequest(msgs, dict(params), meta={"pair_id": fig.pair_id})
-            req.key = request_key(client.model, msgs, req.params)
-            estimate.add(req)
-            if plan is not None:
-                line = {
-                    "pair_id": fig.pair_id,
-                    "image": figure_image(fig),
-                    "domain": fig.domain,
-                    "fig_caption": fig.fig_caption,
-                    "mentions": fig.mentions_text(),
-                    "key": req.key,
-                    "demos": [d.id for d in chosen],
-                }
-                plan.write(json.dumps(line, ensure_ascii=False) + "\n")
-            yield req
-
-    if on_bad_record == "raise" and not dry_run:
-        for _ in checked(RecordReport(), "raise"):  # fail on a bad record before paying for any
-            pass
-
-    if dry_run:
-        first = None
-        for req in requests(None):
-            first = first or req
-        if first is not None:
-            print(printable_messages(first.messages))
-        est = estimate.as_dict()
-        print(
-            f"\n{est['requests']} requests, ~{est['input_tokens']} input tokens, "
-            f"<= {est['max_output_tokens']} output tokens, "
-            f"estimated cost <= ${est['cost_usd_upper_bound']:.4f}"
-            + (" (batch price)" if client.mode == "batch" else "")
-        )
-        return {"dry_run": True, "estimate": est}
-
-    # one run per output folder; taking the lock removes temporaries of a killed run
-    with output_lock(out):
-        public = {
-            **client.public(),
-            "figures": str(figures),
-            "image_root": str(image_root),
-            "demonstrations": str(demonstrations),
-            "out": str(out),
-            "n_demos": n_demos,
-            "vision": vision,
-            "answers": answers,
-            "temperature": temperature,
-            "max_tokens": max_tokens,
-            "seed": seed,
-            "extra_body": extra_body,
-            "min_exchanges": min_exchanges,
-            "flagged_answers": flagged_answers,
-            "prompt_style": prompt_style,
-            "truncated_replies": truncated_replies,
-            "on_bad_record": on_bad_record,
-            "batch_results": [str(p) for p in batch_results] if batch_results else None,
-        }
-        version = prompt_version(answers, prompt_style)
-        plan_path = out / ".generate.plan.jsonl"
-        name = "candidates.jsonl" if answers == 1 else "pairs.jsonl"
-        with PipelineRun(
-            "generation", "generate", store, {**(tags or {}), "model": client.model}
-        ) as run:
-            run.log_params(public)
-            with Journal(out / "journal.jsonl") as journal:
-                try:
-                    with open(plan_path, "w", encoding="utf-8") as plan:
-                        result = fill_requests(
-                            client,
-                            journal,
-                            requests(plan),
-                            "generate",
-                            progress,
-                            batch_results=batch_results,
-                        )
-                except BatchPending as exc:
-                    plan_path.unlink(missing_ok=True)
-                    return pending_result(exc, run)
-                ledger = result.ledger
-                counts = _assemble(
-                    plan_path,
-                    journal,
-                    result.failures,
-                    client,
-                    out / name,
-                    out / "failed.jsonl",
-                    out / "dropped_exchanges.jsonl",
-                    answers,
-                    min_exchanges,
-                    flagged_answers,
-                    truncated_replies,
-                    {"model": client.model, "prompt_version": version, "params": params},
-                )
-                torn = journal.torn_lines
-            plan_path.unlink(missing_ok=True)
-            counts = {
-                "figures": reports["figures"].n_kept + reports["figures"].n_skipped,
-                "requested": counts.pop("requested"),
-                **counts,
-                "torn_journal_lines": torn,
-            }
-            manifest = {
-                "output": str(out / name),
-                "counts": counts,
-                "ledger": ledger.as_dict(),
-                "estimate": estimate.as_dict(),
-                "prompt_version": version,
-                "batch": result.batch,
-                "inputs": {
-                    "figures": {"path": str(figures), "sha256": sha256_file(figures)},
-                    "demonstrations": {
-                        "path": str(demonstrations),
-                        "sha256": sha256_file(demonstrations),
-                    },
-                },
-                "records": {k: r.as_dict() for k, r in reports.items()},
-                "config": public,
-                "mlflow_run_id": run.run_id,
-                "git": git_state(),
-            }
-            run.log_metrics(
-                {
-                    "generate/done": counts["done"],
-                    "generate/failed": counts["failed"],
-                    "generate/rejected": counts["rejected"],
-                    "generate/dropped_exchanges": counts["dropped_exchanges"],
-                    "generate/kept_flagged_answers": counts["kept_flagged_answers"],
-                    "generate/kept_truncated": counts["kept_truncated"],
-                    "generate/written": counts["written"],
-                    "generate/requests_sent": ledger.requests_sent,
-                    "generate/cached": ledger.cached,
-                    "generate/cost_usd": ledger.cost_usd,
-                }
+            chosen = select_demonstrations(
+                self.demos, self.n_demos, self.sampling.seed, str(fig.pair_id)
             )
-            run.log_dict(manifest, "generate.manifest.json")
-        write_json(out / "manifest.json", manifest)
-        return manifest
-
-
-def _assemble(
-    plan_path: Path,
-    journal: Journal,
-    failures: dict[str, Outcome],
-    config: ClientConfig,
-    out_path: Path,
-    failed_path: Path,
-    dropped_path: Path,
-    answers: int,
-    min_exchanges: int,
-    flagged: FlaggedAnswers,
-    truncated: TruncatedReplies,
-    generator_base: dict[str, Any],
-) -> dict[str, Any]:
-    """Write the outputs in figure order from the plan and the journal; return the counts."""
-    requested = failed = written = kept_truncated = 0
-    rejected: dict[str, int] = {}
-    dropped_by_reason: dict[str, int] = {}
-    kept_flagged: dict[str, int] = {}
-    prices = config.price_per_million
-    with (
-        open(plan_path, encoding="utf-8") as plan,
-        atomic_write(out_path) as fo,
-        atomic_write(failed_path) as ff,
-        atomic_write(dropped_path) as fd,
-    ):
-
-        def emit(fh: IO[str], rec: dict[str, Any]) -> None:
-            fh.write(json.dumps(rec, ensure_ascii=False) + "\n")
-
-        for raw in plan:
-            p = json.loads(raw)
-            requested += 1
-            key = p["key"]
-            entry = journal.get(key)
-            res = (
-                Outcome.from_entry(entry, prices)
-                if entry is not None
-                else failures.get(key) or Outcome(key=key, ok=False, error="not run")
-            )
-            if not res.ok:
-                failed += 1
-                emit(
-                    ff,
-                    {
-                        "pair_id": p["pair_id"],
-                        "key": key,
-                        "stage": "request",
-                        "reason": res.error,
-                        "attempts": res.attempts,
-                    },
-                )
-                continue
-            generator = {
-                "model": generator_base["model"],
-                "prompt_version": generator_base["prompt_version"],
-                "request_key": key,
-                "params": generator_base["params"],
-                "demonstrations": p["demos"],
-                "finish_reason": res.finish_reason,
+            msgs = build_messages(fig, chosen, url, self.answers, self.prompt_style)
+            req = ChatRequest(msgs, dict(self.params), meta={"pair_id": fig.pair_id})
+            line = {
+                "pair_id": fig.pair_id,
+                "image": figure_image(fig),
+                "domain": fig.domain,
+                "fig_caption": fig.fig_caption,
+                "mentions": fig.mentions_text(),
+                "demos": [d.id for d in chosen],
             }
-            dropped: list[DroppedExchange] = []
-            try:
-                cut = check_truncation(res.finish_reason, truncated)
-                if answers == 1:
-                    turns = parse_conversation(
-                        res.content, min_exchanges, res.refusal, flagged, dropped
-                    )
-                    cand = Candidate(
-                        id=p["pair_id"],
-                        image=p["image"],
-                        pair_id=p["pair_id"],
-                        conversations=turns,
-                        domain=p["domain"],
-                        generator=generator,
-                    )
-                    emit(fo, cand.model_dump(mode="json", by_alias=True))
-                    written += 1
-                else:
-                    items = parse_pairs(res.content, 1, res.refusal, flagged, dropped)
-                    base = {
-                        "image": p["image"],
-                        "fig_caption": p["fig_caption"],
-                        "in_text_mention": p["mentions"],
-                        "pair_id": p["pair_id"],
-                        "generator": generator,
-                    }
-                    for rec in pair_records(items, base, str(p["pair_id"])):
-                        emit(fo, rec)
-                        written += 1
-            except Rejected as rej:
-                rejected[rej.reason] = rejected.get(rej.reason, 0) + 1
-                emit(
-                    ff,
-                    {
-                        "pair_id": p["pair_id"],
-                        "key": key,
-                        "stage": "parse",
-                        "reason": rej.reason,
-                        "detail": rej.detail,
-                        "raw": res.content,
-                    },
-                )
-                continue
-            kept_truncated += cut
-            for d in dropped:  # taken out of a kept reply: reported, never silently lost
-                if d.kept:  # flagged_answers: keep
-                    kept_flagged[d.reason] = kept_flagged.get(d.reason, 0) + 1
+            yield req, line
+
+    # -- outputs
+
+    def assemble(self, answers: Iterator[Answer]) -> Report:
+        """Write the outputs in figure order; a reply that does not parse is rejected with its
+        reason, an exchange taken out of a kept reply is written to ``dropped_exchanges``."""
+        tally = _Tally()
+        with (
+            atomic_write(self.output) as fo,
+            atomic_write(self.out / "failed.jsonl") as ff,
+            atomic_write(self.out / "dropped_exchanges.jsonl") as fd,
+        ):
+            for answer in answers:
+                tally.requested += 1
+                plan, res = answer.plan, answer.first
+                if not res.ok:
+                    tally.failed += 1
+                    _emit(ff, _request_failure(plan, res))
                     continue
-                dropped_by_reason[d.reason] = dropped_by_reason.get(d.reason, 0) + 1
-                emit(
-                    fd,
-                    {
-                        "pair_id": p["pair_id"],
-                        "key": key,
-                        "reason": d.reason,
-                        "question": d.question,
-                        "answer": d.answer,
-                    },
-                )
+                dropped: list[DroppedExchange] = []
+                try:
+                    records = self._records(plan, res, dropped)
+                except Rejected as rej:
+                    tally.rejected[rej.reason] = tally.rejected.get(rej.reason, 0) + 1
+                    _emit(ff, _parse_failure(plan, rej, res.content))
+                    continue
+                for rec in records:
+                    _emit(fo, rec)
+                tally.written += len(records)
+                tally.kept_truncated += res.finish_reason == "length"
+                for d in dropped:  # taken out of a kept reply: reported, never silently lost
+                    if d.kept:  # flagged_answers: keep
+                        tally.kept_flagged[d.reason] = tally.kept_flagged.get(d.reason, 0) + 1
+                        continue
+                    tally.dropped[d.reason] = tally.dropped.get(d.reason, 0) + 1
+                    _emit(fd, _dropped_line(plan, d))
+        counts = {
+            "figures": self.reports["figures"].n_kept + self.reports["figures"].n_skipped,
+            **tally.as_dict(),
+            "torn_journal_lines": self.torn_lines,
+        }
+        return Report(counts, manifest={"output": str(self.output), "prompt_version": self.version})
+
+    def _records(
+        self, plan: dict[str, Any], res: Outcome, dropped: list[DroppedExchange]
+    ) -> list[dict[str, Any]]:
+        """The output records of one reply (raises :class:`Rejected`)."""
+        check_truncation(res.finish_reason, self.truncated_replies)
+        generator = {
+            "model": self.client.model,
+            "prompt_version": self.version,
+            "request_key": plan["key"],
+            "params": self.params,
+            "demonstrations": plan["demos"],
+            "finish_reason": res.finish_reason,
+        }
+        flagged = self.flagged_answers
+        if self.answers == 1:
+            turns = parse_conversation(
+                res.content, self.min_exchanges, res.refusal, flagged, dropped
+            )
+            cand = Candidate(
+                id=plan["pair_id"],
+                image=plan["image"],
+                pair_id=plan["pair_id"],
+                conversations=turns,
+                domain=plan["domain"],
+                generator=generator,
+            )
+            return [cand.model_dump(mode="json", by_alias=True)]
+        items = parse_pairs(res.content, 1, res.refusal, flagged, dropped)
+        base = {
+            "image": plan["image"],
+            "fig_caption": plan["fig_caption"],
+            "in_text_mention": plan["mentions"],
+            "pair_id": plan["pair_id"],
+            "generator": generator,
+        }
+        return pair_records(items, base, str(plan["pair_id"]))
+
+
+class _Tally:
+    """What ``generate`` wrote, counted by outcome and reason."""
+
+    def __init__(self) -> None:
+        self.requested = self.failed = self.written = self.kept_truncated = 0
+        self.rejected: dict[str, int] = {}
+        self.dropped: dict[str, int] = {}
+        self.kept_flagged: dict[str, int] = {}
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "requested": self.requested,
+            "done": self.requested - self.failed,
+            "failed": self.failed,
+            "rejected": sum(self.rejected.values()),
+            "rejected_by_reason": dict(sorted(self.rejected.items())),
+            "dropped_exchanges": sum(self.dropped.values()),
+            "dropped_exchanges_by_reason": dict(sorted(self.dropped.items())),
+            "kept_flagged_answers": sum(self.kept_flagged.values()),
+            "kept_flagged_answers_by_reason": dict(sorted(self.kept_flagged.items())),
+            "kept_truncated": self.kept_truncated,
+            "written": self.written,
+        }
+
+
+def _emit(fh: IO[str], rec: dict[str, Any]) -> None:
+    fh.write(json.dumps(rec, ensure_ascii=False) + "\n")
+
+
+def _request_failure(plan: dict[str, Any], res: Outcome) -> dict[str, Any]:
     return {
-        "requested": requested,
-        "done": requested - failed,
-        "failed": failed,
-        "rejected": sum(rejected.values()),
-        "rejected_by_reason": dict(sorted(rejected.items())),
-        "dropped_exchanges": sum(dropped_by_reason.values()),
-        "dropped_exchanges_by_reason": dict(sorted(dropped_by_reason.items())),
-        "kept_flagged_answers": sum(kept_flagged.values()),
-        "kept_flagged_answers_by_reason": dict(sorted(kept_flagged.items())),
-        "kept_truncated": kept_truncated,
-        "written": written,
+        "pair_id": plan["pair_id"],
+        "key": plan["key"],
+        "stage": "request",
+        "reason": res.error,
+        "attempts": res.attempts,
+    }
+
+
+def _parse_failure(plan: dict[str, Any], rej: Rejected, raw: str | None) -> dict[str, Any]:
+    return {
+        "pair_id": plan["pair_id"],
+        "key": plan["key"],
+        "stage": "parse",
+        "reason": rej.reason,
+        "detail": rej.detail,
+        "raw": raw,
+    }
+
+
+def _dropped_line(plan: dict[str, Any], d: DroppedExchange) -> dict[str, Any]:
+    return {
+        "pair_id": plan["pair_id"],
+        "key": plan["key"],
+        "reason": d.reason,
+        "question": d.question,
+        "answer": d.answer,
     }

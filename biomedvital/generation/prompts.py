@@ -18,15 +18,10 @@ figure, sent as text (no demonstration images).
 
 from __future__ import annotations
 
-import base64
 import hashlib
-import io
 import random
-from collections.abc import Callable
-from pathlib import Path
 from typing import Any, Literal, get_args
 
-from biomedvital.data.images import load_image
 from biomedvital.data.records import Demonstration, SourceFigure, strip_image_token
 
 MODALITIES = ("chest_xray", "mri", "ct_scan", "histology", "gross")
@@ -312,86 +307,6 @@ def render_conversation(demo: Demonstration) -> str:
 def _demo_block(demo: Demonstration) -> str:
     parts = figure_text_parts(demo)
     return f"{parts[0]['text']}\n{parts[1]['text']}\n{render_conversation(demo)}"
-
-
-_MIME = {".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".png": "image/png"}
-
-
-IMAGE_REF = "biomedvital-image:"
-_HASH_SEP = "#sha256="
-
-
-def image_ref(path: Path) -> str:
-    """A stand-in for the image's data URL: its path and content hash.
-
-    Messages carry this reference until the moment of sending, so that 100,000 queued requests
-    never hold 100,000 base64 images in memory. The path is only where to read the bytes from:
-    cache keys see the hash alone (:func:`key_messages`), so moving or copying the image folder
-    does not change a key (a rerun would pay for every request again).
-    """
-    if _MIME.get(path.suffix.lower()) is None:
-        load_image(path)  # converted at send time (DICOM…): fail now, naming the file, not then
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return f"{IMAGE_REF}{path}{_HASH_SEP}{h.hexdigest()}"
-
-
-def _map_image_refs(
-    messages: list[dict[str, Any]], url_of: Callable[[str], str]
-) -> list[dict[str, Any]]:
-    """``messages`` with every image reference's URL replaced by ``url_of(ref)``; messages
-    without one are shared, not copied."""
-    out = []
-    for m in messages:
-        content = m.get("content")
-        if isinstance(content, list) and any(
-            isinstance(p, dict)
-            and p.get("type") == "image_url"
-            and str(p.get("image_url", {}).get("url", "")).startswith(IMAGE_REF)
-            for p in content
-        ):
-            parts = []
-            for p in content:
-                url = p.get("image_url", {}).get("url", "") if p.get("type") == "image_url" else ""
-                if isinstance(url, str) and url.startswith(IMAGE_REF):
-                    p = {**p, "image_url": {**p["image_url"], "url": url_of(url)}}
-                parts.append(p)
-            m = {**m, "content": parts}
-        out.append(m)
-    return out
-
-
-def _ref_path(ref: str) -> Path:
-    return Path(ref.removeprefix(IMAGE_REF).rsplit(_HASH_SEP, 1)[0])
-
-
-def _ref_hash_only(ref: str) -> str:
-    return f"{IMAGE_REF}sha256={ref.rsplit(_HASH_SEP, 1)[-1]}"
-
-
-def key_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The messages as the cache key sees them: image references reduced to their content hash
-    (the same bytes under another folder are the same request)."""
-    return _map_image_refs(messages, _ref_hash_only)
-
-
-def inline_images(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The messages with every image reference replaced by the image's data URL (for sending)."""
-    return _map_image_refs(messages, lambda ref: image_data_url(_ref_path(ref)))
-
-
-def image_data_url(path: Path) -> str:
-    """The image as a base64 data URL: JPEG/PNG bytes as stored, anything else (DICOM…) as PNG."""
-    mime = _MIME.get(path.suffix.lower())
-    if mime is not None:
-        data = path.read_bytes()
-    else:
-        buf = io.BytesIO()
-        load_image(path).save(buf, format="PNG")
-        data, mime = buf.getvalue(), "image/png"
-    return f"data:{mime};base64,{base64.b64encode(data).decode('ascii')}"
 
 
 def build_messages(

@@ -20,12 +20,13 @@ jobs.
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import re
 from collections.abc import Iterator
 from pathlib import Path
-from typing import IO, Any, Literal
+from typing import Any, Literal
 
 from pydantic import ValidationError
 
@@ -36,13 +37,11 @@ from biomedvital.data.jsonio import (
     handle_bad,
     iter_objects,
     parse_record,
-    sha256_file,
-    write_json,
     write_jsonl,
 )
-from biomedvital.data.outputs import output_lock
 from biomedvital.data.records import (
     Candidate,
+    Preference,
     Rating,
     mentions_text,
     read_figures,
@@ -50,24 +49,20 @@ from biomedvital.data.records import (
     strip_image_token,
 )
 from biomedvital.data.report import BadRecordError, OnBad, RecordReport
-from biomedvital.generation.batch import BatchPending
-from biomedvital.generation.client import (
-    ChatRequest,
-    ClientConfig,
-    FillResult,
-    Journal,
-    Outcome,
-    fill_requests,
-    request_key,
-)
-from biomedvital.generation.generate import Estimate, estimate_cost, pending_result
-from biomedvital.generation.prompts import MENTIONS_HEADER, image_ref, printable_messages
-from biomedvital.tracking.mlflow import DEFAULT_STORE, PipelineRun
-from biomedvital.tracking.provenance import git_state
+from biomedvital.generation.prompts import MENTIONS_HEADER
+from biomedvital.llm.config import ClientConfig
+from biomedvital.llm.images import image_ref
+from biomedvital.llm.outcome import ChatRequest
+from biomedvital.llm.sampling import SamplingArgs
+from biomedvital.llm.stage import Answer, ChatStage, Report
+from biomedvital.tracking.mlflow import DEFAULT_STORE
 
-__all__ = ["estimate_cost", "judge_messages", "parse_score", "rate"]
+__all__ = ["judge_messages", "parse_score", "rate"]
 
 log = logging.getLogger(__name__)
+
+SAMPLING = SamplingArgs(temperature=0.0, max_tokens=256)
+"""``rate``'s default sampling: the most likely score, room for a short reason."""
 
 JUDGE_PROMPT = """\
 You are a medical expert acting as a judge of training data for a medical vision-language \
@@ -153,14 +148,6 @@ def judge_messages(
     return [{"role": "system", "content": JUDGE_PROMPT}, {"role": "user", "content": parts}]
 
 
-def _reask(messages: list[dict[str, Any]], reply: str) -> list[dict[str, Any]]:
-    return [
-        *messages,
-        {"role": "assistant", "content": reply},
-        {"role": "user", "content": REASK_PROMPT},
-    ]
-
-
 def rate(
     candidates: Path,
     out: Path,
@@ -169,9 +156,7 @@ def rate(
     image_root: Path | None = None,
     vision: bool = False,
     preferences: Path | None = None,
-    temperature: float = 0.0,
-    max_tokens: int = 256,
-    seed: int = 0,
+    sampling: SamplingArgs = SAMPLING,
     extra_body: dict[str, Any] | None = None,
     on_bad_record: Literal["raise", "skip"] = "raise",
     dry_run: bool = False,
@@ -198,7 +183,7 @@ def rate(
             paper's GPT-4V judge saw it: ``vision: true`` with a vision model).
         preferences: clinician pairs (or accept/reject marks): both answers are scored too and
             the agreement with clinicians is reported.
-        temperature / max_tokens / seed: judge sampling (part of the cache key).
+        sampling: the judge's temperature, top_p, seed and max_tokens (part of the cache key).
         extra_body: extra request fields for the endpoint, sent as given and part of the cache
             key: e.g. llama.cpp's ``grammar`` or vLLM's ``guided_choice`` to constrain a small
             local model's reply to the format asked for.
@@ -212,52 +197,91 @@ def rate(
         batch_results: results file(s) of the offline runner to import
             (``client.batch_runner: file``), as for ``generate``.
     """
-    candidates, out = Path(candidates), Path(out)
     if vision and image_root is None:
         raise ValueError("vision=True needs image_root")
-    if isinstance(batch_results, str | Path):
-        batch_results = [Path(batch_results)]
-    reports = {"candidates": RecordReport()}
-    by_pair: dict[str, tuple[str, str]] = {}
-    if figures is not None:
-        reports["figures"] = RecordReport()
-        figs = read_figures(figures, on_bad_record, reports["figures"])
-        # joined on pair_id: a repeated one would give its candidates the last figure's caption
-        figs = check_unique(
-            figs, "pair_id", figures, on_bad=on_bad_record, report=reports["figures"]
-        )
-        for f in figs:
-            by_pair[str(f.pair_id)] = (f.fig_caption, f.mentions_text())
-    prefs = []
-    if preferences is not None:
-        reports["preferences"] = RecordReport()
-        prefs = read_preferences(preferences, on_bad_record, reports["preferences"])
-        # scores are kept by pair id: a repeated id would overwrite the first pair's
-        prefs = check_unique(
-            prefs, "id", preferences, on_bad=on_bad_record, report=reports["preferences"]
-        )
-    root = ImageRoot(image_root) if vision else None
-    no_caption = 0  # candidates sent to the judge without a caption (filled as they stream)
-    params = {"temperature": temperature, "max_tokens": max_tokens, "seed": seed}
-    params.update(extra_body or {})
-    estimate = Estimate(client.price_per_million, client.mode == "batch")
+    stage = Rate(
+        Path(candidates),
+        figures,
+        image_root,
+        vision,
+        preferences,
+        on_bad_record,
+        out=out,
+        client=client,
+        sampling=sampling,
+        extra_body=extra_body,
+        store=store,
+        tags=tags,
+        progress=progress,
+        dry_run=dry_run,
+        batch_results=batch_results,
+    )
+    return stage.run()
 
-    def image_url(rel: str, path: Path, pos: int, kind: Any, build: bool = True) -> str | None:
-        if root is None:
+
+class Rate(ChatStage):
+    """``rate`` on the chat-stage skeleton: one judge request per candidate (and per side of each
+    clinician pair), a reply without a score re-asked once."""
+
+    name = "rate"
+    experiment = "rating"
+    reask_prompt = REASK_PROMPT
+
+    def __init__(
+        self,
+        candidates: Path,
+        figures: Path | None,
+        image_root: Path | None,
+        vision: bool,
+        preferences: Path | None,
+        on_bad_record: OnBad,
+        **stage: Any,
+    ) -> None:
+        super().__init__(**stage)
+        self.candidates, self.figures, self.preferences = candidates, figures, preferences
+        self.vision, self.on_bad_record = vision, on_bad_record
+        self.reports = {"candidates": RecordReport()}
+        self.captions = self._read_captions()
+        self.prefs = self._read_preferences()
+        self.root = ImageRoot(image_root) if vision else None
+        self.no_caption = 0  # candidates sent to the judge without a caption (counted as built)
+
+    # -- inputs
+
+    def _read_captions(self) -> dict[str, tuple[str, str]]:
+        """``pair_id -> (caption, mentions)`` from ``figures`` (empty without it)."""
+        if self.figures is None:
+            return {}
+        report = self.reports["figures"] = RecordReport()
+        figs = read_figures(self.figures, self.on_bad_record, report)
+        # joined on pair_id: a repeated one would give its candidates the last figure's caption
+        figs = check_unique(figs, "pair_id", self.figures, on_bad=self.on_bad_record, report=report)
+        return {str(f.pair_id): (f.fig_caption, f.mentions_text()) for f in figs}
+
+    def _read_preferences(self) -> list[Preference]:
+        if self.preferences is None:
+            return []
+        report = self.reports["preferences"] = RecordReport()
+        prefs = read_preferences(self.preferences, self.on_bad_record, report)
+        # scores are kept by pair id: a repeated id would overwrite the first pair's
+        return check_unique(prefs, "id", self.preferences, on_bad=self.on_bad_record, report=report)
+
+    def _image_url(self, rel: str, path: Path, pos: int, kind: Any, build: bool) -> str | None:
+        if self.root is None:
             return None
         try:
-            found = root.resolve(rel)
+            found = self.root.resolve(rel)
             return image_ref(found) if build else None
         except (OSError, ValueError) as exc:
             raise BadRecordError(
                 path, pos, str(exc), "image", kind=kind, category="missing_image"
             ) from exc
 
-    def context(cand: Candidate, pos: int, kind: Any) -> tuple[str, str]:
+    def _context(self, cand: Candidate, pos: int, kind: Any) -> tuple[str, str]:
         """The caption and mentions the judge sees: from ``figures`` when given, else the
         candidate's own fields."""
-        if figures is not None:
-            fig = by_pair.get(str(cand.pair_id)) if cand.pair_id is not None else None
+        if self.figures is not None:
+            fig = self.captions.get(str(cand.pair_id)) if cand.pair_id is not None else None
             if fig is None:
                 what = (
                     "has no pair_id"
@@ -265,9 +289,9 @@ def rate(
                     else f"has pair_id {cand.pair_id!r}, which is not"
                 )
                 raise BadRecordError(
-                    candidates,
+                    self.candidates,
                     pos,
-                    f"candidate {cand.id!r} {what} among the figures of {figures}, so the "
+                    f"candidate {cand.id!r} {what} among the figures of {self.figures}, so the "
                     "judge would see no caption",
                     "pair_id",
                     kind=kind,
@@ -279,7 +303,7 @@ def rate(
             mentions = mentions_text(extra.get("in_text_mention"))
         except (ValidationError, TypeError, AttributeError) as exc:
             raise BadRecordError(
-                candidates,
+                self.candidates,
                 pos,
                 "in_text_mention must be a string or a list of mentions "
                 f"({{'tokens': ...}}), got {type(extra.get('in_text_mention')).__name__}",
@@ -289,27 +313,26 @@ def rate(
             ) from exc
         return str(extra.get("fig_caption") or ""), mentions
 
-    def items(
-        report: RecordReport, on_bad: OnBad, build: bool = True
+    def _candidates(
+        self, report: RecordReport, on_bad: OnBad, build: bool = True
     ) -> Iterator[tuple[str, str, list]]:
-        """(kind, item id, judge messages): candidates streamed, then both sides of each pair
-        (``build=False``: only the checks, no messages or image hashes)."""
-        nonlocal no_caption
+        """(kind, item id, judge messages) of every usable candidate (``build=False``: only the
+        checks, no messages or image hashes)."""
         ids: set[str] = set()
-        for pos, kind, obj in iter_objects(candidates, on_bad=on_bad, report=report):
+        for pos, kind, obj in iter_objects(self.candidates, on_bad=on_bad, report=report):
             try:
-                cand = parse_record(obj, Candidate, candidates, pos, kind)
+                cand = parse_record(obj, Candidate, self.candidates, pos, kind)
                 if cand.id in ids:
                     raise BadRecordError(
-                        candidates,
+                        self.candidates,
                         pos,
                         f"duplicate id {cand.id!r}",
                         "id",
                         kind=kind,
                         category="duplicate:id",
                     )
-                caption, mentions = context(cand, pos, kind)
-                url = image_url(cand.image, candidates, pos, kind, build)
+                caption, mentions = self._context(cand, pos, kind)
+                url = self._image_url(cand.image, self.candidates, pos, kind, build)
             except BadRecordError as err:
                 handle_bad(err, on_bad, report)
                 continue
@@ -318,14 +341,16 @@ def rate(
             if not build:
                 continue
             if not caption.strip():
-                no_caption += 1
+                self.no_caption += 1
             yield "candidate", cand.id, judge_messages(caption, mentions, cand.qa_pairs(), url)
-        del ids
-        for n, p in enumerate(prefs, start=1):
+
+    def _pair_sides(self, build: bool = True) -> Iterator[tuple[str, str, list]]:
+        """(side, pair id, judge messages) of both answers of every clinician pair."""
+        for n, p in enumerate(self.prefs, start=1):
             try:
-                url = image_url(p.image, preferences or Path(), n, "record", build)
+                url = self._image_url(p.image, self.preferences or Path(), n, "record", build)
             except BadRecordError as err:
-                handle_bad(err, on_bad, reports["preferences"])
+                handle_bad(err, self.on_bad_record, self.reports["preferences"])
                 continue
             q = strip_image_token(p.question)
             for side, answer in (("preferred", p.preferred), ("rejected", p.rejected)):
@@ -335,130 +360,120 @@ def rate(
                     judge_messages(p.fig_caption, p.mentions_text(), [(q, answer)], url),
                 )
 
-    def first_requests(plan: IO[str] | None) -> Iterator[ChatRequest]:
-        for kind, item_id, msgs in items(reports["candidates"], on_bad_record):
-            req = ChatRequest(msgs, dict(params), meta={"kind": kind, "id": item_id})
-            req.key = request_key(client.model, msgs, req.params)
-            estimate.add(req)
-            if plan is not None:
-                line = {"kind": kind, "id": item_id, "key": req.key, "user": msgs[1]["content"]}
-                plan.write(json.dumps(line, ensure_ascii=False) + "\n")
-            yield req
+    def check(self) -> None:
+        if self.on_bad_record == "raise":  # fail before paying for any
+            for _ in self._candidates(RecordReport(), "raise", build=False):
+                pass
+            for _ in self._pair_sides(build=False):
+                pass
 
-    if on_bad_record == "raise" and not dry_run:
-        for _ in items(RecordReport(), "raise", build=False):  # fail before paying for any
-            pass
-
-    if dry_run:
-        first = None
-        for req in first_requests(None):
-            first = first or req
-        if first is not None:
-            print(printable_messages(first.messages))
-        _warn_no_caption(no_caption, reports["candidates"].n_kept, figures is not None)
-        est = estimate.as_dict()
-        print(
-            f"\n{est['requests']} requests (+ re-asks), ~{est['input_tokens']} input "
-            f"tokens, estimated cost <= ${est['cost_usd_upper_bound']:.4f}"
-        )
-        return {"dry_run": True, "estimate": est}
-
-    # one run per output folder; taking the lock removes temporaries of a killed run
-    with output_lock(out):
-        public = {
-            **client.public(),
-            "candidates": str(candidates),
-            "figures": str(figures) if figures else None,
-            "preferences": str(preferences) if preferences else None,
-            "vision": vision,
-            "temperature": temperature,
-            "max_tokens": max_tokens,
-            "seed": seed,
-            "extra_body": extra_body,
-            "on_bad_record": on_bad_record,
-            "batch_results": [str(p) for p in batch_results] if batch_results else None,
+    def inputs(self) -> dict[str, Path | None]:
+        return {
+            "candidates": self.candidates,
+            "figures": self.figures,
+            "preferences": self.preferences,
         }
-        plan_path = out / ".rate.plan.jsonl"
-        with PipelineRun("rating", "rate", store, {**(tags or {}), "model": client.model}) as run:
-            run.log_params(public)
-            with Journal(out / "journal.jsonl") as journal:
-                try:
-                    with open(plan_path, "w", encoding="utf-8") as plan:
-                        first = fill_requests(
-                            client,
-                            journal,
-                            first_requests(plan),
-                            "rate",
-                            progress,
-                            batch_results=batch_results,
-                        )
-                    _warn_no_caption(no_caption, reports["candidates"].n_kept, figures is not None)
-                    second = fill_requests(
-                        client,
-                        journal,
-                        _reask_requests(plan_path, journal, client.model, params),
-                        "rate-reask",
-                        progress,
-                        batch_results=batch_results,
-                    )
-                except BatchPending as exc:
-                    plan_path.unlink(missing_ok=True)
-                    return pending_result(exc, run)
-                counts, pref_rows = _assemble(
-                    plan_path, journal, first, second, client, params, out
-                )
-                torn = journal.torn_lines
-            plan_path.unlink(missing_ok=True)
-            counts = {
-                "candidates": reports["candidates"].n_kept,
-                "no_caption": no_caption,
-                **counts,
+
+    def records(self) -> dict[str, RecordReport]:
+        return self.reports
+
+    def public(self) -> dict[str, Any]:
+        return {
+            "candidates": str(self.candidates),
+            "figures": str(self.figures) if self.figures else None,
+            "preferences": str(self.preferences) if self.preferences else None,
+            "vision": self.vision,
+            "on_bad_record": self.on_bad_record,
+        }
+
+    # -- requests and replies
+
+    def requests(self) -> Iterator[tuple[ChatRequest, dict[str, Any]]]:
+        items = itertools.chain(
+            self._candidates(self.reports["candidates"], self.on_bad_record), self._pair_sides()
+        )
+        for kind, item_id, msgs in items:
+            req = ChatRequest(msgs, dict(self.params), meta={"kind": kind, "id": item_id})
+            yield req, {"kind": kind, "id": item_id, "user": msgs[1]["content"]}
+
+    def requests_done(self) -> None:
+        _warn_no_caption(
+            self.no_caption, self.reports["candidates"].n_kept, self.figures is not None
+        )
+
+    def parses(self, reply: str | None) -> bool:
+        return parse_score(reply) is not None
+
+    def first_messages(self, plan: dict[str, Any]) -> list[dict[str, Any]]:
+        return [
+            {"role": "system", "content": JUDGE_PROMPT},
+            {"role": "user", "content": plan["user"]},
+        ]
+
+    # -- outputs
+
+    def assemble(self, answers: Iterator[Answer]) -> Report:
+        """Write ratings and failures in input order; score the clinician pairs."""
+        rated = failed = reasked = unparsable = 0
+        pair_scores: dict[str, dict[str, int]] = {}
+        with (
+            atomic_write(self.out / "ratings.jsonl") as fr,
+            atomic_write(self.out / "failed.jsonl") as ff,
+        ):
+            for a in answers:
+                kind, item_id = a.plan["kind"], a.plan["id"]
+                reasked += a.reasked
+                if a.reply is None:
+                    failed += 1
+                    unparsable += a.unparsable
+                    reason = a.error or "unparsable_score: no 0-10 integer on line 1"
+                    ff.write(json.dumps({"kind": kind, "id": item_id, "reason": reason}) + "\n")
+                    continue
+                score = parse_score(a.reply)
+                assert score is not None
+                if kind != "candidate":
+                    pair_scores.setdefault(item_id, {})[kind] = score
+                    continue
+                rated += 1
+                raw = a.first.content or ""
+                if a.reasked:
+                    raw = f"{raw}\n[re-asked]\n{a.reply}"
+                rating = Rating(candidate_id=item_id, score=score, judge=self.client.model, raw=raw)
+                line = json.dumps(rating.model_dump(mode="json", by_alias=True), ensure_ascii=False)
+                fr.write(line + "\n")
+        counts = {
+            "candidates": self.reports["candidates"].n_kept,
+            "no_caption": self.no_caption,
+            "rated": rated,
+            "failed": failed,
+            "reasked": reasked,
+            "unparsable_after_reask": unparsable,
+        }
+        return self._alignment_report(counts, pair_scores)
+
+    def _alignment_report(
+        self, counts: dict[str, Any], pair_scores: dict[str, dict[str, int]]
+    ) -> Report:
+        """The counts, and with ``preferences`` the judge's agreement with the clinicians."""
+        if self.preferences is None:
+            return Report(counts, manifest={"alignment": None})
+        rows = [
+            {
+                "id": p.id,
+                "preferred_score": pair_scores.get(p.id, {}).get("preferred"),
+                "rejected_score": pair_scores.get(p.id, {}).get("rejected"),
             }
-            alignment = None
-            if preferences is not None:
-                rows = [
-                    {
-                        "id": p.id,
-                        "preferred_score": pref_rows.get(p.id, {}).get("preferred"),
-                        "rejected_score": pref_rows.get(p.id, {}).get("rejected"),
-                    }
-                    for p in prefs
-                ]
-                write_jsonl(out / "preference_scores.jsonl", rows)
-                alignment = _alignment(rows)
-            ledger1, ledger2 = first.ledger, second.ledger
-            ledgers = {"first": ledger1.as_dict(), "reask": ledger2.as_dict()}
-            cost = ledger1.cost_usd + ledger2.cost_usd
-            inputs = {"candidates": {"path": str(candidates), "sha256": sha256_file(candidates)}}
-            for name, path in (("figures", figures), ("preferences", preferences)):
-                if path is not None:
-                    inputs[name] = {"path": str(path), "sha256": sha256_file(path)}
-            manifest = {
-                "counts": counts,
-                "alignment": alignment,
-                "ledger": ledgers,
-                "cost_usd": round(cost, 6),
-                "torn_journal_lines": torn,
-                "estimate": estimate.as_dict(),
-                "batch": {"first": first.batch, "reask": second.batch}
-                if client.mode == "batch"
-                else None,
-                "inputs": inputs,
-                "records": {k: r.as_dict() for k, r in reports.items()},
-                "config": public,
-                "mlflow_run_id": run.run_id,
-                "git": git_state(),
+            for p in self.prefs
+        ]
+        write_jsonl(self.out / "preference_scores.jsonl", rows)
+        alignment = _alignment(rows)
+        metrics = {}
+        if alignment["align_rate"] is not None:
+            metrics = {
+                "rate/align_rate": alignment["align_rate"],
+                "rate/align_ties": alignment["ties"],
             }
-            metrics = {f"rate/{k}": v for k, v in counts.items()}
-            metrics["rate/cost_usd"] = cost
-            metrics["rate/requests_sent"] = ledger1.requests_sent + ledger2.requests_sent
-            if alignment and alignment["align_rate"] is not None:
-                metrics["rate/align_rate"] = alignment["align_rate"]
-                metrics["rate/align_ties"] = alignment["ties"]
-            run.log_metrics(metrics)
-            run.log_dict(manifest, "rate.manifest.json")
-        write_json(out / "manifest.json", manifest)
-        return manifest
+        return Report(counts, manifest={"alignment": alignment}, metrics=metrics)
 
 
 def _warn_no_caption(n: int, total: int, with_figures: bool) -> None:
@@ -478,96 +493,6 @@ def _warn_no_caption(n: int, total: int, with_figures: bool) -> None:
         total,
         fix,
     )
-
-
-def _plan_lines(plan_path: Path) -> Iterator[dict[str, Any]]:
-    with open(plan_path, encoding="utf-8") as f:
-        for raw in f:
-            yield json.loads(raw)
-
-
-def _messages(user: Any) -> list[dict[str, Any]]:
-    return [{"role": "system", "content": JUDGE_PROMPT}, {"role": "user", "content": user}]
-
-
-def _reask_requests(
-    plan_path: Path, journal: Journal, model: str, params: dict[str, Any]
-) -> Iterator[ChatRequest]:
-    """The follow-up for every answered item whose reply has no score on its first line."""
-    for p in _plan_lines(plan_path):
-        entry = journal.get(p["key"])
-        if entry is None:
-            continue
-        content = entry["response"].get("content")
-        if parse_score(content) is not None:
-            continue
-        msgs = _reask(_messages(p["user"]), content or "")
-        req = ChatRequest(msgs, dict(params), meta={"kind": p["kind"], "id": p["id"]})
-        req.key = request_key(model, msgs, req.params)
-        yield req
-
-
-def _assemble(
-    plan_path: Path,
-    journal: Journal,
-    first: FillResult,
-    second: FillResult,
-    config: ClientConfig,
-    params: dict[str, Any],
-    out: Path,
-) -> tuple[dict[str, Any], dict[str, dict[str, int]]]:
-    """Write ratings and failures in input order; return the counts and pair scores."""
-    prices, model = config.price_per_million, config.model
-    rated = failed = reasked = unparsable = 0
-    pref_scores: dict[str, dict[str, int]] = {}
-
-    def outcome(key: str, res: FillResult) -> Outcome:
-        return res.outcome(key, journal, prices)
-
-    with (
-        atomic_write(out / "ratings.jsonl") as fr,
-        atomic_write(out / "failed.jsonl") as ff,
-    ):
-        for p in _plan_lines(plan_path):
-            kind, item_id = p["kind"], p["id"]
-            res = outcome(p["key"], first)
-            score, raw, reason = None, "", None
-            if not res.ok:
-                reason = res.error or "unknown"
-            else:
-                score = parse_score(res.content)
-                raw = res.content or ""
-                if score is None:
-                    reasked += 1
-                    msgs = _reask(_messages(p["user"]), raw)
-                    res2 = outcome(request_key(model, msgs, params), second)
-                    score = parse_score(res2.content) if res2.ok else None
-                    if score is not None:
-                        raw = f"{raw}\n[re-asked]\n{res2.content}"
-                    elif res2.ok:
-                        reason = "unparsable_score: no 0-10 integer on line 1"
-                        unparsable += 1
-                    else:
-                        reason = res2.error or "unknown"
-            if score is None:
-                failed += 1
-                ff.write(json.dumps({"kind": kind, "id": item_id, "reason": reason}) + "\n")
-            elif kind == "candidate":
-                rated += 1
-                rating = Rating(candidate_id=item_id, score=score, judge=model, raw=raw)
-                ff_line = json.dumps(
-                    rating.model_dump(mode="json", by_alias=True), ensure_ascii=False
-                )
-                fr.write(ff_line + "\n")
-            else:
-                pref_scores.setdefault(item_id, {})[kind] = score
-    counts = {
-        "rated": rated,
-        "failed": failed,
-        "reasked": reasked,
-        "unparsable_after_reask": unparsable,
-    }
-    return counts, pref_scores
 
 
 def _alignment(rows: list[dict[str, Any]]) -> dict[str, Any]:

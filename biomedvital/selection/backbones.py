@@ -23,6 +23,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from biomedvital.data.hashing import sha256_file
+
 PREFIXES = ("hf-hub:", "local-dir:", "tiny:", "open_clip:")
 
 
@@ -90,14 +92,6 @@ def _versions() -> str:
         f"torch={torch.__version__};open_clip={open_clip.__version__};"
         f"transformers={transformers.__version__}"
     )
-
-
-def _hash_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def available_tiny() -> list[str]:
@@ -203,7 +197,7 @@ def _open_clip(name: str) -> Backbone:
         path = weights()
         if not path:
             raise FileNotFoundError(f"no weight file found for backbone {name}")
-        return f"{_hash_file(Path(path))};{_versions()}"
+        return f"{sha256_file(path)};{_versions()}"
 
     return Backbone(name, preprocess, open_clip.get_tokenizer(name), embed_dim, build, identity)
 

@@ -10,6 +10,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from biomedvital.data.locks import held_lock
 from biomedvital.tracking.provenance import git_state, library_hash
 
 DEFAULT_STORE = "mlruns"
@@ -37,20 +38,14 @@ def _create_tables(root: Path, uri: str) -> None:
     creation and all but one fail (``table ... already exists``). An exclusive lock on a file
     beside the database makes the others wait and then find the tables made.
     """
-    import fcntl
-
     from mlflow.tracking import MlflowClient
 
     from biomedvital.tracking.store_version import check_store, record_writer
 
-    with open(root / ".tables.lock", "a") as lock:
-        fcntl.lockf(lock, fcntl.LOCK_EX)
-        try:
-            check_store(root)  # a store of another MLflow schema: one line naming both versions
-            MlflowClient(tracking_uri=uri).search_experiments(max_results=1)
-            record_writer(root)
-        finally:
-            fcntl.lockf(lock, fcntl.LOCK_UN)
+    with held_lock(root / ".tables.lock", wait=True):
+        check_store(root)  # a store of another MLflow schema: one line naming both versions
+        MlflowClient(tracking_uri=uri).search_experiments(max_results=1)
+        record_writer(root)
 
 
 def artifact_location(store: str | Path, experiment: str) -> str:

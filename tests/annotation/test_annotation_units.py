@@ -67,7 +67,7 @@ def judgment(item: AnnotationItem, annotator: str = "ann", **kw: object) -> Judg
 # ----------------------------------------------------------------------------- journal
 
 
-def test_journal_torn_last_line_is_counted_ignored_and_sealed(tmp_path: Path) -> None:
+def test_journal_torn_last_line_is_counted_ignored_and_cut(tmp_path: Path) -> None:
     items = [AnnotationItem.model_validate(r) for r in make_items(3)]
     path = journal_path(tmp_path, "ann")
     with Journal(path) as j:
@@ -81,12 +81,13 @@ def test_journal_torn_last_line_is_counted_ignored_and_sealed(tmp_path: Path) ->
     assert set(state.latest) == {"it0", "it1"}
     assert state.latest["it1"].comment == "line\u2028separator"
 
-    with Journal(path) as j:  # reopening seals the torn tail before appending
+    with Journal(path) as j:  # reopening cuts the torn tail (counted) before appending
         j.append(judgment(items[2], flagged=True))
+    assert j.torn_cut == 1
     state = read_journal(path)
-    assert (state.lines, state.torn) == (4, 1)
+    assert (state.lines, state.torn) == (3, 0)
     assert state.latest["it2"].flagged
-    assert path.read_bytes().endswith(b"\n")
+    assert path.read_bytes().endswith(b"\n") and path.read_bytes().count(b"\n") == 3
 
 
 def test_one_server_per_annotator_journal(tmp_path: Path) -> None:
@@ -95,6 +96,28 @@ def test_one_server_per_annotator_journal(tmp_path: Path) -> None:
         Journal(path).open()
     with pytest.raises(ValueError, match="annotator"):
         journal_path(tmp_path, "../evil")
+
+
+def test_reading_a_journal_keeps_its_writers_lock(tmp_path: Path) -> None:
+    """The server reads the journals it appends to; the lock is on a file of its own, so closing
+    the journal after a read (which drops a POSIX record lock on the journal itself) keeps it."""
+    import subprocess
+    import sys
+
+    items = [AnnotationItem.model_validate(r) for r in make_items(1)]
+    path = journal_path(tmp_path, "ann")
+    other = (
+        "import sys; from biomedvital.annotation.journal import Journal, JournalLockedError\n"
+        "try:\n    Journal(sys.argv[1]).open()\nexcept JournalLockedError:\n    print('refused')"
+    )
+    with Journal(path) as j:
+        j.append(judgment(items[0], flagged=True))
+        assert read_journal(path).latest["it0"].flagged  # opens and closes the journal
+        run = subprocess.run(
+            [sys.executable, "-c", other, str(path)], capture_output=True, text=True, timeout=120
+        )
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip() == "refused"
 
 
 def test_resume_at_first_unjudged_item(tmp_path: Path) -> None:

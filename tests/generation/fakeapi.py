@@ -42,7 +42,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
-from biomedvital.generation.client import ClientConfig, request_key
+from biomedvital.llm.config import ClientConfig
+from biomedvital.llm.keys import request_key
 
 SECRET = "sk-test-DO-NOT-LEAK-4f9c2b7e"
 KEY_ENV = "BIOMEDVITAL_TEST_KEY"

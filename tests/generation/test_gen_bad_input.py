@@ -169,6 +169,7 @@ def test_bad_demonstrations_skipped_counted_and_none_left(
         ("--client.concurrency", "0", "client.concurrency must be >= 1, got 0"),
         ("--client.requests_per_minute", "-5", "client.requests_per_minute must be > 0"),
         ("--client.price_per_million", "{inputs: 1}", "client.price_per_million keys"),
+        ("--sampling.max_tokens", "0", "sampling.max_tokens must be >= 1, got 0"),
     ],
 )
 def test_bad_client_setting_is_one_line_before_any_request(

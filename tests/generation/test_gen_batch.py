@@ -115,7 +115,7 @@ def test_a_spent_quota_stops_the_batch_run_at_once(
 ) -> None:
     """Creating the batch answered 429 ``insufficient_quota``: no retry as for a rate limit
     (every try would fail alike), a one-line ApiAccessError naming the endpoint."""
-    from biomedvital.generation.client import ApiAccessError
+    from biomedvital.llm.errors import ApiAccessError
 
     inputs = write_inputs(tmp_path / "in", n_figures=2)
     api.batch_create_actions = deque(["quota", "quota", "quota"])

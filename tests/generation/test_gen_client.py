@@ -10,19 +10,14 @@ from pathlib import Path
 import pytest
 from fakeapi import KEY_ENV, SECRET, FakeAPI
 
-from biomedvital.generation.client import (
-    ApiAccessError,
-    ChatClient,
-    ChatRequest,
-    ClientConfig,
-    Journal,
-    JournalBusy,
-    TokenBucket,
-    cost_of,
-    parse_retry_after,
-    request_key,
-    run_requests,
-)
+from biomedvital.llm.config import ClientConfig
+from biomedvital.llm.errors import ApiAccessError, parse_retry_after
+from biomedvital.llm.journal import Journal, JournalBusy
+from biomedvital.llm.keys import cost_of, request_key
+from biomedvital.llm.online import ChatClient
+from biomedvital.llm.outcome import ChatRequest
+from biomedvital.llm.pacing import TokenBucket
+from biomedvital.llm.runner import run_requests
 
 
 def _config(api: FakeAPI, **kw) -> ClientConfig:

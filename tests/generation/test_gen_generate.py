@@ -109,7 +109,8 @@ def test_secret_never_written(api: FakeAPI, tmp_path: Path, mlstore: str) -> Non
 
 
 def test_urls_are_masked_in_records() -> None:
-    from biomedvital.generation.client import ClientConfig, safe_url
+    from biomedvital.llm.config import ClientConfig
+    from biomedvital.llm.redact import safe_url
 
     assert (
         safe_url("https://u:pw@host/v1?api-key=abc&x=1")
@@ -272,7 +273,7 @@ def test_images_are_references_until_sent(tmp_path: Path) -> None:
 
     import skimage.data
 
-    from biomedvital.generation.prompts import IMAGE_REF, image_ref, inline_images
+    from biomedvital.llm.images import IMAGE_REF, image_ref, inline_images
 
     img = tmp_path / "retina.jpg"
     shutil.copy(Path(skimage.data.__file__).parent / "retina.jpg", img)
@@ -318,8 +319,8 @@ def test_moving_the_image_folder_keeps_the_journal_keys(
     import shutil
 
     from biomedvital.data.images import ImageRoot
-    from biomedvital.generation.client import request_key
-    from biomedvital.generation.prompts import image_ref
+    from biomedvital.llm.images import image_ref
+    from biomedvital.llm.keys import request_key
 
     inputs = write_inputs(tmp_path / "in", n_figures=3)
     out = tmp_path / "out"

@@ -11,9 +11,9 @@ from fakeapi import FakeAPI, default_responder, fake_client
 
 from biomedvital.data.records import Rating, read_preferences
 from biomedvital.data.report import BadRecordError
-from biomedvital.generation.client import ApiAccessError
 from biomedvital.generation.preferences import import_preferences
 from biomedvital.generation.rate import parse_score, rate
+from biomedvital.llm.errors import ApiAccessError
 
 
 def _cand(i: int, pair_id: str, **fields: object) -> dict:

@@ -18,16 +18,17 @@ from pathlib import Path
 import pytest
 
 from biomedvital.data.records import Candidate, Rating, read_demonstrations, read_figures
-from biomedvital.generation import local_server
-from biomedvital.generation.client import ClientConfig
-from biomedvital.generation.local_server import (
+from biomedvital.generation.parse import REJECT_REASONS
+from biomedvital.llm import local_server
+from biomedvital.llm.config import ClientConfig
+from biomedvital.llm.local_server import (
     LocalModel,
     LocalServer,
     LocalServerError,
     port_is_free,
     resolve_model,
 )
-from biomedvital.generation.parse import REJECT_REASONS
+from biomedvital.llm.sampling import SamplingArgs
 
 needs_llama = pytest.mark.skipif(
     importlib.util.find_spec("llama_cpp") is None,
@@ -92,8 +93,7 @@ def test_generate_and_rate_against_the_local_server(
         out=tmp_path / "gen",
         vision=False,
         n_demos=1,
-        temperature=0.2,
-        max_tokens=96,
+        sampling=SamplingArgs(temperature=0.2, max_tokens=96),
         **common,
     )
     counts = gen["counts"]
@@ -120,7 +120,7 @@ def test_generate_and_rate_against_the_local_server(
         candidates=cands,
         out=tmp_path / "rate",
         figures=demo_files.figures,
-        max_tokens=16,
+        sampling=SamplingArgs(max_tokens=16),
         **common,
     )
     assert rated["counts"]["rated"] + rated["counts"]["failed"] == n
@@ -154,7 +154,7 @@ def test_server_needs_its_key_and_stops_on_exceptions(started: list[tuple[int, i
 def test_server_dies_with_a_killed_parent() -> None:
     code = (
         "import time\n"
-        "from biomedvital.generation.local_server import LocalServer\n"
+        "from biomedvital.llm.local_server import LocalServer\n"
         "s = LocalServer('smollm2').start()\n"
         "print(s.proc.pid, s.port, flush=True)\n"
         "time.sleep(60)\n"
@@ -222,7 +222,7 @@ def test_smollm2_ships_in_its_package() -> None:
 
 
 def test_content_parts_are_flattened_for_llama_cpp() -> None:
-    from biomedvital.generation._llama_server import flatten_content
+    from biomedvital.llm.llama_server import flatten_content
 
     msg = {
         "role": "user",

@@ -1,4 +1,4 @@
-"""``python -m biomedvital.generation._llama_server ARGS``: llama-cpp-python's server (same
+"""``python -m biomedvital.llm.llama_server ARGS``: llama-cpp-python's server (same
 arguments as ``python -m llama_cpp.server``) that also reads OpenAI's list-of-parts content.
 
 OpenAI's chat API accepts a message's content as a string or as a list of parts
@@ -16,7 +16,8 @@ import signal
 import sys
 from typing import Any
 
-PARENT_ENV = "BIOMEDVITAL_SERVER_PARENT"  # as biomedvital.generation.local_server
+PARENT_ENV = "BIOMEDVITAL_SERVER_PARENT"
+"""Set for the server process: the pid it must not outlive (:func:`die_with_parent`)."""
 
 
 def die_with_parent() -> None:

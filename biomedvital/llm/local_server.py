@@ -37,9 +37,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from biomedvital.llm.config import read_api_key
+from biomedvital.llm.llama_server import PARENT_ENV
+
 LOCAL_PREFIX = "local:"
-PARENT_ENV = "BIOMEDVITAL_SERVER_PARENT"
-"""Set for the server process: the pid it must not outlive (see ``_llama_server``)."""
 
 
 @dataclass(frozen=True)
@@ -256,7 +257,7 @@ class LocalServer:
         cmd = [
             sys.executable,
             "-m",
-            "biomedvital.generation._llama_server",  # llama_cpp.server, reading content parts
+            "biomedvital.llm.llama_server",  # llama_cpp.server, reading content parts
             "--model",
             str(self.gguf),
             "--model_alias",
@@ -347,8 +348,6 @@ def open_endpoint(base_url: str, api_key_env: str) -> Endpoint:
     """The endpoint for a client: ``local:NAME`` starts a server (stopped by ``close``); any
     other base URL is used as is, with the key from the ``api_key_env`` variable."""
     if not is_local(base_url):
-        from biomedvital.generation.client import read_api_key
-
         return Endpoint(base_url, read_api_key(api_key_env))
     server = LocalServer(base_url).start()
     return Endpoint(server.base_url, server.api_key or "local", server)
@@ -379,8 +378,6 @@ def serve_local(
     """
     key = None
     if api_key_env:
-        from biomedvital.generation.client import read_api_key
-
         key = read_api_key(api_key_env)
     server = LocalServer(model, host, port, n_ctx, n_threads, None, key, startup_timeout_s)
 

@@ -44,27 +44,20 @@ from typing import IO, Any
 
 from biomedvital.data.jsonio import atomic_write, iter_jsonl_objects
 from biomedvital.data.report import BadRecordError
-from biomedvital.generation.client import (
+from biomedvital.llm.config import ClientConfig, read_api_key
+from biomedvital.llm.errors import (
     ApiAccessError,
-    ChatRequest,
-    ClientConfig,
-    FillResult,
-    Journal,
-    Ledger,
-    Outcome,
-    _error_message,
-    _Retryable,
-    cost_of,
+    Retryable,
+    error_message,
     is_run_fatal,
-    parse_completion,
-    read_api_key,
-    redact,
-    redact_response,
-    request_key,
-    safe_url,
     status_is_retryable,
 )
-from biomedvital.generation.prompts import inline_images
+from biomedvital.llm.images import inline_images
+from biomedvital.llm.journal import Journal
+from biomedvital.llm.keys import cost_of
+from biomedvital.llm.outcome import ChatRequest, FillResult, Ledger, Outcome
+from biomedvital.llm.redact import redact, redact_response, safe_url
+from biomedvital.llm.response import parse_completion
 
 log = logging.getLogger(__name__)
 
@@ -125,7 +118,7 @@ def parse_result_line(obj: Any) -> ResultLine:
         if status == 200:
             try:
                 return ResultLine(key, response=parse_completion(body))
-            except _Retryable as exc:
+            except Retryable as exc:
                 return ResultLine(key, error=exc.reason)
         detail = ""
         if isinstance(body, dict):
@@ -239,16 +232,11 @@ class BatchRunner:
             return self._fill_openai(requests, stage, progress)
         except openai.APIError as err:  # no traceback may carry a key a server echoed
             status = getattr(err, "status_code", None)
-            what = redact(_error_message(err), self._secret)
+            what = redact(error_message(err), self._secret)
             raise RuntimeError(
                 f"{stage}: Batch API call failed ({status or type(err).__name__}): {what}; "
                 f"rerun to resume (state in {self.events_path})"
             ) from None
-
-    def _key(self, req: ChatRequest) -> str:
-        if not req.key:
-            req.key = request_key(self.config.model, req.messages, req.params)
-        return req.key
 
     def _line(self, req: ChatRequest) -> bytes:
         return (
@@ -379,7 +367,7 @@ class BatchRunner:
         seen: set[str] = set()
         try:
             for req in requests:
-                key = self._key(req)
+                key = req.key_for(self.config.model)
                 if key in self.journal:
                     self._cached(key, ledger)
                     continue
@@ -642,7 +630,7 @@ class BatchRunner:
         n = 0
         with atomic_write(path, "wb") as f:
             for req in requests:
-                key = self._key(req)
+                key = req.key_for(self.config.model)
                 if key in self.journal:
                     self._cached(key, ledger)
                     continue
