@@ -18,4 +18,7 @@ not pull in the ``openai`` client. One concept per module:
 ``runner``        ``fill_requests`` (online or batch) and ``run_requests`` (small batches)
 ``local_server``  ``local:NAME`` endpoints: llama-cpp-python's server on loopback
 ``llama_server``  the server process itself (``python -m biomedvital.llm.llama_server``)
+``sampling``      :class:`SamplingArgs`: temperature, top_p, seed, max_tokens
+``stage``         :class:`ChatStage`: the skeleton the chat verbs share (check, dry run, lock,
+                  send, re-ask once, assemble, manifest)
 """

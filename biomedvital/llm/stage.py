@@ -1,9 +1,9 @@
 """The skeleton of a chat verb (``generate``, ``rate``, ``judge``, ``pairwise``): everything but
 the verb's own part, in the order it runs.
 
-1. **check**: the verb's inputs are read and checked; a bad record fails before anything is paid
-   for;
-2. **dry run**: the first prompt and the cost estimate are printed; nothing is sent or written;
+1. **dry run** (when asked): the first prompt and the cost estimate are printed; nothing is sent
+   or written;
+2. **check**: the verb's inputs are checked; a bad record fails before anything is paid for;
 3. **lock** the output folder: one run per folder, and a killed run's temporaries removed;
 4. **open** the MLflow run (its parameters: the public config, never the key) and the request
    journal (:mod:`.journal`), which makes a rerun pay only for what is missing;
@@ -196,8 +196,7 @@ class ChatStage:
         self.batch_results = [Path(p) for p in batch_results] if batch_results else None
         self.estimate = Estimate(client.price_per_million, client.mode == "batch")
         self.plan_path = self.out / f".{self.name}.plan.jsonl"
-        self.torn_lines = 0
-        """Torn journal lines dropped when the journal was opened (known before assembly)."""
+        self.torn_lines = 0  # torn journal lines cut when the journal opened (before assembly)
 
     # ------------------------------------------------------------------ the verb's own part
 
@@ -239,7 +238,7 @@ class ChatStage:
     # ------------------------------------------------------------------ the skeleton
 
     def run(self) -> dict[str, Any]:
-        """The verb, start to end: check, dry run or send, re-ask, assemble, record."""
+        """The verb, start to end: the dry run, or check, send, re-ask, assemble, record."""
         if self.dry_run:
             return self._dry_run()
         self.check()

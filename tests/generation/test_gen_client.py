@@ -290,3 +290,29 @@ def test_journal_reads_from_disk_and_is_locked(api: FakeAPI, tmp_path: Path) -> 
         with pytest.raises(JournalBusy, match="in use by another process"):
             Journal(path)
     Journal(path).close()  # released at close
+
+
+def test_sampling_args_are_the_request_parameters_and_are_checked() -> None:
+    from biomedvital.llm.sampling import SamplingArgs, SamplingConfigError
+
+    # top_p unset is not sent: the parameters (and so every cache key) are those of old runs
+    assert SamplingArgs(temperature=0.7, max_tokens=1024).params() == {
+        "temperature": 0.7,
+        "max_tokens": 1024,
+        "seed": 0,
+    }
+    assert SamplingArgs(top_p=0.9).params({"grammar": "g", "seed": 3}) == {
+        "temperature": 0.0,
+        "max_tokens": 256,
+        "seed": 3,  # extra_body wins
+        "top_p": 0.9,
+        "grammar": "g",
+    }
+    for bad, where in (
+        ({"temperature": -0.1}, "sampling.temperature"),
+        ({"top_p": 0.0}, "sampling.top_p"),
+        ({"max_tokens": 0}, "sampling.max_tokens"),
+        ({"seed": 1.5}, "sampling.seed"),
+    ):
+        with pytest.raises(SamplingConfigError, match=where):
+            SamplingArgs(**bad)
