@@ -380,8 +380,8 @@ def test_vqa_eval_configs_use_llava_meds_rule(
     assert cfg["data"]["init_args"]["split"] == "test"
 
 
-def test_paper_numbers_in_header_and_readme(capsys: pytest.CaptureFixture[str]) -> None:
-    """The selector's and tuner's paper numbers, as their headers and the README state them,
+def test_paper_numbers_in_header_and_docs(capsys: pytest.CaptureFixture[str]) -> None:
+    """The selector's and tuner's paper numbers, as their headers and their docs pages state them,
     are the configs' values."""
     sel = _print_config(capsys, CONF / "paper" / "selector.yaml")
     tun = _print_config(capsys, CONF / "paper" / "tuner.yaml")
@@ -406,9 +406,14 @@ def test_paper_numbers_in_header_and_readme(capsys: pytest.CaptureFixture[str]) 
     assert [s for s in selector_says if s not in header] == []
     header = (CONF / "paper" / "tuner.yaml").read_text()
     assert [s for s in tuner_says if s not in header] == []
-    readme = (CONF.parent / "README.md").read_text().replace("\u2011", "-").replace("→", "-")
-    assert [s for s in selector_says if s not in readme] == []
-    assert [s for s in tuner_says if s.replace("projector lr", "projector") not in readme] == []
+    docs = CONF.parent / "docs"
+
+    def page(name: str) -> str:
+        return (docs / name).read_text().replace("\u2011", "-").replace("→", "-")
+
+    assert [s for s in selector_says if s not in page("selector.md")] == []
+    tuning = page("tuning.md")
+    assert [s for s in tuner_says if s.replace("projector lr", "projector") not in tuning] == []
 
 
 @pytest.mark.parametrize("path", GRIDS, ids=lambda p: p.name)
