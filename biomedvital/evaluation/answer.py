@@ -31,6 +31,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import sys
+import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -337,7 +338,7 @@ def answer(
     if prompts.closed_rule not in CLOSED_RULES:
         raise ConfigError(f"closed_rule must be one of {CLOSED_RULES}, got {prompts.closed_rule!r}")
     decoding = replace(decoding, max_tokens=decoding.max_tokens or prompts.max_new_tokens)
-    _check_client(client)
+    _check_client(client, dry_run)
     plan = plan_questions(data, missing_image)
     folder = served_export(client, export)
     record = prompting.export_record(folder) if folder is not None else {}
@@ -379,8 +380,9 @@ def answer(
         return _write(out, data, client, plan, answers, scores, context, tracking)
 
 
-def _check_client(client: ClientConfig) -> None:
-    """Refuse before anything starts: batch mode on a local server, an unset API key."""
+def _check_client(client: ClientConfig, dry_run: bool) -> None:
+    """Refuse before anything starts: batch mode on a local server, an unset API key (a dry
+    run needs none)."""
     from biomedvital.llm.config import read_api_key
     from biomedvital.llm.hf_server import is_local_hf
     from biomedvital.llm.local_server import is_local
@@ -391,7 +393,8 @@ def _check_client(client: ClientConfig) -> None:
             "client.mode batch sends Batch API jobs to a remote endpoint; a local server "
             "answers online (client.mode online)"
         )
-    if not local and not (client.mode == "batch" and client.batch_runner == "file"):
+    offline = client.mode == "batch" and client.batch_runner == "file"
+    if not (local or offline or dry_run):
         try:
             read_api_key(client.api_key_env)
         except RuntimeError as err:
@@ -496,9 +499,9 @@ def _log(
     }
     run_name = tracking.run_name or name
     with PipelineRun(tracking.experiment, f"{run_name} (answer)", tracking.store, tags) as run:
-        run.log_params(
-            {**client.public(), **record["decoding"], **record["prompts"], "benchmark": name}
-        )
+        from mlflow.entities import Metric, Param
+
+        params = {**client.public(), **record["decoding"], **record["prompts"], "benchmark": name}
         # as test logs them: every score but those of a kind the split does not have
         metrics = {f"test/{name}/{k}": float(v) for k, v in scores.items() if v is not None}
         counts = record["counts"]
@@ -506,7 +509,12 @@ def _log(
             metrics[f"answer/{name}/{key}"] = float(counts[key])
         metrics[f"answer/{name}/cost_usd"] = float(record["ledger"]["cost_usd"])
         metrics[f"answer/{name}/requests_sent"] = float(record["ledger"]["requests_sent"])
-        run.log_metrics(metrics)
+        now = int(time.time() * 1000)
+        run.client.log_batch(  # one write, not one per key
+            run.run_id,
+            metrics=[Metric(k, v, now, 0) for k, v in metrics.items()],
+            params=[Param(k, str(v)[:500]) for k, v in params.items()],
+        )
         record["mlflow_run_id"] = run.run_id
         run.log_dict(record, RECORD_FILE)
         for file in (PREDICTIONS_FILE, SCORES_FILE):
