@@ -345,6 +345,7 @@ def answer(
     system = prompting.system_prompt(prompts.system_prompt, record.get("system_prompt"))
     requests = build_requests(plan, system, prompts, decoding, client.model)
     if dry_run:
+        _notice(notice)
         return dry_run_report(requests, plan, client)
     _check_out(out)
 
@@ -353,6 +354,7 @@ def answer(
     with contextlib.nullcontext(None) if offline else endpoint as served:
         if served is not None:
             check_served(served.base_url, served.api_key, client.model)
+        _notice(notice)
         with output_lock(out), Journal(out / JOURNAL_FILE) as journal:
             try:
                 result = fill_requests(
@@ -378,6 +380,13 @@ def answer(
     }
     with output_lock(out):
         return _write(out, data, client, plan, answers, scores, context, tracking)
+
+
+def _notice(ignored: list[str] | None) -> None:
+    """One line on the config keys ignored, once the input is known to be good (so that an
+    error stays the one line printed)."""
+    if ignored:
+        print("answer: ignored (the server decides them): " + ", ".join(ignored), file=sys.stderr)
 
 
 def _check_client(client: ClientConfig, dry_run: bool) -> None:
@@ -561,11 +570,6 @@ def main(argv: list[str]) -> dict:
     data = _instantiate(cfg.data, "data")
     model_args = _model_args(cfg)
     notice = ignored_keys(cfg, parser.get_defaults(), model_args)
-    if notice:
-        print(
-            "answer: ignored, the endpoint's server decides them: " + ", ".join(notice),
-            file=sys.stderr,
-        )
     trainer = cfg.trainer
     if not trainer.default_root_dir:
         raise ConfigError("answer: trainer.default_root_dir (the output folder) is not set")
