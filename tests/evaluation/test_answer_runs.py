@@ -264,7 +264,9 @@ def test_a_missing_image_is_an_error_naming_the_question_or_is_skipped(
     assert all(u["reason"].startswith("missing_image") for u in unanswered)
 
 
-@pytest.mark.parametrize("case", ["benchmark", "endpoint_down", "model_not_served", "key"])
+@pytest.mark.parametrize(
+    "case", ["benchmark", "endpoint_down", "model_not_served", "key", "no_export"]
+)
 def test_bad_input_is_one_error_naming_the_key_and_nothing_is_written(
     demo: dict[str, Path], api: FakeAPI, tmp_path: Path, case: str,
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
@@ -281,6 +283,9 @@ def test_bad_input_is_one_error_naming_the_key_and_nothing_is_written(
         url, wanted = f"http://127.0.0.1:{free_port()}/v1", "client.base_url"
     elif case == "model_not_served":
         api.models, wanted = ["llava-med-7b", "gpt-4o"], "client.model 'm' is not served"
+    elif case == "no_export":
+        url = f"local-hf:{tmp_path / 'nowhere'}"
+        wanted = f"client.base_url local-hf:{tmp_path / 'nowhere'}: no model there"
     else:
         monkeypatch.delenv(KEY_ENV)
         wanted = f"client.api_key_env: environment variable {KEY_ENV} is not set"
@@ -372,3 +377,17 @@ def test_the_demo_images_are_the_files_sent(demo: dict[str, Path], reference: Pa
             digest = file_digest(path)
         assert row["text"].startswith(digest[:16]), row
     assert VICUNA_V1_SYSTEM  # the default system prompt (no export): checked in the benchmarks
+
+
+@pytest.mark.parametrize("config", sorted(CONF.glob("*.yaml")), ids=lambda p: p.name)
+def test_every_benchmark_config_parses_for_answer(config: Path) -> None:
+    """The configs of ``test`` as shipped, alone and with the OpenAI endpoint overlay."""
+    from biomedvital.evaluation.answer import build_parser
+
+    parser = build_parser()
+    cfg = parser.parse_args(["--config", str(config), "--client.base_url", "http://h/v1",
+                             "--client.model", "m"])  # fmt: skip
+    assert cfg.data.class_path.endswith("VQADataModule") and cfg.trainer.default_root_dir
+    openai = CONF.parent / "endpoints" / "openai.yaml"
+    cfg = parser.parse_args(["--config", str(config), "--config", str(openai)])
+    assert (cfg.client.base_url, cfg.client.model) == ("https://api.openai.com/v1", "gpt-4o")
