@@ -30,6 +30,9 @@ import tempfile
 import time
 from pathlib import Path
 
+# torch's idle threads sleep rather than spin, as in the server (HFServer sets it): both paths
+# wait alike, and on a shared machine a spinning thread costs the other jobs' CPU
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import save  # noqa: E402
 
@@ -85,6 +88,26 @@ def time_test(export: Path, data, device: str, batch: int, max_new_tokens: int) 
     return ev, run
 
 
+def tree_cpu_s(root: int) -> float:
+    """CPU seconds (user + system) of process ``root`` and its live descendants (Linux
+    ``/proc``): what a server costs, whatever else the machine runs."""
+    parents, times = {}, {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        pid = int(stat.parent.name)
+        parents[pid] = int(fields[1])
+        times[pid] = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    tree, grew = {root}, True
+    while grew:
+        more = {p for p, pp in parents.items() if pp in tree} - tree
+        tree |= more
+        grew = bool(more)
+    return sum(times.get(p, 0.0) for p in tree)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 ... (both paths)")
@@ -126,16 +149,20 @@ def main() -> None:
         timeout_s=600,
     )
     prompts = Prompting(max_new_tokens=args.max_new_tokens)
-    times_test, times_answer = [], []
+    times_test, times_answer, cpu_test, cpu_answer = [], [], [], []
     try:
         for trial in range(args.trials):
-            t0 = time.perf_counter()
+            c0, t0 = time.process_time(), time.perf_counter()
             test_texts = run_test()
             times_test.append(time.perf_counter() - t0)
+            cpu_test.append(time.process_time() - c0)
             out = tmp / f"answer-{trial}"
-            t0 = time.perf_counter()
+            assert server.proc is not None
+            c0, s0, t0 = time.process_time(), tree_cpu_s(server.proc.pid), time.perf_counter()
             answer(data, client, out, prompts, Decoding(seed=0), export=export, progress=False)
             times_answer.append(time.perf_counter() - t0)
+            served_cpu = tree_cpu_s(server.proc.pid) - s0
+            cpu_answer.append(time.process_time() - c0 + served_cpu)
         served = [
             json.loads(x)["text"] for x in (out / "predictions.jsonl").read_text().splitlines()
         ]
@@ -161,13 +188,25 @@ def main() -> None:
         "test_questions_per_s": round(n / tt, 2),
         "answer_questions_per_s": round(n / ta, 2),
         "test_over_answer": round(ta / tt, 2),
+        # CPU seconds a question costs (answer: client and server processes), best trial:
+        # a load-independent figure on a shared machine, where wall time is not
+        "test_cpu_s_per_question": round(min(cpu_test) / n, 4),
+        "answer_cpu_s_per_question": round(min(cpu_answer) / n, 4),
+        "answer_over_test_cpu": round(min(cpu_answer) / min(cpu_test), 2),
         "same_predictions": sum(a == b for a, b in zip(test_texts, served, strict=True)),
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
+        "torch_threads": torch.get_num_threads(),
         "load_average": os.getloadavg()[0],
     }
     print(f"{n} questions on {args.device}, best of {args.trials}:")
     print(f"  test   (batch {args.batch:>2}):      {tt:7.2f} s  {n / tt:7.2f} questions/s")
     print(f"  answer (concurrency {args.concurrency}): {ta:7.2f} s  {n / ta:7.2f} questions/s")
     print(f"  test is {ta / tt:.1f}x answer's rate; server start-up {startup:.1f} s")
+    print(
+        f"  CPU s per question: test {result['test_cpu_s_per_question']}, answer "
+        f"{result['answer_cpu_s_per_question']} (client + server): "
+        f"{result['answer_over_test_cpu']}x"
+    )
     print(f"  identical predictions: {result['same_predictions']} of {n}")
     print(f"written {save('eval_endpoint', result)}")
 
