@@ -59,8 +59,9 @@ lock: | $(UV)  ## refresh requirements.lock from pyproject.toml (resolved on PyP
 		-c requirements-pins.txt --custom-compile-command "make lock" -o $(LOCK)
 	$(BIN)/python tools/lock_fingerprint.py --write $(LOCK)
 
-demo: $(DEMO)/eval/demo_vqa/scores.json $(DEMO)/judge/manifest.json  ## the main job on the embedded demo: generate, rate (local SmolLM2), selector fit, score, select, tune LLaVA, test, judge
-	@echo "selected: $(DEMO)/selected/selected.json; tuned: $(DEMO)/tuner/export/; VQA: $(DEMO)/eval/demo_vqa/scores.json; chat answers: $(DEMO)/eval/demo_chat/predictions.jsonl; judge: $(DEMO)/judge/manifest.json — runs: make ui"
+demo: $(DEMO)/eval/demo_vqa/scores.json $(DEMO)/eval/demo_vqa_answer/scores.json $(DEMO)/judge/manifest.json  ## the main job on the embedded demo: generate, rate (local SmolLM2), selector fit, score, select, tune LLaVA, test, answer (served), judge
+	@echo "selected: $(DEMO)/selected/selected.json; tuned: $(DEMO)/tuner/export/; VQA: $(DEMO)/eval/demo_vqa/scores.json (served: $(DEMO)/eval/demo_vqa_answer/scores.json); chat answers: $(DEMO)/eval/demo_chat/predictions.jsonl; judge: $(DEMO)/judge/manifest.json — runs: make ui"
+	@$(BIN)/python -c "$$DEMO_VQA_SIDE_BY_SIDE"
 
 # generate and rate start a local OpenAI-compatible server (llama-cpp-python, SmolLM2-135M) on a
 # free loopback port for the stage and stop it after (client.base_url: local:smollm2 in their
@@ -117,6 +118,24 @@ data/demo_vqa/demo_vqa.json: $(STAMP)
 
 $(DEMO)/eval/demo_vqa/scores.json: $(DEMO)/tuner/export/run.json data/demo_vqa/demo_vqa.json conf/eval/demo_vqa.yaml
 	$(BIN)/python -m biomedvital test --config conf/eval/demo_vqa.yaml
+
+# the same export served by transformers serve (a free loopback port, stopped after the run)
+# answers the same questions through `answer`: same prompt, greedy, scored by the same metrics
+$(DEMO)/eval/demo_vqa_answer/scores.json: $(DEMO)/tuner/export/run.json data/demo_vqa/demo_vqa.json conf/eval/demo_vqa.yaml
+	$(BIN)/python -m biomedvital answer --config conf/eval/demo_vqa.yaml \
+		--client.base_url local-hf:$(DEMO)/tuner/export --client.model biomedvital-demo \
+		--trainer.default_root_dir $(DEMO)/eval/demo_vqa_answer --progress false > /dev/null
+
+define DEMO_VQA_SIDE_BY_SIDE
+import json
+t, a = (json.load(open(f"$(DEMO)/eval/{d}/scores.json")) for d in ("demo_vqa", "demo_vqa_answer"))
+keys = ("open_recall", "closed_acc", "answered", "partial")
+cell = lambda v: f"{v:>13.2f}" if type(v) is float else f"{v!s:>13}"
+print("demo VQA        " + "".join(f"{k:>13}" for k in keys))
+for name, s in (("test", t), ("answer (served)", a)):
+    print(f"{name:<16}" + "".join(cell(s.get(k)) for k in keys))
+endef
+export DEMO_VQA_SIDE_BY_SIDE
 
 data/demo_vqa/demo_chat.jsonl: data/demo_vqa/demo_vqa.json  # written with it (missing: older demo-vqa)
 	$(BIN)/python -m biomedvital demo-vqa

@@ -16,6 +16,8 @@ USER_ERRORS = {
     "biomedvital.data.outputs": ("OutputFolderBusy",),
     "biomedvital.llm.config": ("ClientConfigError",),
     "biomedvital.llm.errors": ("ApiAccessError",),
+    "biomedvital.llm.local_server": ("LocalServerError",),
+    "biomedvital.llm.served": ("EndpointError",),
     "biomedvital.grid": ("GridError",),
     "biomedvital.tracking.checkpoints": ("UnsafeCheckpointError",),
     "biomedvital.tracking.store_version": ("StoreVersionError",),

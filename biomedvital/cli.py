@@ -69,6 +69,15 @@ PIPELINE_VERBS = {
 }
 
 
+CONFIG_VERBS = {
+    "answer": (
+        "biomedvital.evaluation.answer:main",
+        "ask an OpenAI-compatible endpoint a benchmark's questions (test's configs), and score",
+    ),
+}
+"""Verbs that read the benchmark configs of ``test`` with a parser of their own."""
+
+
 class ConfigError(ValueError):
     """A config file or option a verb cannot accept, named with its file and key."""
 
@@ -174,6 +183,7 @@ def _load(spec: str) -> Callable:
 def _usage() -> str:
     lines = ["usage: python -m biomedvital <verb> [--config FILE ...] [options]", "", "verbs:"]
     described = {**TRAINER_VERBS, **{v: text for v, (_, text) in PIPELINE_VERBS.items()}}
+    described.update({v: text for v, (_, text) in CONFIG_VERBS.items()})
     width = max(map(len, described))
     lines += [f"  {verb:<{width}}  {text}" for verb, text in described.items()]
     lines += ["", "python -m biomedvital <verb> --help  shows a verb's options."]
@@ -378,6 +388,19 @@ def main(argv: list[str] | None = None) -> None:
         except ArgumentError as e:
             parser = auto_parser(fn, as_positional=False, exit_on_error=False)
             raise _config_error(verb, e, files, argv[1:], parser, fn) from None
+        if isinstance(result, dict):
+            import json
+
+            print(json.dumps(result, indent=2, default=str))
+    elif verb in CONFIG_VERBS:
+        from jsonargparse import ArgumentError
+
+        files = _config_files(argv[1:])
+        _check_config_files(files)
+        try:
+            result = _load(CONFIG_VERBS[verb][0])(argv[1:])
+        except ArgumentError as e:
+            raise _config_error(verb, e, files) from None
         if isinstance(result, dict):
             import json
 

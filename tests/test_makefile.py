@@ -25,6 +25,7 @@ def test_demo_runs_every_stage_once_in_order() -> None:
         ("predict", "conf/demo/selector.yaml"),
         ("fit", "conf/demo/tuner.yaml"),
         ("test", "conf/eval/demo_vqa.yaml"),  # the VQA scores
+        ("answer", "conf/eval/demo_vqa.yaml"),  # the same export served: its scores beside
         ("test", "conf/eval/demo_chat.yaml"),  # the chat answers the judge scores
         ("judge", "conf/demo/judge.yaml"),
     ]
@@ -32,6 +33,7 @@ def test_demo_runs_every_stage_once_in_order() -> None:
         assert stages.count(stage) == 1, stage
     assert stages.index(("test", "conf/eval/demo_chat.yaml")) < stages.index(wanted[-1])
     assert stages.index(("fit", "conf/demo/tuner.yaml")) < stages.index(wanted[5])
+    assert stages.index(("fit", "conf/demo/tuner.yaml")) < stages.index(wanted[6])
 
 
 @pytest.mark.skipif(shutil.which("make") is None, reason="make is not installed")

@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import hashlib
 import inspect
-import json
 import math
 import warnings
 from pathlib import Path
@@ -51,6 +50,7 @@ from biomedvital.data.images import ImageRoot, UnsafePathError
 from biomedvital.data.jsonio import sha256_file, write_json, write_jsonl
 from biomedvital.data.report import BadRecordError
 
+from . import prompting
 from .answer_journal import AnswerJournal, files_signature
 from .benchmarks import BENCHMARKS, VQAItem, benchmark_files, load_benchmark, split_stats
 from .metrics import CLOSED_RULES, ClosedRule, VQAClosedAccuracy, VQAOpenMetrics
@@ -449,20 +449,13 @@ class VQAEvaluator(LightningModule):
     def system_prompt(self) -> str:
         """The system prompt asked with: as configured, else the one the model was tuned with
         (a model tuned without one must not be asked with vicuna_v1's)."""
-        from biomedvital.tuning.conversation import VICUNA_V1_SYSTEM
-
-        for system in (self.hparams.system_prompt, self.trained_system):
-            if isinstance(system, str):
-                return system
-        return VICUNA_V1_SYSTEM
+        return prompting.system_prompt(self.hparams.system_prompt, self.trained_system)
 
     def question_text(self, item: VQAItem) -> str:
-        parts = [item.question.strip()]
-        if self.hparams.prompt_suffix:
-            parts.append(self.hparams.prompt_suffix)
-        if item.answer_type == "closed" and self.hparams.closed_prompt_suffix:
-            parts.append(self.hparams.closed_prompt_suffix)
-        return " ".join(parts)
+        hp = self.hparams
+        return prompting.question_text(
+            item.question, item.answer_type, hp.prompt_suffix, hp.closed_prompt_suffix
+        )
 
     @torch.no_grad()
     def answer(self, images: list[Any], questions: list[str]) -> list[str]:
@@ -650,15 +643,7 @@ def _export_record(model: str) -> dict[str, Any]:
     writes it; ``{}`` when there is none or it cannot be read."""
     if not model.startswith("local-dir:"):
         return {}
-    folder = Path(model.removeprefix("local-dir:")).expanduser()
-    for candidate in (folder / "run.json", folder.parent / "run.json"):
-        if candidate.is_file():
-            try:
-                record = json.loads(candidate.read_text())
-            except (ValueError, OSError):
-                return {}
-            return record if isinstance(record, dict) else {}
-    return {}
+    return prompting.export_record(model.removeprefix("local-dir:"))
 
 
 def exported_by(model: str) -> str | None:

@@ -14,6 +14,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from PIL import Image
+
 from biomedvital.data.hashing import sha256_file
 from biomedvital.data.images import load_image
 
@@ -21,6 +23,9 @@ IMAGE_REF = "biomedvital-image:"
 HASH_SEP = "#sha256="
 MIME = {".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".png": "image/png"}
 """Image files sent as stored; any other format (DICOM…) is converted to PNG when sent."""
+WIDE_MODES = frozenset({"I", "I;16", "I;16B", "I;16L", "I;16N", "F"})
+"""Pillow modes of more than 8 bits a channel (sent converted, see :func:`sent_as_stored`)."""
+EXIF_ORIENTATION = 0x0112
 
 
 def image_ref(path: Path) -> str:
@@ -79,10 +84,27 @@ def inline_images(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return _map_image_refs(messages, lambda ref: image_data_url(_ref_path(ref)))
 
 
+def sent_as_stored(path: Path) -> bool:
+    """Whether a JPEG/PNG file decodes on a server as :func:`load_image` decodes it, so its bytes
+    can be sent as stored: 8-bit pixels and no EXIF rotation. A 16-bit or float image would be
+    clipped by a server's ``convert("RGB")`` (``load_image`` rescales it) and a rotation tag is
+    not applied by every server (``load_image`` applies it); those are sent as converted PNG."""
+    if MIME.get(path.suffix.lower()) is None:
+        return False
+    try:
+        with Image.open(path) as im:
+            rotated = im.getexif().get(EXIF_ORIENTATION, 1) not in (None, 1)
+            return im.mode not in WIDE_MODES and not rotated
+    except (OSError, ValueError):
+        return True  # sent as it is; the server reports what it cannot read
+
+
 def image_data_url(path: Path) -> str:
-    """The image as a base64 data URL: JPEG/PNG bytes as stored, anything else (DICOM…) as PNG."""
+    """The image as a base64 data URL: JPEG/PNG bytes as stored when they decode alike everywhere
+    (:func:`sent_as_stored`), anything else (DICOM, 16-bit PNG, EXIF-rotated JPEG) as the PNG of
+    what :func:`load_image` decodes, the pixels every local evaluation sees."""
     mime = MIME.get(path.suffix.lower())
-    if mime is not None:
+    if mime is not None and sent_as_stored(path):
         data = path.read_bytes()
     else:
         buf = io.BytesIO()

@@ -33,6 +33,7 @@ import time
 import urllib.error
 import urllib.request
 import weakref
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -337,20 +338,55 @@ class Endpoint:
 
     base_url: str
     api_key: str
-    server: LocalServer | None = None
+    server: Any = None  # a LocalServer or an HFServer, stopped by ``close``
 
     def close(self) -> None:
         if self.server is not None:
             self.server.stop()
 
 
-def open_endpoint(base_url: str, api_key_env: str) -> Endpoint:
-    """The endpoint for a client: ``local:NAME`` starts a server (stopped by ``close``); any
-    other base URL is used as is, with the key from the ``api_key_env`` variable."""
+_HOSTED: dict[tuple[str, str | None], Endpoint] = {}
+"""Local servers started for a whole verb (:func:`hosted_endpoint`), by (base URL, model)."""
+
+
+def open_endpoint(base_url: str, api_key_env: str, model: str | None = None) -> Endpoint:
+    """The endpoint for a client: ``local:NAME`` starts a llama.cpp server and
+    ``local-hf:DIR`` ``transformers serve`` for ``model`` (stopped by ``close``), unless
+    :func:`hosted_endpoint` runs one for the verb already; any other base URL is used as is,
+    with the key from the ``api_key_env`` variable."""
+    from biomedvital.llm.hf_server import HFServer, is_local_hf
+
+    hosted = _HOSTED.get((base_url, model)) or _HOSTED.get((base_url, None))
+    if hosted is not None:
+        return Endpoint(hosted.base_url, hosted.api_key)  # closed by its own block
+    if is_local_hf(base_url):
+        if not model:
+            raise LocalServerError(f"{base_url}: the served model needs a name (client.model)")
+        hf = HFServer(base_url, model).start()
+        return Endpoint(hf.base_url, "local", hf)
     if not is_local(base_url):
         return Endpoint(base_url, read_api_key(api_key_env))
     server = LocalServer(base_url).start()
     return Endpoint(server.base_url, server.api_key or "local", server)
+
+
+@contextlib.contextmanager
+def hosted_endpoint(
+    base_url: str, api_key_env: str, model: str | None = None
+) -> Iterator[Endpoint]:
+    """The endpoint for a whole verb: a local server is started once for the block (and stopped
+    after it), and every client pass inside uses it rather than starting its own; a remote
+    endpoint is only looked up (its key read)."""
+    endpoint = open_endpoint(base_url, api_key_env, model)
+    if endpoint.server is None:
+        yield endpoint
+        return
+    _HOSTED[(base_url, model)] = endpoint
+    try:
+        yield endpoint
+    finally:
+        _HOSTED.pop((base_url, model), None)
+        endpoint.close()
 
 
 def serve_local(

@@ -123,6 +123,7 @@ class FakeAPI:
         self.keep_bodies = keep_bodies
         self.lock = threading.Lock()
         self.base_url = ""
+        self.models: list[str] | None = None  # what GET /models lists (None: 404, not listed)
         self.n_requests = 0
         self.served: Counter[str] = Counter()
         self.sent_keys: list[str] = []
@@ -449,6 +450,9 @@ def _make_handler(api: FakeAPI) -> type[BaseHTTPRequestHandler]:
                         "last_id": data[-1]["id"] if data else None,
                     },
                 )
+            elif parts == ["models"] and api.models is not None:
+                models = [{"id": m, "object": "model", "owned_by": "test"} for m in api.models]
+                self._json(200, {"object": "list", "data": models})
             elif parts[0] == "batches" and len(parts) == 2:
                 batch = api.poll_batch(parts[1])
                 if batch is None:
