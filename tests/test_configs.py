@@ -147,6 +147,7 @@ def test_paper_pipeline_config_parses(path: Path, capsys: pytest.CaptureFixture[
     elif path.stem == "rate":
         assert cfg["vision"] is True and cfg["image_root"] and cfg["figures"]
         assert cfg["candidates"] == "outputs/paper/generate/candidates.jsonl"
+        assert cfg["unit"] == "first_exchange"  # the released scorer's unit (docs/fidelity.md)
     elif path.stem == "pairwise":
         # a vision judge (the reference is always shown); both orders, reported apart and combined
         assert cfg["vision"] is True and cfg["image_root"] and cfg["benchmark"] == "vqa_rad"

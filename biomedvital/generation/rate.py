@@ -5,6 +5,15 @@ side, 5 for the other), which biases every pair built from them. Here a reply wi
 its first line gets one follow-up asking for the number; if that fails too the item is recorded
 as failed and gets no rating at all.
 
+What the judge scores is the ``unit``. ``conversation`` (the default) sends the whole
+conversation under :data:`JUDGE_PROMPT`. ``first_exchange`` is the paper's unit: the released
+scorer gave one score to one question and its answer, and the selector's ``paper`` text recipe
+sees only the first exchange, so rating and selection see the same thing. It sends the first
+question and its answer under :data:`EXCHANGE_PROMPT`, whose criteria
+(:data:`RATING_CRITERIA`, ``(id, phrase)`` pairs) are the released scorer's, in this project's
+words. Each unit's prompt is its own, so a unit's requests never share a cache entry with the
+other's.
+
 With ``preferences`` the judge also scores both answers of each clinician pair, and the run
 reports how often it agrees with the clinicians (preferred scored above rejected; ties apart).
 
@@ -20,13 +29,14 @@ jobs.
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import json
 import logging
 import re
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from pydantic import ValidationError
 
@@ -57,7 +67,17 @@ from biomedvital.llm.sampling import SamplingArgs
 from biomedvital.llm.stage import Answer, ChatStage, Report
 from biomedvital.tracking.mlflow import DEFAULT_STORE
 
-__all__ = ["judge_messages", "parse_score", "rate"]
+__all__ = [
+    "EXCHANGE_PROMPT",
+    "JUDGE_PROMPT",
+    "RATING_CRITERIA",
+    "RateUnit",
+    "check_unit",
+    "judge_messages",
+    "judge_prompt",
+    "parse_score",
+    "rate",
+]
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +99,89 @@ Score the conversation from 0 (useless or wrong) to 10 (excellent), considering:
 
 Write the score, a single integer from 0 to 10, alone on the first line. Then explain it \
 briefly."""
+
+RateUnit = Literal["conversation", "first_exchange"]
+"""What one score is given to: the whole conversation, or its first question and answer."""
+
+RATING_CRITERIA: tuple[tuple[str, str], ...] = (
+    (
+        "scope",
+        "scope and relevance: the question is about what this biomedical figure shows and "
+        "matters in medicine",
+    ),
+    (
+        "fine_tuning_value",
+        "value for fine-tuning: training a medical vision-language assistant on this pair would "
+        "teach it something worth knowing",
+    ),
+    (
+        "alignment",
+        "answer alignment: the answer responds to the question actually asked",
+    ),
+    (
+        "accuracy",
+        "accuracy: every statement of the answer agrees with the image, the caption and the "
+        "article's sentences",
+    ),
+    (
+        "utility",
+        "utility: a clinician or a student asking this question would find the answer useful",
+    ),
+    (
+        "image_use",
+        "use of the image: the answer rests on what can be seen in the figure, not on generic "
+        "statements",
+    ),
+    (
+        "clarity",
+        "clarity, detail and medical precision: the answer is clearly written, specific, and "
+        "uses exact medical terms",
+    ),
+)
+"""The ``first_exchange`` judge's criteria, ``(id, phrase)``: the released scorer's, in this
+project's words; :data:`EXCHANGE_PROMPT` carries each phrase."""
+
+SCORE_FORMAT = (
+    "Write the score, a single integer from 0 to 10, alone on the first line. Then explain it "
+    "briefly."
+)
+"""Score first, reasons after: the reply :func:`parse_score` reads, the same for both units."""
+
+EXCHANGE_PROMPT = (
+    "You are a medical expert acting as a judge of training data for a medical vision-language "
+    "assistant. You receive a biomedical figure's caption, the article sentences that refer to "
+    "it, the image itself when it is attached, and one question about the image with its "
+    "answer.\n\n"
+    "Score this question-answer pair from 0 (useless or wrong) to 10 (excellent), weighing:\n"
+    + ";\n".join(f"- {phrase}" for _, phrase in RATING_CRITERIA)
+    + ".\n\n"
+    + SCORE_FORMAT
+)
+"""The ``first_exchange`` judge's system prompt."""
+
+_PROMPTS: dict[str, str] = {"conversation": JUDGE_PROMPT, "first_exchange": EXCHANGE_PROMPT}
+_HEADERS: dict[str, str] = {
+    "conversation": "Conversation to score:",
+    "first_exchange": "Question-answer pair to score:",
+}
+
+
+def check_unit(unit: str) -> None:
+    """Refuse an unknown ``unit`` before anything is read or sent."""
+    if unit not in get_args(RateUnit):
+        raise ValueError(f"unit must be one of {', '.join(get_args(RateUnit))}, got {unit!r}")
+
+
+def judge_prompt(unit: RateUnit = "conversation") -> str:
+    """The judge's system prompt for ``unit``."""
+    check_unit(unit)
+    return _PROMPTS[unit]
+
+
+def prompt_version(unit: RateUnit = "conversation") -> str:
+    """Hash of the unit's judge prompt, recorded with the run (which prompt gave the scores)."""
+    return hashlib.sha256(judge_prompt(unit).encode("utf-8")).hexdigest()[:16]
+
 
 REASK_PROMPT = (
     "Your reply did not start with the score. Reply with only the score, a single integer "
@@ -137,15 +240,23 @@ def _context_parts(caption: str, mentions: str) -> list[dict[str, Any]]:
 
 
 def judge_messages(
-    caption: str, mentions: str, qa: list[tuple[str, str]], image_url: str | None = None
+    caption: str,
+    mentions: str,
+    qa: list[tuple[str, str]],
+    image_url: str | None = None,
+    unit: RateUnit = "conversation",
 ) -> list[dict[str, Any]]:
-    """The judge's request for one conversation (``qa``: question/answer pairs)."""
+    """The judge's request for one item (``qa``: question/answer pairs): every pair for
+    ``conversation``, the first only for ``first_exchange``."""
+    prompt = judge_prompt(unit)
+    if unit == "first_exchange":
+        qa = qa[:1]
     convo = "\n".join(f"Question: {q}\nAnswer: {a}" for q, a in qa)
     parts = _context_parts(caption, mentions)
-    parts.append({"type": "text", "text": f"Conversation to score:\n{convo}"})
+    parts.append({"type": "text", "text": f"{_HEADERS[unit]}\n{convo}"})
     if image_url is not None:
         parts.append({"type": "image_url", "image_url": {"url": image_url}})
-    return [{"role": "system", "content": JUDGE_PROMPT}, {"role": "user", "content": parts}]
+    return [{"role": "system", "content": prompt}, {"role": "user", "content": parts}]
 
 
 def rate(
@@ -156,6 +267,7 @@ def rate(
     image_root: Path | None = None,
     vision: bool = False,
     preferences: Path | None = None,
+    unit: RateUnit = "conversation",
     sampling: SamplingArgs = SAMPLING,
     extra_body: dict[str, Any] | None = None,
     on_bad_record: Literal["raise", "skip"] = "raise",
@@ -183,6 +295,11 @@ def rate(
             paper's GPT-4V judge saw it: ``vision: true`` with a vision model).
         preferences: clinician pairs (or accept/reject marks): both answers are scored too and
             the agreement with clinicians is reported.
+        unit: what one score is given to. ``conversation``: the whole conversation.
+            ``first_exchange`` (the paper's): caption, mentions, the first question and its
+            answer (and the image with ``vision``), judged on the released scorer's criteria;
+            it is the text the selector's ``paper`` recipe sees. Clinician pairs are judged
+            with the same unit's prompt. Part of every request, so of the cache key.
         sampling: the judge's temperature, top_p, seed and max_tokens (part of the cache key).
         extra_body: extra request fields for the endpoint, sent as given and part of the cache
             key: e.g. llama.cpp's ``grammar`` or vLLM's ``guided_choice`` to constrain a small
@@ -197,6 +314,7 @@ def rate(
         batch_results: results file(s) of the offline runner to import
             (``client.batch_runner: file``), as for ``generate``.
     """
+    check_unit(unit)
     if vision and image_root is None:
         raise ValueError("vision=True needs image_root")
     stage = Rate(
@@ -206,6 +324,7 @@ def rate(
         vision,
         preferences,
         on_bad_record,
+        unit=unit,
         out=out,
         client=client,
         sampling=sampling,
@@ -235,9 +354,12 @@ class Rate(ChatStage):
         vision: bool,
         preferences: Path | None,
         on_bad_record: OnBad,
+        unit: RateUnit = "conversation",
         **stage: Any,
     ) -> None:
+        check_unit(unit)  # before any input is read
         super().__init__(**stage)
+        self.unit = unit
         self.candidates, self.figures, self.preferences = candidates, figures, preferences
         self.vision, self.on_bad_record = vision, on_bad_record
         self.reports = {"candidates": RecordReport()}
@@ -342,7 +464,8 @@ class Rate(ChatStage):
                 continue
             if not caption.strip():
                 self.no_caption += 1
-            yield "candidate", cand.id, judge_messages(caption, mentions, cand.qa_pairs(), url)
+            qa = cand.qa_pairs()
+            yield "candidate", cand.id, judge_messages(caption, mentions, qa, url, self.unit)
 
     def _pair_sides(self, build: bool = True) -> Iterator[tuple[str, str, list]]:
         """(side, pair id, judge messages) of both answers of every clinician pair."""
@@ -357,7 +480,7 @@ class Rate(ChatStage):
                 yield (
                     side,
                     p.id,
-                    judge_messages(p.fig_caption, p.mentions_text(), [(q, answer)], url),
+                    judge_messages(p.fig_caption, p.mentions_text(), [(q, answer)], url, self.unit),
                 )
 
     def check(self) -> None:
@@ -383,6 +506,8 @@ class Rate(ChatStage):
             "figures": str(self.figures) if self.figures else None,
             "preferences": str(self.preferences) if self.preferences else None,
             "vision": self.vision,
+            "unit": self.unit,
+            "judge_prompt_version": prompt_version(self.unit),
             "on_bad_record": self.on_bad_record,
         }
 
@@ -406,7 +531,7 @@ class Rate(ChatStage):
 
     def first_messages(self, plan: dict[str, Any]) -> list[dict[str, Any]]:
         return [
-            {"role": "system", "content": JUDGE_PROMPT},
+            {"role": "system", "content": judge_prompt(self.unit)},
             {"role": "user", "content": plan["user"]},
         ]
 
