@@ -1,14 +1,14 @@
-"""LLaVA models and their processors, from a registry with explicit prefixes.
+"""LLaVA models and their processors, from a registry with explicit prefixes
+(:mod:`biomedvital.data.model_names` parses them).
 
-``hf:ORG/REPO``      a LLaVA checkpoint in transformers layout from the Hugging Face hub (the
-                     paper's base: ``hf:llava-hf/llava-1.5-13b-hf``).
+``hf-hub:ORG/REPO``  a LLaVA checkpoint in transformers layout from the Hugging Face hub (the
+                     paper's base: ``hf-hub:llava-hf/llava-1.5-13b-hf``; ``hf:`` is read too,
+                     with a deprecation warning).
 ``local-dir:PATH``   the same files fetched beforehand (``hf download llava-hf/llava-1.5-13b-hf
                      --local-dir /models/llava-1.5-13b``), for offline clusters.
 ``tiny:NAME``        a small ``LlavaForConditionalGeneration`` (tiny CLIP tower, tiny Llama) from
                      ``model_configs/NAME.json`` with seeded random weights, and a processor built
                      without any download (see :func:`tiny_tokenizer`): tests and the demo.
-
-Behaviour is chosen by the prefix only, never by substrings of a path.
 """
 
 from __future__ import annotations
@@ -21,7 +21,9 @@ from typing import Any
 
 import torch
 
-PREFIXES = ("hf:", "local-dir:", "tiny:")
+from biomedvital.data.model_names import ModelName, parse_model_name
+
+PREFIXES = ("hf-hub:", "local-dir:", "tiny:")
 SPECIAL_TOKENS = ("<unk>", "<s>", "</s>", "<pad>", "<image>")
 CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
 CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
@@ -170,34 +172,30 @@ def _tiny(name: str, seed: int) -> LlavaBundle:
     return LlavaBundle(f"tiny:{name}", model, processor)
 
 
-def _pretrained(name: str, dtype: torch.dtype | None) -> LlavaBundle:
+def _pretrained(parsed: ModelName, dtype: torch.dtype | None) -> Any:
     from transformers import AutoProcessor, LlavaForConditionalGeneration
 
-    if name.startswith("local-dir:"):
-        source = Path(name.removeprefix("local-dir:"))
+    if parsed.prefix == "local-dir:":
+        source: Any = Path(parsed.value)
         if not source.is_dir():
             raise FileNotFoundError(f"model folder not found: {source}")
         kwargs: dict[str, Any] = {"local_files_only": True}
     else:
-        source, kwargs = name.removeprefix("hf:"), {}
+        source, kwargs = parsed.value, {}
     model = LlavaForConditionalGeneration.from_pretrained(source, dtype=dtype, **kwargs)
     processor = AutoProcessor.from_pretrained(source, **kwargs)
     if not processor.num_additional_image_tokens:
         # llava-hf configs predate the field: a CLIP tower adds its CLS token
         processor.num_additional_image_tokens = 1
-    return LlavaBundle(name, model, processor)
+    return model, processor
 
 
 def create_llava(name: str, *, seed: int = 0, dtype: torch.dtype | None = None) -> LlavaBundle:
     """The model and processor that ``name`` designates (see the module docstring)."""
-    if name.startswith("tiny:"):
-        bundle = _tiny(name.removeprefix("tiny:"), seed)
+    parsed = parse_model_name(name, PREFIXES)
+    if parsed.prefix == "tiny:":
+        bundle = _tiny(parsed.value, seed)
         if dtype is not None:
             bundle.model.to(dtype)  # float32 random weights, then as asked (tests of bf16 runs)
         return bundle
-    if name.startswith(("hf:", "local-dir:")):
-        return _pretrained(name, dtype)
-    raise ValueError(
-        f"model {name!r} has no known prefix; use one of {', '.join(PREFIXES)} "
-        "(e.g. hf:llava-hf/llava-1.5-13b-hf)"
-    )
+    return LlavaBundle(name, *_pretrained(parsed, dtype))
