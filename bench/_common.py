@@ -1,14 +1,19 @@
-"""Shared bits of the benchmarks: timing, a results folder, and a larger synthetic pool."""
+"""Shared bits of the benchmarks: timing, a results folder, model-name arguments and a larger
+synthetic pool."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import resource
 import shutil
 import time
+from collections.abc import Callable, Sequence
 from contextlib import contextmanager
 from pathlib import Path
+
+from biomedvital.data.model_names import parse_model_name
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results"
@@ -27,6 +32,20 @@ def save(name: str, payload: dict) -> Path:
     payload = {**payload, "cpus": os.cpu_count(), "when": time.strftime("%Y-%m-%d %H:%M:%S")}
     path.write_text(json.dumps(payload, indent=2))
     return path
+
+
+def model_name(accepted: Sequence[str], what: str = "model") -> Callable[[str], str]:
+    """An argparse ``type`` for a model name (``open_clip:ViT-B-16``, ``tiny:tiny-llava``...):
+    the package's parser, with ``accepted`` the prefixes of the registry the bench builds from,
+    so that a typo stops the bench before anything is built, in the parser's words."""
+
+    def parse(text: str) -> str:
+        try:
+            return str(parse_model_name(text, accepted, what=what))
+        except ValueError as err:
+            raise argparse.ArgumentTypeError(str(err)) from None
+
+    return parse
 
 
 def peak_rss_mb() -> float:

@@ -19,16 +19,17 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import save  # noqa: E402
+from _common import model_name, save  # noqa: E402
 
 from biomedvital.data.demo import materialize_demo  # noqa: E402
 from biomedvital.evaluation.demo_vqa import write_demo_vqa  # noqa: E402
 from biomedvital.evaluation.vqa_eval import VQADataModule, VQAEvaluator, collate_vqa  # noqa: E402
+from biomedvital.tuning.registry import PREFIXES  # noqa: E402
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--model", default="tiny:tiny-llava")
+    ap.add_argument("--model", default="tiny:tiny-llava", type=model_name(PREFIXES))
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--repeat", type=int, default=4)
     ap.add_argument("--max_new_tokens", type=int, default=32)

@@ -18,12 +18,13 @@ from pathlib import Path
 import lightning as L
 import torch
 import torch.nn.functional as F
-from _common import REPO, replicate_pool, save, timer
+from _common import REPO, model_name, replicate_pool, save, timer
 
 from biomedvital.data.images import ImageRoot
 from biomedvital.data.pool import DemoPool, FilePool
 from biomedvital.data.records import Candidate, read_figures
 from biomedvital.selection import ScoreWriter, SelectorDataModule, SelectorModule
+from biomedvital.selection.backbones import PREFIXES
 from biomedvital.selection.text import candidate_text
 
 
@@ -53,7 +54,9 @@ def reference_scores(model: SelectorModule, files, batch_size: int) -> dict[str,
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--backbone", default="open_clip:ViT-B-16")
+    ap.add_argument(
+        "--backbone", default="open_clip:ViT-B-16", type=model_name(PREFIXES, "backbone")
+    )
     ap.add_argument("--copies", type=int, default=2, help="demo pool replicated this many times")
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--workers", type=int, default=2)

@@ -7,9 +7,9 @@ bf16 weights and adapters (as FSDP2's bf16 ``MixedPrecisionPolicy`` computes the
 sequence length, for each option side by side:
 
 - ``peft``: peft's LoRA with dropout 0.05 (LLaVA-1.5's recipe), each adapter its own copy;
-- ``recompute``: ``LlavaTuner.lora_dropout_recompute`` (the same gradients);
+- ``recompute``: ``LlavaTuner``'s ``memory.lora_dropout_recompute`` (the same gradients);
 - ``no-dropout``: dropout 0, the floor for the adapters' share;
-- each again with ``LlavaTuner.compile`` (regional ``torch.compile``; ``--no-compile`` skips).
+- each again with ``memory.compile`` (regional ``torch.compile``; ``--no-compile`` skips).
 
 Units are ``seq × hidden`` bf16 elements (the size of the layer's input). The per-sample
 figure for the whole language model at ``--project-seq`` follows from it: layers that keep

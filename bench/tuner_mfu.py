@@ -2,7 +2,7 @@
 
 The model is built from a config (random weights, no download): LLaVA-1.5-7B or -13B shapes
 (CLIP ViT-L/14-336 tower, 2-layer MLP projector, Vicuna/Llama language model), LoRA on the
-language model as ``conf/paper/tuner.yaml`` (r 128) or full fine-tuning, every decoder and
+language model as ``conf/paper/tuner.yaml`` (``lora.r`` 128) or full fine-tuning, every decoder and
 vision layer its own FSDP2 unit as ``LlavaTuner.configure_model``, bf16 weights, synthetic
 batches (576 image tokens + text to ``--seq-len``). Reports tokens/s/GPU, MFU = 6·N·tokens/s /
 peak FLOP/s (N: all parameters; for LoRA the backward skips the frozen weights' gradients, so
@@ -197,11 +197,11 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--activation-checkpointing", action="store_true")
     parser.add_argument("--checkpoint-every", type=int, default=1,
-                        help="recompute every k-th decoder layer only (LlavaTuner.checkpoint_every)")  # fmt: skip
+                        help="recompute every k-th decoder layer only (LlavaTuner memory.checkpoint_every)")  # fmt: skip
     parser.add_argument("--lora-dropout-recompute", action="store_true",
-                        help="LlavaTuner.lora_dropout_recompute: no dropped input copies kept")  # fmt: skip
+                        help="LlavaTuner memory.lora_dropout_recompute: no dropped input copies kept")  # fmt: skip
     parser.add_argument("--compile", action="store_true",
-                        help="LlavaTuner.compile: regional torch.compile of every layer")  # fmt: skip
+                        help="LlavaTuner memory.compile: regional torch.compile of every layer")  # fmt: skip
     parser.add_argument("--loss", choices=["supervised", "hf"], default="supervised",
                         help="logits at supervised positions only (LlavaTuner) or Hugging "
                         "Face's loss over every position (the figures measured before it)")  # fmt: skip

@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # A prepared MFU sweep for a short loan of one GPU (about 10 minutes of runs): the measured best
 # (13B LoRA, batch 3, every other layer recomputed) as the baseline, then the memory-lean options
-# (LlavaTuner.lora_dropout_recompute, .compile) spending their memory on larger batches or no
-# recompute. Each run is capped, so one that hangs or runs out of memory costs its cap only;
-# results go to $OUT (or bench/results) as JSON lines, failures with their last lines.
+# (LlavaTuner's memory.lora_dropout_recompute, memory.compile) spending their memory on larger
+# batches or no recompute. Each run is capped, so one that hangs or runs out of memory costs its
+# cap only; results go to $OUT (or bench/results) as JSON lines, failures with their last lines.
 #   bash bench/tuner_mfu_sweep.sh h100        # or h200, a100
 #   RUNS="1 3" CAP=150 bash bench/tuner_mfu_sweep.sh h100   # some runs only, 150 s each at most
 # Run 0 measures what bf16 GEMMs of the 13B layer shapes reach on the card (bench/gemm_peak.py,

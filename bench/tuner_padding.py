@@ -32,12 +32,15 @@ def measure(group_by: str, epochs: int, split: str = "fixed") -> dict:
     import lightning as L
     import torch
 
-    from biomedvital.tuning import LlavaTuner, TunerDataModule
+    from biomedvital.tuning import LlavaTuner, LoraArgs, OptimArgs, TunerDataModule
 
     L.seed_everything(0, verbose=False)
     torch.set_num_threads(2)
     model = LlavaTuner(
-        "tiny:tiny-llava", lora_r=16, lora_alpha=32, lr=1e-3, projector_lr=1e-4, init_seed=0
+        "tiny:tiny-llava",
+        lora=LoraArgs(r=16, alpha=32),
+        optim=OptimArgs(lr=1e-3, projector_lr=1e-4),
+        init_seed=0,
     )
     dm = TunerDataModule(
         str(DATA), str(IMAGES), max_length=1024, batch_size=4, group_by=group_by, num_workers=1,

@@ -16,10 +16,11 @@ import tempfile
 from pathlib import Path
 
 import lightning as L
-from _common import REPO, replicate_pool, save, timer
+from _common import REPO, model_name, replicate_pool, save, timer
 
 from biomedvital.data.pool import DemoPool, FilePool
 from biomedvital.selection import SelectorDataModule, SelectorModule
+from biomedvital.selection.backbones import PREFIXES
 
 GRID = (1.0, 10.0, 100.0, 200.0, 300.0, 400.0)
 
@@ -51,7 +52,9 @@ def fit_once(pool_dir: Path, cache: Path, w: float, backbone: str, epochs: int) 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--backbone", default="open_clip:ViT-B-16")
+    ap.add_argument(
+        "--backbone", default="open_clip:ViT-B-16", type=model_name(PREFIXES, "backbone")
+    )
     ap.add_argument("--copies", type=int, default=6)
     ap.add_argument("--epochs", type=int, default=6)
     args = ap.parse_args()

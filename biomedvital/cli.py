@@ -175,6 +175,66 @@ def _config_error(
     return ConfigError(f"{verb}: {source}: {first}" + (f"\n{rest}" if rest else ""))
 
 
+_SECTIONS = ("model", "data")
+_SECTION_KEYS = ("class_path", "init_args", "dict_kwargs")
+
+
+def _section_settings(argv: list[str], files: list[str]) -> dict[str, list[tuple[str, str]]]:
+    """Per ``model``/``data`` section, what sets it, in order: ``("class_path", value)`` and
+    ``(init key, where)`` pairs from the config files and the command line."""
+    import yaml
+
+    found: dict[str, list[tuple[str, str]]] = {s: [] for s in _SECTIONS}
+    for name in files:
+        with open(name, encoding="utf-8") as f:
+            cfg = yaml.safe_load(f)
+        for section in _SECTIONS:
+            body = cfg.get(section) if isinstance(cfg, dict) else None
+            if isinstance(body, str):
+                found[section].append(("class_path", body))
+            if not isinstance(body, dict):
+                continue
+            if isinstance(body.get("class_path"), str):
+                found[section].append(("class_path", body["class_path"]))
+            init = body.get("init_args") if isinstance(body.get("init_args"), dict) else {}
+            keys = [*init, *(k for k in body if k not in _SECTION_KEYS)]
+            found[section] += [(key, name) for key in keys]
+    for i, arg in enumerate(argv):
+        flag, _, value = arg.removeprefix("--").partition("=")
+        section, _, rest = flag.partition(".")
+        if not arg.startswith("--") or section not in _SECTIONS:
+            continue
+        value = value or (argv[i + 1] if i + 1 < len(argv) else "")
+        if rest in ("", "class_path"):
+            found[section].append(("class_path", value))
+        elif rest.split(".")[0] not in _SECTION_KEYS or rest.startswith("init_args."):
+            found[section].append((rest.removeprefix("init_args.").split(".")[0], ""))
+    return found
+
+
+def _refuse_moved_keys(verb: str, argv: list[str], files: list[str]) -> None:
+    """Stop at an init argument that the configured model or data class has moved: its
+    ``MOVED_ARGS`` class attribute maps the old key to its new place (``lora_r`` ->
+    ``lora.r``); one line names the new place, where the parser would list every accepted key."""
+    for section, settings in _section_settings(argv, files).items():
+        paths = [value for key, value in settings if key == "class_path" and value]
+        if not paths:
+            continue
+        try:
+            module, _, name = paths[-1].rpartition(".")
+            cls = getattr(import_module(module), name)
+        except (ImportError, AttributeError, ValueError):
+            continue  # the parser names a class path it cannot import
+        moved: dict[str, str] = getattr(cls, "MOVED_ARGS", None) or {}
+        for key, where in settings:
+            if key in moved:
+                place = where or "the command line"
+                raise ConfigError(
+                    f"{verb}: {place}: {section}.init_args.{key} moved to "
+                    f"{section}.init_args.{moved[key]}"
+                )
+
+
 def _load(spec: str) -> Callable:
     module, name = spec.split(":")
     return getattr(import_module(module), name)
@@ -337,6 +397,7 @@ def run_trainer_verb(argv: list[str]) -> None:
 
     files = _config_files(argv)
     _check_config_files(files)
+    _refuse_moved_keys(argv[0], argv[1:], files)
     saved, sys.argv = sys.argv, [sys.argv[0], *argv]
     n_locks = len(_TRAINER_LOCKS)
     no_exit = {"exit_on_error": False}

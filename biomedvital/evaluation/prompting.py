@@ -8,11 +8,11 @@ was trained with, as its export records it (``run.json``).
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 from biomedvital.data.records import IMAGE_TOKEN
+from biomedvital.tuning import models
 from biomedvital.tuning.conversation import VICUNA_V1_SYSTEM
 
 
@@ -41,15 +41,7 @@ def system_prompt(configured: str | None, trained: str | None) -> str:
 def export_record(folder: str | Path) -> dict[str, Any]:
     """``run.json`` in or above a model folder (``export/merged`` → ``export/run.json``), as
     ``ExportTuned`` writes it; ``{}`` when there is none or it cannot be read."""
-    folder = Path(folder).expanduser()
-    for candidate in (folder / "run.json", folder.parent / "run.json"):
-        if candidate.is_file():
-            try:
-                record = json.loads(candidate.read_text())
-            except (ValueError, OSError):
-                return {}
-            return record if isinstance(record, dict) else {}
-    return {}
+    return models.export_record(f"local-dir:{Path(folder).expanduser()}")
 
 
 def chat_messages(system: str, question: str, image_url: str) -> list[dict[str, Any]]:

@@ -1,4 +1,5 @@
-"""Image–text backbones for the selector, from a registry with explicit prefixes.
+"""Image–text backbones for the selector, from a registry with explicit prefixes
+(:mod:`biomedvital.data.model_names` parses them).
 
 ``hf-hub:ORG/REPO``   open_clip weights and config from the Hugging Face hub (the paper's
                        ``hf-hub:microsoft/BiomedCLIP-PubMedBERT_256-vit_base_patch16_224``).
@@ -8,8 +9,6 @@
                        weights and open_clip's bundled BPE tokenizer: for tests and the demo.
 ``open_clip:ARCH``    one of open_clip's built-in architectures (``ViT-B-16``…) with seeded
                        random weights: full-size compute without a download, for benchmarks.
-
-Behaviour is chosen by the prefix only, never by substrings of a path.
 """
 
 from __future__ import annotations
@@ -24,8 +23,7 @@ import torch
 from torch import nn
 
 from biomedvital.data.hashing import sha256_file
-
-PREFIXES = ("hf-hub:", "local-dir:", "tiny:", "open_clip:")
+from biomedvital.data.model_names import PREFIXES, ModelName, parse_model_name
 
 
 class Backbone:
@@ -164,14 +162,15 @@ def _embed_dim(model: nn.Module) -> int:
     return int(width)
 
 
-def _open_clip(name: str) -> Backbone:
+def _open_clip(parsed: ModelName) -> Backbone:
     """``hf-hub:`` / ``local-dir:``. Preprocessing comes from a weightless (meta-device) build
     and the identity from the bytes of the weight file: neither loads a tensor."""
     import open_clip
     from open_clip.factory import _find_checkpoint_in_dir
 
-    if name.startswith("local-dir:"):
-        folder = Path(name.removeprefix("local-dir:"))
+    name = str(parsed)  # open_clip reads both prefixes itself
+    if parsed.prefix == "local-dir:":
+        folder = Path(parsed.value)
         if not folder.is_dir():
             raise FileNotFoundError(f"backbone folder not found: {folder}")
 
@@ -181,7 +180,7 @@ def _open_clip(name: str) -> Backbone:
         from open_clip.pretrained import download_pretrained_from_hf
 
         def weights() -> str | None:
-            return download_pretrained_from_hf(name.removeprefix("hf-hub:"))
+            return download_pretrained_from_hf(parsed.value)
 
     skeleton, _, preprocess = open_clip.create_model_and_transforms(
         name, load_weights=False, device="meta"
@@ -204,13 +203,14 @@ def _open_clip(name: str) -> Backbone:
 
 def create_backbone(name: str, *, seed: int = 0) -> Backbone:
     """The backbone that ``name`` designates (see the module docstring for prefixes)."""
-    if name.startswith("tiny:"):
-        return _tiny(name.removeprefix("tiny:"), seed)
-    if name.startswith("open_clip:"):
-        return _random_arch(name.removeprefix("open_clip:"), seed)
-    if name.startswith(("hf-hub:", "local-dir:")):
-        return _open_clip(name)
-    raise ValueError(
-        f"backbone {name!r} has no known prefix; use one of {', '.join(PREFIXES)} "
-        "(e.g. hf-hub:microsoft/BiomedCLIP-PubMedBERT_256-vit_base_patch16_224)"
+    parsed = parse_model_name(
+        name,
+        PREFIXES,
+        what="backbone",
+        example="hf-hub:microsoft/BiomedCLIP-PubMedBERT_256-vit_base_patch16_224",
     )
+    if parsed.prefix == "tiny:":
+        return _tiny(parsed.value, seed)
+    if parsed.prefix == "open_clip:":
+        return _random_arch(parsed.value, seed)
+    return _open_clip(parsed)  # hf-hub: / local-dir:

@@ -1,203 +1,166 @@
-"""LLaVA models and their processors, from a registry with explicit prefixes.
+"""Loading a LLaVA to answer with: a registry name (:mod:`.registry`) or a tuner checkpoint.
 
-``hf:ORG/REPO``      a LLaVA checkpoint in transformers layout from the Hugging Face hub (the
-                     paper's base: ``hf:llava-hf/llava-1.5-13b-hf``).
-``local-dir:PATH``   the same files fetched beforehand (``hf download llava-hf/llava-1.5-13b-hf
-                     --local-dir /models/llava-1.5-13b``), for offline clusters.
-``tiny:NAME``        a small ``LlavaForConditionalGeneration`` (tiny CLIP tower, tiny Llama) from
-                     ``model_configs/NAME.json`` with seeded random weights, and a processor built
-                     without any download (see :func:`tiny_tokenizer`): tests and the demo.
+What the evaluation stage imports from tuning: the model, its processor and where they come
+from (the name written beside each answer, the MLflow run that trained them, the system prompt
+they were tuned with), and the prompt format it was tuned with (:func:`prompt`).
 
-Behaviour is chosen by the prefix only, never by substrings of a path.
+A ``LlavaTuner`` checkpoint holds only the trainable tensors (LoRA adapters, projector), so the
+very same ``LlavaTuner`` is rebuilt from the checkpoint's hyper-parameters (base model, LoRA
+rank, targets...; those of a checkpoint written before the arguments were grouped are moved to
+their groups), every checkpoint tensor must have a place in it and every trainable tensor must
+be present. ``base_model`` replaces the base-model name (e.g. a ``local-dir:`` copy of the
+``hf-hub:`` base on an offline cluster).
 """
 
 from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
 import torch
 
-PREFIXES = ("hf:", "local-dir:", "tiny:")
-SPECIAL_TOKENS = ("<unk>", "<s>", "</s>", "<pad>", "<image>")
-CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
-CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
+from biomedvital.data.model_names import parse_model_name
+from biomedvital.tuning.args import grouped_hparams
+from biomedvital.tuning.conversation import VICUNA_V1_SYSTEM, prompt
+from biomedvital.tuning.module import LlavaTuner
+from biomedvital.tuning.registry import (
+    PREFIXES,
+    LlavaBundle,
+    available_tiny,
+    create_llava,
+    image_token_count,
+    tiny_tokenizer,
+)
 
-# The tiny tokenizer's merges are learned from this fixed text (the template's words and common
-# words of biomedical figure conversations): deterministic, no download, short sequences.
-_TINY_CORPUS = """
-A chat between a curious human and an artificial intelligence assistant. The assistant gives
-helpful, detailed, and polite answers to the human's questions. USER: ASSISTANT:
-What does this image show? What is shown in the figure? Is anything abnormal? Describe the image.
-What type of imaging is this? Where is the lesion? What are the main findings?
-The image shows an axial CT slice of the chest, abdomen and spine. This is a magnetic resonance
-image of the brain. The fundus photograph shows the retina, optic disc, vessels and macula.
-Microaneurysms appear as small red dots. The immunohistochemistry stain shows brown nuclei in
-the tissue. Cells, nucleus, cytoplasm, membrane, fluorescence microscopy, histology, pathology.
-There is no obvious abnormality. The bones look intact. The finding is consistent with the
-caption. I cannot tell from this image. It is a cropped slice, so the diagnosis is uncertain.
-left right anterior posterior upper lower normal abnormal mass tumor lesion contrast enhanced
-"""
+__all__ = [
+    "PREFIXES",
+    "VICUNA_V1_SYSTEM",
+    "LlavaBundle",
+    "LoadedLlava",
+    "available_tiny",
+    "checkpoint_source",
+    "create_llava",
+    "exported_by",
+    "export_record",
+    "image_token_count",
+    "is_tuner_checkpoint",
+    "load_llava",
+    "load_tuner_checkpoint",
+    "prompt",
+    "tiny_tokenizer",
+    "tuner_from_checkpoint",
+]
 
 
 @dataclass
-class LlavaBundle:
-    """A model with the processor that must accompany it, and how it was obtained."""
+class LoadedLlava:
+    """A model ready to answer, and where it comes from.
 
-    name: str
-    model: Any  # LlavaForConditionalGeneration
-    processor: Any  # LlavaProcessor
-
-    @property
-    def tokenizer(self) -> Any:
-        return self.processor.tokenizer
-
-    @property
-    def image_processor(self) -> Any:
-        return self.processor.image_processor
-
-
-def image_token_count(processor: Any) -> int:
-    """Placeholders one image takes in the text, computed as ``LlavaProcessor`` does."""
-    crop = getattr(processor.image_processor, "crop_size", None) or processor.image_processor.size
-    h, w = crop["height"], crop["width"]
-    n = (h // processor.patch_size) * (w // processor.patch_size)
-    n += processor.num_additional_image_tokens
-    if processor.vision_feature_select_strategy == "default":
-        n -= 1
-    return n
-
-
-def available_tiny() -> list[str]:
-    """Names usable after ``tiny:``."""
-    folder = resources.files("biomedvital.tuning") / "model_configs"
-    return sorted(
-        p.name.removesuffix(".json") for p in folder.iterdir() if p.name.endswith(".json")
-    )
-
-
-def tiny_tokenizer(vocab_size: int) -> Any:
-    """A byte-level BPE tokenizer trained in-process on a fixed text (``_TINY_CORPUS``).
-
-    Byte-level, so any text encodes and decodes losslessly (like Llama's byte fallback); the
-    specials are Llama's (``<s>`` prepended, ``</s>`` ends a turn) plus ``<image>``. Training
-    on a fixed text is deterministic, so the same name always gives the same vocabulary.
+    ``source`` names it beside each answer; ``upstream_run`` is the MLflow run that trained it
+    and ``trained_system`` the system prompt it was tuned with, where its export records them.
     """
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-    from transformers import PreTrainedTokenizerFast
 
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=list(SPECIAL_TOKENS),
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train_from_iterator([_TINY_CORPUS] * 4, trainer)
-    bos = tok.token_to_id("<s>")
-    tok.post_processor = processors.TemplateProcessing(
-        single="<s> $A", pair="<s> $A $B", special_tokens=[("<s>", bos)]
-    )
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        bos_token="<s>",
-        eos_token="</s>",
-        unk_token="<unk>",
-        pad_token="<pad>",
-        extra_special_tokens={"image_token": "<image>"},
-        padding_side="right",
-    )
+    model: Any  # LlavaForConditionalGeneration (in its PEFT wrapper for a LoRA checkpoint)
+    processor: Any
+    source: str
+    upstream_run: str | None = None
+    trained_system: str | None = None
 
 
-def _tiny(name: str, seed: int) -> LlavaBundle:
-    from transformers import (
-        CLIPImageProcessor,
-        CLIPVisionConfig,
-        LlamaConfig,
-        LlavaConfig,
-        LlavaForConditionalGeneration,
-        LlavaProcessor,
-    )
-
-    path = resources.files("biomedvital.tuning") / "model_configs" / f"{name}.json"
-    if not path.is_file():
-        raise ValueError(f"unknown tiny model 'tiny:{name}'; available: {available_tiny()}")
-    cfg = json.loads(path.read_text())
-    tokenizer = tiny_tokenizer(cfg["tokenizer_vocab_size"])
-    vision = CLIPVisionConfig(**cfg["vision"])
-    text = LlamaConfig(
-        vocab_size=len(tokenizer),
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        **cfg["text"],
-    )
-    n_image = (vision.image_size // vision.patch_size) ** 2
-    config = LlavaConfig(
-        vision_config=vision,
-        text_config=text,
-        image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
-        projector_hidden_act=cfg["projector_hidden_act"],
-        vision_feature_layer=cfg["vision_feature_layer"],
-        vision_feature_select_strategy=cfg["vision_feature_select_strategy"],
-        image_seq_length=n_image,
-        tie_word_embeddings=False,
-    )
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = LlavaForConditionalGeneration(config)
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model.generation_config.eos_token_id = tokenizer.eos_token_id
-    size = vision.image_size
-    image_processor = CLIPImageProcessor(
-        size={"shortest_edge": size},
-        crop_size={"height": size, "width": size},
-        image_mean=CLIP_MEAN,
-        image_std=CLIP_STD,
-    )
-    processor = LlavaProcessor(
-        image_processor=image_processor,
-        tokenizer=tokenizer,
-        patch_size=vision.patch_size,
-        vision_feature_select_strategy=cfg["vision_feature_select_strategy"],
-        num_additional_image_tokens=1,  # the CLIP tower's CLS token
-    )
-    return LlavaBundle(f"tiny:{name}", model, processor)
+def export_record(model: str) -> dict[str, Any]:
+    """``run.json`` beside or above a ``local-dir:`` model's weights, as ``ExportTuned``
+    writes it; ``{}`` for other prefixes, when there is none or it cannot be read."""
+    parsed = parse_model_name(model, PREFIXES)
+    if parsed.prefix != "local-dir:":
+        return {}
+    folder = Path(parsed.value).expanduser()
+    for candidate in (folder / "run.json", folder.parent / "run.json"):
+        if candidate.is_file():
+            try:
+                record = json.loads(candidate.read_text())
+            except (ValueError, OSError):
+                return {}
+            return record if isinstance(record, dict) else {}
+    return {}
 
 
-def _pretrained(name: str, dtype: torch.dtype | None) -> LlavaBundle:
-    from transformers import AutoProcessor, LlavaForConditionalGeneration
-
-    if name.startswith("local-dir:"):
-        source = Path(name.removeprefix("local-dir:"))
-        if not source.is_dir():
-            raise FileNotFoundError(f"model folder not found: {source}")
-        kwargs: dict[str, Any] = {"local_files_only": True}
-    else:
-        source, kwargs = name.removeprefix("hf:"), {}
-    model = LlavaForConditionalGeneration.from_pretrained(source, dtype=dtype, **kwargs)
-    processor = AutoProcessor.from_pretrained(source, **kwargs)
-    if not processor.num_additional_image_tokens:
-        # llava-hf configs predate the field: a CLIP tower adds its CLS token
-        processor.num_additional_image_tokens = 1
-    return LlavaBundle(name, model, processor)
+def exported_by(model: str) -> str | None:
+    """The tuning run that exported a ``local-dir:`` model (``run.json`` beside or above the
+    merged weights, as ``ExportTuned`` writes), for the evaluation run's lineage tag."""
+    run_id = export_record(model).get("mlflow_run_id")
+    return run_id if isinstance(run_id, str) else None
 
 
-def create_llava(name: str, *, seed: int = 0, dtype: torch.dtype | None = None) -> LlavaBundle:
-    """The model and processor that ``name`` designates (see the module docstring)."""
-    if name.startswith("tiny:"):
-        bundle = _tiny(name.removeprefix("tiny:"), seed)
-        if dtype is not None:
-            bundle.model.to(dtype)  # float32 random weights, then as asked (tests of bf16 runs)
-        return bundle
-    if name.startswith(("hf:", "local-dir:")):
-        return _pretrained(name, dtype)
-    raise ValueError(
-        f"model {name!r} has no known prefix; use one of {', '.join(PREFIXES)} "
-        "(e.g. hf:llava-hf/llava-1.5-13b-hf)"
+def load_llava(name: str, *, seed: int = 0, dtype: torch.dtype | None = None) -> LoadedLlava:
+    """The registry's model ``name`` with what its export says about it."""
+    bundle = create_llava(name, seed=seed, dtype=dtype)
+    system = export_record(name).get("system_prompt")
+    return LoadedLlava(bundle.model, bundle.processor, name, exported_by(name), system)
+
+
+def is_tuner_checkpoint(checkpoint: dict[str, Any]) -> bool:
+    """A ``LlavaTuner`` checkpoint: its hyper-parameters name a model and a tuning mode."""
+    hp = checkpoint.get("hyper_parameters") or {}
+    return "model" in hp and hp.get("mode") in ("lora", "full") and "state_dict" in checkpoint
+
+
+def tuner_from_checkpoint(
+    checkpoint: dict[str, Any],
+    source: str = "checkpoint",
+    *,
+    base_model: str | None = None,
+    dtype: str | None = None,
+) -> LlavaTuner:
+    """The ``LlavaTuner`` that wrote ``checkpoint``, rebuilt without its trained tensors, after
+    checking that they fit it (every tensor has a place, every trainable one is there).
+
+    ``source`` names the checkpoint in errors; ``base_model`` and ``dtype`` replace the
+    checkpoint's base-model name and load dtype."""
+    if not is_tuner_checkpoint(checkpoint):
+        raise ValueError(
+            f"{source}: not a LlavaTuner checkpoint (no 'model'/'mode' hyper-parameters); "
+            "evaluate a Hugging Face folder with model: local-dir:PATH instead"
+        )
+    hp = grouped_hparams(checkpoint["hyper_parameters"])
+    if dtype:
+        hp["dtype"] = dtype
+    if base_model is not None:
+        hp["model"] = base_model
+    tuner = LlavaTuner(**hp)
+    state = checkpoint["state_dict"]
+    unexpected = sorted(set(state) - set(tuner.state_dict()))
+    if unexpected:
+        raise KeyError(
+            f"{source}: {len(unexpected)} tensor(s) have no place in the rebuilt "
+            f"{hp.get('model')!r} ({hp.get('mode')}) model, e.g. {unexpected[0]}"
+        )
+    missing = sorted(tuner.trainable_keys() - set(state))
+    if missing:
+        raise KeyError(f"{source}: lacks {len(missing)} trainable tensor(s), e.g. {missing[0]}")
+    return tuner
+
+
+def load_tuner_checkpoint(
+    path: str | Path, *, base_model: str | None = None, dtype: str | None = None
+) -> LoadedLlava:
+    """A tuner checkpoint file's model with its trained tensors, and the run that wrote it.
+    Read with ``weights_only`` (never runs pickled code) and memory-mapped."""
+    from biomedvital.tracking.checkpoints import load_checkpoint
+
+    checkpoint = load_checkpoint(path, mmap=True)
+    tuner = tuner_from_checkpoint(checkpoint, str(path), base_model=base_model, dtype=dtype)
+    tuner.load_state_dict(checkpoint["state_dict"], strict=False)  # keys checked above
+    return LoadedLlava(
+        tuner.model,
+        tuner.processor,
+        checkpoint_source(checkpoint, str(path), base_model),
+        checkpoint.get("mlflow_run_id"),
     )
+
+
+def checkpoint_source(checkpoint: dict[str, Any], source: str, base_model: str | None) -> str:
+    """The name written beside the answers of a checkpoint's model: base model + checkpoint."""
+    name = base_model or str(checkpoint["hyper_parameters"].get("model"))
+    return f"{name} + {source}"

@@ -5,19 +5,29 @@ from __future__ import annotations
 import copy
 import math
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal, get_args
 
 import torch
 from lightning.pytorch import LightningModule
 from torch import nn
 
+from biomedvital.tuning.args import (
+    MOVED_ARGS,
+    LoraArgs,
+    LoraScope,
+    MemoryArgs,
+    OptimArgs,
+    VisionArgs,
+    as_group,
+    group_dicts,
+)
 from biomedvital.tuning.conversation import IGNORE_INDEX, VICUNA_V1_SYSTEM, prompt
 from biomedvital.tuning.lora_memory import recompute_lora_dropout
-from biomedvital.tuning.models import create_llava
+from biomedvital.tuning.registry import create_llava
 
 Mode = Literal["lora", "full"]
-LoraScope = Literal["language_model", "all"]
 DType = Literal["float32", "bfloat16", "float16"]
+DTYPES = get_args(DType)
 
 # LLaVA-1.5's LoRA recipe adapts every linear layer of the language model (find_all_linear_names
 # leaves out the vision tower, the projector and lm_head)
@@ -38,140 +48,115 @@ class LlavaTuner(LightningModule):
     """LLaVA trained on LLaVA-format conversations, loss on the assistant's tokens only.
 
     Args:
-        model: ``hf:ID`` / ``local-dir:PATH`` / ``tiny:NAME`` (see ``models.py``). Paper base:
-            ``hf:llava-hf/llava-1.5-13b-hf``.
+        model: ``hf-hub:ID`` / ``local-dir:PATH`` / ``tiny:NAME`` (see ``registry.py``). Paper
+            base: ``hf-hub:llava-hf/llava-1.5-13b-hf``.
         mode: ``lora`` (adapters on the language model; LLaVA-1.5's task LoRA recipe) or
             ``full`` (every language-model weight trains; LLaVA-Med stage 2).
-        lora_r: adapter rank (LLaVA-1.5: 128).
-        lora_alpha: adapter scale numerator (LLaVA-1.5: 256).
-        lora_dropout: dropout on the adapter input (LLaVA-1.5: 0.05).
-        lora_target_modules: module names to adapt (default: every Llama linear layer).
-        lora_scope: ``language_model`` (default; the vision tower is never adapted) or ``all``
-            (the tower's linear layers get adapters too, which train; its weights stay frozen).
-        train_projector: whether the vision-language projector trains (LLaVA: yes).
-        freeze_vision_tower: keep the CLIP tower frozen (LLaVA and LLaVA-Med: frozen).
-        lr: learning rate of the adapters (LoRA) or the language model (full). LoRA: 2e-4;
-            full (LLaVA-Med stage 2): 2e-5.
-        projector_lr: learning rate of the projector (LLaVA-1.5 LoRA: 2e-5); ``None`` = ``lr``.
-        weight_decay: AdamW weight decay (LLaVA: 0); biases and norm weights are exempt.
-        betas: AdamW betas.
-        warmup_ratio: share of optimizer steps with linear warmup (LLaVA: 0.03).
-        min_lr_ratio: the cosine schedule's floor as a share of each group's lr (LLaVA: 0).
-        gradient_checkpointing: recompute activations in the backward pass (less memory,
-            about a third more compute); non-reentrant, so frozen inputs need no hooks.
-        checkpoint_every: with ``gradient_checkpointing``, recompute only every k-th decoder
-            layer (1: all). Memory left over by a batch is better spent keeping activations
-            than recomputing them: k = 2 halves the recompute (``bench/tuner_mfu.py``).
-        lora_dropout_recompute: fold each adapter's input dropout into its ``lora_A`` and redraw
-            the mask in the backward (``lora_memory.py``): the same gradients without a dropped
-            copy of the input per adapted layer, a third less activation memory on a Llama
-            layer for 1-3 % more compute; memory that allows larger batches or less recompute.
-        compile: regional ``torch.compile`` of each decoder and vision-encoder layer (fuses
-            the norms, rotary, activation, dropout and adapter arithmetic that eager runs as
-            separate memory-bound kernels; the first steps compile). State-dict keys do not
-            change. On CPU the compile takes tens of seconds per distinct layer.
-        dtype: dtype the weights are loaded in (``None``: the checkpoint's for ``hf:``/
+        lora: the adapters (:class:`~.args.LoraArgs`: ``r``, ``alpha``, ``dropout``,
+            ``target_modules``, ``scope``); ignored in ``full`` mode.
+        vision: what trains on the image side (:class:`~.args.VisionArgs`:
+            ``train_projector``, ``freeze_tower``).
+        optim: AdamW and its schedule (:class:`~.args.OptimArgs`: ``lr``, ``projector_lr``,
+            ``weight_decay``, ``betas``, ``warmup_ratio``, ``min_lr_ratio``,
+            ``fp32_trainable``).
+        memory: activation memory and sharding (:class:`~.args.MemoryArgs`:
+            ``gradient_checkpointing``, ``checkpoint_every``, ``lora_dropout_recompute``,
+            ``compile``, ``fsdp_unit``).
+        dtype: dtype the weights are loaded in (``None``: the checkpoint's for ``hf-hub:``/
             ``local-dir:``, float32 for ``tiny:``). Mixed precision is the trainer's
             ``precision``; on CPU keep float32 (bf16 autocast is slow there).
         init_seed: seed of random weights (``tiny:``, adapters) and of per-step dropout.
         checkpoint_trainable_only: write only trainable tensors to Lightning checkpoints (the
-            frozen weights are rebuilt from ``model``): a LoRA checkpoint of the 13B model is
-            then hundreds of MB instead of 26 GB.
-        fsdp_unit: for FSDP2 (``ModelParallelStrategy``): shard each decoder layer and each
-            vision-encoder layer as its own unit (``layer``), or only the whole model
-            (``model``).
-        fp32_trainable: under a mixed ``precision`` (``bf16-mixed``), keep the trainable
-            parameters (projector; all of them in full mode) in float32 whatever ``dtype``
-            loads the weights (peft already does so for adapters): AdamW's updates of bf16
-            weights mostly round away (lr 2e-5 on weights of ~1e-2 is below bf16's step).
-            Autocast computes in bf16 either way; frozen weights keep ``dtype``.
+            frozen weights are rebuilt from ``model``): a LoRA checkpoint is then the size of
+            its adapters and projector, not of the whole model.
     """
+
+    MOVED_ARGS: ClassVar[dict[str, str]] = MOVED_ARGS  # flat keys of old configs: refused
 
     def __init__(
         self,
         model: str = "tiny:tiny-llava",
         mode: Mode = "lora",
-        lora_r: int = 128,
-        lora_alpha: int = 256,
-        lora_dropout: float = 0.05,
-        lora_target_modules: list[str] | None = None,
-        lora_scope: LoraScope = "language_model",
-        train_projector: bool = True,
-        freeze_vision_tower: bool = True,
-        lr: float = 2e-4,
-        projector_lr: float | None = 2e-5,
-        weight_decay: float = 0.0,
-        betas: tuple[float, float] = (0.9, 0.999),
-        warmup_ratio: float = 0.03,
-        min_lr_ratio: float = 0.0,
-        gradient_checkpointing: bool = False,
-        checkpoint_every: int = 1,
-        lora_dropout_recompute: bool = False,
-        compile: bool = False,
+        # the groups are frozen dataclasses: a default instance is never changed
+        lora: LoraArgs = LoraArgs(),  # noqa: B008
+        vision: VisionArgs = VisionArgs(),  # noqa: B008
+        optim: OptimArgs = OptimArgs(),  # noqa: B008
+        memory: MemoryArgs = MemoryArgs(),  # noqa: B008
         dtype: DType | None = None,
         init_seed: int = 0,
         checkpoint_trainable_only: bool = True,
-        fsdp_unit: Literal["layer", "model"] = "layer",
-        fp32_trainable: bool = True,
     ) -> None:
         super().__init__()
         if mode not in ("lora", "full"):
             raise ValueError(f"mode must be 'lora' or 'full', got {mode!r}")
-        if not 0.0 <= warmup_ratio < 1.0:
-            raise ValueError(f"warmup_ratio must be in [0, 1), got {warmup_ratio}")
+        if dtype is not None and dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {DTYPES} or null, got {dtype!r}")
+        # built (and checked) before the weights load; Lightning and checkpoints give dicts
+        self.lora = as_group(LoraArgs, lora)
+        self.vision = as_group(VisionArgs, vision)
+        self.optim = as_group(OptimArgs, optim)
+        self.memory = as_group(MemoryArgs, memory)
         self.save_hyperparameters()
+        self.hparams.update(group_dicts(self.arg_groups()))
         bundle = create_llava(model, seed=init_seed, dtype=getattr(torch, dtype) if dtype else None)
         self.processor = bundle.processor
         base = bundle.model
         base.config.use_cache = False
-        if checkpoint_every < 1:
-            raise ValueError(f"checkpoint_every must be >= 1, got {checkpoint_every}")
-        if gradient_checkpointing:
-            enable_checkpointing(base, checkpoint_every)
+        if self.memory.gradient_checkpointing:
+            enable_checkpointing(base, self.memory.checkpoint_every)
         base.requires_grad_(mode == "full")
         if mode == "lora":
             self.model = self._wrap_lora(base)
         else:
             self.model = base
-        if lora_dropout_recompute and mode == "lora":
+        if self.memory.lora_dropout_recompute and mode == "lora":
             recompute_lora_dropout(self.model)
         self._set_trainable()
-        if compile:
+        if self.memory.compile:
             compile_layers(base)
         if checkpoint_trainable_only:
             self.strict_loading = False  # frozen tensors are left out; checked on load
         self.bad_image_ids: set[str] = set()  # this process's, and a resumed run's before it
+
+    def arg_groups(self) -> dict[str, Any]:
+        """The argument groups by name, as built and checked."""
+        return {
+            "lora": self.lora,
+            "vision": self.vision,
+            "optim": self.optim,
+            "memory": self.memory,
+        }
 
     # -- model -----------------------------------------------------------------------------
 
     def _wrap_lora(self, base: nn.Module) -> nn.Module:
         from peft import LoraConfig, get_peft_model
 
-        hp = self.hparams
+        lora = self.lora
         config = LoraConfig(
-            r=hp.lora_r,
-            lora_alpha=hp.lora_alpha,
-            lora_dropout=hp.lora_dropout,
-            target_modules=lora_target_regex(hp.lora_target_modules or LLAMA_LINEAR, hp.lora_scope),
-            modules_to_save=[PROJECTOR] if hp.train_projector else None,
+            r=lora.r,
+            lora_alpha=lora.alpha,
+            lora_dropout=lora.dropout,
+            target_modules=lora_target_regex(lora.target_modules or LLAMA_LINEAR, lora.scope),
+            modules_to_save=[PROJECTOR] if self.vision.train_projector else None,
             bias="none",
             task_type="CAUSAL_LM",
         )
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(hp.init_seed + 1)
+            torch.manual_seed(self.hparams.init_seed + 1)
             return get_peft_model(base, config)
 
     def _set_trainable(self) -> None:
-        """Projector per ``train_projector``; the CLIP tower's own weights frozen in LoRA mode
-        or with ``freeze_vision_tower``. Adapters always train, the tower's too
-        (``lora_scope: all`` asks for them)."""
-        hp = self.hparams
+        """Projector per ``vision.train_projector``; the CLIP tower's own weights frozen in LoRA
+        mode or with ``vision.freeze_tower``. Adapters always train, the tower's too
+        (``lora.scope: all`` asks for them)."""
+        frozen_tower = self.vision.freeze_tower or self.hparams.mode == "lora"
         for name, p in self.model.named_parameters():
             if PROJECTOR in name and "original_module" not in name:
-                p.requires_grad_(hp.train_projector)
+                p.requires_grad_(self.vision.train_projector)
             elif "lora_" in name:
                 continue  # peft made them trainable
-            elif "vision_tower" in name and (hp.freeze_vision_tower or hp.mode == "lora"):
+            elif "vision_tower" in name and frozen_tower:
                 p.requires_grad_(False)
             elif "vision_tower" in name:
                 p.requires_grad_(True)
@@ -187,14 +172,10 @@ class LlavaTuner(LightningModule):
         reductions stay apart). Other strategies leave the model as is.
 
         First, under mixed precision, trainable parameters are made float32
-        (``fp32_trainable``); FSDP (v1), which flattens each wrapped layer into one tensor of
-        one dtype, is refused a model that mixes dtypes within a layer, naming the fix."""
+        (``optim.fp32_trainable``); FSDP (v1), which flattens each wrapped layer into one tensor
+        of one dtype, is refused a model that mixes dtypes within a layer, naming the fix."""
         trainer = self._trainer
-        if (
-            self.hparams.fp32_trainable
-            and trainer is not None
-            and "mixed" in str(trainer.precision)
-        ):
+        if self.optim.fp32_trainable and trainer is not None and "mixed" in str(trainer.precision):
             upcast_trainable(self.model)
         if trainer is not None:
             from lightning.pytorch.strategies import FSDPStrategy
@@ -202,13 +183,13 @@ class LlavaTuner(LightningModule):
             if isinstance(trainer.strategy, FSDPStrategy):
                 check_fsdp1_dtypes(self.llava())
         mesh = getattr(self, "device_mesh", None)
-        if mesh is None or self.hparams.fsdp_unit not in ("layer", "model"):
+        if mesh is None:
             return
         from torch.distributed.fsdp import fully_shard
 
         dp = mesh["data_parallel"]
         llava = self.llava()
-        if self.hparams.fsdp_unit == "layer":
+        if self.memory.fsdp_unit == "layer":
             for layer in llava.model.vision_tower.encoder.layers:
                 fully_shard(layer, mesh=dp)
             for name, module in self.model.named_modules():
@@ -228,7 +209,7 @@ class LlavaTuner(LightningModule):
         With ``weight_decay``, biases and norm weights are left undecayed, as LLaVA's trainer
         does (decay pulls an RMSNorm gain towards 0, i.e. scales the layer's input down): each
         group then has a ``*_no_decay`` twin with ``weight_decay`` 0."""
-        hp = self.hparams
+        hp = self.optim
         undecayed = no_decay_names(self.model) if hp.weight_decay else set()
         buckets: dict[str, list[nn.Parameter]] = {}
         for name, p in self.model.named_parameters():
@@ -414,9 +395,9 @@ class LlavaTuner(LightningModule):
         super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
     def configure_optimizers(self) -> dict[str, Any]:
-        hp = self.hparams
+        hp = self.optim
         opt = torch.optim.AdamW(
-            self.param_groups(), lr=hp.lr, weight_decay=hp.weight_decay, betas=tuple(hp.betas)
+            self.param_groups(), lr=hp.lr, weight_decay=hp.weight_decay, betas=hp.betas
         )
         total = max(int(self.total_steps()), 1)
         warmup = math.ceil(hp.warmup_ratio * total)

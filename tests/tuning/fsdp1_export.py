@@ -25,10 +25,10 @@ def _run(rank: int, out: str, port: str) -> None:
     from transformers.models.clip.modeling_clip import CLIPEncoderLayer
     from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 
-    from biomedvital.tuning import LlavaTuner
+    from biomedvital.tuning import LlavaTuner, LoraArgs
     from biomedvital.tuning.models import image_token_count
 
-    tuner = LlavaTuner("tiny:tiny-llava", lora_r=4, lora_alpha=8, lora_dropout=0.0)
+    tuner = LlavaTuner("tiny:tiny-llava", lora=LoraArgs(r=4, alpha=8, dropout=0.0))
     root = FullyShardedDataParallel(
         tuner,
         auto_wrap_policy=ModuleWrapPolicy({LlamaDecoderLayer, CLIPEncoderLayer}),

@@ -27,7 +27,7 @@ from biomedvital.tuning.conversation import (
     prompt,
     render,
 )
-from biomedvital.tuning.models import (
+from biomedvital.tuning.registry import (
     _TINY_CORPUS,
     CLIP_MEAN,
     CLIP_STD,

@@ -16,7 +16,7 @@ import torch
 from lightning.pytorch import Callback
 
 from biomedvital.tracking.checkpoints import load_checkpoint
-from biomedvital.tuning import LlavaTuner, TunerDataModule
+from biomedvital.tuning import LlavaTuner, LoraArgs, MemoryArgs, OptimArgs, TunerDataModule
 from biomedvital.tuning.consolidate import consolidate_checkpoint
 
 pytestmark = [
@@ -42,9 +42,11 @@ def _fit(
 ) -> tuple[L.Trainer, list]:
     L.seed_everything(0, verbose=False)
     model = LlavaTuner(
-        "tiny:tiny-llava", lora_r=4, lora_alpha=8, lr=1e-3, projector_lr=1e-4,
-        gradient_checkpointing=True, checkpoint_every=2,
-        compile=lean, lora_dropout_recompute=lean,
+        "tiny:tiny-llava", lora=LoraArgs(r=4, alpha=8), optim=OptimArgs(lr=1e-3, projector_lr=1e-4),
+        memory=MemoryArgs(
+            gradient_checkpointing=True, checkpoint_every=2,
+            compile=lean, lora_dropout_recompute=lean,
+        ),
     )  # fmt: skip
     data = TunerDataModule(
         str(selected), str(demo_root / "images"), max_length=192, batch_size=4, num_workers=0,

@@ -23,7 +23,7 @@ QUESTION = "What does this image show?"
 def _config(tmp: Path, data: Path, images: Path, devices: int) -> Path:
     """Tiny LoRA run, 1 epoch of 3 global batches of 4 (4 x 1 process or 2 x 2), no dropout
     (its masks depend on the batch split), a CSV log of every step."""
-    path = tuner_config(tmp, data, images, lora_dropout=0.0)
+    path = tuner_config(tmp, data, images, lora={"dropout": 0.0})
     cfg = yaml.safe_load(path.read_text())
     cfg["data"]["init_args"]["batch_size"] = 4 // devices
     cfg["trainer"].update(
@@ -204,7 +204,7 @@ def test_a_rank_whose_whole_batch_lost_its_images_still_steps(
     path.write_text(yaml.safe_dump(cfg))
     run_cli(
         "fit", "--config", path, "--config", "conf/strategy/fsdp2.yaml",
-        "--trainer.devices", "2", "--model.init_args.lora_dropout", "0.05",
+        "--trainer.devices", "2", "--model.init_args.lora.dropout", "0.05",
         timeout=300, env=cli_env(PYTHONPATH=str(Path(__file__).parent)),
     )  # fmt: skip
     manifest = json.loads((two / "out" / "export" / "data_manifest.json").read_text())

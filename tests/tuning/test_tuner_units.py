@@ -12,7 +12,14 @@ import torch
 
 from biomedvital.data.records import Turn
 from biomedvital.data.report import BadRecordError
-from biomedvital.tuning import LlavaTuner, TunerDataModule
+from biomedvital.tuning import (
+    LlavaTuner,
+    LoraArgs,
+    MemoryArgs,
+    OptimArgs,
+    TunerDataModule,
+    VisionArgs,
+)
 from biomedvital.tuning.batching import GroupedBatchSampler, min_padding_sizes
 from biomedvital.tuning.conversation import IGNORE_INDEX, VICUNA_V1_SYSTEM, encode, render
 from biomedvital.tuning.models import image_token_count
@@ -21,7 +28,9 @@ from biomedvital.tuning.module import cosine_with_warmup
 
 @pytest.fixture(scope="module")
 def tuner() -> LlavaTuner:
-    return LlavaTuner("tiny:tiny-llava", lora_r=4, lora_alpha=8, lr=2e-4, projector_lr=2e-5)
+    return LlavaTuner(
+        "tiny:tiny-llava", lora=LoraArgs(r=4, alpha=8), optim=OptimArgs(lr=2e-4, projector_lr=2e-5)
+    )
 
 
 def _turns(*pairs: tuple[str, str]) -> list[Turn]:
@@ -233,12 +242,12 @@ def test_projector_has_its_own_lr(tuner: LlavaTuner) -> None:
 
 
 def test_full_mode_trains_the_language_model_not_the_tower() -> None:
-    full = LlavaTuner("tiny:tiny-llava", mode="full", lr=2e-5, projector_lr=None)
+    full = LlavaTuner("tiny:tiny-llava", mode="full", optim=OptimArgs(lr=2e-5, projector_lr=None))
     trainable = {n for n, p in full.model.named_parameters() if p.requires_grad}
     assert any("language_model.layers.0.self_attn.q_proj" in n for n in trainable)
     assert not any("vision_tower" in n for n in trainable)
     assert {g["lr"] for g in full.param_groups()} == {2e-5}
-    unfrozen = LlavaTuner("tiny:tiny-llava", mode="full", freeze_vision_tower=False)
+    unfrozen = LlavaTuner("tiny:tiny-llava", mode="full", vision=VisionArgs(freeze_tower=False))
     assert any("vision_tower" in n for n, p in unfrozen.model.named_parameters() if p.requires_grad)
 
 
@@ -269,8 +278,8 @@ def test_gradient_checkpointing_gives_the_same_gradients(tuner: LlavaTuner) -> N
     grads = []
     for gc, every in ((False, 1), (True, 1), (True, 2)):
         m = LlavaTuner(
-            "tiny:tiny-llava", lora_r=4, lora_alpha=8, lora_dropout=0.0,
-            gradient_checkpointing=gc, checkpoint_every=every,
+            "tiny:tiny-llava", lora=LoraArgs(r=4, alpha=8, dropout=0.0),
+            memory=MemoryArgs(gradient_checkpointing=gc, checkpoint_every=every),
         )  # fmt: skip
         layers = m.model.get_base_model().model.language_model.layers
         assert [bool(layer.gradient_checkpointing) for layer in layers] == [
@@ -283,7 +292,9 @@ def test_gradient_checkpointing_gives_the_same_gradients(tuner: LlavaTuner) -> N
         for n, g in grads[0].items():
             torch.testing.assert_close(other[n], g, msg=n)
     with pytest.raises(ValueError, match="checkpoint_every"):
-        LlavaTuner("tiny:tiny-llava", gradient_checkpointing=True, checkpoint_every=0)
+        LlavaTuner(
+            "tiny:tiny-llava", memory=MemoryArgs(gradient_checkpointing=True, checkpoint_every=0)
+        )
 
 
 def _padding(lengths: list[int], batches: list[list[int]]) -> int:
@@ -343,7 +354,7 @@ def test_sampler_min_padding_split() -> None:
 
 
 def test_lineage_of_tuning_data_and_export(tmp_path: Path) -> None:
-    from biomedvital.evaluation.vqa_eval import exported_by
+    from biomedvital.tuning.models import exported_by
 
     data = tmp_path / "selected" / "selected.json"
     data.parent.mkdir()
@@ -417,9 +428,9 @@ def test_lora_dropout_recompute_gives_peft_gradients_and_keeps_keys(tuner: Llava
     from biomedvital.tuning.lora_memory import RecomputedDropoutLinear
 
     batch = _one_batch(tuner)
-    kw = {"lora_r": 4, "lora_alpha": 8, "lora_dropout": 0.3}
+    kw = {"lora": LoraArgs(r=4, alpha=8, dropout=0.3)}
     plain = LlavaTuner("tiny:tiny-llava", **kw)
-    folded = LlavaTuner("tiny:tiny-llava", lora_dropout_recompute=True, **kw)
+    folded = LlavaTuner("tiny:tiny-llava", memory=MemoryArgs(lora_dropout_recompute=True), **kw)
     a_mods = [m for n, m in folded.named_modules() if n.endswith("lora_A.default")]
     assert a_mods and all(type(m) is RecomputedDropoutLinear for m in a_mods)
     assert all(m.input_dropout == 0.3 for m in a_mods)
@@ -427,10 +438,12 @@ def test_lora_dropout_recompute_gives_peft_gradients_and_keeps_keys(tuner: Llava
     ref, got = _grads(plain, batch), _grads(folded, batch)
     torch.testing.assert_close(got["loss"], ref["loss"], rtol=0, atol=0)
     nested = LlavaTuner(  # its checkpoint inside each layer's
-        "tiny:tiny-llava", lora_dropout_recompute=True, gradient_checkpointing=True, **kw
+        "tiny:tiny-llava",
+        memory=MemoryArgs(lora_dropout_recompute=True, gradient_checkpointing=True),
+        **kw,
     )
     in_checkpointed_layers = _grads(nested, batch)
-    without = _grads(LlavaTuner("tiny:tiny-llava", lora_r=4, lora_alpha=8, lora_dropout=0.0), batch)
+    without = _grads(LlavaTuner("tiny:tiny-llava", lora=LoraArgs(r=4, alpha=8, dropout=0.0)), batch)
     assert not torch.equal(without["loss"], ref["loss"])  # dropout is active in both paths
     lora_a = [n for n in ref if "lora_A" in n]
     assert lora_a and all(ref[n].abs().sum() > 0 for n in lora_a)
@@ -458,9 +471,9 @@ def test_regional_compile_matches_eager(tuner: LlavaTuner) -> None:
     from biomedvital.tuning.module import compile_layers
 
     batch = _one_batch(tuner)
-    kw = {"lora_r": 4, "lora_alpha": 8, "lora_dropout": 0.0}
+    kw = {"lora": LoraArgs(r=4, alpha=8, dropout=0.0)}
     eager = LlavaTuner("tiny:tiny-llava", **kw)
-    compiled = LlavaTuner("tiny:tiny-llava", compile=True, **kw)
+    compiled = LlavaTuner("tiny:tiny-llava", memory=MemoryArgs(compile=True), **kw)
     layers = compiled.llava().model.language_model.layers
     assert all(layer._compiled_call_impl is not None for layer in layers)
     assert compiled.state_dict().keys() == eager.state_dict().keys()
@@ -471,10 +484,13 @@ def test_regional_compile_matches_eager(tuner: LlavaTuner) -> None:
         compiled.llava().model.vision_tower.encoder.layers
     )
     # with dropout: inductor draws its own masks (not eager's), the same for both adapter paths
-    kw["lora_dropout"] = 0.3
-    peft_path = _grads(LlavaTuner("tiny:tiny-llava", compile=True, **kw), batch)
+    kw["lora"] = LoraArgs(r=4, alpha=8, dropout=0.3)
+    peft_path = _grads(LlavaTuner("tiny:tiny-llava", memory=MemoryArgs(compile=True), **kw), batch)
     folded = _grads(
-        LlavaTuner("tiny:tiny-llava", compile=True, lora_dropout_recompute=True, **kw), batch
+        LlavaTuner(
+            "tiny:tiny-llava", memory=MemoryArgs(compile=True, lora_dropout_recompute=True), **kw
+        ),
+        batch,
     )
     assert not torch.equal(peft_path["loss"], ref["loss"])
     for n, g in peft_path.items():
@@ -488,7 +504,7 @@ def test_supervised_loss_is_hugging_face_loss_without_unsupervised_logits(
     batch = {k: torch.cat([v, v]) for k, v in one.items()}
     batch["labels"][1, -6:] = -100  # rows with different supervised spans
     batch["attention_mask"][1, -3:] = 0
-    model = LlavaTuner("tiny:tiny-llava", lora_r=4, lora_alpha=8, lora_dropout=0.0)
+    model = LlavaTuner("tiny:tiny-llava", lora=LoraArgs(r=4, alpha=8, dropout=0.0))
     model.train()
     torch.manual_seed(0)
     ref = model(batch)
@@ -559,7 +575,7 @@ def test_trainable_weights_are_float32_under_mixed_precision(mode: str) -> None:
     become float32, so small AdamW updates are not rounded away; frozen ones stay bf16."""
     from types import SimpleNamespace
 
-    tuner = LlavaTuner("tiny:tiny-llava", mode=mode, lora_r=4, lora_alpha=8, dtype="bfloat16")
+    tuner = LlavaTuner("tiny:tiny-llava", mode=mode, lora=LoraArgs(r=4, alpha=8), dtype="bfloat16")
     projector = [p for n, p in tuner.named_parameters() if p.requires_grad and "projector" in n]
     assert projector and all(p.dtype == torch.bfloat16 for p in projector)  # as loaded
     tuner._trainer = SimpleNamespace(precision="bf16-mixed", strategy=None)  # type: ignore[assignment]
@@ -585,11 +601,11 @@ def test_fsdp_v1_refuses_mixed_dtypes_in_a_unit() -> None:
     float32 adapters are refused before wrapping, naming the two ways out."""
     from biomedvital.tuning.module import check_fsdp1_dtypes, upcast_trainable
 
-    tuner = LlavaTuner("tiny:tiny-llava", lora_r=4, lora_alpha=8, dtype="bfloat16")
+    tuner = LlavaTuner("tiny:tiny-llava", lora=LoraArgs(r=4, alpha=8), dtype="bfloat16")
     upcast_trainable(tuner.model)
     with pytest.raises(ValueError, match=r"FSDP \(v1\).*bfloat16 and float32.*fsdp2"):
         check_fsdp1_dtypes(tuner.llava())
-    check_fsdp1_dtypes(LlavaTuner("tiny:tiny-llava", lora_r=4, lora_alpha=8).llava())
+    check_fsdp1_dtypes(LlavaTuner("tiny:tiny-llava", lora=LoraArgs(r=4, alpha=8)).llava())
 
 
 def test_collate_keeps_a_placeholder_when_every_image_failed() -> None:
@@ -637,7 +653,7 @@ def test_accumulated_micro_batches_weight_tokens_as_one_batch(
     accumulate_grad_batches); the data module's plan counts exactly the loader's tokens."""
     from types import SimpleNamespace
 
-    tuner = LlavaTuner("tiny:tiny-llava", lora_r=4, lora_alpha=8, lora_dropout=0.0)
+    tuner = LlavaTuner("tiny:tiny-llava", lora=LoraArgs(r=4, alpha=8, dropout=0.0))
     dm = TunerDataModule(str(selected), str(demo_root / "images"), max_length=192, batch_size=2)
     dm.processor = tuner.processor
     dm.setup("fit")
@@ -698,7 +714,7 @@ def test_fsdp1_clips_by_norm_through_the_root_unit(tmp_path: Path) -> None:
         "gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1
     )
     try:
-        tuner = LlavaTuner("tiny:tiny-llava", lora_r=4, lora_alpha=8, lora_dropout=0.0)
+        tuner = LlavaTuner("tiny:tiny-llava", lora=LoraArgs(r=4, alpha=8, dropout=0.0))
         batch = _one_batch(tuner)
         root = FullyShardedDataParallel(tuner, use_orig_params=True, device_id=torch.device("cpu"))
         trainer = Trainer(accelerator="cpu", devices=1, gradient_clip_val=0.01, logger=False)
@@ -723,12 +739,14 @@ def test_fsdp1_clips_by_norm_through_the_root_unit(tmp_path: Path) -> None:
 def test_weight_decay_spares_biases_and_norms(mode: str) -> None:
     """As LLaVA's trainer: AdamW decays the weight matrices (adapters included) but not the
     biases and norm gains; every trainable parameter is in exactly one group."""
-    tuner = LlavaTuner("tiny:tiny-llava", mode=mode, lora_r=4, lora_alpha=8, weight_decay=0.5)
+    tuner = LlavaTuner(
+        "tiny:tiny-llava", mode=mode, lora=LoraArgs(r=4, alpha=8), optim=OptimArgs(weight_decay=0.5)
+    )
     groups = tuner.param_groups()
     ids = [id(p) for g in groups for p in g["params"]]
     named = {n: p for n, p in tuner.model.named_parameters() if p.requires_grad}
     assert sorted(ids) == sorted(id(p) for p in named.values())
-    opt = torch.optim.AdamW(groups, lr=0.1, weight_decay=tuner.hparams.weight_decay)
+    opt = torch.optim.AdamW(groups, lr=0.1, weight_decay=tuner.optim.weight_decay)
     with torch.no_grad():  # lora_B and biases start at 0, which no decay would move
         for p in named.values():
             if not p.any():
@@ -747,7 +765,7 @@ def test_weight_decay_spares_biases_and_norms(mode: str) -> None:
 def test_lora_scope_all_trains_the_towers_adapters() -> None:
     """``lora_scope: all`` adapts the CLIP tower too: its adapters must train (frozen ones
     would cost compute and export as no-ops) while the tower's own weights stay frozen."""
-    tuner = LlavaTuner("tiny:tiny-llava", lora_r=4, lora_alpha=8, lora_scope="all")
+    tuner = LlavaTuner("tiny:tiny-llava", lora=LoraArgs(r=4, alpha=8, scope="all"))
     tower = {n: p for n, p in tuner.model.named_parameters() if "vision_tower" in n}
     adapters = {n for n in tower if "lora_" in n}
     assert adapters
