@@ -46,8 +46,9 @@ import torch
 from lightning.pytorch import LightningDataModule, LightningModule
 from torch.utils.data import DataLoader, Dataset
 
+from biomedvital.data.hashing import sha256_file
 from biomedvital.data.images import ImageRoot, UnsafePathError
-from biomedvital.data.jsonio import sha256_file, write_json, write_jsonl
+from biomedvital.data.jsonio import write_json, write_jsonl
 from biomedvital.data.report import BadRecordError
 
 from . import prompting
