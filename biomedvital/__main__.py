@@ -10,13 +10,13 @@ import sys
 from biomedvital.cli import main
 
 USER_ERRORS = {
-    "biomedvital.cli": ("ConfigError",),
+    "biomedvital.config_keys": ("ConfigError",),
     "biomedvital.data.report": ("BadRecordError",),
     "biomedvital.data.images": ("UnsafePathError", "ImageLoadError"),
     "biomedvital.data.outputs": ("OutputFolderBusy",),
     "biomedvital.llm.config": ("ClientConfigError",),
     "biomedvital.llm.errors": ("ApiAccessError",),
-    "biomedvital.llm.local_server": ("LocalServerError",),
+    "biomedvital.llm.server_common": ("LocalServerError",),
     "biomedvital.llm.served": ("EndpointError",),
     "biomedvital.grid": ("GridError",),
     "biomedvital.tracking.checkpoints": ("UnsafeCheckpointError",),

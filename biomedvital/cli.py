@@ -10,6 +10,8 @@ from importlib import import_module
 from pathlib import Path
 from typing import Any
 
+from biomedvital.config_keys import ConfigError
+
 TRAINER_VERBS = {
     "fit": "train a model (selector or tuner) from a config",
     "validate": "run the validation loop of a model",
@@ -58,7 +60,7 @@ PIPELINE_VERBS = {
     "demo-vqa": ("biomedvital.evaluation.demo_vqa:demo_vqa", "write the demo VQA set"),
     "demo": ("biomedvital.data.demo:demo", "write the embedded demo pool to a folder"),
     "fetch-figures": (
-        "biomedvital.data.fetch:fetch_figures",
+        "biomedvital.figures.fetch:fetch_figures",
         "download the PMC figures of a LLaVA-Med URL list (one image out of each package)",
     ),
     "annotate": (
@@ -76,10 +78,6 @@ CONFIG_VERBS = {
     ),
 }
 """Verbs that read the benchmark configs of ``test`` with a parser of their own."""
-
-
-class ConfigError(ValueError):
-    """A config file or option a verb cannot accept, named with its file and key."""
 
 
 def _config_files(argv: list[str]) -> list[str]:

@@ -17,6 +17,12 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
+
+class ConfigError(ValueError):
+    """A config file or option a verb cannot accept, named with its file and key (here, not in
+    ``cli``, so that a stage can raise it without importing the CLI)."""
+
+
 _OPTION = re.compile(
     r"Option '([^']+)' is not accepted"
     r"|Subcommand '[^']+' does not accept option '([^']+)'"

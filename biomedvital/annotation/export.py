@@ -27,7 +27,8 @@ from typing import Any
 from biomedvital.annotation.agreement import agreement
 from biomedvital.annotation.items import AnnotationItem, read_items
 from biomedvital.annotation.journal import Judgment, read_journal
-from biomedvital.data.jsonio import PathLike, sha256_file, write_json, write_jsonl
+from biomedvital.data.hashing import sha256_file
+from biomedvital.data.jsonio import PathLike, write_json, write_jsonl
 from biomedvital.data.records import AnswerMarks, MarkedAnswer, Preference
 
 JOURNAL_GLOB = "journal.*.jsonl"

@@ -19,7 +19,6 @@ from typing import IO, Any, TypeVar, overload
 
 from pydantic import BaseModel, ValidationError
 
-from .hashing import sha256_file as sha256_file  # its home is .hashing; re-exported for callers
 from .report import BadRecordError, OnBad, PositionKind, RecordReport
 
 PathLike = str | os.PathLike[str]
@@ -287,6 +286,15 @@ def iter_objects(
     if fmt == "jsonl":
         return ((n, "line", obj) for n, obj in _iter_jsonl_objects(path, on_bad, report))
     return ((i, "record", obj) for i, obj in iter_array(path))
+
+
+def iter_files(
+    paths: Sequence[Path], on_bad: OnBad, report: RecordReport
+) -> Iterator[tuple[Path, int, str, Any]]:
+    """``(file, position, kind, record)`` of each record of several files, in turn."""
+    for path in paths:
+        for pos, kind, obj in iter_objects(path, on_bad=on_bad, report=report):
+            yield path, pos, kind, obj
 
 
 _ARRAY_CHUNK = 1 << 20

@@ -37,9 +37,10 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
-from biomedvital.cli import ConfigError
+from biomedvital.config_keys import ConfigError
+from biomedvital.data.hashing import sha256_file
 from biomedvital.data.images import ImageRoot, UnsafePathError
-from biomedvital.data.jsonio import sha256_file, write_json, write_jsonl
+from biomedvital.data.jsonio import write_json, write_jsonl
 from biomedvital.data.outputs import output_lock
 from biomedvital.data.report import BadRecordError
 from biomedvital.llm.config import ClientConfig, ClientConfigError

@@ -19,7 +19,8 @@ from typing import Any, Protocol, runtime_checkable
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
-from biomedvital.data.jsonio import sha256_file, write_json, write_jsonl
+from biomedvital.data.hashing import sha256_file
+from biomedvital.data.jsonio import write_json, write_jsonl
 
 from .answer_journal import AnswerJournal
 from .benchmarks import VQAItem

@@ -30,7 +30,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from biomedvital.data.jsonio import iter_objects, load_json, sha256_file, write_json
+from biomedvital.data.hashing import sha256_file
+from biomedvital.data.jsonio import iter_objects, load_json, write_json
 from biomedvital.data.outputs import locks_output
 from biomedvital.data.report import BadRecordError, PositionKind
 

@@ -13,7 +13,8 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from biomedvital.data.jsonio import iter_objects, sha256_file, write_json
+from biomedvital.data.hashing import sha256_file
+from biomedvital.data.jsonio import iter_objects, write_json
 from biomedvital.data.outputs import locks_output
 from biomedvital.data.report import BadRecordError
 

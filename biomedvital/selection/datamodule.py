@@ -16,8 +16,9 @@ import numpy as np
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader
 
+from biomedvital.data.hashing import sha256_file
 from biomedvital.data.images import ImageRoot
-from biomedvital.data.jsonio import check_unique, sha256_file
+from biomedvital.data.jsonio import check_unique
 from biomedvital.data.loaders import trained_batches
 from biomedvital.data.pool import DemoPool, FilePool, PoolFiles
 from biomedvital.data.records import read_figures

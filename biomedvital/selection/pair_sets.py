@@ -10,15 +10,14 @@ come back in a :class:`PairSets`. The sampling rules themselves are in
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
 from biomedvital.data.images import ImageRoot, UnsafePathError
-from biomedvital.data.jsonio import check_unique, handle_bad, iter_objects, parse_record
+from biomedvital.data.jsonio import check_unique, handle_bad, iter_files, iter_objects, parse_record
 from biomedvital.data.pool import PoolFiles
 from biomedvital.data.records import Candidate, Preference, read_preferences, read_ratings
 from biomedvital.data.report import BadRecordError, OnBad, RecordReport
@@ -221,7 +220,7 @@ def _join_candidates(
     seen: set[str] = set()
     rep = _report(records, "candidates")
     unrated = 0
-    for cfile, pos, kind, obj in _iter_files(candidate_files, on_bad, rep):
+    for cfile, pos, kind, obj in iter_files(candidate_files, on_bad, rep):
         try:
             cand = parse_record(obj, Candidate, cfile, pos, kind)
             if cand.id in seen:
@@ -351,15 +350,6 @@ def _clinician_prefs(
         by_image = clinician_split == "image"
         groups.append(str(image) if by_image else preference_record(p.id))
     return kept, groups
-
-
-def _iter_files(
-    paths: Sequence[Path], on_bad: OnBad, report: RecordReport
-) -> Iterator[tuple[Path, int, str, Any]]:
-    """``(file, position, kind, record)`` of each record of several files, in turn."""
-    for path in paths:
-        for pos, kind, obj in iter_objects(path, on_bad=on_bad, report=report):
-            yield path, pos, kind, obj
 
 
 def _preference_positions(path: Path) -> dict[str, tuple[int, str]]:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterator
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
@@ -13,12 +12,13 @@ from typing import IO, Any, Literal
 import numpy as np
 from tqdm import tqdm
 
+from biomedvital.data.hashing import sha256_file
 from biomedvital.data.jsonio import (
     atomic_write,
     handle_bad,
+    iter_files,
     iter_objects,
     parse_record,
-    sha256_file,
     write_json,
 )
 from biomedvital.data.outputs import locks_output
@@ -83,15 +83,6 @@ def top_count(scored: int, top_percent: float) -> int:
     """
     share = Fraction(str(top_percent)) * scored / 100
     return math.ceil(share)
-
-
-def _iter_files(
-    paths: list[Path], on_bad: str, report: RecordReport
-) -> Iterator[tuple[Path, int, str, object]]:
-    """``(file, position, kind, record)`` of each record of several files, in turn."""
-    for path in paths:
-        for pos, kind, obj in iter_objects(path, on_bad=on_bad, report=report):
-            yield path, pos, kind, obj
 
 
 @dataclass(frozen=True)
@@ -214,7 +205,7 @@ def _rank(
     order_scores, order_keys = [], []
     seen: set[str] = set()
     matched = 0  # scores whose id names a candidate; the rest are orphans, counted
-    for path, pos, kind, obj in _iter_files(files, on_bad_record, report):
+    for path, pos, kind, obj in iter_files(files, on_bad_record, report):
         score, key = np.nan, np.nan
         try:
             cid = parse_record(obj, Candidate, path, pos, kind).id
@@ -267,7 +258,7 @@ def _write_kept(f: IO[str], files: list[Path], keep: np.ndarray, on_bad_record: 
     """Pass 2: stream the kept candidates out as one JSON array; how many were written."""
     written = 0
     f.write("[\n")
-    items = _iter_files(files, on_bad_record, RecordReport())
+    items = iter_files(files, on_bad_record, RecordReport())
     for i, (path, pos, kind, obj) in enumerate(
         tqdm(items, total=len(keep), desc="select", unit="cand")
     ):

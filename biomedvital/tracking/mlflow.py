@@ -121,11 +121,3 @@ class PipelineRun:
 
     def log_dict(self, obj: dict, artifact_file: str) -> None:
         self.client.log_dict(self.run_id, obj, artifact_file)
-
-
-def __getattr__(name: str):  # ``biomedvital.tracking.mlflow.MLflowLogger``, imported on use
-    if name == "MLflowLogger":
-        from biomedvital.tracking.logger import MLflowLogger
-
-        return MLflowLogger
-    raise AttributeError(name)

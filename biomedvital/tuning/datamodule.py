@@ -12,8 +12,9 @@ from lightning.pytorch import LightningDataModule
 from pydantic import ValidationError
 from torch.utils.data import DataLoader
 
+from biomedvital.data.hashing import sha256_file
 from biomedvital.data.images import ImageRoot, UnsafePathError
-from biomedvital.data.jsonio import bad_from_validation, handle_bad, iter_objects, sha256_file
+from biomedvital.data.jsonio import bad_from_validation, handle_bad, iter_objects
 from biomedvital.data.loaders import trained_batches
 from biomedvital.data.records import Turn
 from biomedvital.data.report import BadRecordError, RecordReport

@@ -10,12 +10,12 @@ from pathlib import Path
 
 import pytest
 
+from biomedvital.data.hashing import sha256_file
 from biomedvital.data.jsonio import (
     atomic_write,
     check_unique,
     iter_jsonl,
     read_records,
-    sha256_file,
     write_json,
     write_jsonl,
 )

@@ -35,12 +35,12 @@ from typing import Any, Literal
 from PIL import Image
 from tqdm import tqdm
 
+from biomedvital.data.hashing import sha256_file
 from biomedvital.data.jsonio import (
     atomic_write,
     handle_bad,
     iter_objects,
     load_json,
-    sha256_file,
     write_json,
     write_jsonl,
 )

@@ -18,8 +18,8 @@ import pytest
 from PIL import Image
 
 from biomedvital.cli import main
-from biomedvital.data.fetch import FAILED, MANIFEST, fetch_figures
 from biomedvital.data.report import BadRecordError
+from biomedvital.figures.fetch import FAILED, MANIFEST, fetch_figures
 
 SHARED = Path(__file__).resolve().parents[2].parent / "shared" / "data"
 
@@ -213,9 +213,9 @@ def test_cli_verb(server: _Server, tmp_path: Path) -> None:
 @pytest.mark.skipif(not SHARED.is_dir(), reason="../shared/data is not present")
 def test_llava_med_eval_list_parses() -> None:
     """LLaVA-Med's real list: 50 figures, names as LLaVA-Med-Bench's questions use them."""
-    from biomedvital.data.fetch import read_sources
     from biomedvital.data.report import RecordReport
     from biomedvital.evaluation.benchmarks import load_llava_med_bench
+    from biomedvital.figures.fetch import read_sources
 
     sources = read_sources(
         SHARED / "llava-med" / "llava_med_image_urls_eval.jsonl", "raise", RecordReport()
