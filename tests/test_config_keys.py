@@ -74,7 +74,7 @@ def test_trainer_verb_misspelt_flag_names_the_command_line() -> None:
 @pytest.mark.parametrize(
     ("path", "typo", "shown", "owner", "nearest"),
     [
-        (["temperature"], "temprature", "temprature", "rate", "temperature"),
+        (["vision"], "vison", "vison", "rate", "vision"),
         (
             ["client", "concurrency"],
             "concurency",
@@ -103,10 +103,10 @@ def test_pipeline_verb_misspelt_flag_names_the_command_line() -> None:
 
 
 def test_no_close_key_lists_the_options(tmp_path: Path) -> None:
-    config = _misspelt(tmp_path, "demo/rate.yaml", ["seed"], "zzzzzz")
+    config = _misspelt(tmp_path, "demo/rate.yaml", ["vision"], "zzzzzz")
     msg = _error("rate", "--config", str(config))
     assert msg.startswith(f"{config}: zzzzzz is not an option of rate; its options: ")
-    assert "temperature" in msg and "\n" not in msg
+    assert "sampling" in msg and "\n" not in msg
 
 
 def test_other_parser_errors_are_not_taken_for_unknown_keys() -> None:
