@@ -74,7 +74,7 @@ def find_unknown_key(text: str) -> UnknownKey | None:
         elif m := _KEY.search(above):
             ancestors.append(("key", m.group(1)))
     path: list[str] = []
-    owner_class = None
+    owner_class: str | None = None
     for kind, value in reversed(ancestors):
         if kind == "key":
             path += value.split(".")
@@ -85,7 +85,7 @@ def find_unknown_key(text: str) -> UnknownKey | None:
     if group_m:
         group = ".".join([*path, group_m.group(1)]) if path else group_m.group(1)
         path += group_m.group(1).split(".")
-        return UnknownKey(tuple(path), group_m.group(2), owner_class, group)
+        return UnknownKey(tuple(path), group_m.group(2), None, group)
     assert option_m is not None
     named = next(g for g in option_m.groups() if g is not None)
     *parents, option = named.split(".")
