@@ -15,6 +15,7 @@ from lightning.pytorch.callbacks import BasePredictionWriter
 from biomedvital.data.jsonio import write_json
 from biomedvital.data.outputs import acquire_output, release_output
 from biomedvital.data.report import BadRecordError
+from biomedvital.tracking.hooks import describe
 
 
 class ScoreWriter(BasePredictionWriter):
@@ -155,7 +156,7 @@ class ScoreWriter(BasePredictionWriter):
             },
             "checkpoint": str(trainer.ckpt_path) if trainer.ckpt_path else None,
             "mlflow_run_id": getattr(logger, "run_id", None),
-            "inputs": dm.describe()["inputs"] if hasattr(dm, "describe") else {},
+            "inputs": describe(dm).get("inputs", {}),
         }
         os.replace(self._tmp, self.output)
         self._tmp = None

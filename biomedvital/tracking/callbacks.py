@@ -9,6 +9,13 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.cli import SaveConfigCallback
 
 from biomedvital.data.jsonio import atomic_write, write_json
+from biomedvital.tracking.hooks import (
+    CountsDroppedPairs,
+    HasUpstreamRuns,
+    ReportsResume,
+    TracksRun,
+    describe,
+)
 from biomedvital.tracking.provenance import git_state
 
 
@@ -107,15 +114,15 @@ class RecordRun(SaveConfigCallback, EndOfFit):
         # the checkpoint is restored after setup: tag once the loop starts
         logger = trainer.logger
         upstream = _trained_by(trainer.ckpt_path)
-        if trainer.is_global_zero and upstream and logger is not None and hasattr(logger, "run_id"):
+        if trainer.is_global_zero and upstream and isinstance(logger, TracksRun):
             logger.experiment.set_tag(logger.run_id, "upstream_run", upstream)
 
     def _tag_data_lineage(self, trainer: Trainer) -> None:
         # the runs that wrote the data module's inputs (generated candidates, judge ratings)
         logger, dm = trainer.logger, trainer.datamodule
-        if not trainer.is_global_zero or logger is None or not hasattr(logger, "run_id"):
+        if not trainer.is_global_zero or not isinstance(logger, TracksRun):
             return
-        if hasattr(dm, "upstream_runs"):
+        if isinstance(dm, HasUpstreamRuns):
             for key, value in lineage_tags(dm.upstream_runs(), logger.experiment).items():
                 logger.experiment.set_tag(logger.run_id, key, value)
 
@@ -160,11 +167,13 @@ class RecordRun(SaveConfigCallback, EndOfFit):
             "git": git_state(),
             "mlflow_run_id": getattr(trainer.logger, "run_id", None),
             "metrics": _metrics(trainer) if metrics is None else metrics,
-            "data": dm.describe() if hasattr(dm, "describe") else {},
-            "dropped_pairs": getattr(pl_module, "dropped_pairs", 0),
+            "data": describe(dm),
+            "dropped_pairs": (
+                pl_module.dropped_pairs if isinstance(pl_module, CountsDroppedPairs) else 0
+            ),
             "best_checkpoint": getattr(trainer.checkpoint_callback, "best_model_path", None),
         }
-        resumed = getattr(pl_module, "resumed", None)
+        resumed = pl_module.resumed if isinstance(pl_module, ReportsResume) else None
         if resumed:  # what a rerun took over from a killed run (e.g. journaled answers)
             record["resumed"] = resumed
         write_json(Path(trainer.default_root_dir) / f"run.{stage}.json", record)

@@ -15,6 +15,7 @@ from lightning.pytorch import LightningModule, Trainer
 from biomedvital.data.jsonio import write_json
 from biomedvital.data.outputs import LOCK_NAME, acquire_output, release_output
 from biomedvital.tracking.callbacks import EndOfFit
+from biomedvital.tracking.hooks import describe
 from biomedvital.tracking.provenance import git_state
 from biomedvital.tuning.conversation import VICUNA_V1_SYSTEM, chat_template
 
@@ -87,7 +88,7 @@ class ExportTuned(EndOfFit):
         if config.is_file():
             shutil.copyfile(config, tmp / "config.yaml")
         dm = trainer.datamodule
-        manifest: dict[str, Any] = dm.describe() if hasattr(dm, "describe") else {}
+        manifest: dict[str, Any] = describe(dm)
         # samples kept by the data module whose image then failed to load: trained on by none
         manifest["bad_images_during_training"] = {"count": len(bad_ids), "ids": bad_ids}
         write_json(tmp / "data_manifest.json", manifest)

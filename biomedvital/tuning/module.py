@@ -11,6 +11,7 @@ import torch
 from lightning.pytorch import LightningModule
 from torch import nn
 
+from biomedvital.tracking.hooks import PlansSupervisedTokens
 from biomedvital.tuning.args import (
     MOVED_ARGS,
     LoraArgs,
@@ -290,7 +291,8 @@ class LlavaTuner(LightningModule):
         short batches more. Without a plan: each step's mean over ranks (one collective)."""
         trainer = self._trainer
         world = trainer.world_size if trainer is not None else 1
-        plan = getattr(getattr(trainer, "datamodule", None), "supervised_tokens", None)
+        dm = getattr(trainer, "datamodule", None)
+        plan = dm.supervised_tokens if isinstance(dm, PlansSupervisedTokens) else None
         if plan is not None:
             k = trainer.accumulate_grad_batches
             n_batches = trainer.num_training_batches
