@@ -81,7 +81,7 @@ NOT_METHOD = (
     "paper/*.num_workers",
     "paper/*.predict_chunk",
     "paper/*.on_bad_record",
-    "paper/tuner:model.init_args.gradient_checkpointing",  # memory, not results
+    "paper/tuner:model.init_args.memory.*",  # memory and speed, not results
     "paper/tuner:model.init_args.checkpoint_trainable_only",
     "paper/*:trainer.accelerator",  # hardware layout (the global batch has its rows)
     "paper/*:trainer.devices",
