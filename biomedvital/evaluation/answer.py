@@ -54,6 +54,7 @@ from biomedvital.tracking.provenance import git_state
 from . import prompting
 from .benchmarks import BENCHMARKS, VQAItem
 from .metrics import CLOSED_RULES, ClosedRule
+from .vqa_scores import score_answers
 
 RECORD_FILE = "run.answer.json"
 PREDICTIONS_FILE = "predictions.jsonl"
@@ -279,16 +280,6 @@ def collect(
     return out
 
 
-def score_answers(
-    closed_rule: ClosedRule, truth: list[list[str]], texts: list[str], batch_size: int
-) -> dict[str, float | int | None]:
-    """The scores ``test`` computes from the same answers: LLaVA-Med's metrics, added batch by
-    batch in the split's order (bit-identical sums), chat answers counted only."""
-    from .vqa_eval import VQAEvaluator
-
-    return VQAEvaluator(closed_rule=closed_rule).score(truth, texts, batch_size)
-
-
 # ----------------------------------------------------------------------------- the verb
 
 
@@ -366,9 +357,8 @@ def answer(
                 return {"batch_pending": True, "message": str(exc), **exc.info}
             answers = collect(plan, requests, result, journal, client)
             torn = journal.torn_lines
-    scores = score_answers(
-        prompts.closed_rule, answers.truth, [r["text"] for r in answers.rows], data.batch_size
-    )
+    texts = [r["text"] for r in answers.rows]
+    scores = score_answers(answers.truth, texts, data.batch_size, prompts.closed_rule)
     context = {
         "system_prompt": system,
         "prompts": asdict(prompts),
