@@ -300,7 +300,7 @@ def answer(
     export: Path | None = None,
     missing_image: MissingImage = "error",
     dry_run: bool = False,
-    batch_results: list[Path] | None = None,
+    batch_results: list[Path] | Path | None = None,
     tracking: Tracking | None = None,
     progress: bool = True,
     notice: list[str] | None = None,
@@ -322,7 +322,7 @@ def answer(
         missing_image: ``error`` (default: one error naming the question, nothing sent) or
             ``skip`` (the question is left out and counted; the run is ``partial``).
         dry_run: print the first request and the estimated cost; send and write nothing.
-        batch_results: results files of vLLM's offline batch runner (``client.mode: batch``
+        batch_results: results file(s) of vLLM's offline batch runner (``client.mode: batch``
             with ``client.batch_runner: file``).
         tracking: the MLflow experiment, run name and store (``None``: not logged).
         progress: show the progress bar.
@@ -331,6 +331,8 @@ def answer(
     from biomedvital.llm.batch import BatchPending
 
     prompts, decoding, out = prompts or Prompting(), decoding or Decoding(), Path(out)
+    if isinstance(batch_results, str | Path):
+        batch_results = [Path(batch_results)]
     if prompts.closed_rule not in CLOSED_RULES:
         raise ConfigError(f"closed_rule must be one of {CLOSED_RULES}, got {prompts.closed_rule!r}")
     decoding = replace(decoding, max_tokens=decoding.max_tokens or prompts.max_new_tokens)
