@@ -292,7 +292,7 @@ def answer(
     export: Path | None = None,
     missing_image: MissingImage = "error",
     dry_run: bool = False,
-    batch_results: list[Path] | None = None,
+    batch_results: list[Path] | Path | None = None,
     tracking: Tracking | None = None,
     progress: bool = True,
     notice: list[str] | None = None,
@@ -314,19 +314,17 @@ def answer(
         missing_image: ``error`` (default: one error naming the question, nothing sent) or
             ``skip`` (the question is left out and counted; the run is ``partial``).
         dry_run: print the first request and the estimated cost; send and write nothing.
-        batch_results: results files of vLLM's offline batch runner (``client.mode: batch``
+        batch_results: results file(s) of vLLM's offline batch runner (``client.mode: batch``
             with ``client.batch_runner: file``).
         tracking: the MLflow experiment, run name and store (``None``: not logged).
         progress: show the progress bar.
         notice: config keys ignored (recorded in ``run.answer.json``).
     """
     from biomedvital.llm.batch import BatchPending
-    from biomedvital.llm.journal import Journal
-    from biomedvital.llm.local_server import hosted_endpoint
-    from biomedvital.llm.runner import fill_requests
-    from biomedvital.llm.served import check_served
 
     prompts, decoding, out = prompts or Prompting(), decoding or Decoding(), Path(out)
+    if isinstance(batch_results, str | Path):
+        batch_results = [Path(batch_results)]
     if prompts.closed_rule not in CLOSED_RULES:
         raise ConfigError(f"closed_rule must be one of {CLOSED_RULES}, got {prompts.closed_rule!r}")
     decoding = replace(decoding, max_tokens=decoding.max_tokens or prompts.max_new_tokens)
@@ -340,23 +338,11 @@ def answer(
         _notice(notice)
         return dry_run_report(requests, plan, client)
     _check_out(out)
-
-    offline = client.mode == "batch" and client.batch_runner == "file"  # a file, no server
-    endpoint = hosted_endpoint(client.base_url, client.api_key_env, client.model)
-    with contextlib.nullcontext(None) if offline else endpoint as served:
-        if served is not None:
-            check_served(served.base_url, served.api_key, client.model)
-        _notice(notice)
-        with output_lock(out), Journal(out / JOURNAL_FILE) as journal:
-            try:
-                result = fill_requests(
-                    client, journal, requests, "answer", progress, len(requests), batch_results
-                )
-            except BatchPending as exc:
-                print(str(exc))
-                return {"batch_pending": True, "message": str(exc), **exc.info}
-            answers = collect(plan, requests, result, journal, client)
-            torn = journal.torn_lines
+    try:
+        answers, result, torn = ask(client, plan, requests, out, progress, batch_results, notice)
+    except BatchPending as exc:
+        print(str(exc))
+        return {"batch_pending": True, "message": str(exc), **exc.info}
     texts = [r["text"] for r in answers.rows]
     scores = score_answers(answers.truth, texts, data.batch_size, prompts.closed_rule)
     context = {
@@ -373,11 +359,52 @@ def answer(
         return _write(out, data, client, plan, answers, scores, context, tracking)
 
 
+def ask(
+    client: ClientConfig,
+    plan: Plan,
+    requests: list[ChatRequest],
+    out: Path,
+    progress: bool,
+    batch_results: list[Path] | None,
+    notice: list[str] | None,
+) -> tuple[Answers, FillResult, int]:
+    """Send what the journal lacks and collect every question's answer: a ``local-hf:`` /
+    ``local:`` server is started for this and stopped after; an endpoint that does not answer
+    or does not list the model stops the run before the output folder is touched. Returns the
+    answers, the pass's result and the torn journal lines dropped."""
+    from biomedvital.llm.journal import Journal
+    from biomedvital.llm.local_server import hosted_endpoint
+    from biomedvital.llm.runner import fill_requests
+    from biomedvital.llm.served import check_served
+
+    endpoint = (
+        contextlib.nullcontext(None)  # vLLM's offline runner: a request file, no server
+        if _offline(client)
+        else hosted_endpoint(client.base_url, client.api_key_env, client.model)
+    )
+    with endpoint as served:
+        if served is not None:
+            check_served(served.base_url, served.api_key, client.model)
+        _notice(notice)
+        with output_lock(out), Journal(out / JOURNAL_FILE) as journal:
+            result = fill_requests(
+                client, journal, requests, "answer", progress, len(requests), batch_results
+            )
+            return collect(plan, requests, result, journal, client), result, journal.torn_lines
+
+
+def _offline(client: ClientConfig) -> bool:
+    return client.mode == "batch" and client.batch_runner == "file"
+
+
 def _notice(ignored: list[str] | None) -> None:
     """One line on the config keys ignored, once the input is known to be good (so that an
     error stays the one line printed)."""
     if ignored:
-        print("answer: ignored (the server decides them): " + ", ".join(ignored), file=sys.stderr)
+        print(
+            "answer: ignored (a served model cannot take them): " + ", ".join(ignored),
+            file=sys.stderr,
+        )
 
 
 def _check_client(client: ClientConfig, dry_run: bool) -> None:
@@ -393,8 +420,7 @@ def _check_client(client: ClientConfig, dry_run: bool) -> None:
             "client.mode batch sends Batch API jobs to a remote endpoint; a local server "
             "answers online (client.mode online)"
         )
-    offline = client.mode == "batch" and client.batch_runner == "file"
-    if not (local or offline or dry_run):
+    if not (local or _offline(client) or dry_run):
         try:
             read_api_key(client.api_key_env)
         except RuntimeError as err:

@@ -17,6 +17,7 @@ from answer_helpers import (
     CONF,
     echo_api,
     file_digest,
+    main,
     predictions,
     run_answer,
     sent_parts,
@@ -391,3 +392,37 @@ def test_every_benchmark_config_parses_for_answer(config: Path) -> None:
     openai = CONF.parent / "endpoints" / "openai.yaml"
     cfg = parser.parse_args(["--config", str(config), "--config", str(openai)])
     assert (cfg.client.base_url, cfg.client.model) == ("https://api.openai.com/v1", "gpt-4o")
+
+
+def test_vllms_offline_batch_runner_file_then_its_results(
+    demo: dict[str, Path], api: FakeAPI, reference: Path, tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:  # fmt: skip
+    """``--client.batch_runner file`` writes the request file for vLLM's ``run_batch`` and
+    stops with the command; a rerun with ``--batch_results`` imports its output."""
+    from answer_helpers import echo
+
+    out = tmp_path / "out"
+    batch = ("--client.mode", "batch", "--client.batch_runner", "file")
+    argv = ["answer", "--config", str(DEMO), "--client.base_url", "http://vllm.invalid/v1",
+            "--client.model", "m", "--data.init_args.data", str(demo["questions"]),
+            "--data.init_args.image_root", str(demo["images"]), "--trainer.default_root_dir",
+            str(out), "--trainer.logger.init_args.store", str(demo["store"]), *batch]  # fmt: skip
+    main(argv)
+    assert "vllm.entrypoints.openai.run_batch" in capsys.readouterr().out
+    assert not (out / "predictions.jsonl").exists()
+    lines = [json.loads(x) for f in sorted((out / "batch").glob("*.requests.jsonl"))
+             for x in f.read_text().splitlines()]  # fmt: skip
+    assert len(lines) == 30
+    results = tmp_path / "results.jsonl"
+    results.write_text("".join(
+        json.dumps({"custom_id": line["custom_id"], "response": {"status_code": 200, "body": {
+            "choices": [{"index": 0, "finish_reason": "stop",
+                         "message": {"role": "assistant", "content": echo(line["body"])}}],
+            "usage": {"prompt_tokens": 10, "completion_tokens": 5}}}}) + "\n"
+        for line in lines
+    ))  # fmt: skip
+    main([*argv, "--batch_results", str(results)])
+    assert (out / "predictions.jsonl").read_bytes() == (
+        reference / "predictions.jsonl"
+    ).read_bytes()
