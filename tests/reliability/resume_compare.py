@@ -96,14 +96,17 @@ def config_lines(path: Path, run: Path, ignore: Iterable[str] = ()) -> list[str]
     return [x for x in text.splitlines() if not x.strip().startswith(skip)]
 
 
-def mlflow_history(run: Path) -> tuple[dict[tuple[str, int], float], dict[str, str]]:
-    """Every metric value the run folder's fit logged, by (key, step), and its params. A step
-    logged twice (by a killed run and again by its resume) must carry the same value."""
+def mlflow_history(
+    run: Path, record: str = "outputs/*/*/run.fit.json"
+) -> tuple[dict[tuple[str, int], float], dict[str, str]]:
+    """Every metric value the MLflow run named in the run folder's ``record`` logged, by
+    (key, step), and its params. A step logged twice (by a killed run and again by its
+    resume) must carry the same value."""
     from mlflow.tracking import MlflowClient
 
     from biomedvital.tracking.mlflow import tracking_uri
 
-    run_id = json.loads(next(run.glob("outputs/*/*/run.fit.json")).read_text())["mlflow_run_id"]
+    run_id = json.loads(next(run.glob(record)).read_text())["mlflow_run_id"]
     client = MlflowClient(tracking_uri(run / "mlruns"))
     info = client.get_run(run_id)
     values: dict[tuple[str, int], float] = {}
