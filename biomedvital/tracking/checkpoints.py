@@ -65,7 +65,6 @@ class Checkpoints(ModelCheckpoint):
 
     def __init__(self, *args: Any, enable_version_counter: bool = False, **kwargs: Any) -> None:
         super().__init__(*args, enable_version_counter=enable_version_counter, **kwargs)
-        self._monitored: Any = None  # the monitored metric's latest value (see _monitor_candidates)
 
     def _default_dir(self, trainer: Trainer) -> None:
         if self.dirpath is None:
@@ -103,29 +102,12 @@ class Checkpoints(ModelCheckpoint):
             "starts from scratch (pass --ckpt_path last to resume instead)"
         )
 
-    def state_dict(self) -> dict[str, Any]:
-        return {**super().state_dict(), "monitored": self._monitored}
-
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         super().load_state_dict(state_dict)
         # Lightning restores the best scores but not the latest one, which its own state holds:
         # a resumed run's checkpoints would say None where an uninterrupted run's hold a score
         if self.dirpath == state_dict.get("dirpath", self.dirpath):
             self.current_score = state_dict.get("current_score", self.current_score)
-            self._monitored = state_dict.get("monitored", self._monitored)
-
-    def _monitor_candidates(self, trainer: Trainer) -> dict[str, Any]:
-        # The logged metrics are not in checkpoints: until its first validation a resumed run
-        # lacks the monitored one, so its step checkpoints were deferred to another hook and
-        # ranked by another value than an uninterrupted run's (its last validation's). That
-        # value is kept in this callback's state and stands in until the metric is logged.
-        candidates = super()._monitor_candidates(trainer)
-        if self.monitor is not None:
-            if self.monitor in candidates:
-                self._monitored = candidates[self.monitor]
-            elif self._monitored is not None:
-                candidates[self.monitor] = self._monitored
-        return candidates
 
     def _find_last_checkpoints(self, trainer: Trainer) -> set[str]:
         # ``--ckpt_path last`` is resolved before ``setup``: the folder must be known here too

@@ -171,12 +171,12 @@ def test_inference_killed_at_a_chosen_batch_reruns_to_the_same_bytes(
     batch = inf.batches // 2
     kill_at(
         inference.runs.server,
-        inf.argv(run, model, *kill_at_arg(inf.verb, 0, batch)),
+        [inf.argv(run, model, *kill_at_arg(inf.verb, 0, batch))],
         inf.argv(run, model),
         run,
         lambda: _finished(run, inf),
         inference.runs.env,
-        point=f"{inf.verb} batch {batch}",
+        points=[f"{inf.verb} batch {batch}"],
     )
     try:
         _same_outputs(inf, ref, run)
@@ -223,12 +223,12 @@ def test_inference_rerun_with_another_worker_count_gives_the_same_bytes(
     workers = "--data.init_args.num_workers"
     kill_at(
         inference.runs.server,
-        inf.argv(run, model, workers, "4", *kill_at_arg(inf.verb, 0, batch)),
+        [inf.argv(run, model, workers, "4", *kill_at_arg(inf.verb, 0, batch))],
         inf.argv(run, model, workers, "2"),
         run,
         lambda: _finished(run, inf),
         inference.runs.env,
-        point=f"{inf.verb} batch {batch}",
+        points=[f"{inf.verb} batch {batch}"],
     )
     _same_outputs(inf, ref, run, ignore_config=("num_workers:",))
 

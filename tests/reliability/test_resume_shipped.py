@@ -20,7 +20,14 @@ from kill_harness import kill_and_resume, kill_at
 from kill_points import kill_at_arg
 from resume_compare import checkpoint_step, same_fit
 from resume_runs import Runs, tail
-from resume_setups import CI_SETUPS, DEMO_TUNER, PAPER_SELECTOR, SLOW_SETUPS, Setup
+from resume_setups import (
+    CI_SETUPS,
+    DEMO_TUNER,
+    PAPER_SELECTOR,
+    PAPER_TUNER_FSDP2,
+    SLOW_SETUPS,
+    Setup,
+)
 
 RANDOM_TRIALS = 3  # per setup, under -m slow
 
@@ -34,32 +41,37 @@ def _final_step(ref: Path, setup: Setup) -> int:
 def _kill_at(
     runs: Runs,
     setup: Setup,
-    point: tuple[int, int],
+    *points: tuple[int, int],
     first_extra: tuple[str, ...] = (),
     rerun_extra: tuple[str, ...] = (),
     label: str = "",
     ignore_config: tuple[str, ...] = (),
 ) -> Path:
-    """A run of ``setup`` killed before batch ``point`` = (epoch, batch), then resumed;
-    compared with the baseline."""
+    """A run of ``setup`` killed before batch ``point`` = (epoch, batch), resumed (with
+    ``--ckpt_path last``) and killed at the next point, if any, and so on, then resumed to the
+    end; compared with the baseline."""
     ref = runs.baseline(setup)
     final = _final_step(ref, setup)
-    epoch, batch = point
-    run = runs.new(setup, label or f"kill-{epoch}-{batch}")
+    run = runs.new(setup, label or "kill-" + "-".join(f"{e}-{b}" for e, b in points))
+    resume = ("--ckpt_path", "last")
+    killed = [
+        setup.argv(run, *(resume if i else ()), *kill_at_arg("train", e, b), *first_extra)
+        for i, (e, b) in enumerate(points)
+    ]
     trial = kill_at(
         runs.server,
-        setup.argv(run, *kill_at_arg("train", epoch, batch), *first_extra),
-        setup.argv(run, "--ckpt_path", "last", *rerun_extra),
+        killed,
+        setup.argv(run, *resume, *rerun_extra),
         run,
         lambda: runs.finished(run, setup, final),
         runs.env,
-        point=f"epoch {epoch} batch {batch}",
+        points=[f"epoch {e} batch {b}" for e, b in points],
     )
     runs.record(setup, trial)
     try:
         same_fit(ref, run, setup, ignore_config)
     except AssertionError as e:
-        raise AssertionError(f"{setup.name} killed at {point}: {e}\n{tail(run)}") from e
+        raise AssertionError(f"{setup.name} killed at {points}: {e}\n{tail(run)}") from e
     return run
 
 
@@ -150,3 +162,12 @@ def test_worker_count_may_change_between_kill_and_resume(
         label=f"workers-{killed_with}-{resumed_with}",
         ignore_config=("num_workers:",),  # the baseline's count, not the resumed run's
     )
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("setup", [PAPER_SELECTOR, PAPER_TUNER_FSDP2], ids=lambda s: s.name)
+def test_killed_twice_resumes_exactly(setup: Setup, runs: Runs) -> None:
+    """Killed at the epoch boundary, resumed, killed again mid-epoch after a step checkpoint,
+    resumed: the second resume continues that epoch (it used to start it over: Lightning had
+    not counted the first resumed epoch as started)."""
+    _kill_at(runs, setup, *setup.kills)
