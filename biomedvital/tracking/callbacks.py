@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.cli import SaveConfigCallback
 
@@ -81,6 +82,17 @@ class EndOfFit(Callback):
         self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]
     ) -> None:
         self._restored_metrics = checkpoint.get(_END_METRICS)
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        # Logged metrics are not restored by Lightning: until its first validation a resumed run
+        # had none of the last validation's, which an uninterrupted run still holds. Checkpoints
+        # monitoring one were then deferred to another hook and ranked by the next validation,
+        # and every checkpoint kept other metrics. They are put back from the checkpoint.
+        restored = getattr(self, "_restored_metrics", None)
+        if restored and trainer.ckpt_path is not None:
+            metrics = trainer.callback_metrics  # Lightning's own dict, updated as runs log
+            for key, value in restored.items():
+                metrics.setdefault(key, torch.tensor(value))
 
 
 def _metrics(trainer: Trainer) -> dict[str, float]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import pickle
 import secrets
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -46,25 +47,20 @@ def load_checkpoint(
         raise UnsafeCheckpointError(unsafe_checkpoint_message(path, e)) from e
 
 
-def _single_file(trainer: Trainer) -> bool:
-    from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
-
-    return isinstance(trainer.strategy, SingleDeviceStrategy | DDPStrategy)
-
-
 class Checkpoints(ModelCheckpoint):
     """Lightning's ``ModelCheckpoint`` whose folder defaults to ``<default_root_dir>/checkpoints``.
 
     With MLflow, Lightning would otherwise put checkpoints under a per-run id, where
     ``--ckpt_path last`` cannot find them after a restart and a grid cannot tell its cells apart.
-    Single-file checkpoints are written to a temporary file beside the target and renamed onto
-    it (Lightning's own transaction stages them in the system temp folder, which is a copy, not
-    a rename, when that is another file system): a killed run leaves the previous checkpoint
-    whole. Every argument is ``ModelCheckpoint``'s; ``enable_version_counter`` defaults to
-    ``False`` here: the folder belongs to one run at a time (a lock; an earlier run's files are
-    set aside), so a file already named as the one being written is a leftover of this run's
-    killed attempt (killed between its best and its ``last`` save), and is replaced; Lightning's
-    ``-v1`` copy beside it would make a resumed run's folder differ from an uninterrupted one's.
+    Checkpoints are written to a temporary file (or folder, for sharded strategies) beside the
+    target and renamed onto it (Lightning's own transaction stages them in the system temp
+    folder, which is a copy, not a rename, when that is another file system; and rewrites a
+    sharded folder in place): a killed run leaves the previous checkpoint whole. Every argument
+    is ``ModelCheckpoint``'s; ``enable_version_counter`` defaults to ``False`` here: the folder
+    belongs to one run at a time (a lock; an earlier run's files are set aside), so a file
+    already named as the one being written is a leftover of this run's killed attempt (killed
+    between its best and its ``last`` save), and is replaced; Lightning's ``-v1`` copy beside it
+    would make a resumed run's folder differ from an uninterrupted one's.
     """
 
     def __init__(self, *args: Any, enable_version_counter: bool = False, **kwargs: Any) -> None:
@@ -76,6 +72,7 @@ class Checkpoints(ModelCheckpoint):
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         self._default_dir(trainer)
+        recover_swaps(self.dirpath)
         super().setup(trainer, pl_module, stage)
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -115,6 +112,7 @@ class Checkpoints(ModelCheckpoint):
     def _find_last_checkpoints(self, trainer: Trainer) -> set[str]:
         # ``--ckpt_path last`` is resolved before ``setup``: the folder must be known here too
         self._default_dir(trainer)
+        recover_swaps(self.dirpath)
         return super()._find_last_checkpoints(trainer)
 
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -134,14 +132,13 @@ class Checkpoints(ModelCheckpoint):
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
 
     def _save_checkpoint(self, trainer: Trainer, filepath: str) -> None:
-        if not _single_file(trainer):
-            super()._save_checkpoint(trainer, filepath)
-            return
         target = Path(filepath)
         tmp = target.with_name(f".{target.name}.{secrets.token_hex(6)}.tmp")
+        tmp = Path(trainer.strategy.broadcast(str(tmp)))  # one name for every rank's shards
         trainer.save_checkpoint(tmp, self.save_weights_only)
+        trainer.strategy.barrier("checkpoint_written")
         if trainer.is_global_zero:
-            os.replace(tmp, target)
+            _swap_in(tmp, target)
         trainer.strategy.barrier("checkpoint")
         # what ModelCheckpoint._save_checkpoint does after writing
         self._last_global_step_saved = trainer.global_step
@@ -149,6 +146,54 @@ class Checkpoints(ModelCheckpoint):
         if trainer.is_global_zero:
             for logger in trainer.loggers:
                 logger.after_save_checkpoint(proxy(self))
+
+
+def _old(target: Path) -> Path:
+    return target.with_name(f".{target.name}.old")
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def _swap_in(tmp: Path, target: Path) -> None:
+    """Put a checkpoint written in full at ``tmp`` in place of ``target``. A file is renamed
+    onto it; a folder (the shards of FSDP2 and other sharded strategies) cannot be, so the
+    previous one is first renamed to ``.<name>.old``: a kill at any instant leaves one whole
+    checkpoint, under its name or under that one (put back by :func:`recover_swaps`)."""
+    if not tmp.is_dir():
+        if target.is_dir():
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+        return
+    old = _old(target)
+    if target.exists():
+        if old.exists():
+            _remove(old)
+        os.rename(target, old)
+    os.rename(tmp, target)
+    _remove(old)
+
+
+def recover_swaps(folder: str | os.PathLike[str]) -> None:
+    """Finish the swaps a killed run left in ``folder``: a ``.<name>.old`` checkpoint goes back
+    under its name when that is missing (killed between the two renames), else it is removed.
+    Several ranks may call it at once."""
+    root = Path(folder)
+    if not root.is_dir():
+        return
+    for old in root.glob(".*.old"):
+        target = root / old.name[1:-4]
+        try:
+            if target.exists():
+                _remove(old)
+            else:
+                os.rename(old, target)
+        except OSError:  # another rank got there first
+            pass
 
 
 def _close_restart(trainer: Trainer) -> None:

@@ -11,6 +11,7 @@ pytest.register_assert_rewrite("resume_compare")
 
 from kill_harness import ForkServer  # noqa: E402
 from reliability_helpers import KEY_ENVS, SECRET, Chain, build_chain, run_reference  # noqa: E402
+from resume_runs import Runs  # noqa: E402
 
 SECRET_ENV: dict[str, str | None] = {k: SECRET for k in KEY_ENVS}
 """Every run of these tests has a recognisable API key in its environment."""
@@ -32,3 +33,9 @@ def chain(tmp_path_factory: pytest.TempPathFactory, fork_server: ForkServer) -> 
     chain = build_chain(tmp_path_factory.mktemp("chain"))
     run_reference(chain, fork_server, SECRET_ENV)
     return chain
+
+
+@pytest.fixture(scope="session")
+def runs(tmp_path_factory: pytest.TempPathFactory, fork_server: ForkServer) -> Runs:
+    """Run folders of the shipped configs' trials and their uninterrupted baselines."""
+    return Runs(tmp_path_factory.mktemp("shipped"), fork_server, SECRET_ENV)

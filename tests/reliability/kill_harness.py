@@ -227,32 +227,33 @@ def kill_and_resume(
 
 def kill_at(
     server: ForkServer,
-    first: list[str],
+    killed: list[list[str]],
     rerun: list[str],
     cwd: Path,
     finished: Callable[[], bool],
     env: dict[str, str | None] | None = None,
-    point: str = "",
+    points: list[str] | None = None,
 ) -> Trial:
-    """Run ``first``, which SIGKILLs itself at a chosen batch (:mod:`kill_points`), check that
-    it was killed and had not finished (``finished`` false: a kill after the work would prove
-    nothing), then run ``rerun`` to completion; raises if any of that fails."""
+    """Run each command of ``killed`` in turn, each of which SIGKILLs itself at a chosen batch
+    (:mod:`kill_points`), checking that it was killed and had not finished (``finished``
+    false: a kill after the work would prove nothing), then run ``rerun`` to completion;
+    raises if any of that fails."""
     log = cwd / "log.txt"
-    trial = Trial(None, kills_at=[point])
-    trial.exit_codes.append(server.run(first, cwd, log, env))
-    if trial.exit_codes[0] != -9:
-        raise AssertionError(
-            f"not killed at {point} (rc {trial.exit_codes[0]}):\n{log.read_text()[-4000:]}"
-        )
-    trial.unfinished.append(not finished())
-    if not trial.unfinished[0]:
-        raise AssertionError(f"the run killed at {point} had already finished its work")
+    points = points or [f"kill {i}" for i in range(len(killed))]
+    trial = Trial(None, kills_at=list(points))
+    for argv, point in zip(killed, points, strict=True):
+        trial.exit_codes.append(server.run(argv, cwd, log, env))
+        if trial.exit_codes[-1] != -9:
+            raise AssertionError(
+                f"not killed at {point} (rc {trial.exit_codes[-1]}):\n{log.read_text()[-4000:]}"
+            )
+        trial.unfinished.append(not finished())
+        if not trial.unfinished[-1]:
+            raise AssertionError(f"the run killed at {point} had already finished its work")
     rc = server.run(rerun, cwd, log, env)
     trial.exit_codes.append(rc)
     if rc != 0:
-        raise AssertionError(
-            f"rerun after the kill at {point} failed (rc {rc}):\n{log.read_text()[-4000:]}"
-        )
+        raise AssertionError(f"rerun after the kills failed (rc {rc}):\n{log.read_text()[-4000:]}")
     return trial
 
 

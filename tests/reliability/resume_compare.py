@@ -17,6 +17,9 @@ from resume_setups import Setup
 
 # a resumed run logs into the MLflow run of the run it continues, not the reference's
 CHECKPOINT_OWN = ("mlflow_run_id",)
+# Lightning's count of the last validation's batches: zero in a resumed run until it validates
+# (its restore resets it), reset when every validation starts, read by nothing in between
+LAST_VALIDATION = ("current", "is_last_batch")
 RECORD_OWN = ("mlflow_run_id", "git", "resumed")
 
 
@@ -63,8 +66,12 @@ def checkpoint_step(path: Path) -> int | None:
 
 def same_checkpoint(ref: Path, got: Path) -> None:
     a, b = load_any_checkpoint(ref), load_any_checkpoint(got)
-    for key in CHECKPOINT_OWN:
-        a.pop(key, None), b.pop(key, None)
+    for ckpt in (a, b):
+        for key in CHECKPOINT_OWN:
+            ckpt.pop(key, None)
+        val = ckpt.get("loops", {}).get("fit_loop", {}).get("epoch_loop.val_loop.batch_progress")
+        for key in LAST_VALIDATION if val else ():
+            val.pop(key, None)
     assert (a["epoch"], a["global_step"]) == (b["epoch"], b["global_step"]), ref.name
     assert_same(a, b, ref.name)
 
@@ -96,14 +103,17 @@ def config_lines(path: Path, run: Path, ignore: Iterable[str] = ()) -> list[str]
     return [x for x in text.splitlines() if not x.strip().startswith(skip)]
 
 
-def mlflow_history(run: Path) -> tuple[dict[tuple[str, int], float], dict[str, str]]:
-    """Every metric value the run folder's fit logged, by (key, step), and its params. A step
-    logged twice (by a killed run and again by its resume) must carry the same value."""
+def mlflow_history(
+    run: Path, record: str = "outputs/*/*/run.fit.json"
+) -> tuple[dict[tuple[str, int], float], dict[str, str]]:
+    """Every metric value the MLflow run named in the run folder's ``record`` logged, by
+    (key, step), and its params. A step logged twice (by a killed run and again by its
+    resume) must carry the same value."""
     from mlflow.tracking import MlflowClient
 
     from biomedvital.tracking.mlflow import tracking_uri
 
-    run_id = json.loads(next(run.glob("outputs/*/*/run.fit.json")).read_text())["mlflow_run_id"]
+    run_id = json.loads(next(run.glob(record)).read_text())["mlflow_run_id"]
     client = MlflowClient(tracking_uri(run / "mlruns"))
     info = client.get_run(run_id)
     values: dict[tuple[str, int], float] = {}

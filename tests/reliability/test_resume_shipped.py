@@ -12,78 +12,24 @@ instants, and with the worker count changed between the kill and the resume.
 
 from __future__ import annotations
 
-import json
-import time
 import zlib
 from pathlib import Path
 
 import pytest
-from conftest import SECRET_ENV
-from kill_harness import ForkServer, Trial, kill_and_resume, kill_at
+from kill_harness import kill_and_resume, kill_at
 from kill_points import kill_at_arg
 from resume_compare import checkpoint_step, same_fit
+from resume_runs import Runs, tail
 from resume_setups import (
     CI_SETUPS,
     DEMO_TUNER,
     PAPER_SELECTOR,
+    PAPER_TUNER_FSDP2,
     SLOW_SETUPS,
     Setup,
-    prepare_run,
 )
 
-from biomedvital.data.demo import materialize_demo
-
 RANDOM_TRIALS = 3  # per setup, under -m slow
-
-
-class Runs:
-    """Run folders of the setups under one session folder, and the uninterrupted baseline of
-    each setup, run once per session (the reference of all its trials)."""
-
-    def __init__(self, root: Path, server: ForkServer) -> None:
-        from biomedvital.tracking.mlflow import PipelineRun
-
-        self.root, self.server = root, server
-        self.data = root / "data"
-        materialize_demo(self.data / "demo")
-        self.store = root / "empty-store"
-        with PipelineRun("setup", "create-store", self.store):
-            pass
-        self.baselines: dict[str, Path] = {}
-        self.seconds: dict[str, float] = {}
-
-    def new(self, setup: Setup, label: str) -> Path:
-        return prepare_run(self.root / f"{setup.name}-{label}", setup, self.data, self.store)
-
-    def baseline(self, setup: Setup) -> Path:
-        if setup.name not in self.baselines:
-            run = self.new(setup, "uninterrupted")
-            t0 = time.monotonic()
-            rc = self.server.run(setup.argv(run), run, run / "log.txt", SECRET_ENV)
-            self.seconds[setup.name] = time.monotonic() - t0
-            if rc != 0:
-                raise AssertionError(f"{setup.name} failed (rc {rc}):\n{_tail(run)}")
-            self.baselines[setup.name] = run
-        return self.baselines[setup.name]
-
-    def finished(self, run: Path, setup: Setup, final_step: int) -> bool:
-        """The fit in ``run`` had finished: its run record is written, or its last checkpoint
-        is at the uninterrupted run's final step."""
-        last = checkpoint_step(run / setup.root / "checkpoints" / "last.ckpt")
-        return (run / setup.stamp).exists() or last == final_step
-
-    def record(self, setup: Setup, trial: Trial) -> None:
-        with open(self.root / "trials.jsonl", "a") as f:
-            f.write(json.dumps({"setup": setup.name, **vars(trial)}) + "\n")
-
-
-def _tail(run: Path) -> str:
-    return (run / "log.txt").read_text()[-4000:]
-
-
-@pytest.fixture(scope="session")
-def runs(tmp_path_factory: pytest.TempPathFactory, fork_server: ForkServer) -> Runs:
-    return Runs(tmp_path_factory.mktemp("shipped"), fork_server)
 
 
 def _final_step(ref: Path, setup: Setup) -> int:
@@ -95,32 +41,37 @@ def _final_step(ref: Path, setup: Setup) -> int:
 def _kill_at(
     runs: Runs,
     setup: Setup,
-    point: tuple[int, int],
+    *points: tuple[int, int],
     first_extra: tuple[str, ...] = (),
     rerun_extra: tuple[str, ...] = (),
     label: str = "",
     ignore_config: tuple[str, ...] = (),
 ) -> Path:
-    """A run of ``setup`` killed before batch ``point`` = (epoch, batch), then resumed;
-    compared with the baseline."""
+    """A run of ``setup`` killed before batch ``point`` = (epoch, batch), resumed (with
+    ``--ckpt_path last``) and killed at the next point, if any, and so on, then resumed to the
+    end; compared with the baseline."""
     ref = runs.baseline(setup)
     final = _final_step(ref, setup)
-    epoch, batch = point
-    run = runs.new(setup, label or f"kill-{epoch}-{batch}")
+    run = runs.new(setup, label or "kill-" + "-".join(f"{e}-{b}" for e, b in points))
+    resume = ("--ckpt_path", "last")
+    killed = [
+        setup.argv(run, *(resume if i else ()), *kill_at_arg("train", e, b), *first_extra)
+        for i, (e, b) in enumerate(points)
+    ]
     trial = kill_at(
         runs.server,
-        setup.argv(run, *kill_at_arg("train", epoch, batch), *first_extra),
-        setup.argv(run, "--ckpt_path", "last", *rerun_extra),
+        killed,
+        setup.argv(run, *resume, *rerun_extra),
         run,
         lambda: runs.finished(run, setup, final),
-        SECRET_ENV,
-        point=f"epoch {epoch} batch {batch}",
+        runs.env,
+        points=[f"epoch {e} batch {b}" for e, b in points],
     )
     runs.record(setup, trial)
     try:
         same_fit(ref, run, setup, ignore_config)
     except AssertionError as e:
-        raise AssertionError(f"{setup.name} killed at {point}: {e}\n{_tail(run)}") from e
+        raise AssertionError(f"{setup.name} killed at {points}: {e}\n{tail(run)}") from e
     return run
 
 
@@ -174,7 +125,7 @@ def test_killed_at_random_instants_resumes_exactly(setup: Setup, runs: Runs) -> 
             run,
             runs.seconds[setup.name],
             seed=base + i,
-            env=SECRET_ENV,
+            env=runs.env,
             finished=lambda run=run: runs.finished(run, setup, final),
         )
         runs.record(setup, trial)
@@ -182,7 +133,7 @@ def test_killed_at_random_instants_resumes_exactly(setup: Setup, runs: Runs) -> 
         try:
             same_fit(ref, run, setup)
         except AssertionError as e:
-            raise AssertionError(f"{setup.name} random trial {i} {trial}: {e}\n{_tail(run)}") from e
+            raise AssertionError(f"{setup.name} random trial {i} {trial}: {e}\n{tail(run)}") from e
     assert unfinished >= RANDOM_TRIALS - 1, "most kills must land before the run finished"
 
 
@@ -211,3 +162,12 @@ def test_worker_count_may_change_between_kill_and_resume(
         label=f"workers-{killed_with}-{resumed_with}",
         ignore_config=("num_workers:",),  # the baseline's count, not the resumed run's
     )
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("setup", [PAPER_SELECTOR, PAPER_TUNER_FSDP2], ids=lambda s: s.name)
+def test_killed_twice_resumes_exactly(setup: Setup, runs: Runs) -> None:
+    """Killed at the epoch boundary, resumed, killed again mid-epoch after a step checkpoint,
+    resumed: the second resume continues that epoch (it used to start it over: Lightning had
+    not counted the first resumed epoch as started)."""
+    _kill_at(runs, setup, *setup.kills)
