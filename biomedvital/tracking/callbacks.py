@@ -44,6 +44,7 @@ def lineage_tags(upstream: dict[str, list[str]], client: Any) -> dict[str, str]:
 
 
 _END_METRICS = "biomedvital_fit_metrics"
+_CALLBACK_METRICS = "biomedvital_callback_metrics"  # the same, as the trainer holds them
 
 
 class EndOfFit(Callback):
@@ -77,22 +78,28 @@ class EndOfFit(Callback):
         self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]
     ) -> None:
         checkpoint[_END_METRICS] = _metrics(trainer)
+        checkpoint[_CALLBACK_METRICS] = {
+            k: torch.as_tensor(v).detach().cpu().clone()
+            for k, v in trainer.callback_metrics.items()
+        }
 
     def on_load_checkpoint(
         self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]
     ) -> None:
         self._restored_metrics = checkpoint.get(_END_METRICS)
+        self._restored_tensors = checkpoint.get(_CALLBACK_METRICS) or {}
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         # Logged metrics are not restored by Lightning: until its first validation a resumed run
         # had none of the last validation's, which an uninterrupted run still holds. Checkpoints
         # monitoring one were then deferred to another hook and ranked by the next validation,
-        # and every checkpoint kept other metrics. They are put back from the checkpoint.
-        restored = getattr(self, "_restored_metrics", None)
+        # and every checkpoint kept other metrics. They are put back from the checkpoint, as
+        # tensors of their own dtype.
+        restored = getattr(self, "_restored_tensors", None)
         if restored and trainer.ckpt_path is not None:
             metrics = trainer.callback_metrics  # Lightning's own dict, updated as runs log
             for key, value in restored.items():
-                metrics.setdefault(key, torch.tensor(value))
+                metrics.setdefault(key, value.to(pl_module.device))
 
 
 def _metrics(trainer: Trainer) -> dict[str, float]:

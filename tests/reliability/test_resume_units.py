@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from biomedvital.selection.datamodule import EpochShuffle, _PairLoader, _Pairs
+from biomedvital.selection.samplers import EpochShuffle, PairLoader, PairPositions
 from biomedvital.tracking.checkpoints import _swap_in, recover_swaps
 
 
@@ -25,8 +25,8 @@ def test_loader_takes_the_trainers_place_when_the_first_batch_is_asked_for(worke
     prefetch as it is built: the place (epoch 1, 1 batch trained) must win over whatever the
     sampler was set to between ``iter`` and the first ``next``."""
     place = {"now": (1, 1)}
-    loader = _PairLoader(
-        _Pairs(list(range(12))),
+    loader = PairLoader(
+        PairPositions(list(range(12))),
         sampler=EpochShuffle(12, seed=3),
         batch_size=4,
         num_workers=workers,
