@@ -8,15 +8,24 @@ PYTEST_ARGS ?=
 
 GRID    ?= w
 GRID_FILE = conf/grids/$(GRID).yaml
-GRID_DIR  = outputs/grids/$(GRID)
-# the cells of GRID, read from its file (one target per cell: its cell.json, written when all
-# of the cell's stages are done)
-CELLS     = $(shell $(BIN)/python -m biomedvital grid --grid $(GRID_FILE) 2>/dev/null)
+GRID_ROOT = outputs/grids
+GRID_DIR  = $(GRID_ROOT)/$(GRID)
+# make grid REUSE_STALE=true keeps finished cells whose code, configs or inputs changed (the
+# report marks them); make report ALLOW_MIXED=true summarises runs of different library hashes,
+# PUBLISH=true writes the committed, citable copy (experiments/reports/published/GRID/)
+REUSE_STALE ?= false
+ALLOW_MIXED ?= false
+PUBLISH     ?= false
+GRID_ARGS  = --grid $(GRID_FILE) --out_root $(GRID_ROOT) --reuse_stale $(REUSE_STALE)
+# the cells of GRID that would run: new ones and those whose stages' identity (command, config
+# contents, inputs, library hash) changed since they ran; read when the grid recipe runs, after
+# the NEEDS are made (one target per cell: its cell.json)
+TO_RUN    = $(shell $(BIN)/python -m biomedvital grid $(GRID_ARGS) --stale true 2>/dev/null)
 # files the grid's cells read (e.g. the demo selector's scores for GRID=topk): made first
 NEEDS     = $(shell $(BIN)/python -m biomedvital grid --grid $(GRID_FILE) --needs true 2>/dev/null)
 
 .DEFAULT_GOAL := help
-.PHONY: help setup demo test lint format ui bench clean list grid report
+.PHONY: help setup demo test lint format ui bench clean list plan grid report FORCE
 
 help:  ## list the targets
 	@grep -E '^[a-zA-Z_/%.-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | expand -t 28
@@ -63,19 +72,26 @@ $(DEMO)/selected/manifest.json: $(DEMO)/selector/scores.jsonl
 list: $(STAMP)  ## list the cells of a grid: make list GRID=w (grids live in conf/grids/)
 	@$(BIN)/python -m biomedvital grid --grid $(GRID_FILE)
 
-# CELLS is empty when the grid file is missing or broken (its error went to /dev/null): the grid
-# is read once more here so that make stops with that error, instead of a sub-make with no
-# target running the default goal and exiting 0
-grid: $(STAMP) $(NEEDS)  ## run the cells of GRID not yet done (make -k keeps going, make -n shows them)
-	@$(BIN)/python -m biomedvital grid --grid $(GRID_FILE) > /dev/null
-	@$(MAKE) --no-print-directory $(foreach c,$(CELLS),$(GRID_DIR)/$(c)/cell.json)
+plan: $(STAMP)  ## which cells of GRID are new or stale and why, before anything runs
+	@$(BIN)/python -m biomedvital grid $(GRID_ARGS) --plan true
 
-$(GRID_DIR)/%/cell.json: $(GRID_FILE)
-	$(BIN)/python -m biomedvital grid --grid $(GRID_FILE) --cell $*
+# the plan is printed first (and a missing or broken grid file stops make there with its error,
+# instead of an empty TO_RUN running nothing and exiting 0); a cell's target is always remade
+# when asked for (FORCE): grid.py decides which of its stages run, so a finished cell whose code
+# or configs changed is entered again
+grid: $(STAMP) $(NEEDS)  ## run the cells of GRID that are new or stale (make plan says which; -k keeps going, -j in parallel)
+	@$(BIN)/python -m biomedvital grid $(GRID_ARGS) --plan true
+	$(if $(strip $(TO_RUN)),@$(MAKE) --no-print-directory $(foreach c,$(TO_RUN),$(GRID_DIR)/$(c)/cell.json),@echo "[grid] $(GRID): nothing to run")
 
-report: $(STAMP)  ## table (Markdown, CSV) and plots of GRID's runs from MLflow, under experiments/reports/
+$(GRID_DIR)/%/cell.json: FORCE
+	$(BIN)/python -m biomedvital grid $(GRID_ARGS) --cell $*
+
+FORCE:
+
+report: $(STAMP)  ## table (Markdown, CSV) and plots of GRID's runs from MLflow, under experiments/reports/ (PUBLISH=true: the committed copy)
 	$(BIN)/python -c "import matplotlib" 2>/dev/null || $(BIN)/pip install --quiet -e '.[report]'
-	$(BIN)/python experiments/report.py --grid $(GRID)
+	$(BIN)/python experiments/report.py --grid $(GRID) --grid_file $(GRID_FILE) --grid_root $(GRID_ROOT) \
+		--allow_mixed $(ALLOW_MIXED) --publish $(PUBLISH)
 
 $(DEMO)/tuner/export/run.json: $(DEMO)/selected/manifest.json conf/demo/tuner.yaml
 	$(BIN)/python -m biomedvital fit --config conf/demo/tuner.yaml

@@ -27,10 +27,13 @@ varies its initialisation, pair sampling, clinician split and batch order per re
 
 Each cell writes into ``<out_root>/<grid>/<cell>/``; every MLflow run of a cell carries the tags
 ``grid``, ``cell``, ``base_cell``, ``seed`` and ``stage``, added to any tags its configs set, so
-``experiments/report.py`` can collect them. A stage whose ``done`` file exists and whose command
-is the one it last finished with (``stages.json``) is skipped (a rerun resumes the cell; an
-edited cell runs again from its first changed stage), a failing stage stops the cell with its
-error, and ``cell.json`` is written last: the Makefile's target for the cell.
+``experiments/report.py`` can collect them. A stage is current when its ``done`` file exists and
+its identity (command, config file contents, library hash, input files:
+:mod:`biomedvital.grid_identity`) is the one it last finished with (``stages.json``); any other
+stage runs, and every later stage of its cell with it (they read its outputs). ``--plan true``
+says which cells would run and why, before anything runs; ``--reuse_stale true`` keeps stale
+stages on purpose. A failing stage stops the cell with its error, and ``cell.json`` is written
+last.
 """
 
 from __future__ import annotations
@@ -39,16 +42,20 @@ import json
 import re
 import subprocess
 import sys
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from biomedvital.data.jsonio import write_json
+from biomedvital.grid_identity import FORMAT, changes, config_files, recorded_inputs, sha256_of
+from biomedvital.tracking.provenance import library_hash
 
 TRAINER_VERBS = ("fit", "validate", "test", "predict")
 CELL_FILE = "cell.json"
-STAGES_FILE = "stages.json"  # the command each stage last finished with
+STAGES_FILE = "stages.json"  # the identity each stage last finished with
 GRID_KEYS = {"verb", "base", "stages", "cells", "seeds", "seed_args", "needs"}
 
 
@@ -168,13 +175,27 @@ def _fill(value: Any, names: dict[str, Any]) -> str:
 
 def _takes_tags(verb: str) -> bool:
     """Whether a pipeline verb logs an MLflow run that can carry the cell's tags (``demo``,
-    ``score-vqa`` and the like have no ``tags`` argument and would refuse one)."""
+    ``score-vqa`` and the like have no ``tags`` argument and would refuse one).
+
+    Read from the verb's source: importing its module would load its stage's dependencies
+    (torch, for the evaluation verbs) on every plan of a grid."""
+    import ast
     import inspect
 
     from biomedvital.cli import PIPELINE_VERBS, _load
 
     if verb not in PIPELINE_VERBS:
         raise GridError(f"unknown verb {verb!r}")
+    module, name = PIPELINE_VERBS[verb][0].split(":")
+    source = Path(__file__).resolve().parents[1] / (module.replace(".", "/") + ".py")
+    try:
+        tree = ast.parse(source.read_text(encoding="utf-8"))
+    except (OSError, SyntaxError):
+        tree = ast.Module(body=[], type_ignores=[])
+    for node in tree.body:
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef) and node.name == name:
+            params = [*node.args.posonlyargs, *node.args.args, *node.args.kwonlyargs]
+            return any(p.arg == "tags" for p in params)
     return "tags" in inspect.signature(_load(PIPELINE_VERBS[verb][0])).parameters
 
 
@@ -233,58 +254,250 @@ def _run_stage(argv: list[str]) -> str | None:
     return None
 
 
-def run_cell(grid: Path, cell: str, out_root: str = "outputs/grids") -> dict:
-    """Run a cell's stages not yet done, each in its own process; the first failure stops the
-    cell with that stage's exit status. Writes ``cell.json`` (stages, commands) when all are
-    done.
+@dataclass
+class StagePlan:
+    """One stage of a cell: its command, identity now, and whether it runs and why."""
 
-    A stage is done when its ``done`` file exists and it ran with the command it has now
-    (recorded in ``stages.json`` as each stage ends): a cell edited in the grid file runs
-    again from its first changed stage, and every stage after a stage that ran runs too, since
-    it reads that stage's outputs.
+    stage: str
+    argv: list[str]
+    shown: list[str]  # argv with credentials masked (console, records)
+    done: str
+    identity: dict[str, Any]  # command, configs, library (inputs are known once it ran)
+    reasons: list[str] = field(default_factory=list)  # why it differs from what it ran with
+    action: str = "current"  # "run", "current" or "reuse" (stale, kept by --reuse_stale)
+
+
+@dataclass
+class CellPlan:
+    """What running a cell would do now."""
+
+    cell: str
+    stages: list[StagePlan]
+    written: bool  # cell.json exists
+
+    @property
+    def to_run(self) -> bool:
+        """Whether ``make grid`` enters the cell: a stage runs, a stale stage is kept (its
+        ``cell.json`` says so), or ``cell.json`` is missing."""
+        return not self.written or any(s.action != "current" for s in self.stages)
+
+    @property
+    def state(self) -> str:
+        """``new`` (no stage ran), ``stale`` (a finished stage's identity changed: it runs
+        again), ``incomplete`` (stages left to run, none changed), ``reused`` (stale, kept by
+        ``--reuse_stale``) or ``current``."""
+        if not any(Path(s.done).exists() for s in self.stages):
+            return "new"
+        if any(s.action == "run" and Path(s.done).exists() for s in self.stages):
+            return "stale"
+        if any(s.action == "run" for s in self.stages):
+            return "incomplete"
+        if any(s.action == "reuse" for s in self.stages):
+            return "reused"
+        return "current" if self.written else "incomplete"
+
+    def why(self) -> str:
+        """The reasons, one clause per stage; stages that run only because an earlier one
+        does are named after it (``then tune, test``)."""
+        if self.state == "new":
+            return NOT_RUN
+        own, after, said = [], [], set()
+        running = False
+        for s in self.stages:
+            # a reason an earlier stage gave (the library hash) is not repeated
+            mine = [r for r in s.reasons if not r.startswith(AFTER) and r not in said]
+            if s.action == "reuse":
+                own.append(f"{s.stage} (kept by --reuse_stale): {'; '.join(mine)}")
+            elif s.action == "run" and (not running or [r for r in mine if r != NOT_RUN]):
+                given = mine or [r for r in s.reasons if not r.startswith(AFTER)]
+                own.append(f"{s.stage}: {'; '.join(given)}")
+                running = True
+            elif s.action == "run":
+                after.append(s.stage)
+            said.update(mine)
+        if after:
+            own.append(f"then {', '.join(after)}")
+        if not own and not self.written:
+            own.append(f"stages done, {CELL_FILE} not written")
+        return "; ".join(own)
+
+
+NOT_RUN = "not run"
+AFTER = "after "
+
+
+def _read_records(cell_dir: Path) -> dict[str, dict[str, Any]]:
+    """Each stage's identity as it last finished (``stages.json``); a cell finished before
+    identities were kept has its command lines only (``{"command": [...], "legacy": true}``)."""
+    try:
+        data = json.loads((cell_dir / STAGES_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(data, dict):
+        return {}
+    if data.get("format") == FORMAT and isinstance(data.get("stages"), dict):
+        return {k: v for k, v in data["stages"].items() if isinstance(v, dict)}
+    return {k: {"command": v, "legacy": True} for k, v in data.items() if isinstance(v, list)}
+
+
+def _identity(argv: list[str], shown: list[str], library: str) -> dict[str, Any]:
+    return {
+        "command": shown,
+        "configs": {f: sha256_of(Path(f)) for f in config_files(argv)},
+        "library": library,
+    }
+
+
+def _reasons(stage: StagePlan, record: dict[str, Any] | None) -> list[str]:
+    if not Path(stage.done).exists():
+        return [NOT_RUN] if record is None else [f"{stage.done} missing"]
+    if record is None:
+        return ["no record of what it ran with"]
+    if record.get("legacy"):
+        return ["finished before stage identities were recorded (command only)"]
+    return changes(record, stage.identity)
+
+
+def plan_cell(
+    grid: Path,
+    cell: str,
+    out_root: str = "outputs/grids",
+    reuse_stale: bool = False,
+    library: str | None = None,
+) -> CellPlan:
+    """Compare each stage's identity now with the one it finished with: a stage runs when it
+    has not run, when its identity changed (unless ``reuse_stale`` keeps it, having run), or
+    when an earlier stage of the cell runs (it reads that stage's outputs)."""
+    library = library or library_hash()
+    cell_dir = Path(out_root) / Path(grid).stem / cell
+    records = _read_records(cell_dir)
+    stages = []
+    upstream = None
+    for cmd in stage_commands(grid, cell, out_root):
+        shown = _shown(cmd["argv"])
+        stage = StagePlan(
+            cmd["stage"], cmd["argv"], shown, cmd["done"], _identity(cmd["argv"], shown, library)
+        )
+        stage.reasons = _reasons(stage, records.get(stage.stage))
+        if upstream is not None:
+            stage.reasons.append(f"{AFTER}{upstream} runs")
+            stage.action = "run"
+        elif stage.reasons:
+            reusable = reuse_stale and Path(stage.done).exists()
+            stage.action = "reuse" if reusable else "run"
+        if stage.action == "run" and upstream is None:
+            upstream = stage.stage
+        stages.append(stage)
+    return CellPlan(cell, stages, (cell_dir / CELL_FILE).is_file())
+
+
+def plan_grid(
+    grid: Path, out_root: str = "outputs/grids", reuse_stale: bool = False
+) -> list[CellPlan]:
+    """Every cell's plan (seeds expanded), with one library hash for all."""
+    spec = load_grid(grid)
+    library = library_hash()
+    return [plan_cell(grid, c, out_root, reuse_stale, library) for c in cell_names(spec)]
+
+
+def format_plan(grid: Path, plans: list[CellPlan], out_root: str) -> str:
+    """The plan as text: a header with counts and the library hash, then one line per cell."""
+    spec = load_grid(grid)
+    counts: dict[str, int] = {}
+    for p in plans:
+        counts[p.state] = counts.get(p.state, 0) + 1
+    n_run = sum(p.to_run for p in plans)
+    parts = ", ".join(f"{n} {state}" for state, n in sorted(counts.items()))
+    lines = [
+        f"{grid}: {len(plans)} cells, {n_run} to run ({parts}); library {library_hash()}; "
+        f"cells in {Path(out_root) / Path(grid).stem}/"
+    ]
+    missing = [n for n in spec["needs"] if not Path(n).exists()]
+    if missing:
+        lines.append(f"  needs (made first by make grid): {', '.join(missing)}")
+    width = max(len(p.cell) for p in plans)
+    for p in plans:
+        why = p.why()
+        lines.append(f"  {p.cell:<{width}}  {p.state:<10}  {why}".rstrip())
+    return "\n".join(lines)
+
+
+def run_cell(
+    grid: Path, cell: str, out_root: str = "outputs/grids", reuse_stale: bool = False
+) -> dict:
+    """Run the stages of a cell that are not current, each ending before the next starts; the
+    first failure stops the cell with that stage's exit status. Each stage that finishes
+    records its identity (``stages.json``, inputs read from its manifests); ``cell.json``
+    (stages, commands, the library hash, stages kept stale) is written when all are done.
+
+    ``reuse_stale`` keeps a finished stage whose identity changed, on purpose: its old record
+    stays (a later run without the switch reruns it) and ``cell.json`` names it under
+    ``reused_stale``, which the report marks.
     """
     spec = load_grid(grid)
     missing = [n for n in spec["needs"] if not Path(n).exists()]
     if missing:
         raise GridError(f"{grid}: needs {', '.join(missing)} (see the grid file's header)")
-    stages = stage_commands(grid, cell, out_root)
+    plan = plan_cell(grid, cell, out_root, reuse_stale)
     cell_dir = Path(out_root) / Path(grid).stem / cell
-    ran_with = _commands_run(cell_dir)
-    record = {"grid": str(grid), "cell": cell, "stages": []}
-    upstream_ran = False
-    for stage in stages:
-        name, shown = stage["stage"], _shown(stage["argv"])
-        changed = name in ran_with and ran_with[name] != shown
-        ran = upstream_ran or changed or not Path(stage["done"]).exists()
-        if ran:
-            why = " (its command changed)" if changed else ""
-            print(f"[grid] {cell}: {name}{why}: python -m biomedvital {' '.join(shown)}")
-            status = _run_stage(stage["argv"])
+    records = _read_records(cell_dir)
+    library = plan.stages[0].identity["library"]
+    record: dict[str, Any] = {"grid": str(grid), "cell": cell, "library": library, "stages": []}
+    reused = {}
+    for stage in plan.stages:
+        name = stage.stage
+        if stage.action == "run":
+            why = "; ".join(r for r in stage.reasons if r != NOT_RUN)
+            print(f"[grid] {cell}: {name}{f' ({why})' if why else ''}: "
+                  f"python -m biomedvital {' '.join(stage.shown)}")  # fmt: skip
+            status = _run_stage(stage.argv)
             if status:
                 raise SystemExit(f"[grid] {cell}: stage {name!r} failed ({status})")
-            if not Path(stage["done"]).exists():
+            if not Path(stage.done).exists():
                 raise SystemExit(
-                    f"[grid] {cell}: stage {name!r} ended without writing {stage['done']}"
+                    f"[grid] {cell}: stage {name!r} ended without writing {stage.done}"
                 )
-            upstream_ran = True
+            records[name] = _finished(stage, records.get(name))
+            write_json(cell_dir / STAGES_FILE, {"format": FORMAT, "stages": records})
+        elif stage.action == "reuse":
+            reused[name] = stage.reasons
+            print(f"[grid] {cell}: {name}: stale, kept (--reuse_stale): {'; '.join(stage.reasons)}")
         else:
-            print(f"[grid] {cell}: {name}: done ({stage['done']})")
-        ran_with[name] = shown
-        write_json(cell_dir / STAGES_FILE, ran_with)
-        record["stages"].append({**stage, "argv": shown, "ran": ran})
+            print(f"[grid] {cell}: {name}: current ({stage.done})")
+        record["stages"].append({
+            "stage": name, "argv": stage.shown, "done": stage.done,
+            "ran": stage.action == "run", "state": stage.action,
+            "reasons": stage.reasons,
+        })  # fmt: skip
+    if reused:
+        record["reused_stale"] = reused
+    record["finished"] = _now()
     write_json(cell_dir / CELL_FILE, record)
     return record
 
 
-def _commands_run(cell_dir: Path) -> dict[str, list[str]]:
-    """The (masked) command each stage of the cell last finished with, from ``stages.json``;
-    empty for a new cell, or one finished before the file was kept (whose done files are
-    trusted as they were: its commands are not known)."""
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+def _finished(stage: StagePlan, previous: dict[str, Any] | None) -> dict[str, Any]:
+    """A stage's identity once it has run: its inputs from its manifests, its MLflow run."""
+    done = Path(stage.done)
+    own = [done.parent]
+    manifests = [done]
+    verb = stage.argv[0]
+    if verb in TRAINER_VERBS:
+        opts = stage.argv
+        root = Path(opts[opts.index("--trainer.default_root_dir") + 1])
+        own.append(root)
+        manifests.append(root / f"run.{verb}.json")
+    previous_inputs = (previous or {}).get("inputs") or {}
+    inputs = recorded_inputs(list(dict.fromkeys(manifests)), own, previous_inputs)
     try:
-        data = json.loads((cell_dir / STAGES_FILE).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}
-    return data if isinstance(data, dict) else {}
+        run_id = json.loads(done.read_text(encoding="utf-8")).get("mlflow_run_id")
+    except (OSError, ValueError, AttributeError):
+        run_id = None
+    return {**stage.identity, "inputs": inputs, "finished": _now(), "mlflow_run_id": run_id}
 
 
 def _shown(argv: list[str]) -> list[str]:
@@ -300,22 +513,37 @@ _URL = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^\s\"'<>]+")
 
 
 def grid(
-    grid: Path, cell: str | None = None, out_root: str = "outputs/grids", needs: bool = False
+    grid: Path,
+    cell: str | None = None,
+    out_root: str = "outputs/grids",
+    needs: bool = False,
+    plan: bool = False,
+    stale: bool = False,
+    reuse_stale: bool = False,
 ) -> None:
-    """List a grid's cells (no ``--cell``) or run one cell (resuming its stages).
+    """List a grid's cells (no ``--cell``), say which are stale and why, or run one cell.
 
     Args:
         grid: the grid file (``conf/grids/NAME.yaml``).
-        cell: the cell to run; without it the cell names are printed, one per line.
+        cell: the cell to run (its stages that are not current); without it the cell names
+            are printed, one per line.
         out_root: where cell folders go (``<out_root>/<grid>/<cell>``).
         needs: print the files the grid needs before any cell runs (its ``needs``; the
             Makefile makes them first).
+        plan: print, for every cell, whether it is new, stale, incomplete or current, and why
+            (which stage's command, config file, input or library hash changed); runs nothing.
+        stale: print the cells that would run (new, stale or incomplete), one per line.
+        reuse_stale: keep finished stages whose identity changed instead of running them
+            again (``cell.json`` names them; the report marks their cells).
     """
     spec = load_grid(grid)
     if needs:
         print("\n".join(spec["needs"]))
-        return
-    if cell is None:
+    elif plan:
+        print(format_plan(grid, plan_grid(grid, out_root, reuse_stale), out_root))
+    elif stale:
+        print("\n".join(p.cell for p in plan_grid(grid, out_root, reuse_stale) if p.to_run))
+    elif cell is None:
         print("\n".join(cell_names(spec)))
-        return
-    run_cell(grid, cell, out_root)
+    else:
+        run_cell(grid, cell, out_root, reuse_stale)

@@ -214,7 +214,7 @@ def test_repository_grids_expand(monkeypatch: pytest.MonkeyPatch) -> None:
         for cell in cell_names(spec):
             for stage in stage_commands(path, cell):
                 assert stage["done"].startswith(f"outputs/grids/{path.stem}/{cell}/")
-    assert len(cell_names(load_grid(Path("conf/grids/preference_source.yaml")))) == 9
+    assert len(cell_names(load_grid(Path("conf/grids/preference_source.yaml")))) == 15
     topk = stage_commands(Path("conf/grids/topk.yaml"), "k10")
     assert [s["stage"] for s in topk] == ["select", "tune", "test", "judge", "chat", "chat_judge"]
     chat = topk[5]["argv"]  # the judge's config, then this cell's answers and folder
@@ -262,7 +262,8 @@ def test_report_reads_pairwise_runs(tmp_path: Path) -> None:
 def test_a_credential_in_a_grid_stays_out_of_cell_json(tmp_path: Path) -> None:
     """A grid naming an endpoint URL with a password and a key in its query: the stage runs with
     it, but ``cell.json`` (and the printed command line, from the same masked list) shows it
-    masked, as the verbs' own logs do. The stage is already done here, so nothing runs."""
+    masked, as the verbs' own logs do. The stage's output exists and ``reuse_stale`` keeps it
+    (it has no record of what it ran with), so nothing runs."""
     import json
 
     from biomedvital.grid import run_cell
@@ -275,7 +276,7 @@ def test_a_credential_in_a_grid_stays_out_of_cell_json(tmp_path: Path) -> None:
     assert url in stage["argv"]  # what the stage runs with
     Path(stage["done"]).parent.mkdir(parents=True)
     Path(stage["done"]).write_text("done")
-    run_cell(grid, "a", str(tmp_path / "out"))
+    run_cell(grid, "a", str(tmp_path / "out"), reuse_stale=True)
     written = (tmp_path / "out" / "g" / "a" / "cell.json").read_text()
     assert "s3cret" not in written and "abc123" not in written
     assert (
@@ -347,7 +348,7 @@ def test_repository_selector_grids_resolve_to_the_intended_cells(
     }
 
     source = cells("preference_source")
-    for seed in (0, 1, 2):
+    for seed in range(5):
         mixed = source[f"mixed-s{seed}"]
         assert (mixed["seed"], mixed["data"]["seed"]) == (seed, seed)
         assert mixed["model"]["w"] > 0 and mixed["data"]["model_pairs"] > 0
@@ -467,7 +468,7 @@ def test_a_credential_inside_a_json_argument_stays_out_of_cell_json(tmp_path: Pa
     assert json.loads(stage["argv"][stage["argv"].index("--client") + 1])["base_url"] == url
     Path(stage["done"]).parent.mkdir(parents=True)
     Path(stage["done"]).write_text("done")
-    run_cell(grid, "a", str(tmp_path / "out"))
+    run_cell(grid, "a", str(tmp_path / "out"), reuse_stale=True)
     written = (tmp_path / "out" / "g" / "a" / "cell.json").read_text()
     assert "s3cret" not in written and "abc123" not in written
     argv = json.loads(written)["stages"][0]["argv"]

@@ -10,7 +10,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from biomedvital.tracking.provenance import git_state
+from biomedvital.tracking.provenance import git_state, library_hash
 
 DEFAULT_STORE = "mlruns"
 
@@ -66,8 +66,9 @@ def upstream_run_of(path: str | Path) -> str | None:
 
 
 def run_tags(extra: dict[str, Any] | None = None) -> dict[str, str]:
-    """Lineage tags every run carries: git SHA, dirty flag, plus the caller's (upstream runs...)."""
-    tags = dict(git_state())
+    """Lineage tags every run carries: git SHA, dirty flag, the library's content hash, plus the
+    caller's (upstream runs...)."""
+    tags = {**git_state(), "library_hash": library_hash()}
     for key, value in (extra or {}).items():
         if value is not None:
             tags[key] = str(value)

@@ -55,3 +55,37 @@ def git_state(cwd: str | Path | None = None) -> dict[str, str]:
     if status is None:
         return {"git_sha": sha, "git_dirty": "unknown"}
     return {"git_sha": sha, "git_dirty": "true" if status else "false"}
+
+
+def library_hash(root: str | Path | None = None) -> str:
+    """A content hash of the ``biomedvital`` package as it is on disk (16 hex digits).
+
+    It covers the files git would commit under the package, tracked or not (ignored ones
+    such as bytecode left out) with their working-tree bytes: an uncommitted edit changes it,
+    a commit elsewhere in the repository (docs, configs) does not. Outside a checkout every
+    file but bytecode counts. A grid stage whose library hash changed runs again; every MLflow
+    run carries it as the ``library_hash`` tag, so a report can tell which code made a figure.
+    """
+    import hashlib
+
+    where = Path(root) if root is not None else _SOURCE_DIR
+    listed = None
+    if _git(["ls-files", "--error-unmatch", "--", "__init__.py"], where) is not None:
+        out = _git(
+            ["ls-files", "-z", "--cached", "--others", "--exclude-standard", "--", "."], where
+        )
+        if out is not None:
+            listed = [name for name in out.split("\0") if name]
+    if listed is None:
+        listed = [
+            str(p.relative_to(where))
+            for p in where.rglob("*")
+            if p.is_file() and "__pycache__" not in p.parts and p.suffix not in (".pyc", ".pyo")
+        ]
+    h = hashlib.sha256()
+    for name in sorted(set(listed)):
+        path = where / name
+        if not path.is_file():  # tracked but deleted in the work tree: its absence counts
+            continue
+        h.update(name.encode("utf-8") + b"\0" + hashlib.sha256(path.read_bytes()).digest())
+    return h.hexdigest()[:16]
