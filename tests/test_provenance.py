@@ -133,3 +133,45 @@ def test_reading_the_state_never_writes_the_users_index(tmp_path: Path) -> None:
     assert index.read_bytes() == before
     _git(repo, "status", "--porcelain")  # plain git status does rewrite it
     assert index.read_bytes() != before
+
+
+def test_library_hash_follows_the_package_content_not_the_commits(
+    package: tuple[Path, str],
+) -> None:
+    """An uncommitted edit or a new file in the package changes the hash; committing it does
+    not (same content), nor does a commit outside the package, bytecode, or an ignored file."""
+    from biomedvital.tracking.provenance import library_hash
+
+    repo, _ = package
+    first = library_hash()
+    (repo / "README.md").write_text("docs\n")
+    _git(repo, "add", ".")
+    _git(repo, "commit", "-q", "-m", "docs")
+    (repo / "pkg" / "__pycache__").mkdir()
+    (repo / "pkg" / "__pycache__" / "mod.cpython-311.pyc").write_bytes(b"\0")
+    (repo / ".gitignore").write_text("*.log\n")
+    (repo / "pkg" / "run.log").write_text("noise\n")
+    assert library_hash() == first
+    (repo / "pkg" / "mod.py").write_text("x = 2\n")
+    edited = library_hash()
+    assert edited != first
+    _git(repo, "commit", "-q", "-am", "edit")
+    assert library_hash() == edited
+    (repo / "pkg" / "new.py").write_text("")  # untracked, not ignored
+    assert library_hash() != edited
+
+
+def test_library_hash_outside_a_checkout(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An installed copy (no git): every file but bytecode, by content."""
+    from biomedvital.tracking.provenance import library_hash
+
+    pkg = tmp_path / "site" / "pkg"
+    pkg.mkdir(parents=True)
+    (pkg / "__init__.py").write_text("")
+    (pkg / "mod.py").write_text("x = 1\n")
+    monkeypatch.setattr(provenance, "_SOURCE_DIR", pkg)
+    first = library_hash()
+    (pkg / "mod.cpython-311.pyc").write_bytes(b"\0")
+    assert library_hash() == first
+    (pkg / "mod.py").write_text("x = 2\n")
+    assert library_hash() != first

@@ -57,11 +57,14 @@ def git_state(cwd: str | Path | None = None) -> dict[str, str]:
     return {"git_sha": sha, "git_dirty": "true" if status else "false"}
 
 
+_BYTECODE = (".pyc", ".pyo")
+
+
 def library_hash(root: str | Path | None = None) -> str:
     """A content hash of the ``biomedvital`` package as it is on disk (16 hex digits).
 
-    It covers the files git would commit under the package, tracked or not (ignored ones
-    such as bytecode left out) with their working-tree bytes: an uncommitted edit changes it,
+    It covers the files git would commit under the package, tracked or not (ignored ones and
+    bytecode left out) with their working-tree bytes: an uncommitted edit changes it,
     a commit elsewhere in the repository (docs, configs) does not. Outside a checkout every
     file but bytecode counts. A grid stage whose library hash changed runs again; every MLflow
     run carries it as the ``library_hash`` tag, so a report can tell which code made a figure.
@@ -77,11 +80,8 @@ def library_hash(root: str | Path | None = None) -> str:
         if out is not None:
             listed = [name for name in out.split("\0") if name]
     if listed is None:
-        listed = [
-            str(p.relative_to(where))
-            for p in where.rglob("*")
-            if p.is_file() and "__pycache__" not in p.parts and p.suffix not in (".pyc", ".pyo")
-        ]
+        listed = [str(p.relative_to(where)) for p in where.rglob("*") if p.is_file()]
+    listed = [n for n in listed if "__pycache__" not in n.split("/") and not n.endswith(_BYTECODE)]
     h = hashlib.sha256()
     for name in sorted(set(listed)):
         path = where / name
