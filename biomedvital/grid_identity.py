@@ -137,6 +137,17 @@ def _hashed_entries(node: Any) -> Iterator[dict[str, Any]]:
             yield from _hashed_entries(v)
 
 
+def _relative(path: Path) -> Path:
+    """A path under the working directory (the repository, where make runs) as a relative
+    one: the record stays valid when the checkout moves."""
+    if path.is_absolute():
+        try:
+            return path.relative_to(Path.cwd())
+        except ValueError:
+            return path
+    return path
+
+
 def _inside(path: Path, folders: list[Path]) -> bool:
     resolved = path.resolve()
     return any(resolved.is_relative_to(f) for f in folders)
@@ -161,7 +172,7 @@ def recorded_inputs(
         except (OSError, ValueError):
             continue
         for entry in _hashed_entries(data):
-            path = Path(entry["path"])
+            path = _relative(Path(entry["path"]))
             if isinstance(entry.get("files"), list):
                 for name in entry["files"]:
                     file = path / str(name)

@@ -262,7 +262,7 @@ def test_identity_covers_configs_named_inside_configs_and_inputs_outside_own_out
     good = file_state("in.jsonl")
     manifest = Path("out/scores.json")
     manifest.write_text(json.dumps({
-        "data": {"path": "in.jsonl", "sha256": good["sha256"]},
+        "data": {"path": str(tmp_path / "in.jsonl"), "sha256": good["sha256"]},  # kept relative
         "bench": {"path": "bench", "files": ["p0.parquet"], "sha256": "joint"},
         "predictions": {"path": "out/preds.jsonl", "sha256": "x" * 64},  # its own output
     }))  # fmt: skip
@@ -346,3 +346,59 @@ def test_report_refuses_mixed_library_hashes_unless_allowed(tmp_path: Path) -> N
     assert float(d["b - a"]) == pytest.approx(0.2)
     assert float(d["se"]) == pytest.approx(0.1 / 2**0.5)  # sd 0.1/sqrt(2) each, 2 seeds each
     assert d["exceeds 2 se"] == "yes"
+
+
+@pytest.mark.slow
+def test_make_report_mixed_libraries_and_publishing(repo: Path) -> None:
+    """Through make: a report refuses cells of two library hashes (one cell rerun after a code
+    edit), says so with ALLOW_MIXED=true and will not publish them; once the grid is rerun,
+    PUBLISH=true writes the committable copy, whose figure a doc can cite."""
+    spec = yaml.safe_load((repo / "conf" / "grids" / "tiny.yaml").read_text())
+    verdicts = repo / "data" / "tiny" / "verdicts.jsonl"
+    verdicts.write_text("".join(
+        json.dumps({"question_id": q, "order": o, "verdict": f"[[{v}]]"}) + "\n"
+        for q in range(6) for o, v in (("ab", "A"), ("ba", "B" if q % 3 else "A"))
+    ))  # fmt: skip
+    spec["stages"]["judge"] = {
+        "verb": "win-rate",
+        "args": {"verdicts": str(verdicts.relative_to(repo)), "out": "{cell_dir}/win.json",
+                 "n_boot": 50, "seed": 0},
+        "done": "{cell_dir}/win.json",
+    }  # fmt: skip
+    (repo / "conf" / "grids" / "tiny.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
+    _make(repo, "grid")
+    report = _make(repo, "report").stdout
+    assert "win_rate_half_ties" in report and "library" in report
+
+    losses = repo / "biomedvital" / "selection" / "losses.py"
+    losses.write_text(losses.read_text().replace('"""', '"""Pair losses. ', 1))
+    _make(repo, "outputs/grids/tiny/a/cell.json")  # one cell rerun with the edited library
+    env = {k: v for k, v in os.environ.items() if k != "MAKEFLAGS"}
+    refused = subprocess.run(
+        ["make", "--no-print-directory", "report", "GRID=tiny"],
+        cwd=repo, capture_output=True, text=True, check=False, env={**env, "PYTHONPATH": str(repo)},
+    )  # fmt: skip
+    assert refused.returncode != 0 and "2 library hashes" in refused.stderr, refused.stderr
+    mixed = repo / "experiments" / "reports" / "tiny" / "table.md"
+    _make(repo, "report", "ALLOW_MIXED=true")
+    assert "**Mixed library hashes**" in mixed.read_text()
+    assert "| stale: select: library changed" in mixed.read_text()  # b's and c's status
+
+    _make(repo, "grid")
+    out = _make(repo, "report", "PUBLISH=true").stdout
+    published = repo / "experiments" / "reports" / "published" / "tiny"
+    assert "written to experiments/reports/published/tiny/" in out
+    row = next(r for r in csv.DictReader((published / "table.csv").open()) if r["cell"] == "a")
+    status = subprocess.run(["git", "status", "--porcelain", "--ignored", "experiments"],
+                            cwd=repo, capture_output=True, text=True, check=True).stdout  # fmt: skip
+    assert "?? experiments/reports/published/" in status  # committable
+    assert "!! experiments/reports/tiny/" in status  # the scratch copy stays ignored
+    doc = repo / "docs" / "results.md"
+    doc.parent.mkdir(exist_ok=True)
+    rate = float(row["win_rate_half_ties"])
+    doc.write_text(f"Cell a wins [{rate:.1f} %](../experiments/reports/published/tiny/table.csv"
+                   f"#a:win_rate_half_ties) of 6 questions.\n")  # fmt: skip
+    subprocess.run([*GIT, "add", "experiments/reports/published", "docs"], cwd=repo, check=True)
+    check = subprocess.run([sys.executable, "experiments/quoted.py"], cwd=repo,
+                           capture_output=True, text=True, check=False)  # fmt: skip
+    assert check.returncode == 0 and "1 quoted figure(s) checked, 0 mismatch" in check.stdout
