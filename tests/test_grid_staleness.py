@@ -362,7 +362,7 @@ def test_make_report_mixed_libraries_and_publishing(repo: Path) -> None:
     spec["stages"]["judge"] = {
         "verb": "win-rate",
         "args": {"verdicts": str(verdicts.relative_to(repo)), "out": "{cell_dir}/win.json",
-                 "n_boot": 50, "seed": 0},
+                 "n_boot": 50, "seed": 0, "store": "mlruns"},
         "done": "{cell_dir}/win.json",
     }  # fmt: skip
     (repo / "conf" / "grids" / "tiny.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
@@ -402,3 +402,27 @@ def test_make_report_mixed_libraries_and_publishing(repo: Path) -> None:
     check = subprocess.run([sys.executable, "experiments/quoted.py"], cwd=repo,
                            capture_output=True, text=True, check=False)  # fmt: skip
     assert check.returncode == 0 and "1 quoted figure(s) checked, 0 mismatch" in check.stdout
+
+
+def test_a_cell_finished_before_identities_were_recorded_is_stale(tmp_path: Path) -> None:
+    """A stages.json of command lines only (the earlier format) says nothing of the code or
+    configs the cell ran with: the plan marks the cell stale, and says why."""
+    from biomedvital.grid import STAGES_FILE, plan_cell, stage_commands
+
+    grid = tmp_path / "g.yaml"
+    stages = {
+        "s": {
+            "verb": "select",
+            "done": "{cell_dir}/out/manifest.json",
+            "args": {"scores": "s.jsonl", "candidates": "c.jsonl", "out": "{cell_dir}/out"},
+        }
+    }
+    grid.write_text(yaml.safe_dump({"stages": stages, "cells": {"a": {}}}))  # fmt: skip
+    root = str(tmp_path / "grids")
+    (stage,) = stage_commands(grid, "a", root)
+    Path(stage["done"]).parent.mkdir(parents=True)
+    Path(stage["done"]).write_text("{}")
+    (Path(root) / "g" / "a" / STAGES_FILE).write_text(json.dumps({"s": stage["argv"]}))
+    plan = plan_cell(grid, "a", root)
+    assert plan.state == "stale" and plan.to_run
+    assert plan.why() == "s: finished before stage identities were recorded (command only)"
