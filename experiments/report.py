@@ -239,8 +239,9 @@ def differences(summary: list[dict], metrics: list[str]) -> list[dict]:
                 diff = b[metric] - a[metric]
                 se = math.sqrt(a[f"{metric} sd"] ** 2 / a["n"] + b[f"{metric} sd"] ** 2 / b["n"])
                 out.append({
-                    "metric": metric, "a": a["cell"], "b": b["cell"], "b - a": diff, "se": se,
-                    "exceeds 2 se": "yes" if abs(diff) > 2 * se else "no",
+                    "comparison": f"{b['cell']}/{a['cell']}/{metric}", "metric": metric,
+                    "a": a["cell"], "b": b["cell"], "diff": diff, "se": se,
+                    "exceeds_2se": "yes" if abs(diff) > 2 * se else "no",
                 })  # fmt: skip
     return out
 
@@ -423,23 +424,24 @@ def header(grid: str, rows: list[dict], libs: dict[str, list[str]]) -> str:
 
 def _write_differences(diffs: list[dict], out: Path) -> str:
     """differences.csv; returns the Markdown section for the summary."""
-    cols = ["metric", "a", "b", "b - a", "se", "exceeds 2 se"]
+    cols = ["comparison", "metric", "a", "b", "diff", "se", "exceeds_2se"]
     with open(out / "differences.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=cols)
         w.writeheader()
         w.writerows(diffs)
     if not diffs:
         return ""
+    shown = cols[1:]  # the comparison key is for citing the CSV
     lines = [
         "",
-        "Differences between cells over seeds (b - a, its standard error se; a difference "
+        "Differences between cells over seeds (diff = b - a, se its standard error; a difference "
         "within 2 se is within the spread of the seeds):",
         "",
-        "| " + " | ".join(cols) + " |",
-        "|" + "---|" * len(cols),
+        "| " + " | ".join(shown) + " |",
+        "|" + "---|" * len(shown),
     ]
-    fmt = lambda v: f"{v:+.3f}" if isinstance(v, float) else str(v)  # noqa: E731
-    lines += ["| " + " | ".join(fmt(d[c]) for c in cols) + " |" for d in diffs]
+    fmt = {"diff": "{:+.3f}", "se": "{:.3f}"}
+    lines += ["| " + " | ".join(fmt.get(c, "{}").format(d[c]) for c in shown) + " |" for d in diffs]
     return "\n".join(lines) + "\n"
 
 

@@ -160,40 +160,41 @@ def test_make_grid_reruns_exactly_the_cells_whose_identity_changed(repo: Path) -
     assert ran == {"a", "b", "c"}
     assert (_kept(repo, "a"), _kept(repo, "c")) == (n_all // 2, n_all)
 
-    # unchanged, and after a commit outside the package (docs): nothing runs
+    # unchanged: nothing runs; a commit outside the package (docs) leaves every cell current
     ran, out = _grid(repo)
     assert ran == set() and "nothing to run" in out
     (repo / "docs").mkdir(exist_ok=True)
     (repo / "docs" / "note.md").write_text("A note.\n")
     subprocess.run([*GIT, "add", "docs"], cwd=repo, check=True)
     subprocess.run([*GIT, "commit", "-q", "-m", "docs"], cwd=repo, check=True)
-    assert _grid(repo)[0] == set()
+    assert "3 cells, 0 to run (3 current)" in _make(repo, "plan").stdout
 
-    # an overlay one cell reads: that cell, both its stages; the plan said so first
+    # an overlay one cell reads: that cell, both its stages; the plan (printed first) says why
     (repo / "conf" / "tiny" / "k50.yaml").write_text("top_percent: 75\n")
-    plan = _make(repo, "plan").stdout
-    assert re.search(r"\n  a +stale +select: config conf/tiny/k50.yaml changed; then narrow", plan)
-    assert re.search(r"\n  b +current", plan) and "1 to run" in plan, plan
-    assert _grid(repo)[0] == {"a"}
-    assert _kept(repo, "a") == n_all * 3 // 4
+    ran, out = _grid(repo)
+    assert ran == {"a"} and _kept(repo, "a") == n_all * 3 // 4
+    assert re.search(r"\n  a +stale +select: config conf/tiny/k50.yaml changed; then narrow", out)
+    assert re.search(r"\n  b +current", out) and "1 to run" in out, out
 
     # an input file one cell reads (its manifest hashed it)
     scores_b = repo / "data" / "tiny" / "scores_b.jsonl"
     scores_b.write_text(scores_b.read_text().replace('"score": 0.0', '"score": 0.05'))
-    plan = _make(repo, "plan").stdout
+    ran, out = _grid(repo)
+    assert ran == {"b"}
     assert re.search(
-        r"\n  b +stale +select: input data/tiny/scores_b.jsonl changed; then narrow", plan
+        r"\n  b +stale +select: input data/tiny/scores_b.jsonl changed; then narrow", out
     )
-    assert _grid(repo)[0] == {"b"}
 
     # a changed line in the library, not committed: every cell
     losses = repo / "biomedvital" / "selection" / "losses.py"
-    text = losses.read_text()
-    losses.write_text(text.replace('"""', '"""Pair losses. ', 1))
-    plan = _make(repo, "plan").stdout
-    assert plan.count("library changed") == 3 and "3 to run (3 stale)" in plan, plan
-    assert _grid(repo)[0] == {"a", "b", "c"}
-    assert _grid(repo)[0] == set()
+    losses.write_text(losses.read_text().replace('"""', '"""Pair losses. ', 1))
+    ran, out = _grid(repo)
+    assert ran == {"a", "b", "c"}
+    stale = re.findall(
+        r"(?m)^  (\w) +stale +select: library changed \(\w+ → \w+\); then narrow$", out
+    )
+    assert stale == ["a", "b", "c"], out
+    assert "3 to run (3 stale)" in out, out
 
 
 # -- in-process: identity parts, reuse_stale, the report's provenance --------------------------
@@ -343,9 +344,9 @@ def test_report_refuses_mixed_library_hashes_unless_allowed(tmp_path: Path) -> N
     assert (rows["a"]["library"], rows["b"]["library"]) == ("aaaa", "aaaa+bbbb")
     diffs = list(csv.DictReader((out / "m" / "differences.csv").open()))
     (d,) = [x for x in diffs if x["metric"] == "val/align_rate"]
-    assert float(d["b - a"]) == pytest.approx(0.2)
+    assert d["comparison"] == "b/a/val/align_rate" and float(d["diff"]) == pytest.approx(0.2)
     assert float(d["se"]) == pytest.approx(0.1 / 2**0.5)  # sd 0.1/sqrt(2) each, 2 seeds each
-    assert d["exceeds 2 se"] == "yes"
+    assert d["exceeds_2se"] == "yes"
 
 
 @pytest.mark.slow
@@ -389,10 +390,10 @@ def test_make_report_mixed_libraries_and_publishing(repo: Path) -> None:
     published = repo / "experiments" / "reports" / "published" / "tiny"
     assert "written to experiments/reports/published/tiny/" in out
     row = next(r for r in csv.DictReader((published / "table.csv").open()) if r["cell"] == "a")
-    status = subprocess.run(["git", "status", "--porcelain", "--ignored", "experiments"],
+    status = subprocess.run(["git", "status", "--porcelain", "--ignored", "-uall", "experiments"],
                             cwd=repo, capture_output=True, text=True, check=True).stdout  # fmt: skip
-    assert "?? experiments/reports/published/" in status  # committable
-    assert "!! experiments/reports/tiny/" in status  # the scratch copy stays ignored
+    assert "?? experiments/reports/published/tiny/table.csv" in status  # committable
+    assert "!! experiments/reports/tiny/table.csv" in status  # the scratch copy stays ignored
     doc = repo / "docs" / "results.md"
     doc.parent.mkdir(exist_ok=True)
     rate = float(row["win_rate_half_ties"])
