@@ -29,6 +29,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 CITED = ("experiments/reports/published/", "bench/results/published/")
 _LINK = re.compile(r"\[([^\]\n]+)\]\(([^)\s#]+)#([^)\s]+)\)")
+_CODE = re.compile(r"`[^`]*`")  # inline code
 _NUMBER = re.compile(r"[-+−]?\d[\d,]*(?:\.\d+)?")
 
 
@@ -45,10 +46,15 @@ class Citation:
 
 
 def citations(doc: Path) -> list[Citation]:
-    """The links in ``doc`` that cite a published report or benchmark result."""
+    """The links in ``doc`` that cite a published report or benchmark result (outside code)."""
     out = []
+    fenced = False
     for n, line in enumerate(doc.read_text(encoding="utf-8").splitlines(), 1):
-        for m in _LINK.finditer(line):
+        if line.lstrip().startswith(("```", "~~~")):
+            fenced = not fenced
+        if fenced:  # examples of the syntax, not quotes
+            continue
+        for m in _LINK.finditer(_CODE.sub("", line)):
             text, href, fragment = m.groups()
             target = (doc.parent / href).resolve()
             if any(part in target.as_posix() for part in CITED):

@@ -79,3 +79,10 @@ def test_an_uncommitted_report_does_not_count(tmp_path: Path, report: Path) -> N
     )
     (c,) = quoted.citations(doc)
     assert "is not committed" in quoted.check(c, quoted.git_tracked)
+
+
+def test_links_in_code_are_examples_not_quotes(tmp_path: Path) -> None:
+    doc = tmp_path / "x.md"
+    link = "[0.5](experiments/reports/published/g/summary.csv#a:b)"
+    doc.write_text(f"```markdown\n{link}\n```\nInline `{link}`; quoted {link}.\n")
+    assert [c.line for c in quoted.citations(doc)] == [4]
