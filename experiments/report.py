@@ -113,6 +113,7 @@ def collect(grid: str, store: str, page_size: int = 1000) -> list[dict]:
             cell,
             {"cell": cell, "base_cell": tags.get("base_cell", cell), "seed": tags.get("seed", "")},
         )
+        row.setdefault("_runs", set()).add(r.info.run_id)  # the latest run of each stage
         if metrics:
             row.update({_column(k): v for k, v in metrics.items()})
             row["run_ids"] = ",".join(filter(None, [row.get("run_ids", ""), r.info.run_id]))
@@ -365,7 +366,9 @@ def plot(rows: list[dict], grid: str, out: Path) -> list[str]:
 def cell_status(rows: list[dict], grid_file: Path, grid_root: Path) -> None:
     """Each row's ``status``: ``current``, ``stale: ...`` (its code, a config or an input changed
     since it ran: ``grid --plan``'s reasons), ``stale (kept by --reuse_stale): ...``, or
-    ``no cell folder`` (runs made elsewhere, e.g. a copied store)."""
+    ``no cell folder`` (runs made elsewhere, e.g. a copied store). A current cell whose latest
+    runs in the store are not the ones its ``stages.json`` records says so (a run outside the
+    grid with the cell's tags)."""
     from biomedvital.grid import CELL_FILE, plan_cell
     from biomedvital.tracking.provenance import library_hash
 
@@ -380,12 +383,29 @@ def cell_status(rows: list[dict], grid_file: Path, grid_root: Path) -> None:
             reused = json.loads((folder / CELL_FILE).read_text()).get("reused_stale")
         except (OSError, ValueError, AttributeError):
             reused = None
-        if plan.state == "current":
+        recorded = _recorded_runs(folder)
+        if plan.state == "current" and recorded - row.get("_runs", set()):
+            row["status"] = (
+                "current, but the latest runs in the store are not the ones its stages.json "
+                f"records ({', '.join(sorted(recorded))})"
+            )
+        elif plan.state == "current":
             row["status"] = "current"
         elif reused:
             row["status"] = f"stale (kept by --reuse_stale): {plan.why()}"
         else:
             row["status"] = f"{plan.state}: {plan.why()}"
+
+
+def _recorded_runs(folder: Path) -> set[str]:
+    """The MLflow runs a cell's stages.json records (stages whose done file names its run)."""
+    from biomedvital.grid import STAGES_FILE
+
+    try:
+        stages = json.loads((folder / STAGES_FILE).read_text())["stages"]
+        return {s["mlflow_run_id"] for s in stages.values() if s.get("mlflow_run_id")}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return set()
 
 
 def libraries(rows: list[dict]) -> dict[str, list[str]]:

@@ -282,6 +282,7 @@ def test_reuse_stale_keeps_a_cell_and_the_report_marks_it(
     its old record kept, so a plain run reruns it), the report marks it and will not publish;
     once rerun, the report is published with the one library hash and the run days."""
     from biomedvital.grid import plan_cell, run_cell
+    from biomedvital.tracking.mlflow import PipelineRun
     from biomedvital.tracking.provenance import library_hash
 
     grid, base = _select_grid(tmp_path, pool)
@@ -317,6 +318,13 @@ def test_reuse_stale_keeps_a_cell_and_the_report_marks_it(
     record = json.loads((published / "report.json").read_text())
     assert record["libraries"] == {library_hash(): ["k50", "k100"]} and not record["mixed"]
     assert f"library `{library_hash()}`" in (published / "table.md").read_text().splitlines()[0]
+
+    # a run logged outside the grid with a cell's tags (a manual rerun) is what a report reads:
+    # the status says these are not the runs the cell recorded
+    tags = {"grid": "g", "cell": "k100", "base_cell": "k100", "stage": "select"}
+    with PipelineRun("selection", "select", str(tmp_path / "mlruns"), tags):
+        pass
+    assert _status(tmp_path, grid, "k100").startswith("current, but the latest runs in the store")
 
 
 def test_report_refuses_mixed_library_hashes_unless_allowed(tmp_path: Path) -> None:
@@ -427,3 +435,10 @@ def test_a_cell_finished_before_identities_were_recorded_is_stale(tmp_path: Path
     plan = plan_cell(grid, "a", root)
     assert plan.state == "stale" and plan.to_run
     assert plan.why() == "s: finished before stage identities were recorded (command only)"
+
+
+def _status(tmp_path: Path, grid: Path, cell: str) -> str:
+    out = _report(tmp_path, grid)
+    return next(
+        r for r in csv.DictReader((out / grid.stem / "table.csv").open()) if r["cell"] == cell
+    )["status"]
