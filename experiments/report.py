@@ -153,8 +153,10 @@ def _dates(start_ms: int, end_ms: int) -> str:
 def _held_out_pairs(client, run_id: str) -> dict:  # noqa: ANN001 - an MlflowClient
     """The number of held-out pairs a selector fit measured on (``run.fit.json``'s pair
     counts): the figures' denominators."""
+    import os
     import tempfile
 
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one bar per run
     try:
         with tempfile.TemporaryDirectory() as tmp:
             path = client.download_artifacts(run_id, "run.fit.json", tmp)
