@@ -444,6 +444,13 @@ def run_cell(
     library = plan.stages[0].identity["library"]
     record: dict[str, Any] = {"grid": str(grid), "cell": cell, "library": library, "stages": []}
     reused = {}
+    first_run = next((i for i, s in enumerate(plan.stages) if s.action == "run"), None)
+    if first_run is not None:
+        # the stages from the first that runs on are forgotten until each finishes again: a
+        # later stage that fails must not keep a record made from the earlier stage's old output
+        forgotten = [records.pop(s.stage) for s in plan.stages[first_run:] if s.stage in records]
+        if forgotten:
+            write_json(cell_dir / STAGES_FILE, {"format": FORMAT, "stages": records})
     for stage in plan.stages:
         name = stage.stage
         if stage.action == "run":

@@ -16,6 +16,7 @@ TABLE_ROW_MAX = 300
 _FENCE = re.compile(r"^[ \t]*(```|~~~).*?^[ \t]*\1[^\n]*$", re.M | re.S)
 _CODE_SPAN = re.compile(r"`[^`\n]*`")
 _LINK = re.compile(r"!?\[[^\]\n]*\]\(([^)\s]+)(?:\s+\"[^\"]*\")?\)")
+_TARGET = re.compile(r"\]\([^)\s]+\)")
 _HEADING = re.compile(r"^#{1,6}\s+(.+?)\s*#*\s*$", re.M)
 
 
@@ -75,9 +76,11 @@ def test_links_resolve(page: Path) -> None:
 
 @pytest.mark.parametrize("page", PAGES, ids=lambda p: str(p.relative_to(ROOT)))
 def test_line_lengths(page: Path) -> None:
+    # a link's target is not read as text: a quoted figure links to its report file and row
+    shown = [_TARGET.sub("]()", line) for line in page.read_text(encoding="utf-8").splitlines()]
     long = [
         f"{page.name}:{i}: {len(line)} characters"
-        for i, line in enumerate(page.read_text(encoding="utf-8").splitlines(), 1)
+        for i, line in enumerate(shown, 1)
         if len(line) > (TABLE_ROW_MAX if line.lstrip().startswith("|") else LINE_MAX)
     ]
     assert long == []

@@ -442,3 +442,35 @@ def _status(tmp_path: Path, grid: Path, cell: str) -> str:
     return next(
         r for r in csv.DictReader((out / grid.stem / "table.csv").open()) if r["cell"] == cell
     )["status"]
+
+
+def test_a_stage_after_one_that_reruns_keeps_no_record_until_it_finishes_again(
+    tmp_path: Path, pool: dict[str, Path]
+) -> None:
+    """select's config changes, select reruns, then narrow (which reads select's output) fails:
+    narrow's record of its previous run is gone, so the next run cannot take narrow's old
+    output, made from select's old one, for current."""
+    from biomedvital.grid import STAGES_FILE, plan_cell, run_cell
+
+    grid, base = _select_grid(tmp_path, pool)
+    spec = yaml.safe_load(grid.read_text())
+    spec["stages"] = {"select": spec["stages"]["select"], "narrow": {
+        "verb": "select", "done": "{cell_dir}/narrow/manifest.json",
+        "args": {"scores": yaml.safe_load(base.read_text())["scores"], "top_percent": 50,
+                 "candidates": "{cell_dir}/selected/selected.json", "out": "{cell_dir}/narrow",
+                 "store": str(tmp_path / "mlruns")}}}  # fmt: skip
+    spec["cells"] = {"k100": {}}
+    grid.write_text(yaml.safe_dump(spec, sort_keys=False))  # stages run in file order
+    root = str(tmp_path / "grids")
+    run_cell(grid, "k100", root)
+    folder = tmp_path / "grids" / "g" / "k100"
+    base.write_text(base.read_text() + "top_percent: 60\n")
+    (folder / "narrow" / "selected.json").unlink()
+    (folder / "narrow" / "selected.json").mkdir()  # narrow cannot write its output
+    with pytest.raises(SystemExit, match="stage 'narrow' failed"):
+        run_cell(grid, "k100", root)
+    assert list(json.loads((folder / STAGES_FILE).read_text())["stages"]) == ["select"]
+    (folder / "narrow" / "selected.json").rmdir()
+    plan = plan_cell(grid, "k100", root)
+    assert [s.action for s in plan.stages] == ["current", "run"]
+    assert plan.why() == "narrow: no record of what it ran with"
