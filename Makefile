@@ -32,8 +32,9 @@ help:  ## list the targets
 
 # llama-cpp-python (dev extra: the local endpoint) is built from source, then cached by uv;
 # llama.cpp's native build (-march=native) dies here with an illegal instruction. The Python
-# package loads libllama and libggml only: the multimodal library (LLAVA_BUILD) is not built.
-LLAMA_CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_AVX512=OFF -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF -DLLAVA_BUILD=OFF
+# package loads libllama and libggml only: llama.cpp's multimodal (LLAVA_BUILD) and common
+# libraries (tools/llama_cpp_python.cmake) are not built, 74 of the 178 objects of a full build.
+LLAMA_CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_AVX512=OFF -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF -DLLAVA_BUILD=OFF -DCMAKE_PROJECT_llama.cpp_INCLUDE=$(CURDIR)/tools/llama_cpp_python.cmake
 
 # The environment is requirements.lock (every dependency and extra: versions and hashes, no
 # machine's paths), installed by uv, itself pinned and hashed in the lock. UV_SOURCES gives uv

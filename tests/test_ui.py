@@ -50,16 +50,29 @@ def _wait_until_up(base: str, proc: subprocess.Popen, log: Path, limit_s: float 
     raise AssertionError(f"the UI did not answer within {limit_s:.0f}s:\n{log.read_text()}")
 
 
-def _stop(proc: subprocess.Popen) -> None:
-    """Stop the UI and the server processes MLflow started (one process group)."""
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def _stop(proc: subprocess.Popen, limit_s: float = 60) -> bool:
+    """Stop the UI and the server processes MLflow started (one process group), as Ctrl-C on
+    ``make ui`` does; whether they all ended within ``limit_s`` (else they are killed)."""
     with contextlib.suppress(ProcessLookupError):
         os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(30)
-    except subprocess.TimeoutExpired:
+    deadline = time.monotonic() + limit_s
+    while _group_alive(proc.pid) and time.monotonic() < deadline:
+        time.sleep(0.2)
+        proc.poll()
+    stopped = not _group_alive(proc.pid)
+    if not stopped:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+    proc.wait()
+    return stopped
 
 
 def test_ui_lists_the_suites_experiments_and_a_runs_metrics(tmp_path: Path) -> None:
@@ -94,6 +107,7 @@ def test_ui_lists_the_suites_experiments_and_a_runs_metrics(tmp_path: Path) -> N
         page = _request(f"{base}/")
         assert "<html" in page.lower() and "mlflow" in page.lower()  # the web app, not only its API
     finally:
-        _stop(proc)
-    with socket.socket() as s:  # stopped: the port is free again
-        s.bind(("127.0.0.1", port))
+        stopped = _stop(proc)
+    assert stopped, "a process of the UI outlived SIGTERM"
+    with socket.socket() as s, pytest.raises(ConnectionRefusedError):
+        s.connect(("127.0.0.1", port))

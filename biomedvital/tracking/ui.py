@@ -30,6 +30,8 @@ def ui_command(store: Path, host: str, port: int) -> list[str]:
         host,
         "--port",
         str(port),
+        "--workers",  # one user: MLflow's default 4 cost 4 imports of the server on 2 cores
+        "1",
     ]
 
 
@@ -48,4 +50,7 @@ def ui(store: str = "mlruns", host: str = "127.0.0.1", port: int = 5000) -> None
     check_store(root.resolve())
     print(f"MLflow UI on {db}: http://{host}:{port} (Ctrl-C stops it)", flush=True)
     command = ui_command(root, host, port)
-    os.execv(command[0], command)
+    env = dict(os.environ)
+    # MLflow's job runner (GenAI evaluation jobs: 8 more processes) has no use on a store of runs
+    env.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
+    os.execve(command[0], command, env)

@@ -1,0 +1,94 @@
+"""A new user's first ``make demo``: a fresh clone of HEAD in a temporary folder, empty uv and pip
+caches (nothing built or downloaded before), ``make setup`` then the rest of ``make demo``.
+
+Prints and writes (``bench/results/first_run.json``) each phase's wall time, the CPU time its
+processes used (user + system, children included: on a busy machine the wall time grows, the CPU
+time much less) and the load average before and after, with the machine's core count.
+
+    python bench/first_run.py            # about 8 minutes on a quiet 2-core machine
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _cpu_s() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def phase(name: str, command: list[str], cwd: Path, env: dict[str, str], log: Path) -> dict:
+    """Run one phase; its wall and CPU seconds and the 1-minute load around it."""
+    load_before = os.getloadavg()[0]
+    cpu0, t0 = _cpu_s(), time.monotonic()
+    with open(log, "ab") as out:
+        done = subprocess.run(command, cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT)
+    wall, cpu = time.monotonic() - t0, _cpu_s() - cpu0
+    if done.returncode != 0:
+        sys.exit(f"{name}: {' '.join(command)} exited {done.returncode}; log: {log}")
+    return {
+        "command": " ".join(command),
+        "wall_s": round(wall, 1),
+        "cpu_s": round(cpu, 1),
+        "load_1min_before": round(load_before, 2),
+        "load_1min_after": round(os.getloadavg()[0], 2),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "first_run.json")
+    parser.add_argument("--keep", action="store_true", help="keep the clone and its caches")
+    args = parser.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="biomedvital-first-run-"))
+    clone, log = work / "biomedvital", work / "first_run.log"
+    env = {**os.environ, "UV_CACHE_DIR": str(work / "uv-cache")}
+    env["PIP_CACHE_DIR"] = str(work / "pip-cache")
+    commit = subprocess.run(
+        ["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, check=True
+    ).stdout.strip()
+    try:
+        subprocess.run(["git", "clone", "--quiet", str(REPO), str(clone)], check=True)
+        phases = {
+            "setup": phase("setup", ["make", "setup"], clone, env, log),
+            "demo": phase("demo", ["make", "demo"], clone, env, log),
+        }
+    finally:
+        if not args.keep:
+            shutil.rmtree(work, ignore_errors=True)
+    result = {
+        "commit": commit,
+        "cores": len(os.sched_getaffinity(0)),
+        "processor": platform.processor() or platform.machine(),
+        "python": platform.python_version(),
+        "phases": phases,
+        "wall_s": round(sum(p["wall_s"] for p in phases.values()), 1),
+        "cpu_s": round(sum(p["cpu_s"] for p in phases.values()), 1),
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    for name, p in phases.items():
+        print(
+            f"{name:>5}: {p['wall_s']:7.1f} s wall, {p['cpu_s']:7.1f} s CPU"
+            f" (load {p['load_1min_before']} -> {p['load_1min_after']})"
+        )
+    print(
+        f"first make demo: {result['wall_s']:.1f} s wall on {result['cores']} cores -> {args.out}"
+    )
+
+
+if __name__ == "__main__":
+    main()
