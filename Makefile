@@ -43,19 +43,23 @@ LOCK       := requirements.lock
 UV         := $(BIN)/uv
 UV_SOURCES  = $(shell $(PY) tools/uv_sources.py)
 
-$(UV):
+# the venv (when missing) and uv in it, from the lock's pinned and hashed uv line
+define venv_with_uv
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
-	awk '/^uv==/{p=1} p{print} p && !/\\$$/{exit}' $(LOCK) > $(VENV)/uv-requirement.txt
-	$(BIN)/python -m pip install --quiet --require-hashes --no-deps -r $(VENV)/uv-requirement.txt
+	test -x $(UV) || { awk '/^uv==/{p=1} p{print} p && !/\\$$/{exit}' $(LOCK) > $(VENV)/uv-requirement.txt \
+		&& $(BIN)/python -m pip install --quiet --require-hashes --no-deps -r $(VENV)/uv-requirement.txt; }
+endef
 
-$(STAMP): pyproject.toml $(LOCK) | $(UV)
+$(STAMP): pyproject.toml $(LOCK)
+	$(venv_with_uv)
 	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(UV) pip sync --python $(BIN)/python --require-hashes $(UV_SOURCES) $(LOCK)
 	$(UV) pip install --python $(BIN)/python --no-deps $(UV_SOURCES) -e .
 	touch $(STAMP)
 
 setup: $(STAMP)  ## create .venv (when missing) and install requirements.lock (all extras) and the package
 
-lock: | $(UV)  ## refresh requirements.lock from pyproject.toml (resolved on PyPI; pins: requirements-pins.txt)
+lock:  ## refresh requirements.lock from pyproject.toml (resolved on PyPI; pins: requirements-pins.txt)
+	$(venv_with_uv)
 	$(UV) pip compile pyproject.toml --all-extras --universal --generate-hashes \
 		-c requirements-pins.txt --custom-compile-command "make lock" -o $(LOCK)
 	$(BIN)/python tools/lock_fingerprint.py --write $(LOCK)
