@@ -123,7 +123,9 @@ def mlflow_history(
             assert seen == m.value or (math.isnan(seen) and math.isnan(m.value)), (
                 f"{key} at step {m.step} logged as {seen} and as {m.value}"
             )
-    return values, dict(info.data.params)
+    # a rerun of ``test`` records what it took from the killed run's journal (``resumed_*``)
+    params = {k: v for k, v in info.data.params.items() if not k.startswith("resumed")}
+    return values, params
 
 
 def same_fit(ref: Path, got: Path, setup: Setup, ignore_config: Iterable[str] = ()) -> None:

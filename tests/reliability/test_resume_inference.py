@@ -305,14 +305,17 @@ class Grid:
         run = self.runs.root / f"grid-{label}"
         run.mkdir()
         (run / "data").symlink_to(self.runs.data, target_is_directory=True)
-        (run / "pyproject.toml").symlink_to(REPO / "pyproject.toml")  # the stamp's prerequisite
+        # make's own files, as in a checkout (its sub-make reads ./Makefile; the venv stamp
+        # depends on ./pyproject.toml)
+        for name in ("Makefile", "pyproject.toml"):
+            (run / name).symlink_to(REPO / name)
         return run
 
     def start(self, run: Path) -> subprocess.Popen:
         env = {**os.environ, **{k: v for k, v in self.runs.env.items() if v is not None}}
         return subprocess.Popen(
-            ["make", "-f", str(REPO / "Makefile"), "--no-print-directory", "grid",
-             f"VENV={self.venv}", "GRID=g", f"GRID_FILE={self.file}"],
+            ["make", "--no-print-directory", "grid", f"VENV={self.venv}", "GRID=g",
+             f"GRID_FILE={self.file}"],
             cwd=run, env=env, stdout=open(run / "log.txt", "a"), stderr=subprocess.STDOUT,
             start_new_session=True,
         )  # fmt: skip

@@ -82,8 +82,9 @@ def test_demo_config_killed_after_its_first_checkpoint_resumes_exactly(
     """The demo selector and tuner as shipped (1 DataLoader worker), at trial size, SIGKILLed as
     epoch 1 starts, just after the first ``last.ckpt``: the resumed run's checkpoints are
     ``torch.equal`` to the uninterrupted run's, tensor for tensor (weights, optimiser state),
-    and so are its epoch, step, records and metrics. (With workers, the resumed run trained
-    epoch 0's batches again in epoch 1.)"""
+    and so are its epoch, step, records and metrics. (The case where a loader whose workers
+    prefetch as its iterator is built, before Lightning sets the epoch, would train epoch 0's
+    batches again in epoch 1.)"""
     _kill_at(runs, setup, setup.kills[0])
 
 
@@ -168,6 +169,6 @@ def test_worker_count_may_change_between_kill_and_resume(
 @pytest.mark.parametrize("setup", [PAPER_SELECTOR, PAPER_TUNER_FSDP2], ids=lambda s: s.name)
 def test_killed_twice_resumes_exactly(setup: Setup, runs: Runs) -> None:
     """Killed at the epoch boundary, resumed, killed again mid-epoch after a step checkpoint,
-    resumed: the second resume continues that epoch (it used to start it over: Lightning had
-    not counted the first resumed epoch as started)."""
+    resumed: the second resume continues that epoch (it starts it over if the first resumed
+    epoch is not counted as started, as Lightning leaves it)."""
     _kill_at(runs, setup, *setup.kills)
