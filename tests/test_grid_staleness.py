@@ -410,7 +410,12 @@ def test_make_report_mixed_libraries_and_publishing(repo: Path) -> None:
     subprocess.run([*GIT, "add", "experiments/reports/published", "docs"], cwd=repo, check=True)
     check = subprocess.run([sys.executable, "experiments/quoted.py"], cwd=repo,
                            capture_output=True, text=True, check=False)  # fmt: skip
-    assert check.returncode == 0 and "1 quoted figure(s) checked, 0 mismatch" in check.stdout
+    assert check.returncode == 0 and "0 mismatch(es)" in check.stdout, check.stdout
+    doc.write_text(doc.read_text().replace(f"[{rate:.1f} %]", f"[{rate + 1:.1f} %]"))
+    check = subprocess.run([sys.executable, "experiments/quoted.py"], cwd=repo,
+                           capture_output=True, text=True, check=False)  # fmt: skip
+    assert check.returncode == 1 and "1 mismatch(es)" in check.stdout, check.stdout
+    assert f"docs/results.md:1: [{rate + 1:.1f} %]: the report says {rate}" in check.stdout
 
 
 def test_a_cell_finished_before_identities_were_recorded_is_stale(tmp_path: Path) -> None:
