@@ -25,7 +25,7 @@ TO_RUN    = $(shell $(BIN)/python -m biomedvital grid $(GRID_ARGS) --stale true 
 NEEDS     = $(shell $(BIN)/python -m biomedvital grid --grid $(GRID_FILE) --needs true 2>/dev/null)
 
 .DEFAULT_GOAL := help
-.PHONY: help setup lock demo test lint format ui bench clean list plan grid report FORCE
+.PHONY: help setup lock demo test test-heavy lint format ui bench clean list plan grid report FORCE
 
 help:  ## list the targets
 	@grep -E '^[a-zA-Z_/%.-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | expand -t 28
@@ -155,6 +155,9 @@ $(DEMO)/judge/manifest.json: $(DEMO)/eval/demo_chat/scores.json data/demo_vqa/de
 
 test: $(STAMP)  ## run the test suite (tiny models, CPU; add PYTEST_ARGS="-m slow" for the long checks)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+test-heavy: $(STAMP)  ## the end-to-end and multi-process checks that make test leaves to CI's second step
+	$(BIN)/python -m pytest -m heavy $(PYTEST_ARGS)
 
 lint: $(STAMP)  ## ruff lint and format check, import contracts (pyproject.toml)
 	$(BIN)/ruff check .

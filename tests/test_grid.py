@@ -19,6 +19,7 @@ sys.path.insert(0, str(REPO / "tests" / "selection"))
 from test_selector_cli import _config  # noqa: E402
 
 
+@pytest.mark.heavy
 def test_grid_cells_and_report(tmp_path: Path, pool: dict[str, Path], capsys) -> None:
     base = _config(tmp_path, pool)
     grid = tmp_path / "wtiny.yaml"
@@ -59,6 +60,7 @@ def test_grid_cells_and_report(tmp_path: Path, pool: dict[str, Path], capsys) ->
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
 
 
+@pytest.mark.heavy
 def test_seed_replicates_of_a_selector_fit_differ(tmp_path: Path, pool: dict[str, Path]) -> None:
     """The default ``seed_args`` (``seed_everything``) reach the selector: its ``init_seed``
     and data ``seed`` follow the global seed unless pinned, so replicates are not copies."""
@@ -114,6 +116,7 @@ def _chain_grid(tmp_path: Path, pool: dict[str, Path]) -> Path:
     return grid
 
 
+@pytest.mark.heavy
 def test_grid_chain_seeds_resume_and_report(tmp_path: Path, pool: dict[str, Path], capsys) -> None:
     grid = _chain_grid(tmp_path, pool)
     main(["grid", "--grid", str(grid)])

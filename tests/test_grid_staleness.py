@@ -154,6 +154,7 @@ def _kept(repo: Path, cell: str) -> int:
     return json.loads((folder / "manifest.json").read_text())["kept"]
 
 
+@pytest.mark.heavy
 def test_make_grid_reruns_exactly_the_cells_whose_identity_changed(repo: Path) -> None:
     n_all = len((repo / "data" / "tiny" / "candidates.jsonl").read_text().splitlines())
     ran, _ = _grid(repo)

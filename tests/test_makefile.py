@@ -8,6 +8,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+import tomllib
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -62,3 +63,19 @@ def test_grid_with_a_missing_or_broken_grid_file_fails(
     assert proc.returncode != 0, proc.stdout
     assert "biomedvital: error:" in proc.stderr and str(grid) in proc.stderr
     assert "list the targets" not in proc.stdout  # not the help of an empty sub-make
+
+
+def test_ci_runs_the_checks_make_test_leaves_out() -> None:
+    """A marker that `make test` deselects, other than the opt-in slow and gpu, has a make target
+    that CI runs, so moving a check out of the budgeted suite never drops it from CI."""
+    root = Path(__file__).resolve().parents[1]
+    addopts = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["pytest"]["ini_options"][
+        "addopts"
+    ]
+    left_out = set(re.findall(r"not (\w+)", addopts)) - {"slow", "gpu"}
+    assert left_out, addopts
+    makefile = (root / "Makefile").read_text()
+    ci = (root / ".ci" / "run").read_text()
+    for marker in left_out:
+        assert re.search(rf"^test-{marker}:.*\n\t.*pytest -m {marker}\b", makefile, re.M), marker
+        assert re.search(rf"^make test-{marker}\b", ci, re.M), marker

@@ -6,6 +6,8 @@ import multiprocessing
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 
 def _log_a_run(store: str, cell: str, barrier: Any, errors: Any) -> None:
     """One grid cell's first MLflow use, released together with the others."""
@@ -19,6 +21,7 @@ def _log_a_run(store: str, cell: str, barrier: Any, errors: Any) -> None:
         errors.put(f"{cell}: {type(e).__name__}: {e}"[:300])
 
 
+@pytest.mark.heavy
 def test_processes_starting_together_on_a_fresh_store_all_log(tmp_path: Path) -> None:
     """Four processes make their first run on a store that has no database yet, at once (as
     ``make -j4 grid`` after a clone): each run is logged, none fails creating the tables."""

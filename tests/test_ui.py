@@ -75,6 +75,7 @@ def _stop(proc: subprocess.Popen, limit_s: float = 60) -> bool:
     return stopped
 
 
+@pytest.mark.heavy
 def test_ui_lists_the_suites_experiments_and_a_runs_metrics(tmp_path: Path) -> None:
     store = tmp_path / "mlruns"
     with PipelineRun("generation", "demo-generate", store=store) as run:

@@ -315,6 +315,7 @@ def test_cli_ckpt_path_evaluates_a_tuner_checkpoint(
     assert sum(a["text"] == b["text"] for a, b in zip(got, want, strict=True)) >= len(want) - 1
 
 
+@pytest.mark.heavy
 def test_two_processes_write_what_one_writes(setup: dict[str, Path]) -> None:
     """DDP over 2 gloo processes: each answers whole batches (16 + 13 of 29 questions), rank 0
     writes them in the split's order; files and MLflow metrics equal the one-process run's.
@@ -537,6 +538,7 @@ def test_a_hub_models_snapshot_is_part_of_the_journal_key(setup: dict[str, Path]
     assert journal_key(hub) != journal_key(local)
 
 
+@pytest.mark.heavy
 def test_killed_run_resumes_on_two_processes(setup: dict[str, Path], uninterrupted: Path) -> None:
     """A one-process run killed after 3 of 8 batches, resumed on 2 processes (DDP): both read
     the journal before either appends, they share the 5 batches left, and the files are the

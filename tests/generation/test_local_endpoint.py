@@ -67,6 +67,7 @@ def demo_files(tmp_path_factory: pytest.TempPathFactory):
     return materialize_demo(tmp_path_factory.mktemp("demo") / "pool")
 
 
+@pytest.mark.heavy
 @needs_llama
 def test_generate_and_rate_against_the_local_server(
     demo_files, tmp_path: Path, mlstore: str, started: list[tuple[int, int]]

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 import torch
 from cli_process import run_cli
 from test_selector_cli import _config
@@ -21,6 +22,7 @@ def _files(root: Path) -> tuple[bytes, dict]:
     return (root / "scores.jsonl").read_bytes(), manifest
 
 
+@pytest.mark.heavy
 def test_two_processes_score_what_one_scores(tmp_path: Path, pool: dict[str, Path]) -> None:
     cfg = _config(tmp_path, pool)
     main(["fit", "--config", str(cfg), "--trainer.max_epochs", "1"])

@@ -170,6 +170,7 @@ def test_overlay_changes_w(tmp_path: Path, pool: dict[str, Path], capsys) -> Non
     assert printed["model"]["init_args"]["backbone"] == "tiny:tiny-clip"
 
 
+@pytest.mark.heavy
 def test_same_seed_same_scores(tmp_path: Path, pool: dict[str, Path]) -> None:
     outputs = []
     for i in range(2):
@@ -208,6 +209,7 @@ def test_predict_last_uses_the_checkpoints_hyper_parameters(
     assert scores[0] == scores[1] and scores[0]
 
 
+@pytest.mark.heavy
 def test_resume_from_last(tmp_path: Path, pool: dict[str, Path]) -> None:
     """``--ckpt_path last`` continues an interrupted run to the same weights as an uninterrupted one."""
     import torch
@@ -325,6 +327,7 @@ def test_resumed_fit_continues_its_mlflow_run(tmp_path: Path, pool: dict[str, Pa
     assert last["mlflow_run_id"] == run.info.run_id
 
 
+@pytest.mark.heavy
 def test_resume_mid_epoch_trains_the_rest_of_that_epoch(
     tmp_path: Path, pool: dict[str, Path]
 ) -> None:

@@ -51,6 +51,7 @@ def test_gemm_calibration_runs_first(tmp_path: Path) -> None:
     assert set(row["tflops"]) >= {"attn_fwd", "gate_up_dx", "down_dw"}
 
 
+@pytest.mark.heavy
 def test_sweep_runs_without_compile(tmp_path: Path) -> None:
     rows = _sweep(tmp_path, "1 2 3")
     _check(rows, 3)

@@ -64,6 +64,7 @@ def test_fit_logs_exports_and_reloads(tmp_path: Path, selected: Path, demo_root:
         assert not torch.equal(fresh(**inputs).logits, merged(**inputs).logits)
 
 
+@pytest.mark.heavy
 def test_resume_from_last(tmp_path: Path, selected: Path, demo_root: Path) -> None:
     """``--ckpt_path last`` continues an interrupted run to the same weights as an uninterrupted one."""
     straight, resumed = tmp_path / "a", tmp_path / "b"
@@ -84,6 +85,7 @@ def test_resume_from_last(tmp_path: Path, selected: Path, demo_root: Path) -> No
         torch.testing.assert_close(b["state_dict"][key], value, msg=key)
 
 
+@pytest.mark.heavy
 def test_resume_mid_epoch_trains_the_rest_of_the_epoch(
     tmp_path: Path, selected: Path, demo_root: Path
 ) -> None:

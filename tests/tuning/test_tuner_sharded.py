@@ -53,6 +53,7 @@ def _greedy(model, processor, image, n: int = 12) -> tuple[list[int], torch.Tens
     return out[0, inputs["input_ids"].shape[1] :].tolist(), logits
 
 
+@pytest.mark.heavy
 def test_fsdp2_two_processes_match_one(tmp_path: Path, demo_root: Path) -> None:
     from peft import PeftModel
     from transformers import AutoProcessor, LlavaForConditionalGeneration
@@ -157,6 +158,7 @@ def test_fsdp2_with_the_lean_options_matches_one_eager_process(
     torch.testing.assert_close(torch.tensor(b), torch.tensor(a), rtol=0, atol=1e-4)
 
 
+@pytest.mark.heavy
 def test_fsdp2_trains_bf16_weights_with_float32_trainables(tmp_path: Path, demo_root: Path) -> None:
     """The paper config's precision path on 2 processes: weights loaded in bf16, ``bf16-mixed``,
     FSDP2 units of bf16 frozen weights beside float32 adapters and projector (FSDP v1 would
@@ -180,6 +182,7 @@ def test_fsdp2_trains_bf16_weights_with_float32_trainables(tmp_path: Path, demo_
     assert state and {v.dtype for v in state.values()} == {torch.float32}
 
 
+@pytest.mark.heavy
 def test_a_rank_whose_whole_batch_lost_its_images_still_steps(
     tmp_path: Path, demo_root: Path
 ) -> None:
@@ -211,6 +214,7 @@ def test_a_rank_whose_whole_batch_lost_its_images_still_steps(
     assert bad and manifest["bad_images_during_training"] == {"count": len(bad), "ids": bad}
 
 
+@pytest.mark.heavy
 def test_fsdp_v1_export_gathers_every_rank(tmp_path: Path) -> None:
     """FSDP (v1) on 2 CPU processes (torch's FSDP as Lightning's FSDPStrategy wraps the
     module; Lightning itself refuses CPU): every rank takes part in export, rank 0 writes whole
