@@ -12,7 +12,7 @@ running Hugging Face ``generate`` in the Trainer:
   (:mod:`.prompting`), the system prompt read from the export's ``run.json`` when the served
   model is one of ours; the image goes as a data URL of the file (:mod:`biomedvital.llm.images`),
   and the served model preprocesses it itself: an export of the tuner pads or crops as it was
-  trained (its ``preprocessor_config.json``: ``do_pad``, which ``vllm serve`` and ``transformers
+  trained (its ``processor_config.json``: ``do_pad``, which ``vllm serve`` and ``transformers
   serve`` follow), so the config's ``image_aspect_ratio`` is not applied; ``run.answer.json``
   records the export's value;
 * the same decoding where the endpoint takes it: greedy (temperature 0), ``max_tokens`` from

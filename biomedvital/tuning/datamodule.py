@@ -83,7 +83,7 @@ class TunerDataModule(LightningDataModule):
             processor's mean colour, then resized) or ``crop`` (resized, then centre-cropped:
             a non-square image loses its edges). Set on the model's processor
             (:mod:`~biomedvital.tuning.image_aspect`), so the export's
-            ``preprocessor_config.json`` records it and the evaluator preprocesses alike.
+            ``processor_config.json`` records it and the evaluator preprocesses alike.
     """
 
     def __init__(

@@ -102,7 +102,7 @@ class ExportTuned(EndOfFit):
                 "mode": pl_module.hparams.get("mode"),
                 # the evaluator asks with it (a tuned model must be prompted as it was trained)
                 "system_prompt": _system_prompt(trainer),
-                # as the merged processor's preprocessor_config.json records it
+                # as the merged model's processor_config.json records it
                 "image_aspect_ratio": getattr(trainer.datamodule, "image_aspect_ratio", None),
                 "global_step": trainer.global_step,
                 "epoch": trainer.current_epoch,

@@ -10,7 +10,7 @@ evaluator both call it, and both then preprocess with that processor, so trainin
 evaluation see the same pixels. ``pad`` is transformers' ``LlavaImageProcessor`` with
 ``do_pad``; a ``CLIPImageProcessor`` (llava-hf's checkpoints, the tiny models) is replaced by one
 with the same settings, as the two differ only by that step. The processor records the value as
-``image_aspect_ratio``, so the tuner's export carries it in ``preprocessor_config.json`` (with
+``image_aspect_ratio``, so the tuner's export carries it in its processor config (with
 ``do_pad``, which a server of the export, ``vllm serve`` or ``transformers serve``, follows), and
 :func:`recorded_image_aspect_ratio` reads it back.
 """
@@ -22,7 +22,8 @@ from typing import Any, Literal, get_args
 ImageAspectRatio = Literal["pad", "crop"]
 IMAGE_ASPECT_RATIOS: tuple[str, ...] = get_args(ImageAspectRatio)
 RECORD_KEY = "image_aspect_ratio"
-"""The processor attribute (and ``preprocessor_config.json`` field) holding the value."""
+"""The image processor's attribute holding the value (a field of the saved processor config:
+``processor_config.json``'s ``image_processor``)."""
 
 
 def check_image_aspect_ratio(value: Any, key: str = "image_aspect_ratio") -> None:
