@@ -140,7 +140,7 @@ def _config_error(
 
     import yaml
 
-    from biomedvital.config_keys import unknown_key_message
+    from biomedvital.config_keys import bad_choice_message, unknown_key_message
 
     text = str(err).strip()
     m = re.search(r'(?:Parser key|Key) "([^"]+)"', text)
@@ -157,6 +157,8 @@ def _config_error(
         text = f"'{key}' moved to '{moved}' (in YAML: {moved.split('.')[0]}: {{{key}: ...}})"
     elif message := unknown_key_message(text, files, list(argv), parser, verb):
         return ConfigError(message)
+    elif message := bad_choice_message(text, files, list(argv)):
+        return ConfigError(f"{verb}: {message}")
     source = None
     for name in reversed(files):  # later files overlay earlier ones
         node = yaml.safe_load(open(name, encoding="utf-8"))  # noqa: SIM115 - checked above
@@ -459,7 +461,7 @@ def main(argv: list[str] | None = None) -> None:
         try:
             result = _load(CONFIG_VERBS[verb][0])(argv[1:])
         except ArgumentError as e:
-            raise _config_error(verb, e, files) from None
+            raise _config_error(verb, e, files, argv[1:]) from None
         if isinstance(result, dict):
             import json
 

@@ -5,7 +5,9 @@ dump of every Union alternative it tried (``Does not validate against any of the
 subtypes ... Option 'ww' is not accepted ... Given value type: NestedArg``). The key, the class
 that refused it and the keys that class accepts are all in that dump and the parser; this module
 turns them into ``conf/demo/selector.yaml: model.init_args.ww is not an option of
-SelectorModule; did you mean w?``.
+SelectorModule; did you mean w?``. A value outside a switch's choices (a ``Literal``) is
+dumped alike and becomes ``the command line: data.init_args.image_aspect_ratio must be one of
+'pad', 'crop', got 'square'``.
 """
 
 from __future__ import annotations
@@ -32,6 +34,8 @@ _GROUP = re.compile(r"Group '([^']+)' does not accept option '([^']+)'")
 _CLASS = re.compile(r"Problem with given class_path '([^']+)'")
 _KEY = re.compile(r'Parser key "([^"]+)"')
 _HIDDEN = {"help", "config", "print_config"}
+_CHOICES = re.compile(r"Expected a typing\.Literal\[(.*)\](?:\. Got value: (.*))?$")
+_GIVEN = re.compile(r"^\s*Given value: (.*)$")
 
 
 @dataclass(frozen=True)
@@ -205,3 +209,49 @@ def unknown_key_message(
     else:
         hint = "see --help"
     return f"{source}: {shown} is not an option of {owner}; {hint}"
+
+
+def _key_path(lines: list[str], i: int) -> list[str]:
+    """The dotted path of the key whose error is on line ``i`` of a jsonargparse dump: the
+    less-indented ``Parser key`` lines above it, ``init_args`` for each ``class_path``."""
+    parts: list[str] = []
+    level = _indent(lines[i])
+    for above in reversed(lines[:i]):
+        if _indent(above) >= level:
+            continue
+        level = _indent(above)
+        if _CLASS.search(above):
+            parts.insert(0, "init_args")
+        elif m := _KEY.search(above):
+            parts[:0] = m.group(1).split(".")
+    return parts
+
+
+def bad_choice_message(text: str, files: list[str], argv: list[str]) -> str | None:
+    """``SOURCE: KEY must be one of CHOICES, got VALUE`` for a value outside a ``Literal``'s
+    choices in jsonargparse's error ``text`` (``None`` for any other error). SOURCE is the
+    command line when a flag sets the key, else the last config file that does."""
+    import yaml
+
+    lines = text.splitlines()
+    hit = next((i for i, line in enumerate(lines) if _CHOICES.search(line)), None)
+    if hit is None:
+        return None
+    m = _CHOICES.search(lines[hit])
+    assert m is not None
+    choices, value = m.group(1), m.group(2)
+    if value is None:  # ``Literal | None``: the value is given below the alternatives
+        below = (_GIVEN.match(line) for line in lines[hit + 1 :])
+        value = next((g.group(1) for g in below if g), None)
+    path = _key_path(lines, hit)
+    if not path or value is None:
+        return None
+    key = ".".join(path)
+    flags = {a.split("=")[0] for a in argv if a.startswith("--")}
+    source = "the command line" if f"--{key}" in flags or not files else None
+    for name in reversed(files if source is None else []):
+        with open(name, encoding="utf-8") as f:
+            if _locate(yaml.safe_load(f), tuple(path)) is not None:
+                source = name
+                break
+    return f"{source or ', '.join(files)}: {key} must be one of {choices}, got {value!r}"

@@ -10,6 +10,7 @@ from biomedvital.tracking.hooks import (
     DescribesData,
     HasUpstreamRuns,
     PlansSupervisedTokens,
+    ReportsResolved,
     ReportsResume,
     TracksRun,
     describe,
@@ -34,6 +35,7 @@ def test_objects_without_a_hook_are_told_apart() -> None:
         supervised_tokens = staticmethod(lambda *a: (0, 0))
         dropped_pairs = {"train": 1}
         resumed = None
+        resolved = None
         run_id = "r"
         experiment = object()
 
@@ -50,6 +52,7 @@ def test_objects_without_a_hook_are_told_apart() -> None:
         PlansSupervisedTokens,
         CountsDroppedPairs,
         ReportsResume,
+        ReportsResolved,
         TracksRun,
     ):
         assert not isinstance(bare, hook) and isinstance(full, hook), hook.__name__

@@ -10,7 +10,11 @@ running Hugging Face ``generate`` in the Trainer:
   the output folder is ``trainer.default_root_dir`` for both verbs;
 * the same prompt: the system prompt and the question's text with its suffixes
   (:mod:`.prompting`), the system prompt read from the export's ``run.json`` when the served
-  model is one of ours; the image goes as a data URL of the file (:mod:`biomedvital.llm.images`);
+  model is one of ours; the image goes as a data URL of the file (:mod:`biomedvital.llm.images`),
+  and the served model preprocesses it itself: an export of the tuner pads or crops as it was
+  trained (its ``processor_config.json``: ``do_pad``, which ``vllm serve`` and ``transformers
+  serve`` follow), so the config's ``image_aspect_ratio`` is not applied; ``run.answer.json``
+  records the export's value;
 * the same decoding where the endpoint takes it: greedy (temperature 0), ``max_tokens`` from
   ``max_new_tokens``, the seed from ``seed_everything`` (:class:`Decoding`);
 * the same files and figures: ``predictions.jsonl`` (LLaVA-Med's ``question_id``, ``prompt``,
@@ -63,8 +67,17 @@ FAILED_FILE = "failed.jsonl"
 JOURNAL_FILE = "journal.jsonl"
 MissingImage = Literal["error", "skip"]
 
-IGNORED_MODEL_KEYS = ("model", "checkpoint", "base_model", "dtype", "seed", "resume")
-"""``model.init_args`` keys about local weights: the served model is ``client.model``."""
+IGNORED_MODEL_KEYS = (
+    "model",
+    "checkpoint",
+    "base_model",
+    "dtype",
+    "seed",
+    "resume",
+    "image_aspect_ratio",
+)
+"""``model.init_args`` keys about local weights and their preprocessing: the served model is
+``client.model``, and it preprocesses the images it is sent."""
 HONOURED_TRAINER_KEYS = ("default_root_dir", "logger")
 
 
@@ -437,7 +450,8 @@ def _check_out(out: Path) -> None:
 
 
 def _lineage(record: dict[str, Any]) -> dict[str, Any]:
-    return {k: record.get(k) for k in ("mlflow_run_id", "model", "mode", "global_step", "git")}
+    keys = ("mlflow_run_id", "model", "mode", "global_step", "git", "image_aspect_ratio")
+    return {k: record.get(k) for k in keys}
 
 
 def _write(

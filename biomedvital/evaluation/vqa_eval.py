@@ -33,6 +33,7 @@ from typing import Any, Literal
 
 import torch
 from lightning.pytorch import Callback, LightningDataModule, LightningModule
+from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import DataLoader, Dataset
 
 from biomedvital.data.hashing import sha256_file
@@ -41,11 +42,15 @@ from biomedvital.data.model_names import parse_model_name
 from biomedvital.data.report import BadRecordError
 from biomedvital.tuning.models import (
     PREFIXES,
+    ImageAspectRatio,
     LoadedLlava,
+    check_image_aspect_ratio,
     checkpoint_source,
     load_llava,
     load_tuner_checkpoint,
     prompt,
+    recorded_image_aspect_ratio,
+    set_image_aspect_ratio,
     tuner_from_checkpoint,
 )
 
@@ -238,6 +243,11 @@ class VQAEvaluator(LightningModule):
             its export records it (``run.json``), else LLaVA-1.5's vicuna_v1 system.
         closed_rule: ``llava_med`` · ``llava_med_original`` · ``strict`` (see ``metrics``).
         dtype: dtype the weights are loaded in (``None``: the checkpoint's; float32 for tiny).
+        image_aspect_ratio: ``pad`` (each image centred on a square of the processor's mean
+            colour, then resized: LLaVA-1.5's) or ``crop`` (resized, then centre-cropped).
+            ``None``: as the model was trained, when its export or checkpoint records it
+            (the tuner's ``image_aspect_ratio``), else ``pad``. A value that differs from the
+            recorded one is used, with a warning.
         seed: seed of random weights (``tiny:`` only).
         write_predictions: write ``predictions.jsonl`` and ``scores.json`` into the run folder
             and log them to MLflow.
@@ -256,11 +266,14 @@ class VQAEvaluator(LightningModule):
         system_prompt: str | None = None,
         closed_rule: ClosedRule = "llava_med",
         dtype: DType | None = None,
+        image_aspect_ratio: ImageAspectRatio | None = None,
         seed: int = 0,
         write_predictions: bool = True,
         resume: bool = True,
     ) -> None:
         super().__init__()
+        if image_aspect_ratio is not None:
+            check_image_aspect_ratio(image_aspect_ratio)
         if closed_rule not in CLOSED_RULES:
             raise ValueError(f"closed_rule must be one of {CLOSED_RULES}, got {closed_rule!r}")
         if max_new_tokens < 1:
@@ -271,6 +284,9 @@ class VQAEvaluator(LightningModule):
         self.source: str | None = None  # the model's name beside each answer
         self.upstream_run: str | None = None
         self.trained_system: str | None = None  # the export's training system prompt
+        # the image preprocessing used, and the one the model's export or checkpoint records
+        self.image_aspect_ratio: str | None = None
+        self.trained_image_aspect_ratio: str | None = None
         self.writer: AnswerWriter | None = None
 
     # -- building ----------------------------------------------------------------------------
@@ -306,6 +322,22 @@ class VQAEvaluator(LightningModule):
             tok.pad_token = tok.unk_token or tok.eos_token
         self.model, self.processor, self.source = loaded.model, loaded.processor, loaded.source
         self.upstream_run, self.trained_system = loaded.upstream_run, loaded.trained_system
+        self._set_image_aspect_ratio()
+
+    def _set_image_aspect_ratio(self) -> None:
+        """Preprocess images as configured, else as the model was trained (else ``pad``); warn
+        when the configured value is not the trained one."""
+        asked = self.hparams.image_aspect_ratio
+        trained = recorded_image_aspect_ratio(self.processor.image_processor)
+        if asked is not None and trained is not None and asked != trained:
+            rank_zero_warn(
+                f"model.init_args.image_aspect_ratio is {asked!r}, but {self.source} was trained "
+                f"with {trained!r}: its images are preprocessed unlike in training (leave it "
+                "unset to use the trained one)"
+            )
+        self.image_aspect_ratio = asked or trained or "pad"
+        self.trained_image_aspect_ratio = trained
+        set_image_aspect_ratio(self.processor, self.image_aspect_ratio)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Lightning's ``ckpt_path``: rebuild the tuner, then Lightning loads its tensors (keys
@@ -330,8 +362,13 @@ class VQAEvaluator(LightningModule):
     def setup(self, stage: str) -> None:
         self.build()
         logger = self.logger
-        if self.upstream_run and logger is not None and hasattr(logger, "run_id"):
-            logger.experiment.set_tag(logger.run_id, "upstream_run", self.upstream_run)
+        if logger is not None and hasattr(logger, "run_id"):
+            if self.upstream_run:
+                logger.experiment.set_tag(logger.run_id, "upstream_run", self.upstream_run)
+            if self.image_aspect_ratio:
+                logger.experiment.set_tag(
+                    logger.run_id, "image_aspect_ratio", self.image_aspect_ratio
+                )
 
     # -- resuming ----------------------------------------------------------------------------
 
@@ -339,6 +376,16 @@ class VQAEvaluator(LightningModule):
     def resumed(self) -> dict[str, Any] | None:
         """What this run took from a killed run's journal (``run.test.json`` records it)."""
         return self.writer.resumed if self.writer is not None else None
+
+    @property
+    def resolved(self) -> dict[str, Any] | None:
+        """The image preprocessing used and the one the model records (``run.test.json``)."""
+        if self.image_aspect_ratio is None:
+            return None
+        return {
+            "image_aspect_ratio": self.image_aspect_ratio,
+            "trained_image_aspect_ratio": self.trained_image_aspect_ratio,
+        }
 
     def fingerprint(self) -> dict[str, Any]:
         """What the answers depend on: a journal of another fingerprint is never resumed."""
@@ -359,6 +406,7 @@ class VQAEvaluator(LightningModule):
             # hub models: the snapshot's commit (a model updated on the hub between a kill and
             # its resume must not have its answers mixed with the old weights')
             "revision": getattr(getattr(self.model, "config", None), "_commit_hash", None),
+            "image_aspect_ratio": self.image_aspect_ratio,
             "generation": {
                 **{
                     k: hp[k]

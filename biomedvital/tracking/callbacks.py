@@ -13,6 +13,7 @@ from biomedvital.data.jsonio import atomic_write, write_json
 from biomedvital.tracking.hooks import (
     CountsDroppedPairs,
     HasUpstreamRuns,
+    ReportsResolved,
     ReportsResume,
     TracksRun,
     describe,
@@ -195,6 +196,9 @@ class RecordRun(SaveConfigCallback, EndOfFit):
         resumed = pl_module.resumed if isinstance(pl_module, ReportsResume) else None
         if resumed:  # what a rerun took over from a killed run (e.g. journaled answers)
             record["resumed"] = resumed
+        resolved = pl_module.resolved if isinstance(pl_module, ReportsResolved) else None
+        if resolved:  # settings taken from what the model records (e.g. its preprocessing)
+            record["resolved"] = resolved
         write_json(Path(trainer.default_root_dir) / f"run.{stage}.json", record)
         if trainer.logger is not None and hasattr(trainer.logger, "log_dict"):
             trainer.logger.log_dict(record, f"run.{stage}.json")

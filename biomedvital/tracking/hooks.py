@@ -50,6 +50,14 @@ class ReportsResume(Protocol):
 
 
 @runtime_checkable
+class ReportsResolved(Protocol):
+    """A model whose unset settings were resolved from what its weights record (e.g. the image
+    preprocessing an export was trained with): the run record's ``resolved``."""
+
+    resolved: dict[str, Any] | None
+
+
+@runtime_checkable
 class TracksRun(Protocol):
     """A logger bound to one MLflow run (``MLflowLogger``)."""
 

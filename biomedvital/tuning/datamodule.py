@@ -9,6 +9,7 @@ from typing import Any, Literal
 
 import numpy as np
 from lightning.pytorch import LightningDataModule
+from lightning.pytorch.utilities import rank_zero_warn
 from pydantic import ValidationError
 from torch.utils.data import DataLoader
 
@@ -32,6 +33,11 @@ from biomedvital.tuning.conversation import (
     ConversationError,
     encode,
     render,
+)
+from biomedvital.tuning.image_aspect import (
+    ImageAspectRatio,
+    check_image_aspect_ratio,
+    set_image_aspect_ratio,
 )
 from biomedvital.tuning.models import image_token_count
 
@@ -73,6 +79,11 @@ class TunerDataModule(LightningDataModule):
             an over-long sample that cannot be truncated.
         verify_images: decode every image at setup so undecodable ones are found before
             training (otherwise they are met, raised or counted, while training).
+        image_aspect_ratio: ``pad`` (LLaVA-1.5's: each image centred on a square of the image
+            processor's mean colour, then resized) or ``crop`` (resized, then centre-cropped:
+            a non-square image loses its edges). Set on the model's processor
+            (:mod:`~biomedvital.tuning.image_aspect`), so the export's
+            ``processor_config.json`` records it and the evaluator preprocesses alike.
     """
 
     def __init__(
@@ -91,10 +102,12 @@ class TunerDataModule(LightningDataModule):
         seed: int = 0,
         on_bad_record: OnBad = "raise",
         verify_images: bool = False,
+        image_aspect_ratio: ImageAspectRatio = "pad",
     ) -> None:
         super().__init__()
         if not 0.0 <= val_fraction < 1.0:
             raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+        check_image_aspect_ratio(image_aspect_ratio)
         self.data, self.image_root = Path(data), image_root
         self.max_length, self.system_prompt = max_length, system_prompt
         self.batch_size, self.group_by, self.modality_field = batch_size, group_by, modality_field
@@ -102,6 +115,7 @@ class TunerDataModule(LightningDataModule):
         self.batch_split = batch_split
         self.num_workers, self.seed = num_workers, seed
         self.on_bad_record, self.verify_images = on_bad_record, verify_images
+        self.image_aspect_ratio = image_aspect_ratio
         self.processor: Any = None
         self.report = RecordReport()
         self.sets: dict[str, list[Sample]] = {}
@@ -114,6 +128,8 @@ class TunerDataModule(LightningDataModule):
             return
         if self.processor is None:
             self.processor = self.trainer.lightning_module.processor  # type: ignore[union-attr]
+        # the model's own processor: what the export saves beside the weights
+        set_image_aspect_ratio(self.processor, self.image_aspect_ratio)
         self.root = ImageRoot(self.image_root)
         samples = self.read()
         self.sets = self._split(samples)
@@ -151,6 +167,20 @@ class TunerDataModule(LightningDataModule):
 
     def val_dataloader(self) -> list[DataLoader]:
         return [self._loader("val", shuffle=False)] if self.sets.get("val") else []
+
+    def state_dict(self) -> dict[str, Any]:
+        """What a checkpoint records of the data (the evaluator of a tuner checkpoint reads the
+        image preprocessing the model was trained with from it)."""
+        return {"image_aspect_ratio": self.image_aspect_ratio}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """A resumed run: warn when its images are preprocessed unlike the run it continues."""
+        trained = state_dict.get("image_aspect_ratio")
+        if trained is not None and trained != self.image_aspect_ratio:
+            rank_zero_warn(
+                f"data.init_args.image_aspect_ratio is {self.image_aspect_ratio!r}, but the "
+                f"checkpoint's run trained with {trained!r}: the resumed steps see other pixels"
+            )
 
     # -- reading ---------------------------------------------------------------------------
 
@@ -306,4 +336,5 @@ class TunerDataModule(LightningDataModule):
             "tokens": tokens,
             "max_length": self.max_length,
             "group_by": self.group_by,
+            "image_aspect_ratio": self.image_aspect_ratio,
         }

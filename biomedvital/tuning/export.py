@@ -28,7 +28,8 @@ class ExportTuned(EndOfFit):
     processor; ``LlavaForConditionalGeneration.from_pretrained`` / ``AutoProcessor``),
     ``config.yaml`` (the resolved run config), ``data_manifest.json`` (input hash, upstream
     selection run, samples kept / skipped / truncated and why, token counts) and ``run.json``
-    (MLflow run id, git state, final metrics).
+    (MLflow run id, git state, final metrics, the system prompt and ``image_aspect_ratio``
+    trained with).
 
     Args:
         dirpath: the export folder (default ``<trainer.default_root_dir>/export``, so a run
@@ -101,6 +102,8 @@ class ExportTuned(EndOfFit):
                 "mode": pl_module.hparams.get("mode"),
                 # the evaluator asks with it (a tuned model must be prompted as it was trained)
                 "system_prompt": _system_prompt(trainer),
+                # as the merged model's processor_config.json records it
+                "image_aspect_ratio": getattr(trainer.datamodule, "image_aspect_ratio", None),
                 "global_step": trainer.global_step,
                 "epoch": trainer.current_epoch,
                 "metrics": metrics,

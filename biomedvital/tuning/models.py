@@ -2,7 +2,8 @@
 
 What the evaluation stage imports from tuning: the model, its processor and where they come
 from (the name written beside each answer, the MLflow run that trained them, the system prompt
-they were tuned with), and the prompt format it was tuned with (:func:`prompt`).
+they were tuned with), the prompt format it was tuned with (:func:`prompt`) and its image
+preprocessing (:mod:`.image_aspect`).
 
 A ``LlavaTuner`` checkpoint holds only the trainable tensors (LoRA adapters, projector), so the
 very same ``LlavaTuner`` is rebuilt from the checkpoint's hyper-parameters (base model, LoRA
@@ -24,6 +25,12 @@ import torch
 from biomedvital.data.model_names import parse_model_name
 from biomedvital.tuning.args import grouped_hparams
 from biomedvital.tuning.conversation import VICUNA_V1_SYSTEM, prompt
+from biomedvital.tuning.image_aspect import (
+    ImageAspectRatio,
+    check_image_aspect_ratio,
+    recorded_image_aspect_ratio,
+    set_image_aspect_ratio,
+)
 from biomedvital.tuning.module import LlavaTuner
 from biomedvital.tuning.registry import (
     PREFIXES,
@@ -36,10 +43,12 @@ from biomedvital.tuning.registry import (
 
 __all__ = [
     "PREFIXES",
+    "ImageAspectRatio",
     "VICUNA_V1_SYSTEM",
     "LlavaBundle",
     "LoadedLlava",
     "available_tiny",
+    "check_image_aspect_ratio",
     "checkpoint_source",
     "create_llava",
     "exported_by",
@@ -49,6 +58,8 @@ __all__ = [
     "load_llava",
     "load_tuner_checkpoint",
     "prompt",
+    "recorded_image_aspect_ratio",
+    "set_image_aspect_ratio",
     "tiny_tokenizer",
     "tuner_from_checkpoint",
 ]
@@ -114,7 +125,9 @@ def tuner_from_checkpoint(
     dtype: str | None = None,
 ) -> LlavaTuner:
     """The ``LlavaTuner`` that wrote ``checkpoint``, rebuilt without its trained tensors, after
-    checking that they fit it (every tensor has a place, every trainable one is there).
+    checking that they fit it (every tensor has a place, every trainable one is there). Its
+    processor preprocesses images as the run that wrote the checkpoint did (the data module's
+    ``image_aspect_ratio``, which the checkpoint records).
 
     ``source`` names the checkpoint in errors; ``base_model`` and ``dtype`` replace the
     checkpoint's base-model name and load dtype."""
@@ -139,6 +152,9 @@ def tuner_from_checkpoint(
     missing = sorted(tuner.trainable_keys() - set(state))
     if missing:
         raise KeyError(f"{source}: lacks {len(missing)} trainable tensor(s), e.g. {missing[0]}")
+    trained = (checkpoint.get("TunerDataModule") or {}).get("image_aspect_ratio")
+    if trained is not None:
+        set_image_aspect_ratio(tuner.processor, trained)
     return tuner
 
 

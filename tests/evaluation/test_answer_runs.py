@@ -219,7 +219,8 @@ def test_the_exports_system_prompt_and_lineage(
     demo: dict[str, Path], api: FakeAPI, tmp_path: Path
 ) -> None:
     """A model served under its export folder's path (``vllm serve DIR``) is asked with the
-    system prompt its ``run.json`` records; the run is tagged with the export's upstream run."""
+    system prompt its ``run.json`` records; the run is tagged with the export's upstream run and
+    records the image preprocessing the served model applies (the export's, not the config's)."""
     from mlflow.tracking import MlflowClient
 
     from biomedvital.tracking.mlflow import tracking_uri
@@ -227,16 +228,27 @@ def test_the_exports_system_prompt_and_lineage(
     export = tmp_path / "export"
     (export / "merged").mkdir(parents=True)
     (export / "run.json").write_text(
-        json.dumps({"mlflow_run_id": "tuning-run-1", "system_prompt": "Answer briefly."})
+        json.dumps(
+            {
+                "mlflow_run_id": "tuning-run-1",
+                "system_prompt": "Answer briefly.",
+                "image_aspect_ratio": "crop",
+            }
+        )
     )
     out = tmp_path / "out"
     record = _run(demo, api, out, model=str(export / "merged"))
     assert {sent_parts(b)[0] for b in api.seen} == {"Answer briefly."}
     assert record["system_prompt"] == "Answer briefly."
+    assert record["export"]["record"]["image_aspect_ratio"] == "crop"
     run = MlflowClient(tracking_uri(demo["store"])).get_run(record["mlflow_run_id"])
     assert run.data.tags["upstream_run"] == "tuning-run-1"
     api.reset()
-    _run(demo, api, tmp_path / "other", "--model.init_args.system_prompt", "")
+    other = _run(
+        demo, api, tmp_path / "other", "--model.init_args.system_prompt", "",
+        "--model.init_args.image_aspect_ratio", "pad",
+    )  # fmt: skip
+    assert "model.init_args.image_aspect_ratio" in other["notice"]  # the server preprocesses
     assert {sent_parts(b)[0] for b in api.seen} == {""}  # as configured: none (sent empty)
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 import yaml
 from cli_process import run_cli
 from lightning.pytorch import Callback
@@ -146,6 +147,9 @@ def test_merged_export_through_cli(setup: dict[str, Path], merged_run: Path) -> 
     scores = json.loads((merged_run / "scores.json").read_text())
     assert scores["closed_acc"] == pytest.approx(ref["closed_acc"])
     assert record["data"]["counts"]["qa"] == len(items)
+    # preprocessed as the export records it was tuned (the config leaves it unset)
+    assert record["resolved"] == {"image_aspect_ratio": "pad", "trained_image_aspect_ratio": "pad"}
+    assert client.get_run(record["mlflow_run_id"]).data.tags["image_aspect_ratio"] == "pad"
 
 
 def test_batch_one_gives_identical_predictions(setup: dict[str, Path], merged_run: Path) -> None:
@@ -194,6 +198,175 @@ def test_exported_processor_prompts_as_trained(setup: dict[str, Path]) -> None:
     assert [int(i) for i in out["input_ids"][0]] == train.input_ids.tolist()
     mask = [int(m) for m in out["assistant_masks"][0]]
     assert mask == (train.labels != IGNORE_INDEX).astype(int).tolist()
+
+
+def _wide_image(setup: dict[str, Path]) -> tuple[Path, str]:
+    """A real image cut to 3:1 (wider than tall) in its own image root, and its name."""
+    from PIL import Image
+
+    root = setup["tmp"] / "wide-images"
+    if not (root / "wide.png").is_file():
+        root.mkdir(exist_ok=True)
+        retina = Image.open(setup["images"] / "retina.jpg").convert("RGB")
+        w, h = retina.size
+        retina.crop((0, h // 3, w // 3 * 3, h // 3 + w // 3)).save(root / "wide.png")
+    return root, "wide.png"
+
+
+def _tuner_pixels(root: Path, name: str, aspect: str, tmp: Path) -> torch.Tensor:
+    """The tuner's batch ``pixel_values`` of a one-sample selected.json on ``name``."""
+    from biomedvital.tuning.datamodule import TunerDataModule
+    from biomedvital.tuning.models import create_llava
+
+    sample = {
+        "id": "w0",
+        "image": name,
+        "conversations": [
+            {"from": "human", "value": "<image>\nWhat is shown?"},
+            {"from": "gpt", "value": "A retina."},
+        ],
+    }
+    data = tmp / f"selected-{aspect}.json"
+    data.write_text(json.dumps([sample]))
+    dm = TunerDataModule(str(data), str(root), num_workers=0, image_aspect_ratio=aspect)
+    dm.processor = create_llava("tiny:tiny-llava").processor
+    dm.setup("fit")
+    return next(iter(dm.train_dataloader()))["pixel_values"][0]
+
+
+def _evaluator_pixels(ev: VQAEvaluator, image: Any) -> torch.Tensor:
+    """The ``pixel_values`` the evaluator's ``generate`` receives for ``image``."""
+    seen: list[torch.Tensor] = []
+    generate = ev.model.generate
+
+    def spy(**kwargs: Any) -> Any:
+        seen.append(kwargs["pixel_values"])
+        return generate(**kwargs)
+
+    ev.model.generate = spy
+    try:
+        ev.answer([image], ["What is shown?"])
+    finally:
+        ev.model.generate = generate
+    return seen[0][0]
+
+
+def test_padding_fills_a_square_with_the_mean_colour_as_trained(
+    setup: dict[str, Path], tmp_path: Path
+) -> None:
+    """``image_aspect_ratio: pad`` on a non-square image: the border is the processor's mean
+    colour (about 0 once normalised), the pixels are LLaVA-1.5's (the image centred on a square
+    of ``int(255 * mean)``, then the CLIP processor), and the evaluator of the export feeds the
+    model exactly the tuner's batch pixels; ``crop`` is the CLIP processor alone."""
+    from PIL import Image
+
+    from biomedvital.data.images import ImageRoot
+    from biomedvital.tuning.models import create_llava
+
+    root, name = _wide_image(setup)
+    image = ImageRoot(root).load(name)
+    assert image.width == 3 * image.height
+    train = _tuner_pixels(root, name, "pad", tmp_path)
+    ev = VQAEvaluator(model=f"local-dir:{setup['merged']}", max_new_tokens=1)
+    ev.build()
+    assert torch.equal(_evaluator_pixels(ev, image), train)
+
+    clip = create_llava("tiny:tiny-llava").processor.image_processor  # untouched
+    mean, std = torch.tensor(clip.image_mean), torch.tensor(clip.image_std)
+    fill = tuple(int(255 * m) for m in clip.image_mean)
+    border = ((torch.tensor(fill) / 255 - mean) / std)[:, None, None]
+    assert border.abs().max() < 0.02  # the mean colour, normalised: about 0
+    side = train.shape[-1]
+    band = side // 3 - 4  # rows of pure border above and below the image (a third each)
+    assert torch.allclose(train[:, :band], border.expand(3, band, side), atol=1e-5)
+    assert torch.allclose(train[:, -band:], border.expand(3, band, side), atol=1e-5)
+    assert train[:, side // 2].sub(border[:, 0]).abs().mean() > 0.1  # the image in the middle
+    square = Image.new("RGB", (image.width, image.width), fill)
+    square.paste(image, (0, (image.width - image.height) // 2))
+    want = clip(images=square, return_tensors="pt")["pixel_values"][0]
+    assert torch.equal(train, want)
+
+    crop = _tuner_pixels(root, name, "crop", tmp_path)
+    assert torch.equal(crop, clip(images=image, return_tensors="pt")["pixel_values"][0])
+    assert not torch.allclose(crop[:, :band], border.expand(3, band, side), atol=0.1)
+
+
+def test_image_aspect_ratio_is_recorded_and_followed(setup: dict[str, Path]) -> None:
+    """The tuner records its value in run.json, run.fit.json, the checkpoint and the export's
+    processor config; the evaluator follows the record unless told otherwise, and then
+    warns; ``test`` records what it used in run.test.json."""
+    import shutil
+
+    from biomedvital.tracking.checkpoints import load_checkpoint
+    from biomedvital.tuning.models import load_tuner_checkpoint
+
+    export = setup["merged"].parent
+    saved = json.loads((setup["merged"] / "processor_config.json").read_text())
+    config = saved["image_processor"]
+    assert config["image_aspect_ratio"] == "pad" and config["do_pad"] is True
+    assert config["image_processor_type"] == "LlavaImageProcessor"  # what servers load
+    assert json.loads((export / "run.json").read_text())["image_aspect_ratio"] == "pad"
+    fit = json.loads((export.parent / "run.fit.json").read_text())
+    assert fit["data"]["image_aspect_ratio"] == "pad"
+    ckpt = load_checkpoint(setup["ckpt"], mmap=True)
+    assert ckpt["TunerDataModule"] == {"image_aspect_ratio": "pad"}
+    loaded = load_tuner_checkpoint(setup["ckpt"])
+    assert loaded.processor.image_processor.do_pad is True
+
+    cropped = setup["tmp"] / "tuned-crop"
+    shutil.copytree(export, cropped)
+    crop = {**config, "image_aspect_ratio": "crop", "do_pad": False}
+    (cropped / "merged" / "processor_config.json").write_text(
+        json.dumps({**saved, "image_processor": crop})
+    )
+    as_trained = VQAEvaluator(model=f"local-dir:{cropped / 'merged'}")
+    as_trained.build()
+    assert as_trained.resolved == {
+        "image_aspect_ratio": "crop",
+        "trained_image_aspect_ratio": "crop",
+    }
+    assert as_trained.processor.image_processor.do_pad is False
+    told = VQAEvaluator(model=f"local-dir:{cropped / 'merged'}", image_aspect_ratio="pad")
+    with pytest.warns(UserWarning, match="image_aspect_ratio is 'pad', but .* trained with 'crop'"):
+        told.build()
+    assert told.processor.image_processor.do_pad is True
+
+
+def test_a_bad_image_aspect_ratio_is_one_error_naming_the_key(tmp_path: Path) -> None:
+    """From Python, and through the CLI for fit, test and answer (a flag or a config file)."""
+    from biomedvital.cli import ConfigError
+    from biomedvital.tuning.datamodule import TunerDataModule
+
+    msg = "^image_aspect_ratio must be 'pad' or 'crop', got 'square'$"
+    with pytest.raises(ValueError, match=msg):
+        TunerDataModule("x.json", "images", image_aspect_ratio="square")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=msg):
+        VQAEvaluator(image_aspect_ratio="square")  # type: ignore[arg-type]
+    tuner = Path(__file__).resolve().parents[2] / "conf" / "demo" / "tuner.yaml"
+    overlay = tmp_path / "square.yaml"
+    overlay.write_text("data:\n  init_args:\n    image_aspect_ratio: square\n")
+    choices = "must be one of 'pad', 'crop', got 'square'"
+    for argv, want in (
+        (
+            ["fit", "--config", str(tuner), "--data.init_args.image_aspect_ratio", "square"],
+            f"fit: the command line: data.init_args.image_aspect_ratio {choices}",
+        ),
+        (
+            ["fit", "--config", str(tuner), "--config", str(overlay)],
+            f"fit: {overlay}: data.init_args.image_aspect_ratio {choices}",
+        ),
+        (
+            ["test", "--config", str(CONF), "--model.init_args.image_aspect_ratio", "square"],
+            f"test: the command line: model.init_args.image_aspect_ratio {choices}",
+        ),
+        (
+            ["answer", "--config", str(CONF), "--model.init_args.image_aspect_ratio", "square"],
+            f"answer: the command line: model.init_args.image_aspect_ratio {choices}",
+        ),
+    ):
+        with pytest.raises(ConfigError) as err:
+            main(argv)
+        assert str(err.value) == want
 
 
 def test_evaluator_asks_with_the_system_prompt_the_model_was_tuned_with(

@@ -188,6 +188,20 @@ def test_bad_samples_skipped_and_counted(tmp_path: Path, demo_root: Path, tuner)
     }
 
 
+def test_a_resumed_run_with_other_image_preprocessing_is_warned() -> None:
+    """The checkpoint records the data module's ``image_aspect_ratio``; resuming with another
+    value warns (the resumed steps see other pixels), the same value does not."""
+    import warnings
+
+    dm = TunerDataModule("x.json", "images", image_aspect_ratio="crop")
+    assert dm.state_dict() == {"image_aspect_ratio": "crop"}
+    with pytest.warns(UserWarning, match="is 'crop', but the checkpoint's run trained with 'pad'"):
+        dm.load_state_dict({"image_aspect_ratio": "pad"})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        dm.load_state_dict({"image_aspect_ratio": "crop"})
+
+
 def test_grouped_batches(tmp_path: Path) -> None:
     rng = np.random.default_rng(0)
     lengths = rng.integers(10, 500, size=103).tolist()
