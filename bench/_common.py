@@ -1,5 +1,5 @@
-"""Shared bits of the benchmarks: timing, a results folder, model-name arguments and a larger
-synthetic pool."""
+"""Shared bits of the benchmarks: timing, a results folder (and its published copy), model-name
+arguments and a larger synthetic pool."""
 
 from __future__ import annotations
 
@@ -8,6 +8,9 @@ import json
 import os
 import resource
 import shutil
+import statistics
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Sequence
 from contextlib import contextmanager
@@ -17,6 +20,10 @@ from biomedvital.data.model_names import parse_model_name
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results"
+PUBLISHED = RESULTS / "published"  # committed: the copies docs/performance.md cites
+# what the result depends on: a published one must be made by committed code
+_CODE = ("biomedvital", "bench", "conf", "pyproject.toml", "requirements.lock")
+_LOAD_AT_START = os.getloadavg()  # the benches import this module first
 
 
 @contextmanager
@@ -26,11 +33,80 @@ def timer(store: dict, key: str):
     store[key] = time.perf_counter() - t0
 
 
-def save(name: str, payload: dict) -> Path:
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    path = RESULTS / f"{name}.json"
-    payload = {**payload, "cpus": os.cpu_count(), "when": time.strftime("%Y-%m-%d %H:%M:%S")}
-    path.write_text(json.dumps(payload, indent=2))
+def spread(values: Sequence[float], digits: int = 3) -> dict:
+    """Repeat-by-repeat values with their least, greatest, mean and standard deviation: the
+    uncertainty a quoted figure is stated with."""
+    return {
+        "values": [round(v, digits) for v in values],
+        "min": round(min(values), digits),
+        "max": round(max(values), digits),
+        "mean": round(statistics.fmean(values), digits),
+        "sd": round(statistics.stdev(values), digits) if len(values) > 1 else None,
+    }
+
+
+def _git(*args: str) -> str:
+    proc = subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True, check=False)
+    return proc.stdout.strip() if proc.returncode == 0 else ""
+
+
+def publish_flag(text: str) -> bool:
+    """An argparse ``type`` for ``--publish true|false``: true is refused while the code a
+    result depends on has uncommitted changes (the commit recorded would not be what ran)."""
+    value = text.lower()
+    if value not in ("true", "false"):
+        raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+    if value == "true" and (dirty := _git("status", "--porcelain", "--", *_CODE)):
+        raise argparse.ArgumentTypeError(
+            "a published result is made by committed code; uncommitted changes:\n" + dirty
+        )
+    return value == "true"
+
+
+def add_publish(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--publish",
+        type=publish_flag,
+        default=False,
+        help="write bench/results/published/NAME.json (committed, cited by the docs) instead of "
+        "bench/results/NAME.json; refused while biomedvital/, bench/ or conf/ have uncommitted "
+        "changes",
+    )
+
+
+def _relative(path: str) -> str:
+    p = Path(path).resolve()
+    return p.relative_to(REPO).as_posix() if p.is_relative_to(REPO) else path
+
+
+def conditions() -> dict:
+    """What a timing depends on besides the code: the machine's load around the run (1, 5 and
+    15 minute averages when the bench started and when it saved), the bench's niceness, the
+    commit and the command."""
+    return {
+        "cpus": os.cpu_count(),
+        "when": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "load_average": {
+            "start": [round(x, 2) for x in _LOAD_AT_START],
+            "end": [round(x, 2) for x in os.getloadavg()],
+        },
+        "nice": os.nice(0),
+        "git_commit": _git("rev-parse", "HEAD"),
+        "git_dirty": bool(_git("status", "--porcelain", "--", *_CODE)),
+        "command": " ".join(["python", _relative(sys.argv[0]), *sys.argv[1:]]),
+    }
+
+
+def save(name: str, payload: dict, publish: bool = False) -> Path:
+    """``payload`` and its :func:`conditions` as ``bench/results/NAME.json``, or the published
+    copy under ``bench/results/published/``."""
+    folder = PUBLISHED if publish else RESULTS
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{name}.json"
+    payload = {**payload, **conditions()}
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(payload, indent=2) + "\n")
+    tmp.replace(path)
     return path
 
 
