@@ -34,7 +34,7 @@ from pathlib import Path
 # wait alike, and on a shared machine a spinning thread costs the other jobs' CPU
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import save  # noqa: E402
+from _common import add_publish, save, spread  # noqa: E402
 
 from biomedvital.data.demo import materialize_demo  # noqa: E402
 from biomedvital.data.jsonio import write_json  # noqa: E402
@@ -118,6 +118,7 @@ def main() -> None:
     ap.add_argument("--max_new_tokens", type=int, default=24)
     ap.add_argument("--continuous_batching", action="store_true")
     ap.add_argument("--trials", type=int, default=2, help="best of N, interleaved")
+    add_publish(ap)
     args = ap.parse_args()
 
     from biomedvital.evaluation.answer import Decoding, Prompting, answer
@@ -188,6 +189,9 @@ def main() -> None:
         "test_questions_per_s": round(n / tt, 2),
         "answer_questions_per_s": round(n / ta, 2),
         "test_over_answer": round(ta / tt, 2),
+        "test_over_answer_by_trial": spread(
+            [a / t for t, a in zip(times_test, times_answer, strict=True)], 2
+        ),
         # CPU seconds a question costs (answer: client and server processes), best trial:
         # a load-independent figure on a shared machine, where wall time is not
         "test_cpu_s_per_question": round(min(cpu_test) / n, 4),
@@ -196,7 +200,6 @@ def main() -> None:
         "same_predictions": sum(a == b for a, b in zip(test_texts, served, strict=True)),
         "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
         "torch_threads": torch.get_num_threads(),
-        "load_average": os.getloadavg()[0],
     }
     print(f"{n} questions on {args.device}, best of {args.trials}:")
     print(f"  test   (batch {args.batch:>2}):      {tt:7.2f} s  {n / tt:7.2f} questions/s")
@@ -208,7 +211,7 @@ def main() -> None:
         f"{result['answer_over_test_cpu']}x"
     )
     print(f"  identical predictions: {result['same_predictions']} of {n}")
-    print(f"written {save('eval_endpoint', result)}")
+    print(f"written {save('eval_endpoint', result, publish=args.publish)}")
 
 
 if __name__ == "__main__":
