@@ -21,9 +21,27 @@ from biomedvital.data.model_names import parse_model_name
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results"
 PUBLISHED = RESULTS / "published"  # committed: the copies docs/performance.md cites
-# what the result depends on: a published one must be made by committed code
-_CODE = ("biomedvital", "bench", "conf", "pyproject.toml", "requirements.lock")
+# what a result depends on (results themselves left out): a published one is made by committed
+# code
+_CODE = (
+    "biomedvital", "bench", "conf", "pyproject.toml", "requirements.lock",
+    ":(exclude)bench/results",
+)  # fmt: skip
 _LOAD_AT_START = os.getloadavg()  # the benches import this module first
+
+
+def _git(*args: str) -> str:
+    proc = subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True, check=False)
+    return proc.stdout.strip() if proc.returncode == 0 else ""
+
+
+def _uncommitted() -> str:
+    return _git("status", "--porcelain", "--untracked-files=all", "--", *_CODE)
+
+
+# the code as the bench starts (what ran, whatever is committed while it runs)
+_COMMIT_AT_START = _git("rev-parse", "HEAD")
+_DIRTY_AT_START = bool(_uncommitted())
 
 
 @contextmanager
@@ -45,18 +63,13 @@ def spread(values: Sequence[float], digits: int = 3) -> dict:
     }
 
 
-def _git(*args: str) -> str:
-    proc = subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True, check=False)
-    return proc.stdout.strip() if proc.returncode == 0 else ""
-
-
 def publish_flag(text: str) -> bool:
     """An argparse ``type`` for ``--publish true|false``: true is refused while the code a
     result depends on has uncommitted changes (the commit recorded would not be what ran)."""
     value = text.lower()
     if value not in ("true", "false"):
         raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
-    if value == "true" and (dirty := _git("status", "--porcelain", "--", *_CODE)):
+    if value == "true" and (dirty := _uncommitted()):
         raise argparse.ArgumentTypeError(
             "a published result is made by committed code; uncommitted changes:\n" + dirty
         )
@@ -82,7 +95,7 @@ def _relative(path: str) -> str:
 def conditions() -> dict:
     """What a timing depends on besides the code: the machine's load around the run (1, 5 and
     15 minute averages when the bench started and when it saved), the bench's niceness, the
-    commit and the command."""
+    commit it started from (and whether the code had uncommitted changes) and the command."""
     return {
         "cpus": os.cpu_count(),
         "when": time.strftime("%Y-%m-%d %H:%M:%S"),
@@ -91,8 +104,8 @@ def conditions() -> dict:
             "end": [round(x, 2) for x in os.getloadavg()],
         },
         "nice": os.nice(0),
-        "git_commit": _git("rev-parse", "HEAD"),
-        "git_dirty": bool(_git("status", "--porcelain", "--", *_CODE)),
+        "git_commit": _COMMIT_AT_START,
+        "git_dirty": _DIRTY_AT_START,
         "command": " ".join(["python", _relative(sys.argv[0]), *sys.argv[1:]]),
     }
 
