@@ -42,16 +42,22 @@ from biomedvital.evaluation.demo_vqa import demo_vqa_records  # noqa: E402
 
 
 def tiny_export(folder: Path) -> Path:
-    """The seeded tiny LLaVA exported as ``ExportTuned`` writes it (merged/ + run.json)."""
+    """The seeded tiny LLaVA exported as ``ExportTuned`` writes it (merged/ + run.json), its
+    processor set and recorded to pad images to a square as the tuner's data module does (the
+    server preprocesses as the export records, ``test`` as the record says)."""
     from biomedvital.tuning.conversation import VICUNA_V1_SYSTEM
     from biomedvital.tuning.export import serving_processor
-    from biomedvital.tuning.models import create_llava
+    from biomedvital.tuning.models import create_llava, set_image_aspect_ratio
 
     bundle = create_llava("tiny:tiny-llava", seed=0)
+    set_image_aspect_ratio(bundle.processor, "pad")
     with serving_processor(bundle.processor, VICUNA_V1_SYSTEM):
         bundle.model.save_pretrained(folder / "merged")
         bundle.processor.save_pretrained(folder / "merged")
-    write_json(folder / "run.json", {"system_prompt": VICUNA_V1_SYSTEM, "mlflow_run_id": None})
+    write_json(
+        folder / "run.json",
+        {"system_prompt": VICUNA_V1_SYSTEM, "image_aspect_ratio": "pad", "mlflow_run_id": None},
+    )
     return folder
 
 
