@@ -4,6 +4,7 @@ arguments and a larger synthetic pool."""
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import resource
@@ -135,6 +136,18 @@ def model_name(accepted: Sequence[str], what: str = "model") -> Callable[[str], 
             raise argparse.ArgumentTypeError(str(err)) from None
 
     return parse
+
+
+def cpu_seconds() -> float:
+    """CPU seconds (user + system) of this process and its finished children (DataLoader
+    workers, once joined): the work a run did, which other jobs on a shared machine move far
+    less than its wall time."""
+    gc.collect()  # a finished loader's workers are joined, and counted, when it is collected
+    own, children = (
+        resource.getrusage(resource.RUSAGE_SELF),
+        resource.getrusage(resource.RUSAGE_CHILDREN),
+    )
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
 
 
 def peak_rss_mb() -> float:
