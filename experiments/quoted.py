@@ -5,7 +5,7 @@ report or benchmark result, with a fragment naming the number::
 
     [0.644 ± 0.139](../experiments/reports/published/preference_source/summary.csv#mixed:val/align_rate)
     [14](../experiments/reports/published/preference_source/summary.csv#mixed:pairs/val_clinician)
-    [1.50×](../bench/results/published/w_grid.json#ratio)
+    [1.50×](../bench/results/published/w_grid-open_clip_ViT-B-16-copies6.json#ratio)
 
 For a CSV file the fragment is ``ROW:COLUMN``, ROW the value of the file's first column (the
 cell); ``mean ± sd`` is checked against COLUMN and ``COLUMN sd``. For a JSON file it is a key
