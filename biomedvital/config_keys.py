@@ -205,3 +205,43 @@ def unknown_key_message(
     else:
         hint = "see --help"
     return f"{source}: {shown} is not an option of {owner}; {hint}"
+
+
+_CHOICE = re.compile(r"Expected a typing\.Literal\[(.*)\]\. Got value: (.*)$")
+
+
+def bad_choice_message(text: str, files: list[str], argv: list[str]) -> str | None:
+    """``FILE: KEY must be one of 'a', 'b', got 'x'`` for a value outside a ``Literal``'s choices
+    inside a ``class_path`` block (``model.init_args.decoding.strategy``), where jsonargparse's
+    error is a dump of every Union alternative; ``None`` for any other error. FILE is the last
+    config file that sets the key, else ``the command line``."""
+    import yaml
+
+    lines = text.splitlines()
+    hit = next((i for i, line in enumerate(lines) if _CHOICE.search(line)), None)
+    if hit is None:
+        return None
+    path: list[str] = []
+    in_class, level = False, _indent(lines[hit])
+    for above in reversed(lines[:hit]):
+        if _indent(above) >= level:
+            continue
+        level = _indent(above)
+        if _CLASS.search(above):
+            path.insert(0, "init_args")
+            in_class = True
+        elif m := _KEY.search(above):
+            path[:0] = m.group(1).split(".")
+    if not in_class:
+        return None  # a verb's own option: its parser's message names the key already
+    choices, value = _CHOICE.search(lines[hit]).groups()  # type: ignore[union-attr]
+    source = "the command line"  # a flag wins over every file
+    bare = [p for p in path if p != "init_args"]
+    flags = [a[2:].split("=")[0].split(".") for a in argv if a.startswith("--")]
+    if not any([p for p in flag if p != "init_args"] == bare for flag in flags):
+        for name in reversed(files):
+            with open(name, encoding="utf-8") as f:
+                if _locate(yaml.safe_load(f), tuple(path)) is not None:
+                    source = name
+                    break
+    return f"{source}: {'.'.join(path)} must be one of {choices}, got {value.strip()!r}"

@@ -18,6 +18,7 @@ from biomedvital.cli import main
 from biomedvital.data.demo import materialize_demo
 from biomedvital.data.report import BadRecordError
 from biomedvital.evaluation.benchmarks import load_vqa_rad, split_stats
+from biomedvital.evaluation.decoding import Decoding
 from biomedvital.evaluation.demo_vqa import demo_vqa_records, write_demo_vqa
 from biomedvital.evaluation.score_vqa import score_vqa
 from biomedvital.evaluation.vqa_eval import VQADataModule, VQAEvaluator, collate_vqa
@@ -217,7 +218,8 @@ def test_evaluator_asks_with_the_system_prompt_the_model_was_tuned_with(
     questions = [it.question for it in rows["items"]]
 
     def answers(**kwargs: Any) -> list[str]:
-        ev = VQAEvaluator(model=f"local-dir:{tuned_bare / 'merged'}", max_new_tokens=8, **kwargs)
+        merged = f"local-dir:{tuned_bare / 'merged'}"
+        ev = VQAEvaluator(model=merged, decoding=Decoding(max_new_tokens=8), **kwargs)
         ev.build()
         return ev.answer(rows["images"], questions)
 
@@ -263,7 +265,7 @@ def test_lightning_ckpt_path_loads_tuner_checkpoint(
     dm = VQADataModule(
         "vqa_rad", str(setup["questions"]), str(setup["images"]), name="demo_vqa", batch_size=16
     )
-    ev = VQAEvaluator(max_new_tokens=24)
+    ev = VQAEvaluator(decoding=Decoding(max_new_tokens=24))
     trainer = Trainer(
         accelerator="cpu",
         devices=1,
@@ -293,7 +295,7 @@ def test_wrong_layout_names_the_file(setup: dict[str, Path]) -> None:
 def test_batched_generation_matches_single(setup: dict[str, Path]) -> None:
     """Left padding: a question's greedy answer does not depend on its batch neighbours."""
     dm = VQADataModule("vqa_rad", str(setup["questions"]), str(setup["images"]), batch_size=16)
-    ev = VQAEvaluator(model=f"local-dir:{setup['merged']}", max_new_tokens=12)
+    ev = VQAEvaluator(model=f"local-dir:{setup['merged']}", decoding=Decoding(max_new_tokens=12))
     ev.build()
     ds = dm.test_dataloader().dataset
     rows = [ds[i] for i in range(len(ds))]
@@ -422,13 +424,16 @@ def _evaluate(
     root: Path,
     *callbacks: Callback,
     max_new_tokens: int = 24,
+    decoding: Decoding | None = None,
+    batch_size: int = 4,
     **trainer_args: object,
 ):
     from lightning.pytorch import Trainer
 
-    model = VQAEvaluator(model=f"local-dir:{s['merged']}", max_new_tokens=max_new_tokens)
+    decoding = decoding or Decoding(max_new_tokens=max_new_tokens)
+    model = VQAEvaluator(model=f"local-dir:{s['merged']}", decoding=decoding)
     dm = VQADataModule(
-        "vqa_rad", str(s["questions"]), str(s["images"]), name="demo_vqa", batch_size=4
+        "vqa_rad", str(s["questions"]), str(s["images"]), name="demo_vqa", batch_size=batch_size
     )
     trainer = Trainer(
         accelerator="cpu", devices=1, logger=False, default_root_dir=str(root),
