@@ -74,7 +74,7 @@ def _eval_overlay(merged: Path) -> dict[str, Any]:
     """``conf/eval/vqa_rad.yaml`` at trial size: the demo tuner's export answering the demo VQA
     set (VQA-RAD layout), 8 new tokens, batches of 4; its 4 workers as shipped."""
     return {
-        "model": {"init_args": {"model": f"local-dir:{merged}", "max_new_tokens": 8}},
+        "model": {"init_args": {"model": f"local-dir:{merged}", "decoding": {"max_new_tokens": 8}}},
         "data": {
             "init_args": {
                 "data": "data/demo_vqa/demo_vqa.json",
@@ -245,7 +245,9 @@ def _grid_file(runs: Runs, scores: Path, path: Path) -> Path:
     overlay = _eval_overlay(Path("{cell_dir}/tuner/export/merged"))
     test_args = {
         "model.init_args.model": "local-dir:{cell_dir}/tuner/export/merged",
-        "model.init_args.max_new_tokens": overlay["model"]["init_args"]["max_new_tokens"],
+        "model.init_args.decoding.max_new_tokens": overlay["model"]["init_args"]["decoding"][
+            "max_new_tokens"
+        ],
         **{f"data.init_args.{k}": v for k, v in overlay["data"]["init_args"].items()},
         "trainer.accelerator": "cpu",
         "trainer.enable_progress_bar": False,
