@@ -277,6 +277,7 @@ class StageCost:
     gpu_hours: float | None = None
     dollars: float | None = None
     tokens: tuple[int, int] | None = None  # API (input, output upper bound)
+    train_tokens: float | None = None  # GPU: the tokens the tuner trains on
     unknown: list[str] = field(default_factory=list)  # what could not be estimated
 
 
@@ -332,7 +333,7 @@ def tune_cost(
         f"at {rate:,.0f} tokens/s/GPU ({throughput.card}, {throughput.date}, "
         f"{throughput.path.name}){wall}"
     )
-    return StageCost(name, text, gpu_hours=hours)
+    return StageCost(name, text, gpu_hours=hours, train_tokens=tokens)
 
 
 def judge_prompt_chars(vision: bool, source: Path = JUDGE_SOURCE) -> int:
