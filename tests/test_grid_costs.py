@@ -5,6 +5,7 @@ from the committed bench result; the sizes a grid assumes are the ones measured 
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -186,3 +187,35 @@ def test_make_lists_and_dry_runs_every_cell_of_a_paper_grid(tmp_path: Path) -> N
                          check=True).stdout  # fmt: skip
     assert "--plan true --check_needs true" in dry
     assert [c for c in cells if f"--cell {c}" in dry] == cells
+
+
+PLACEHOLDER = re.compile(r"(?<!\w)([HTERPQID])(?!\w)")
+NUMBER = r"[\d.,]+[kMB]?"
+
+
+def _line_pattern(line: str) -> re.Pattern[str]:
+    """An excerpt line as a pattern: ``…`` stands for anything, a lone capital for a figure."""
+    parts = []
+    for piece in line.split("…"):
+        chunks = PLACEHOLDER.split(piece)
+        parts.append("".join(NUMBER if i % 2 else re.escape(c) for i, c in enumerate(chunks)))
+    return re.compile(".*".join(parts))
+
+
+def test_the_plan_excerpt_in_the_docs_is_the_plan(in_repo: Path, tmp_path: Path) -> None:
+    """docs/grids.md's plan excerpt for paper_topk: each line, in order, is a line the plan
+    prints (``…`` elides, a letter stands for a figure); no figure is quoted there."""
+    text = (REPO / "docs" / "grids.md").read_text(encoding="utf-8")
+    block = re.search(r"```text\n(conf/grids/paper_topk\.yaml:.*?)```", text, re.S)
+    assert block, "the paper_topk plan excerpt is missing from docs/grids.md"
+    excerpt = [x for x in block.group(1).splitlines() if x.strip() != "…"]
+    grid = Path("conf/grids/paper_topk.yaml")
+    plan = format_plan(grid, plan_grid(grid, str(tmp_path)), str(tmp_path)).splitlines()
+    at = 0
+    for line in excerpt:
+        pattern = _line_pattern(line)
+        found = next((i for i in range(at, len(plan)) if pattern.fullmatch(plan[i])), None)
+        assert found is not None, f"not in the plan (after line {at}): {line}"
+        at = found + 1
+    assert _line_pattern("GPU ≈ H h").fullmatch("GPU ≈ 1.7 h")
+    assert not _line_pattern("GPU ≈ H h").fullmatch("GPU ≈ 1.7 days")
