@@ -31,6 +31,7 @@ merged as YAML; nothing is imported or built) and the sizes of its inputs:
 from __future__ import annotations
 
 import ast
+import functools
 import json
 import re
 from dataclasses import dataclass, field
@@ -154,7 +155,13 @@ def record_chars(record: Any, role: str) -> int:
 
 def measure(path: Path, role: str) -> InputSize:
     """Count a JSONL or JSON-array file's records and their mean text (unreadable records are
-    left out of both)."""
+    left out of both). A file is read once per plan while its size and time stay the same."""
+    st = Path(path).stat()
+    return _measure(str(path), role, st.st_size, st.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=64)
+def _measure(path: str, role: str, size: int, mtime_ns: int) -> InputSize:
     from biomedvital.data.jsonio import iter_objects
     from biomedvital.data.report import RecordReport
 
@@ -389,8 +396,9 @@ def judge_cost(
     dollars = cost_of(usage, prices, batch) if prices else None
     as_of = client.get("prices_as_of")
     money = (
-        f" → ≤ ${dollars:,.2f} at {client.get('model')} prices"
+        f" → ${dollars:,.2f} at {client.get('model')} prices"
         f"{f' as of {as_of}' if as_of else ' (undated)'}{' (batch)' if batch else ''}"
+        ", output at its bound"
         if dollars is not None
         else " (no client.price_per_million: dollars not estimated)"
     )
@@ -495,7 +503,7 @@ def cell_costs(
 
 
 def total(costs: list[StageCost]) -> str:
-    """``GPU ≈ … GPU-hours, API ≤ $…`` over the stages given, naming what was not estimated;
+    """``GPU ≈ … GPU-hours; API $…`` over the stages given, naming what was not estimated;
     empty when nothing costs."""
     parts = []
     hours = [c.gpu_hours for c in costs if c.gpu_hours is not None]
@@ -503,7 +511,7 @@ def total(costs: list[StageCost]) -> str:
     if hours:
         parts.append(f"GPU ≈ {sum(hours):.1f} GPU-hours")
     if dollars:
-        parts.append(f"API ≤ ${sum(dollars):,.2f}")
+        parts.append(f"API ${sum(dollars):,.2f} (output at its bound)")
     unknown = [c.stage for c in costs if c.unknown]
     if unknown:
         more = f" ({len(unknown)} stages)" if len(set(unknown)) < len(unknown) else ""

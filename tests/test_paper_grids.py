@@ -16,7 +16,6 @@ from typing import Any
 
 import pytest
 import yaml
-from conftest import write_pool
 
 from biomedvital.cli import main
 from biomedvital.grid import CELL_FILE, cell_names, load_grid, run_cell, stage_commands
@@ -109,8 +108,8 @@ def _bench_files(root: Path, images: list[str]) -> None:
     (root / "captions.json").write_text(json.dumps(captions))
 
 
-def _inputs(data: Path) -> None:
-    pool = write_pool(data / "pool")
+def _inputs(data: Path, pool: dict[str, Path]) -> None:
+    """Scores for the pool's candidates (its ratings scaled) and the benchmark files."""
     ratings = [json.loads(x) for x in pool["ratings"].read_text().splitlines()]
     scores = [{"id": r["candidate_id"], "score": r["score"] / 10} for r in ratings]
     (data / "scores.jsonl").write_text("".join(json.dumps(s) + "\n" for s in scores))
@@ -152,11 +151,15 @@ def _differences(shipped: dict[str, Any], run: dict[str, Any]) -> list[str]:
 @pytest.mark.slow
 @pytest.mark.parametrize("grid", GRIDS)
 def test_the_first_cell_runs_on_cpu_as_shipped_but_for_models_paths_and_sizes(
-    grid: str, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch
+    grid: str,
+    tmp_path: Path,
+    pool: dict[str, Path],
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.chdir(REPO)
-    data, root = tmp_path / "data", tmp_path / "grids"
-    _inputs(data)
+    data, root = tmp_path, tmp_path / "grids"  # the pool fixture writes <tmp_path>/pool
+    _inputs(data, pool)
     shipped = Path("conf/grids") / f"{grid}.yaml"
     derived = _overlaid(grid, data, tmp_path / "conf")
     cell = cell_names(load_grid(shipped))[0]
