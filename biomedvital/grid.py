@@ -31,8 +31,10 @@ Each cell writes into ``<out_root>/<grid>/<cell>/``; every MLflow run of a cell 
 its identity (command, config file contents, library hash, input files:
 :mod:`biomedvital.grid_identity`) is the one it last finished with (``stages.json``); any other
 stage runs, and every later stage of its cell with it (they read its outputs). ``--plan true``
-says which cells would run and why, before anything runs; ``--reuse_stale true`` keeps stale
-stages on purpose. A failing stage stops the cell with its error, and ``cell.json`` is written
+says which cells would run and why, with each stage's command and its estimated GPU-hours and
+API dollars (:mod:`biomedvital.grid_costs`), before anything runs; ``--reuse_stale true`` keeps
+stale stages on purpose. ``needs`` lists the files the cells read: a bare path is made first by
+``make``, ``{path, get}`` is the user's to provide (``get``: where from). A failing stage stops the cell with its error, and ``cell.json`` is written
 last.
 """
 

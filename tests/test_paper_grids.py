@@ -41,7 +41,8 @@ ALLOWED = {
         r"trainer\.(accumulate_grad_batches|strategy\.init_args\.data_parallel_size)",
         r"data\.init_args\.(batch_size|num_workers|predict_chunk)",
         r"data\.init_args\.(model_pairs|val_model_pairs|clinician_train_pairs)",
-        r"model\.init_args\.max_new_tokens|sampling\.max_tokens|limit|client\.concurrency",
+        r"model\.init_args\.(decoding\.)?max_new_tokens|sampling\.max_tokens|limit",
+        r"client\.concurrency",
         r"trainer\.accelerator",  # where it runs: the CPU
     ),
 }
