@@ -34,8 +34,8 @@ stage runs, and every later stage of its cell with it (they read its outputs). `
 says which cells would run and why, with each stage's command and its estimated GPU-hours and
 API dollars (:mod:`biomedvital.grid_costs`), before anything runs; ``--reuse_stale true`` keeps
 stale stages on purpose. ``needs`` lists the files the cells read: a bare path is made first by
-``make``, ``{path, get}`` is the user's to provide (``get``: where from). A failing stage stops the cell with its error, and ``cell.json`` is written
-last.
+``make``, ``{path, get}`` is the user's to provide (``get``: where from). A failing stage stops the
+cell with its error, and ``cell.json`` is written last.
 """
 
 from __future__ import annotations
