@@ -21,7 +21,8 @@ GRID_ARGS  = --grid $(GRID_FILE) --out_root $(GRID_ROOT) --reuse_stale $(REUSE_S
 # contents, inputs, library hash) changed since they ran; read when the grid recipe runs, after
 # the NEEDS are made (one target per cell: its cell.json)
 TO_RUN    = $(shell $(BIN)/python -m biomedvital grid $(GRID_ARGS) --stale true 2>/dev/null)
-# files the grid's cells read (e.g. the demo selector's scores for GRID=topk): made first
+# files the grid's cells read that make makes first (e.g. the demo selector's scores for
+# GRID=topk); the inputs a user provides (the paper grids' data) are checked by the plan
 NEEDS     = $(shell $(BIN)/python -m biomedvital grid --grid $(GRID_FILE) --needs true 2>/dev/null)
 
 .DEFAULT_GOAL := help
@@ -95,15 +96,16 @@ $(DEMO)/selected/manifest.json: $(DEMO)/selector/scores.jsonl
 list: $(STAMP)  ## list the cells of a grid: make list GRID=w (grids live in conf/grids/)
 	@$(BIN)/python -m biomedvital grid --grid $(GRID_FILE)
 
-plan: $(STAMP)  ## which cells of GRID are new or stale and why, before anything runs
+plan: $(STAMP)  ## which cells of GRID are new or stale and why, each stage's command, GPU-hours and API cost
 	@$(BIN)/python -m biomedvital grid $(GRID_ARGS) --plan true
 
-# the plan is printed first (and a missing or broken grid file stops make there with its error,
-# instead of an empty TO_RUN running nothing and exiting 0); a cell's target is always remade
+# the plan is printed first (and a missing or broken grid file, or an input the user provides
+# missing, stops make there with its error, instead of an empty TO_RUN running nothing and
+# exiting 0, or every cell failing on the same missing file); a cell's target is always remade
 # when asked for (FORCE): grid.py decides which of its stages run, so a finished cell whose code
 # or configs changed is entered again
 grid: $(STAMP) $(NEEDS)  ## run the cells of GRID that are new or stale (make plan says which; -k keeps going, -j in parallel)
-	@$(BIN)/python -m biomedvital grid $(GRID_ARGS) --plan true
+	@$(BIN)/python -m biomedvital grid $(GRID_ARGS) --plan true --check_needs true
 	$(if $(strip $(TO_RUN)),@$(MAKE) --no-print-directory $(foreach c,$(TO_RUN),$(GRID_DIR)/$(c)/cell.json),@echo "[grid] $(GRID): nothing to run")
 
 $(GRID_DIR)/%/cell.json: FORCE

@@ -57,6 +57,8 @@ NOT_METHOD = (
     "paper/*:client.base_url",  # the endpoint, its key's variable, its pacing
     "paper/*:client.api_key_env",
     "paper/*:client.concurrency",
+    "paper/*:client.price_per_million.*",  # what a run costs (the plan's estimates), dated
+    "paper/*:client.prices_as_of",
     "paper/*:figures",  # input and output paths
     "paper/*:image_root",
     "paper/*:demonstrations",
