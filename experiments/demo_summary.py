@@ -6,7 +6,8 @@ docs/demo.md can quote them from one committed file (``experiments/quoted.py`` c
 
 Each figure is read from its stage's own record (manifests, ``run.fit.json``, ``scores.json``);
 a stage that has not run is an error naming the file, not a figure left out. The summary carries
-the library hash and git state of the checkout, and the dates of the files it read.
+the git states the stages recorded, the library hash of the checkout the demo ran in (``--repo``,
+default the one this script is in) and the dates of the files it read.
 """
 
 from __future__ import annotations
@@ -75,14 +76,21 @@ def summarise(demo: Path) -> dict:
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--demo", type=Path, default=Path("outputs/demo"))
+    ap.add_argument("--demo", type=Path, default=None, help="default: REPO/outputs/demo")
+    ap.add_argument("--repo", type=Path, default=REPO, help="the checkout the demo ran in")
     ap.add_argument("--publish", choices=("true", "false"), default="false")
     args = ap.parse_args(argv)
+    args.demo = args.demo or args.repo / "outputs" / "demo"
     summary = summarise(args.demo)
     files = [args.demo / rel for rel in STAGES.values()]
+    recorded = [json.loads(f.read_text(encoding="utf-8")).get("git") for f in files]
     made = {
         "made": datetime.now(UTC).isoformat(timespec="seconds"),
-        "made_at": {**git_state(), "library_hash": library_hash()},
+        "made_at": {
+            **git_state(args.repo),
+            "library_hash": library_hash(args.repo / "biomedvital"),
+        },
+        "runs_git": sorted({f"{g['git_sha']} dirty={g['git_dirty']}" for g in recorded if g}),
         "files_from": min(datetime.fromtimestamp(f.stat().st_mtime, UTC) for f in files),
         "files_to": max(datetime.fromtimestamp(f.stat().st_mtime, UTC) for f in files),
     }
