@@ -26,7 +26,7 @@ TO_RUN    = $(shell $(BIN)/python -m biomedvital grid $(GRID_ARGS) --stale true 
 NEEDS     = $(shell $(BIN)/python -m biomedvital grid --grid $(GRID_FILE) --needs true 2>/dev/null)
 
 .DEFAULT_GOAL := help
-.PHONY: help setup lock demo test test-heavy lint format ui bench clean list plan grid report FORCE
+.PHONY: help setup lock demo demo-chain test test-heavy lint format ui bench clean list plan grid report FORCE
 
 help:  ## list the targets
 	@grep -E '^[a-zA-Z_/%.-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | expand -t 28
@@ -65,7 +65,14 @@ lock:  ## refresh requirements.lock from pyproject.toml (resolved on PyPI; pins:
 		-c requirements-pins.txt --custom-compile-command "make lock" -o $(LOCK)
 	$(BIN)/python tools/lock_fingerprint.py --write $(LOCK)
 
-demo: $(DEMO)/eval/demo_vqa/scores.json $(DEMO)/eval/demo_vqa_answer/scores.json $(DEMO)/judge/manifest.json  ## the main job on the embedded demo: generate, rate (local SmolLM2), selector fit, score, select, tune LLaVA, test, answer (served), judge
+# The chain's stages after the tuned export (test, answer, chat answers, judge) are independent:
+# the demo runs two at a time (DEMO_JOBS), each one's output kept together (--output-sync).
+DEMO_JOBS ?= 2
+
+demo:  ## the main job on the embedded demo: generate, rate (local SmolLM2), selector fit, score, select, tune LLaVA, test, answer (served), judge
+	@$(MAKE) --no-print-directory -j$(DEMO_JOBS) --output-sync=target demo-chain
+
+demo-chain: $(DEMO)/eval/demo_vqa/scores.json $(DEMO)/eval/demo_vqa_answer/scores.json $(DEMO)/judge/manifest.json
 	@echo "selected: $(DEMO)/selected/selected.json; tuned: $(DEMO)/tuner/export/; VQA: $(DEMO)/eval/demo_vqa/scores.json (served: $(DEMO)/eval/demo_vqa_answer/scores.json); chat answers: $(DEMO)/eval/demo_chat/predictions.jsonl; judge: $(DEMO)/judge/manifest.json — runs: make ui"
 	@$(BIN)/python -c "$$DEMO_VQA_SIDE_BY_SIDE"
 
@@ -120,7 +127,8 @@ report: $(STAMP)  ## table (Markdown, CSV) and plots of GRID's runs from MLflow,
 $(DEMO)/tuner/export/run.json: $(DEMO)/selected/manifest.json conf/demo/tuner.yaml
 	$(BIN)/python -m biomedvital fit --config conf/demo/tuner.yaml
 
-data/demo_vqa/demo_vqa.json: $(STAMP)
+# after generate (order only): both write the demo pool in data/demo on first use
+data/demo_vqa/demo_vqa.json: $(STAMP) | $(DEMO)/generate/manifest.json
 	$(BIN)/python -m biomedvital demo-vqa
 
 $(DEMO)/eval/demo_vqa/scores.json: $(DEMO)/tuner/export/run.json data/demo_vqa/demo_vqa.json conf/eval/demo_vqa.yaml
