@@ -127,8 +127,9 @@ report: $(STAMP)  ## table (Markdown, CSV) and plots of GRID's runs from MLflow,
 $(DEMO)/tuner/export/run.json: $(DEMO)/selected/manifest.json conf/demo/tuner.yaml
 	$(BIN)/python -m biomedvital fit --config conf/demo/tuner.yaml
 
-# after generate (order only): both write the demo pool in data/demo on first use
-data/demo_vqa/demo_vqa.json: $(STAMP) | $(DEMO)/generate/manifest.json
+# one run writes both files (a grouped target: run once, also under -j); after generate (order
+# only): both write the demo pool in data/demo on first use
+data/demo_vqa/demo_vqa.json data/demo_vqa/demo_chat.jsonl &: $(STAMP) | $(DEMO)/generate/manifest.json
 	$(BIN)/python -m biomedvital demo-vqa
 
 $(DEMO)/eval/demo_vqa/scores.json: $(DEMO)/tuner/export/run.json data/demo_vqa/demo_vqa.json conf/eval/demo_vqa.yaml
@@ -152,8 +153,6 @@ for name, s in (("test", t), ("answer (served)", a)):
 endef
 export DEMO_VQA_SIDE_BY_SIDE
 
-data/demo_vqa/demo_chat.jsonl: data/demo_vqa/demo_vqa.json  # written with it (missing: older demo-vqa)
-	$(BIN)/python -m biomedvital demo-vqa
 
 # the tuned model answers the chat questions (LLaVA-Med-Bench layout), as on the real benchmark
 $(DEMO)/eval/demo_chat/scores.json: $(DEMO)/tuner/export/run.json data/demo_vqa/demo_chat.jsonl conf/eval/demo_chat.yaml
