@@ -22,11 +22,12 @@ GRID_ARGS  = --grid $(GRID_FILE) --out_root $(GRID_ROOT) --reuse_stale $(REUSE_S
 # contents, inputs, library hash) changed since they ran; read when the grid recipe runs, after
 # the NEEDS are made (one target per cell: its cell.json)
 TO_RUN    = $(shell $(BIN)/python -m biomedvital grid $(GRID_ARGS) --stale true 2>/dev/null)
-# files the grid's cells read (e.g. the demo selector's scores for GRID=topk): made first
+# files the grid's cells read that make makes first (e.g. the demo selector's scores for
+# GRID=topk); the inputs a user provides (the paper grids' data) are checked by the plan
 NEEDS     = $(shell $(BIN)/python -m biomedvital grid --grid $(GRID_FILE) --needs true 2>/dev/null)
 
 .DEFAULT_GOAL := help
-.PHONY: help setup lock demo test test-heavy lint format ui bench clean list plan grid report FORCE
+.PHONY: help setup lock demo demo-chain test test-heavy lint format ui bench clean list plan grid report FORCE
 
 help:  ## list the targets
 	@grep -E '^[a-zA-Z_/%.-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | expand -t 28
@@ -65,7 +66,14 @@ lock:  ## refresh requirements.lock from pyproject.toml (resolved on PyPI; pins:
 		-c requirements-pins.txt --custom-compile-command "make lock" -o $(LOCK)
 	$(BIN)/python tools/lock_fingerprint.py --write $(LOCK)
 
-demo: $(DEMO)/eval/demo_vqa/scores.json $(DEMO)/eval/demo_vqa_answer/scores.json $(DEMO)/judge/manifest.json  ## the main job on the embedded demo: generate, rate (local SmolLM2), selector fit, score, select, tune LLaVA, test, answer (served), judge
+# The chain's stages after the tuned export (test, answer, chat answers, judge) are independent:
+# the demo runs two at a time (DEMO_JOBS), each one's output kept together (--output-sync).
+DEMO_JOBS ?= 2
+
+demo:  ## the main job on the embedded demo: generate, rate (local SmolLM2), selector fit, score, select, tune LLaVA, test, answer (served), judge
+	@$(MAKE) --no-print-directory -j$(DEMO_JOBS) --output-sync=target demo-chain
+
+demo-chain: $(DEMO)/eval/demo_vqa/scores.json $(DEMO)/eval/demo_vqa_answer/scores.json $(DEMO)/judge/manifest.json
 	@echo "selected: $(DEMO)/selected/selected.json; tuned: $(DEMO)/tuner/export/; VQA: $(DEMO)/eval/demo_vqa/scores.json (served: $(DEMO)/eval/demo_vqa_answer/scores.json); chat answers: $(DEMO)/eval/demo_chat/predictions.jsonl; judge: $(DEMO)/judge/manifest.json — runs: make ui"
 	@$(BIN)/python -c "$$DEMO_VQA_SIDE_BY_SIDE"
 
@@ -96,15 +104,16 @@ $(DEMO)/selected/manifest.json: $(DEMO)/selector/scores.jsonl
 list: $(STAMP)  ## list the cells of a grid: make list GRID=w (grids live in conf/grids/)
 	@$(BIN)/python -m biomedvital grid --grid $(GRID_FILE)
 
-plan: $(STAMP)  ## which cells of GRID are new or stale and why, before anything runs
+plan: $(STAMP)  ## which cells of GRID are new or stale and why, each stage's command, GPU-hours and API cost
 	@$(BIN)/python -m biomedvital grid $(GRID_ARGS) --plan true
 
-# the plan is printed first (and a missing or broken grid file stops make there with its error,
-# instead of an empty TO_RUN running nothing and exiting 0); a cell's target is always remade
+# the plan is printed first (and a missing or broken grid file, or an input the user provides
+# missing, stops make there with its error, instead of an empty TO_RUN running nothing and
+# exiting 0, or every cell failing on the same missing file); a cell's target is always remade
 # when asked for (FORCE): grid.py decides which of its stages run, so a finished cell whose code
 # or configs changed is entered again
 grid: $(STAMP) $(NEEDS)  ## run the cells of GRID that are new or stale (make plan says which; -k keeps going, -j in parallel)
-	@$(BIN)/python -m biomedvital grid $(GRID_ARGS) --plan true
+	@$(BIN)/python -m biomedvital grid $(GRID_ARGS) --plan true --check_needs true
 	$(if $(strip $(TO_RUN)),@$(MAKE) --no-print-directory $(foreach c,$(TO_RUN),$(GRID_DIR)/$(c)/cell.json),@echo "[grid] $(GRID): nothing to run")
 
 $(GRID_DIR)/%/cell.json: FORCE
@@ -119,7 +128,9 @@ report: $(STAMP)  ## table (Markdown, CSV) and plots of GRID's runs from MLflow,
 $(DEMO)/tuner/export/run.json: $(DEMO)/selected/manifest.json conf/demo/tuner.yaml
 	$(BIN)/python -m biomedvital fit --config conf/demo/tuner.yaml
 
-data/demo_vqa/demo_vqa.json: $(STAMP)
+# one run writes both files (a grouped target: run once, also under -j); after generate (order
+# only): both write the demo pool in data/demo on first use
+data/demo_vqa/demo_vqa.json data/demo_vqa/demo_chat.jsonl &: $(STAMP) | $(DEMO)/generate/manifest.json
 	$(BIN)/python -m biomedvital demo-vqa
 
 $(DEMO)/eval/demo_vqa/scores.json: $(DEMO)/tuner/export/run.json data/demo_vqa/demo_vqa.json conf/eval/demo_vqa.yaml
@@ -143,8 +154,6 @@ for name, s in (("test", t), ("answer (served)", a)):
 endef
 export DEMO_VQA_SIDE_BY_SIDE
 
-data/demo_vqa/demo_chat.jsonl: data/demo_vqa/demo_vqa.json  # written with it (missing: older demo-vqa)
-	$(BIN)/python -m biomedvital demo-vqa
 
 # the tuned model answers the chat questions (LLaVA-Med-Bench layout), as on the real benchmark
 $(DEMO)/eval/demo_chat/scores.json: $(DEMO)/tuner/export/run.json data/demo_vqa/demo_chat.jsonl conf/eval/demo_chat.yaml

@@ -22,6 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import add_publish, model_name, save, spread  # noqa: E402
 
 from biomedvital.data.demo import materialize_demo  # noqa: E402
+from biomedvital.evaluation.decoding import Decoding  # noqa: E402
 from biomedvital.evaluation.demo_vqa import write_demo_vqa  # noqa: E402
 from biomedvital.evaluation.vqa_eval import VQADataModule, VQAEvaluator, collate_vqa  # noqa: E402
 from biomedvital.tuning.registry import PREFIXES  # noqa: E402
@@ -46,7 +47,7 @@ def main() -> None:
         dm = VQADataModule("vqa_rad", str(questions), str(files.images))
         ds = dm.test_dataloader().dataset
         rows = [ds[i] for i in range(len(ds))] * args.repeat
-    ev = VQAEvaluator(model=args.model, max_new_tokens=args.max_new_tokens)
+    ev = VQAEvaluator(model=args.model, decoding=Decoding(max_new_tokens=args.max_new_tokens))
     ev.build()
 
     def batched() -> list[str]:

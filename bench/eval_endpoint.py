@@ -75,9 +75,11 @@ def time_test(export: Path, data, device: str, batch: int, max_new_tokens: int) 
     import torch
 
     from biomedvital.data.images import ImageRoot
+    from biomedvital.evaluation.decoding import Decoding
     from biomedvital.evaluation.vqa_eval import VQAEvaluator
 
-    ev = VQAEvaluator(model=f"local-dir:{export / 'merged'}", max_new_tokens=max_new_tokens)
+    decoding = Decoding(max_new_tokens=max_new_tokens)
+    ev = VQAEvaluator(model=f"local-dir:{export / 'merged'}", decoding=decoding)
     ev.build()
     ev.trained_system = json.loads((export / "run.json").read_text()).get("system_prompt")
     ev.to(torch.device(device))
@@ -127,7 +129,8 @@ def main() -> None:
     add_publish(ap)
     args = ap.parse_args()
 
-    from biomedvital.evaluation.answer import Decoding, Prompting, answer
+    from biomedvital.evaluation.answer import Prompting, answer
+    from biomedvital.evaluation.decoding import Decoding
     from biomedvital.evaluation.vqa_eval import VQADataModule
     from biomedvital.llm.config import ClientConfig
     from biomedvital.llm.hf_server import HFServer, model_folder
@@ -155,7 +158,7 @@ def main() -> None:
         concurrency=args.concurrency,
         timeout_s=600,
     )
-    prompts = Prompting(max_new_tokens=args.max_new_tokens)
+    decoding = Decoding(max_new_tokens=args.max_new_tokens)
     times_test, times_answer, cpu_test, cpu_answer = [], [], [], []
     try:
         for trial in range(args.trials):
@@ -166,7 +169,7 @@ def main() -> None:
             out = tmp / f"answer-{trial}"
             assert server.proc is not None
             c0, s0, t0 = time.process_time(), tree_cpu_s(server.proc.pid), time.perf_counter()
-            answer(data, client, out, prompts, Decoding(seed=0), export=export, progress=False)
+            answer(data, client, out, Prompting(), decoding, export=export, progress=False)
             times_answer.append(time.perf_counter() - t0)
             served_cpu = tree_cpu_s(server.proc.pid) - s0
             cpu_answer.append(time.process_time() - c0 + served_cpu)

@@ -41,7 +41,7 @@ def _run(questions: Path, images: Path, out: Path, devices: int, args: argparse.
     cmd = [
         sys.executable, "-m", "biomedvital", "test", "--config", "conf/eval/demo_vqa.yaml",
         "--model.init_args.model", "tiny:tiny-llava",
-        "--model.init_args.max_new_tokens", str(args.max_new_tokens),
+        "--model.init_args.decoding.max_new_tokens", str(args.max_new_tokens),
         "--data.init_args.data", str(questions), "--data.init_args.image_root", str(images),
         "--data.init_args.batch_size", str(args.batch),
         "--trainer.default_root_dir", str(out), "--trainer.logger", "false",

@@ -235,6 +235,38 @@ def _refuse_moved_keys(verb: str, argv: list[str], files: list[str]) -> None:
                 )
 
 
+def _config_cause(err: BaseException) -> ConfigError | None:
+    """The :class:`ConfigError` a class or argument group raised while jsonargparse built it
+    (jsonargparse re-raises it inside a dump of every Union alternative), else ``None``."""
+    seen: BaseException | None = err.__cause__
+    while seen is not None:
+        if isinstance(seen, ConfigError):
+            return seen
+        seen = seen.__cause__
+    return None
+
+
+def _setting_source(message: str, files: list[str], argv: list[str]) -> str:
+    """``FILE: `` for the last config file that sets the key a message starts with, ``the
+    command line: `` when a flag sets it, else nothing."""
+    import yaml
+
+    key = message.split(" ", 1)[0]
+    bare = [p for p in key.split(".") if p != "init_args"]
+    for arg in argv:
+        flag = arg[2:].split("=")[0].split(".") if arg.startswith("--") else []
+        if flag and [p for p in flag if p != "init_args"] == bare:
+            return "the command line: "
+    for name in reversed(files):
+        with open(name, encoding="utf-8") as f:
+            node = yaml.safe_load(f)
+        for part in key.split("."):
+            node = node.get(part) if isinstance(node, dict) else None
+        if node is not None:
+            return f"{name}: "
+    return ""
+
+
 def _load(spec: str) -> Callable:
     module, name = spec.split(":")
     return getattr(import_module(module), name)
@@ -415,6 +447,11 @@ def run_trainer_verb(argv: list[str]) -> None:
         )
     except ArgumentError as e:
         raise _config_error(argv[0], e, files, argv, getattr(e, "parser", None)) from None
+    except ValueError as e:  # a group's own check (``decoding``), wrapped by jsonargparse
+        cause = _config_cause(e)
+        if cause is None:
+            raise
+        raise ConfigError(f"{argv[0]}: {_setting_source(str(cause), files, argv)}{cause}") from None
     except pickle.UnpicklingError as e:  # a checkpoint Lightning itself loads (--ckpt_path last)
         path = _loaded_path(e.__traceback__) or "the checkpoint"
         raise UnsafeCheckpointError(unsafe_checkpoint_message(path, e)) from e
@@ -458,6 +495,7 @@ def main(argv: list[str] | None = None) -> None:
 
         files = _config_files(argv[1:])
         _check_config_files(files)
+        _refuse_moved_keys(verb, argv[1:], files)
         try:
             result = _load(CONFIG_VERBS[verb][0])(argv[1:])
         except ArgumentError as e:

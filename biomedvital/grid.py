@@ -31,15 +31,18 @@ Each cell writes into ``<out_root>/<grid>/<cell>/``; every MLflow run of a cell 
 its identity (command, config file contents, library hash, input files:
 :mod:`biomedvital.grid_identity`) is the one it last finished with (``stages.json``); any other
 stage runs, and every later stage of its cell with it (they read its outputs). ``--plan true``
-says which cells would run and why, before anything runs; ``--reuse_stale true`` keeps stale
-stages on purpose. A failing stage stops the cell with its error, and ``cell.json`` is written
-last.
+says which cells would run and why, with each stage's command and its estimated GPU-hours and
+API dollars (:mod:`biomedvital.grid_costs`), before anything runs; ``--reuse_stale true`` keeps
+stale stages on purpose. ``needs`` lists the files the cells read: a bare path is made first by
+``make``, ``{path, get}`` is the user's to provide (``get``: where from). A failing stage stops the
+cell with its error, and ``cell.json`` is written last.
 """
 
 from __future__ import annotations
 
 import json
 import re
+import shlex
 import subprocess
 import sys
 from dataclasses import dataclass, field
@@ -50,13 +53,14 @@ from typing import Any
 import yaml
 
 from biomedvital.data.jsonio import write_json
+from biomedvital.grid_costs import THROUGHPUT, StageCost, cell_costs, check_stated, total
 from biomedvital.grid_identity import FORMAT, changes, config_files, recorded_inputs, sha256_of
 from biomedvital.tracking.provenance import library_hash
 
 TRAINER_VERBS = ("fit", "validate", "test", "predict")
 CELL_FILE = "cell.json"
 STAGES_FILE = "stages.json"  # the identity each stage last finished with
-GRID_KEYS = {"verb", "base", "stages", "cells", "seeds", "seed_args", "needs"}
+GRID_KEYS = {"verb", "base", "stages", "cells", "seeds", "seed_args", "needs", "estimates"}
 
 
 class GridError(ValueError):
@@ -80,6 +84,46 @@ def _as_overrides(path: Path, cell: str, value: Any, stages: dict) -> dict[str, 
         if not isinstance(override, dict) or set(override) - {"config", "args"}:
             raise GridError(f"{path}: cell {cell!r}, stage {stage!r}: use 'config' and 'args'")
     return value
+
+
+def _needs(path: Path, value: Any) -> list[dict[str, str | None]]:
+    """``needs`` as ``[{"path", "get"}]``: a bare path is made by ``make`` first (a Makefile
+    target); ``{path, get}`` is an input the user provides, ``get`` saying where from."""
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        raise GridError(f"{path}: 'needs' must be a list of paths or {{path, get}} mappings")
+    out = []
+    for item in value:
+        if isinstance(item, str):
+            out.append({"path": item, "get": None})
+        elif isinstance(item, dict) and set(item) == {"path", "get"}:
+            out.append({"path": str(item["path"]), "get": " ".join(str(item["get"]).split())})
+        else:
+            raise GridError(f"{path}: a need is a path or {{path, get}}, got {item!r}")
+    return out
+
+
+def missing_needs(spec: dict) -> list[dict[str, str | None]]:
+    """The needs not on disk."""
+    return [n for n in spec["needs"] if not Path(n["path"]).exists()]
+
+
+def _needs_lines(missing: list[dict[str, str | None]]) -> list[str]:
+    """The missing needs: those to provide, each with where to get it; those make makes."""
+    given = [n for n in missing if n["get"] is not None]
+    made = [str(n["path"]) for n in missing if n["get"] is None]
+    lines = []
+    if given:
+        lines.append(f"{len(given)} input(s) to provide (make grid stops until they exist):")
+        lines += [f"  {n['path']}: {n['get']}" for n in given]
+    if made:
+        lines.append(f"made first by make grid: {', '.join(made)}")
+    return lines
+
+
+def _needs_message(grid: Path, missing: list[dict[str, str | None]]) -> str:
+    return "\n".join([f"{grid}: {len(missing)} input(s) missing", *_needs_lines(missing)])
 
 
 def load_grid(path: Path) -> dict:
@@ -126,12 +170,17 @@ def load_grid(path: Path) -> dict:
     missing = [f for f in files if not Path(f).is_file()]
     if missing:
         raise FileNotFoundError(f"{path}: config files not found: {', '.join(missing)}")
+    try:
+        estimates = check_stated(spec.get("estimates"))
+    except ValueError as err:
+        raise GridError(f"{path}: {err}") from None
     return {
         "stages": stages,
         "cells": cells,
         "seeds": seeds,
         "seed_args": spec.get("seed_args", {"seed_everything": "{seed}"}),
-        "needs": spec.get("needs", []),
+        "needs": _needs(path, spec.get("needs")),
+        "estimates": estimates,
     }
 
 
@@ -400,8 +449,13 @@ def plan_grid(
     return [plan_cell(grid, c, out_root, reuse_stale, library) for c in cell_names(spec)]
 
 
-def format_plan(grid: Path, plans: list[CellPlan], out_root: str) -> str:
-    """The plan as text: a header with counts and the library hash, then one line per cell."""
+def format_plan(
+    grid: Path, plans: list[CellPlan], out_root: str, throughput: Path | None = THROUGHPUT
+) -> str:
+    """The plan as text: a header with counts and the library hash, the inputs missing (and
+    where to get them); per cell its state and why, then each stage's action, command and
+    estimate (:mod:`biomedvital.grid_costs`) and the cell's total; last, the total of the stages
+    that would run."""
     spec = load_grid(grid)
     counts: dict[str, int] = {}
     for p in plans:
@@ -412,14 +466,32 @@ def format_plan(grid: Path, plans: list[CellPlan], out_root: str) -> str:
         f"{grid}: {len(plans)} cells, {n_run} to run ({parts}); library {library_hash()}; "
         f"cells in {Path(out_root) / Path(grid).stem}/"
     ]
-    missing = [n for n in spec["needs"] if not Path(n).exists()]
-    if missing:
-        lines.append(f"  needs (made first by make grid): {', '.join(missing)}")
+    lines += [f"  {line}" for line in _needs_lines(missing_needs(spec))]
     width = max(len(p.cell) for p in plans)
+    to_run: list[StageCost] = []
     for p in plans:
-        why = p.why()
-        lines.append(f"  {p.cell:<{width}}  {p.state:<10}  {why}".rstrip())
+        lines.append(f"  {p.cell:<{width}}  {p.state:<10}  {p.why()}".rstrip())
+        costs = cell_costs([{"stage": s.stage, "argv": s.argv} for s in p.stages],
+                           spec["estimates"], throughput)  # fmt: skip
+        lines += _stage_lines(p.stages, costs)
+        to_run += [c for c, s in zip(costs, p.stages, strict=True) if s.action == "run"]
+    if total(to_run):
+        lines.append(f"  to run: {total(to_run)}")
     return "\n".join(lines)
+
+
+def _stage_lines(stages: list[StagePlan], costs: list[StageCost]) -> list[str]:
+    """A cell's stages: action, command (credentials masked) and estimate; then its total."""
+    width = max(len(s.stage) for s in stages)
+    lines = []
+    for s, cost in zip(stages, costs, strict=True):
+        command = f"python -m biomedvital {shlex.join(s.shown)}"
+        lines.append(f"      {s.stage:<{width}}  {s.action:<7}  {command}")
+        if cost.text:
+            lines.append(f"      {'':<{width}}  {'':<7}  {cost.text}")
+    if len(stages) > 1 and total(costs):
+        lines.append(f"      {'cell':<{width}}  {'':<7}  {total(costs)}")
+    return lines
 
 
 def run_cell(
@@ -434,10 +506,9 @@ def run_cell(
     stays (a later run without the switch reruns it) and ``cell.json`` names it under
     ``reused_stale``, which the report marks.
     """
-    spec = load_grid(grid)
-    missing = [n for n in spec["needs"] if not Path(n).exists()]
+    missing = missing_needs(load_grid(grid))
     if missing:
-        raise GridError(f"{grid}: needs {', '.join(missing)} (see the grid file's header)")
+        raise GridError(_needs_message(grid, missing))
     plan = plan_cell(grid, cell, out_root, reuse_stale)
     cell_dir = Path(out_root) / Path(grid).stem / cell
     records = _read_records(cell_dir)
@@ -527,6 +598,8 @@ def grid(
     plan: bool = False,
     stale: bool = False,
     reuse_stale: bool = False,
+    check_needs: bool = False,
+    throughput: Path | None = THROUGHPUT,
 ) -> None:
     """List a grid's cells (no ``--cell``), say which are stale and why, or run one cell.
 
@@ -535,19 +608,27 @@ def grid(
         cell: the cell to run (its stages that are not current); without it the cell names
             are printed, one per line.
         out_root: where cell folders go (``<out_root>/<grid>/<cell>``).
-        needs: print the files the grid needs before any cell runs (its ``needs``; the
-            Makefile makes them first).
+        needs: print the files the Makefile makes before any cell runs (the grid's ``needs``
+            given as bare paths; those given as ``{path, get}`` are the user's to provide).
         plan: print, for every cell, whether it is new, stale, incomplete or current, and why
-            (which stage's command, config file, input or library hash changed); runs nothing.
+            (which stage's command, config file, input or library hash changed), each stage's
+            command and its estimated GPU-hours and API cost; runs nothing.
         stale: print the cells that would run (new, stale or incomplete), one per line.
         reuse_stale: keep finished stages whose identity changed instead of running them
             again (``cell.json`` names them; the report marks their cells).
+        check_needs: after the plan, stop with an error naming every input the grid needs
+            that is missing, and where to get it (``make grid`` checks before any cell runs).
+        throughput: the committed tuner benchmark result the plan's GPU-hours come from.
     """
     spec = load_grid(grid)
     if needs:
-        print("\n".join(spec["needs"]))
+        print("\n".join(str(n["path"]) for n in spec["needs"] if n["get"] is None))
     elif plan:
-        print(format_plan(grid, plan_grid(grid, out_root, reuse_stale), out_root))
+        plans = plan_grid(grid, out_root, reuse_stale)
+        print(format_plan(grid, plans, out_root, throughput))
+        missing = missing_needs(spec)
+        if check_needs and missing and any(p.to_run for p in plans):
+            raise GridError(_needs_message(grid, missing))
     elif stale:
         print("\n".join(p.cell for p in plan_grid(grid, out_root, reuse_stale) if p.to_run))
     elif cell is None:

@@ -16,7 +16,8 @@ Writes ``<out>/<grid>/table.md`` and ``table.csv`` (one row per cell, the CSV wi
 at full precision), with seeds also ``summary.md``/``summary.csv`` (mean, standard deviation
 and count per cell over seeds, the held-out pair counts) and ``differences.csv`` (each two
 cells' difference against its standard error over seeds), ``report.json`` (library hashes, git
-commits, run dates, every row) and the plots that the metrics allow:
+commits, run dates, every row, and ``time``: the sum of the stages' run times and the span from
+the first run's start to the last one's end; each row's ``run_s`` is its cell's) and the plots that the metrics allow:
 
 - ``metrics.png``: the selector's held-out alignment rate, pair accuracy and AUROC per cell
   (the w curve);
@@ -114,6 +115,10 @@ def collect(grid: str, store: str, page_size: int = 1000) -> list[dict]:
             {"cell": cell, "base_cell": tags.get("base_cell", cell), "seed": tags.get("seed", "")},
         )
         row.setdefault("_runs", set()).add(r.info.run_id)  # the latest run of each stage
+        row["run_s"] = round(row.get("run_s", 0.0) + _run_seconds(r), 1)
+        end = r.info.end_time or r.info.start_time
+        row["_start"] = min(row.get("_start", r.info.start_time), r.info.start_time)
+        row["_end"] = max(row.get("_end", end), end)
         if metrics:
             row.update({_column(k): v for k, v in metrics.items()})
             row["run_ids"] = ",".join(filter(None, [row.get("run_ids", ""), r.info.run_id]))
@@ -121,6 +126,28 @@ def collect(grid: str, store: str, page_size: int = 1000) -> list[dict]:
             if stage_is_fit(r):
                 row.update(_held_out_pairs(client, r.info.run_id))
     return [r for r in rows.values() if "run_ids" in r]  # cells with a wanted metric
+
+
+def _run_seconds(run) -> float:  # noqa: ANN001 - an MLflow Run
+    """A stage's run time, start to end of its MLflow run (the process's start-up before the run
+    opens is not in it)."""
+    end = run.info.end_time or run.info.start_time
+    return max(0, end - run.info.start_time) / 1000
+
+
+def run_time(rows: list[dict]) -> dict:
+    """What the grid's runs cost in time: the sum of its stages' run times (the compute a rerun
+    pays, cell after cell) and the span from the first run's start to the last one's end (the
+    wall time of a grid run in one go, start-ups and anything else running meanwhile included)."""
+    starts = [r["_start"] for r in rows if "_start" in r]
+    ends = [r["_end"] for r in rows if "_end" in r]
+    total = sum(r.get("run_s", 0.0) for r in rows)
+    return {
+        "cells": len(rows),
+        "run_s_total": round(total, 1),
+        "run_s_per_cell": round(total / len(rows), 1) if rows else None,
+        "span_s": round((max(ends) - min(starts)) / 1000, 1) if starts and ends else None,
+    }
 
 
 def stage_is_fit(run) -> bool:  # noqa: ANN001 - an MLflow Run
@@ -492,6 +519,7 @@ def _record(args: argparse.Namespace, grid_file: Path, rows: list[dict], shown: 
         ),  # fmt: skip
         "runs_from": iso(start) if start is not None else None,
         "runs_to": iso(end) if end is not None else None,
+        "time": run_time(rows),
         "made": datetime.now(UTC).isoformat(timespec="seconds"),
         "made_at": {**git_state(), "library_hash": library_hash()},
         "files": files,
@@ -569,7 +597,8 @@ def main(argv: list[str] | None = None) -> None:
     seeded = any(r["seed"] != "" for r in rows)
     counts = [c for c in COUNTS if any(c in r for r in rows)]
     status = ["status"] if any("status" in r for r in rows) else []
-    cols = ["cell", *(["seed"] if seeded else []), *metrics, *counts, "library", "runs", *status]
+    cols = ["cell", *(["seed"] if seeded else []), *metrics, *counts, "run_s", "library", "runs"]
+    cols += status
     write_table(rows, [*cols, "run_ids"], out, header=top)
     files = ["table.md", "table.csv"]
     shown = rows

@@ -28,7 +28,8 @@ ALLOWED: dict[str, set[str]] = {
     **{stage: set(LOWER) for stage in STAGES},
     "evaluation": LOWER | {"tuning"},
     "cli": LOWER | STAGES,
-    "grid": LOWER | STAGES | {"cli"},
+    "grid": LOWER | STAGES | {"cli", "grid_costs"},
+    "grid_costs": LOWER | STAGES,
     "__main__": LOWER | STAGES | {"cli", "grid"},
 }
 """The parts of the package (a sub-package or a top-level module) each part may import."""

@@ -20,11 +20,13 @@ PAPER_PIPELINE = sorted(
     if p.stem in {"generate", "rate", "judge", "pairwise"}
 )
 DEMO_OVERLAYS = [CONF / "demo" / "generated_pool.yaml"]
+EVAL_OVERLAYS = [CONF / "eval" / "paper_decoding.yaml"]
+"""Overlays added to any benchmark config of ``test`` / ``answer``."""
 BASES = sorted(
     p
     for p in CONF.rglob("*.yaml")
     if not {"ablation", "grids", "strategy", "perf", "endpoints"} & set(p.parts)
-    and p not in PIPELINE + PAPER_PIPELINE + DEMO_OVERLAYS
+    and p not in PIPELINE + PAPER_PIPELINE + DEMO_OVERLAYS + EVAL_OVERLAYS
 )
 ENDPOINTS = sorted((CONF / "endpoints").glob("*.yaml"))
 CLIENT_VERBS = ("generate", "rate", "judge", "pairwise")
@@ -422,6 +424,27 @@ def test_vqa_eval_configs_use_llava_meds_rule(
     assert cfg["data"]["init_args"]["split"] == "test"
 
 
+@pytest.mark.parametrize("overlay", EVAL_OVERLAYS, ids=lambda p: p.name)
+@pytest.mark.parametrize("base", ["vqa_rad", "demo_vqa"])
+def test_eval_overlay_applies_to_a_benchmark_config(
+    overlay: Path, base: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``test --config conf/eval/<benchmark>.yaml --config <overlay>``: the overlay's keys
+    replace the base's, everything else is the base's."""
+    config = CONF / "eval" / f"{base}.yaml"
+    with pytest.raises(SystemExit):
+        main(["test", "--config", str(config), "--print_config"])
+    alone = yaml.safe_load(capsys.readouterr().out)
+    with pytest.raises(SystemExit):
+        main(["test", "--config", str(config), "--config", str(overlay), "--print_config"])
+    merged = yaml.safe_load(capsys.readouterr().out)
+    decoding = yaml.safe_load(overlay.read_text())["model"]["init_args"]["decoding"]
+    assert merged["model"]["init_args"]["decoding"] == decoding
+    assert alone["model"]["init_args"]["decoding"]["strategy"] == "greedy"
+    merged["model"]["init_args"]["decoding"] = alone["model"]["init_args"]["decoding"]
+    assert merged == alone
+
+
 def test_paper_numbers_in_header_and_docs(capsys: pytest.CaptureFixture[str]) -> None:
     """The selector's and tuner's paper numbers, as their headers and their docs pages state them,
     are the configs' values."""
@@ -461,13 +484,22 @@ def test_paper_numbers_in_header_and_docs(capsys: pytest.CaptureFixture[str]) ->
 @pytest.mark.parametrize("path", GRIDS, ids=lambda p: p.name)
 def test_grid_cells_parse(path: Path, capsys: pytest.CaptureFixture[str], monkeypatch) -> None:
     """Every stage of every cell of every grid resolves to a config its verb accepts, tagged
-    with the grid, the cell and the stage."""
+    with the grid, the cell and the stage. A command that differs from one already parsed only
+    by the cell's name (its folder, its tags) is the same config and parsed once."""
+    import re
+
     from biomedvital.grid import TRAINER_VERBS, cell_names, load_grid, stage_commands
 
     monkeypatch.chdir(CONF.parent)
     rel = path.relative_to(CONF.parent)
+    seen: set[tuple[str, ...]] = set()
     for cell in cell_names(load_grid(rel)):
+        name = re.compile(rf"(?<![\w.-]){re.escape(cell)}(?![\w.-])")
         for stage in stage_commands(rel, cell):
+            shape = tuple(name.sub("{cell}", a) for a in stage["argv"])
+            if shape in seen:
+                continue
+            seen.add(shape)
             with pytest.raises(SystemExit):
                 main([*stage["argv"], "--print_config"])
             cfg = yaml.safe_load(capsys.readouterr().out)

@@ -534,3 +534,11 @@ def test_report_counts_only_the_cells_the_grid_file_lists_now(
     (summary,) = list(csv.DictReader((out / "g" / "summary.csv").open()))
     assert summary["n"] == "3" and float(summary["val/align_rate"]) == pytest.approx(0.6)
     assert "val/mean_rank" in summary
+    # what the runs cost: each cell's run time, their sum and the span of the grid's runs
+    record = json.loads((out / "g" / "report.json").read_text())
+    cells = record["cells"]
+    assert all(c["run_s"] >= 0 for c in cells) and "run_s" in rows[0]
+    time = record["time"]
+    assert time["cells"] == 3
+    assert time["run_s_total"] == pytest.approx(sum(c["run_s"] for c in cells), abs=0.2)
+    assert time["span_s"] >= max(c["run_s"] for c in cells)

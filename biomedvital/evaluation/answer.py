@@ -15,10 +15,12 @@ running Hugging Face ``generate`` in the Trainer:
   trained (its ``processor_config.json``: ``do_pad``, which ``vllm serve`` and ``transformers
   serve`` follow), so the config's ``image_aspect_ratio`` is not applied; ``run.answer.json``
   records the export's value;
-* the same decoding where the endpoint takes it: greedy (temperature 0), ``max_tokens`` from
-  ``max_new_tokens``, the seed from ``seed_everything`` (:class:`Decoding`);
+* the same decoding where the endpoint takes it: the config's ``model.init_args.decoding``
+  (:class:`~.decoding.Decoding`): greedy as temperature 0, sampling with each question's own
+  seed, ``max_new_tokens`` sent as ``max_tokens``;
 * the same files and figures: ``predictions.jsonl`` (LLaVA-Med's ``question_id``, ``prompt``,
-  ``text``, ``model_id``), ``scores.json`` from the same metrics in the same order, MLflow
+  ``text``, ``model_id``, and ``hit_max_new_tokens``: the reply's ``finish_reason`` was
+  ``length``), ``scores.json`` from the same metrics in the same order, MLflow
   metrics ``test/<name>/<metric>`` tagged with the endpoint, the model and the export's upstream
   run.
 
@@ -37,7 +39,7 @@ import inspect
 import sys
 import time
 from collections import Counter
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -57,8 +59,9 @@ from biomedvital.tracking.provenance import git_state
 
 from . import prompting
 from .benchmarks import BENCHMARKS, VQAItem
+from .decoding import Decoding
 from .metrics import CLOSED_RULES, ClosedRule
-from .vqa_scores import score_answers
+from .vqa_scores import n_hit_max_new_tokens, score_answers
 
 RECORD_FILE = "run.answer.json"
 PREDICTIONS_FILE = "predictions.jsonl"
@@ -85,42 +88,6 @@ HONOURED_TRAINER_KEYS = ("default_root_dir", "logger")
 
 
 @dataclass(frozen=True)
-class Decoding:
-    """Decoding settings sent with every request (part of the cache key); ``None`` means as
-    ``test`` decodes: greedy, the length limit of the config's ``max_new_tokens``, the seed of
-    its ``seed_everything``.
-
-    Args:
-        temperature: 0 is greedy (``test`` decodes greedily).
-        top_p: nucleus mass; 1 keeps every token (greedy ignores it).
-        seed: the endpoint's sampling seed (``null``: from ``seed_everything``).
-        max_tokens: the answer's length limit in tokens (``null``: ``max_new_tokens``).
-    """
-
-    temperature: float = 0.0
-    top_p: float = 1.0
-    seed: int | None = None
-    max_tokens: int | None = None
-
-    def __post_init__(self) -> None:
-        if self.temperature < 0:
-            raise ConfigError(f"decoding.temperature must be >= 0, got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            raise ConfigError(f"decoding.top_p must be in (0, 1], got {self.top_p}")
-        if self.max_tokens is not None and self.max_tokens < 1:
-            raise ConfigError(f"decoding.max_tokens must be >= 1, got {self.max_tokens}")
-
-    def params(self) -> dict[str, Any]:
-        """The request's decoding fields (unset ones are not sent)."""
-        out = {"temperature": self.temperature, "top_p": self.top_p}
-        if self.max_tokens is not None:
-            out["max_tokens"] = self.max_tokens
-        if self.seed is not None:
-            out["seed"] = self.seed
-        return out
-
-
-@dataclass(frozen=True)
 class Prompting:
     """How ``test`` asks: the ``model.init_args`` prompt settings of a benchmark config."""
 
@@ -128,7 +95,6 @@ class Prompting:
     prompt_suffix: str = ""
     closed_prompt_suffix: str = ""
     closed_rule: ClosedRule = "llava_med"
-    max_new_tokens: int = 64
 
 
 @dataclass(frozen=True)
@@ -198,8 +164,8 @@ def build_requests(
     plan: Plan, system: str, prompts: Prompting, decoding: Decoding, model: str
 ) -> list[ChatRequest]:
     """One chat request per question asked: system prompt, image (a reference inlined as a data
-    URL when sent; its hash in the cache key), question text; decoding fields as parameters."""
-    params = decoding.params()
+    URL when sent; its hash in the cache key), question text; the question's decoding fields as
+    parameters."""
     refs: dict[Path, str] = {}  # an image shared by many questions is hashed once
     requests = []
     for item, path in plan.asked:
@@ -210,7 +176,7 @@ def build_requests(
         )
         messages = prompting.chat_messages(system, text, refs[path])
         meta = {"question_id": item.question_id, "prompt": text}
-        req = ChatRequest(messages, dict(params), meta=meta)
+        req = ChatRequest(messages, decoding.request_params(item.question_id), meta=meta)
         req.key = request_key(model, messages, req.params)
         requests.append(req)
     return requests
@@ -287,6 +253,7 @@ def collect(
                 "prompt": req.meta["prompt"],
                 "text": text.strip(),
                 "model_id": client.model,
+                "hit_max_new_tokens": res.finish_reason == "length",
             }
         )
         out.truth.append([item.answer_type, item.answer])
@@ -318,9 +285,8 @@ def answer(
             ``local-hf:DIR`` serves an export with ``transformers serve`` for the run).
         out: the output folder (``trainer.default_root_dir``): ``predictions.jsonl``,
             ``scores.json``, ``failed.jsonl``, ``run.answer.json``, ``journal.jsonl``.
-        prompts: the config's prompt settings (system prompt, suffixes, closed rule,
-            ``max_new_tokens``).
-        decoding: overrides of the decoding settings (default: as ``test`` decodes).
+        prompts: the config's prompt settings (system prompt, suffixes, closed rule).
+        decoding: the config's ``model.init_args.decoding`` (default: greedy, 64 tokens).
         export: the export folder of the served model (``run.json``: system prompt, upstream
             run) when the model name is not its path; found by itself for ``local-hf:`` and for
             a model served under its folder's path.
@@ -335,12 +301,11 @@ def answer(
     """
     from biomedvital.llm.batch import BatchPending
 
-    prompts, decoding, out = prompts or Prompting(), decoding or Decoding(), Path(out)
+    prompts, decoding, out = prompts or Prompting(), Decoding.of(decoding), Path(out)
     if isinstance(batch_results, str | Path):
         batch_results = [Path(batch_results)]
     if prompts.closed_rule not in CLOSED_RULES:
         raise ConfigError(f"closed_rule must be one of {CLOSED_RULES}, got {prompts.closed_rule!r}")
-    decoding = replace(decoding, max_tokens=decoding.max_tokens or prompts.max_new_tokens)
     _check_client(client, dry_run)
     plan = plan_questions(data, missing_image)
     folder = served_export(client, export)
@@ -358,10 +323,11 @@ def answer(
         return {"batch_pending": True, "message": str(exc), **exc.info}
     texts = [r["text"] for r in answers.rows]
     scores = score_answers(answers.truth, texts, data.batch_size, prompts.closed_rule)
+    scores["n_hit_max_new_tokens"] = n_hit_max_new_tokens(answers.rows)
     context = {
         "system_prompt": system,
         "prompts": asdict(prompts),
-        "decoding": decoding.params(),
+        "decoding": decoding.public(),
         "export": {"folder": str(folder), "record": _lineage(record)} if folder else None,
         "ledger": result.ledger.as_dict(),
         "batch": result.batch,
@@ -583,19 +549,22 @@ def build_parser() -> Any:
         "--seed_everything",
         type=bool | int,
         default=0,
-        help="the config's seed: sent as the request seed (decoding.seed)",
+        help="test's seed (model.init_args.decoding.seed seeds the requests)",
     )
     parser.add_subclass_arguments(VQADataModule, "data", required=True, instantiate=False)
     parser.add_subclass_arguments(VQAEvaluator, "model", required=False, instantiate=False)
     parser.add_class_arguments(Trainer, "trainer", instantiate=False, fail_untyped=False)
     parser.add_function_arguments(
-        answer, skip={"data", "out", "prompts", "tracking", "notice"}, fail_untyped=False
+        answer,
+        skip={"data", "out", "prompts", "decoding", "tracking", "notice"},
+        fail_untyped=False,
     )
     return parser
 
 
 def main(argv: list[str]) -> dict:
     """``python -m biomedvital answer ARGS``: parse a benchmark config and run :func:`answer`."""
+    refuse_verb_decoding(argv)
     parser = build_parser()
     cfg = parser.parse_args(argv)
     data = _instantiate(cfg.data, "data")
@@ -604,10 +573,10 @@ def main(argv: list[str]) -> dict:
     trainer = cfg.trainer
     if not trainer.default_root_dir:
         raise ConfigError("answer: trainer.default_root_dir (the output folder) is not set")
-    seed = cfg.seed_everything
-    decoding = Decoding(**cfg.decoding.as_dict()) if cfg.decoding else Decoding()
-    if decoding.seed is None and not isinstance(seed, bool):
-        decoding = replace(decoding, seed=int(seed))
+    try:
+        decoding = Decoding.of(model_args["decoding"])
+    except ConfigError as err:
+        raise ConfigError(f"answer: {err}") from None
     client = ClientConfig(**cfg.client.as_dict())
     prompts = Prompting(
         **{k: model_args[k] for k in Prompting.__dataclass_fields__ if k in model_args}
@@ -654,12 +623,35 @@ def _model_args(cfg: Any) -> dict[str, Any]:
         if p.default is not inspect.Parameter.empty
     }
     given = cfg.model.init_args.as_dict() if cfg.get("model") and cfg.model.init_args else {}
-    args = {**defaults, **given}
-    if args["max_new_tokens"] < 1:
-        raise ConfigError(
-            f"model.init_args.max_new_tokens must be >= 1, got {args['max_new_tokens']}"
-        )
-    return args
+    return {**defaults, **given}
+
+
+VERB_DECODING = {"max_tokens": "max_new_tokens"}
+"""The verb's own ``decoding`` block, before the evaluator's: its keys' names there."""
+
+
+def refuse_verb_decoding(argv: list[str]) -> None:
+    """``answer --decoding.*`` (or a top-level ``decoding:`` in a config) was the verb's own
+    block; it is the evaluator's now, shared with ``test``: one line naming the new key."""
+    import yaml
+
+    found: list[tuple[str, str]] = []
+    for i, arg in enumerate(argv):
+        flag = arg.removeprefix("--").split("=", 1)[0]
+        if arg.startswith("--decoding.") or arg == "--decoding":
+            found.append((flag.partition(".")[2], "the command line"))
+        elif arg in ("--config", "-c") and i + 1 < len(argv) and Path(argv[i + 1]).is_file():
+            doc = yaml.safe_load(Path(argv[i + 1]).read_text(encoding="utf-8"))
+            block = doc.get("decoding") if isinstance(doc, dict) else None
+            if block is not None:
+                key = next(iter(block), "") if isinstance(block, dict) else ""
+                found.append((str(key), argv[i + 1]))
+    if found:
+        key, where = found[0]
+        old, new = "decoding", "model.init_args.decoding"
+        if key:
+            old, new = f"{old}.{key}", f"{new}.{VERB_DECODING.get(key, key)}"
+        raise ConfigError(f"answer: {where}: {old} moved to {new}")
 
 
 def ignored_keys(cfg: Any, defaults: Any, model_args: dict[str, Any]) -> list[str]:

@@ -26,7 +26,7 @@ from .answer_journal import AnswerJournal
 from .benchmarks import VQAItem
 from .metrics import ClosedRule
 from .sharding import batches_to_answer
-from .vqa_scores import Scores, score_answers
+from .vqa_scores import Scores, n_hit_max_new_tokens, score_answers
 
 PREDICTIONS_FILE = "predictions.jsonl"
 SCORES_FILE = "scores.json"
@@ -195,6 +195,7 @@ class AnswerWriter(Callback):
         rows, truth = self.gathered(trainer)
         texts = [r["text"] for r in rows]
         scores = score_answers(truth, texts, split.batch_size if split else 1, self.closed_rule)
+        scores["n_hit_max_new_tokens"] = n_hit_max_new_tokens(rows)
         logged = {f"test/{name}/{k}": float(v) for k, v in scores.items() if v is not None}
         # every process computed the same values from all the answers
         pl_module.log_dict(logged, batch_size=max(len(rows), 1), sync_dist=trainer.world_size > 1)

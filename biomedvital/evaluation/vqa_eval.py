@@ -1,11 +1,13 @@
 """Medical VQA evaluation of a LLaVA model through ``python -m biomedvital test``.
 
 :class:`VQADataModule` serves a benchmark split (``load_benchmark``) with its images;
-:class:`VQAEvaluator` answers every question by batched greedy decoding (left padding); its
+:class:`VQAEvaluator` answers every question by batched decoding (left padding), greedy or
+sampled as its ``decoding`` block says (:mod:`.decoding`); its
 :class:`~.answer_writer.AnswerWriter` journals the answers, writes ``predictions.jsonl``
-(``question_id``, ``prompt``, ``text``, ``model_id``, as LLaVA-Med's ``model_vqa`` writes it) and
-``scores.json`` into the run folder (``trainer.default_root_dir``), and logs
-``test/<name>/<metric>`` (LLaVA-Med's metrics, :mod:`.vqa_scores`) and the predictions to MLflow.
+(``question_id``, ``prompt``, ``text``, ``model_id``, as LLaVA-Med's ``model_vqa`` writes it, and
+``hit_max_new_tokens``) and ``scores.json`` into the run folder (``trainer.default_root_dir``),
+and logs ``test/<name>/<metric>`` (LLaVA-Med's metrics, :mod:`.vqa_scores`) and the predictions
+to MLflow.
 
 Which weights are evaluated (loaded by :mod:`biomedvital.tuning.models`):
 
@@ -28,8 +30,9 @@ one-process run, and a killed run resumes from its journal (see :mod:`.answer_wr
 from __future__ import annotations
 
 import hashlib
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 from lightning.pytorch import Callback, LightningDataModule, LightningModule
@@ -58,6 +61,7 @@ from . import prompting
 from .answer_journal import files_signature
 from .answer_writer import AnswerWriter
 from .benchmarks import BENCHMARKS, VQAItem, benchmark_files, load_benchmark, split_stats
+from .decoding import Decoding, hit_limit
 from .metrics import CLOSED_RULES, ClosedRule
 from .sharding import BatchShards
 
@@ -226,8 +230,17 @@ def _joint_sha(hashes: list[tuple[str, str]]) -> str:
 # ----------------------------------------------------------------------------- model
 
 
+@dataclass(frozen=True)
+class Answer:
+    """One generated answer: its decoded text, and whether it ran to ``max_new_tokens``
+    without an end-of-sequence token."""
+
+    text: str
+    hit_max_new_tokens: bool
+
+
 class VQAEvaluator(LightningModule):
-    """Greedy answers of a LLaVA model to VQA questions, scored with LLaVA-Med's metrics.
+    """A LLaVA model's answers to VQA questions, scored with LLaVA-Med's metrics.
 
     Args:
         model: ``local-dir:PATH`` / ``hf-hub:ID`` / ``tiny:NAME`` (tuning registry); leave
@@ -235,7 +248,9 @@ class VQAEvaluator(LightningModule):
         checkpoint: a ``LlavaTuner`` checkpoint (``.ckpt``) to evaluate, rebuilt from its
             hyper-parameters (see the module docstring).
         base_model: with a checkpoint: replaces the base model named in the checkpoint.
-        max_new_tokens: generation budget per answer.
+        decoding: how answers are decoded (:class:`~.decoding.Decoding`): ``greedy`` (default)
+            or ``sample`` (seeded per question), and the answer's length limit
+            ``max_new_tokens``.
         prompt_suffix: appended to every question (after a space), e.g. an answer-format hint.
         closed_prompt_suffix: appended to closed questions only (LLaVA-Med's "Please choose from
             the following two options: [yes, no]"); empty by default.
@@ -255,12 +270,15 @@ class VQAEvaluator(LightningModule):
             run with the same model, settings and data instead of answering them again.
     """
 
+    MOVED_ARGS: ClassVar[dict[str, str]] = {"max_new_tokens": "decoding.max_new_tokens"}
+    """Flat keys of older configs, refused naming their new place."""
+
     def __init__(
         self,
         model: str | None = None,
         checkpoint: str | None = None,
         base_model: str | None = None,
-        max_new_tokens: int = 64,
+        decoding: Decoding = Decoding(),  # noqa: B008 - frozen: a default is never changed
         prompt_suffix: str = "",
         closed_prompt_suffix: str = "",
         system_prompt: str | None = None,
@@ -276,9 +294,9 @@ class VQAEvaluator(LightningModule):
             check_image_aspect_ratio(image_aspect_ratio)
         if closed_rule not in CLOSED_RULES:
             raise ValueError(f"closed_rule must be one of {CLOSED_RULES}, got {closed_rule!r}")
-        if max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        self.decoding = Decoding.of(decoding)
         self.save_hyperparameters()
+        self.hparams["decoding"] = self.decoding.public()
         self.model: Any = None
         self.processor: Any = None
         self.source: str | None = None  # the model's name beside each answer
@@ -408,9 +426,10 @@ class VQAEvaluator(LightningModule):
             "revision": getattr(getattr(self.model, "config", None), "_commit_hash", None),
             "image_aspect_ratio": self.image_aspect_ratio,
             "generation": {
+                "decoding": self.decoding.public(),
                 **{
                     k: hp[k]
-                    for k in ("max_new_tokens", "prompt_suffix", "closed_prompt_suffix")
+                    for k in ("prompt_suffix", "closed_prompt_suffix")
                     + ("system_prompt", "dtype", "seed")
                 },
                 "system_prompt_used": self.system_prompt(),
@@ -434,9 +453,18 @@ class VQAEvaluator(LightningModule):
             item.question, item.answer_type, hp.prompt_suffix, hp.closed_prompt_suffix
         )
 
+    def answer(
+        self, images: list[Any], questions: list[str], question_ids: list[str] | None = None
+    ) -> list[str]:
+        """The answers' texts (:meth:`answer_batch`)."""
+        return [a.text for a in self.answer_batch(images, questions, question_ids)]
+
     @torch.no_grad()
-    def answer(self, images: list[Any], questions: list[str]) -> list[str]:
-        """Greedy answers to a batch of (image, question) pairs, left-padded, decoded."""
+    def answer_batch(
+        self, images: list[Any], questions: list[str], question_ids: list[str] | None = None
+    ) -> list[Answer]:
+        """Answers to a batch of (image, question) pairs, left-padded, decoded as ``decoding``
+        says (sampling needs the questions' ids: each seeds its own question's draws)."""
         if self.model is None:
             raise RuntimeError(
                 "no model: set model (local-dir:PATH, hf-hub:ID, tiny:NAME) or checkpoint "
@@ -451,14 +479,21 @@ class VQAEvaluator(LightningModule):
         tok = self.processor.tokenizer
         out = self.model.generate(
             **inputs,
-            max_new_tokens=self.hparams.max_new_tokens,
-            do_sample=False,
-            num_beams=1,
+            **self.decoding.generate_kwargs(question_ids),
             use_cache=True,
             pad_token_id=tok.pad_token_id,
         )
         new = out[:, inputs["input_ids"].shape[1] :]
-        return [t.strip() for t in tok.batch_decode(new, skip_special_tokens=True)]
+        texts = [t.strip() for t in tok.batch_decode(new, skip_special_tokens=True)]
+        hit = hit_limit(new, self._eos_ids(), self.decoding.max_new_tokens)
+        return [Answer(t, h) for t, h in zip(texts, hit, strict=True)]
+
+    def _eos_ids(self) -> list[int]:
+        """The tokens that end an answer (the generation config's, else the tokenizer's)."""
+        eos = getattr(self.model.generation_config, "eos_token_id", None)
+        if eos is None:
+            eos = self.processor.tokenizer.eos_token_id
+        return [eos] if isinstance(eos, int) else list(eos or [])
 
     def test_step(self, batch: dict[str, list[Any]], batch_idx: int) -> None:
         """Answer a batch and hand it to the :class:`~.answer_writer.AnswerWriter`: the rows of
@@ -466,10 +501,17 @@ class VQAEvaluator(LightningModule):
         split (``None`` for a batch collated by hand)."""
         items: list[VQAItem] = batch["items"]
         prompts = [self.question_text(it) for it in items]
-        texts = self.answer(batch["images"], prompts)
+        ids = [it.question_id for it in items]
+        answers = self.answer_batch(batch["images"], prompts, ids)
         rows = [
-            {"question_id": it.question_id, "prompt": p, "text": text, "model_id": self.source}
-            for it, p, text in zip(items, prompts, texts, strict=True)
+            {
+                "question_id": it.question_id,
+                "prompt": p,
+                "text": a.text,
+                "model_id": self.source,
+                "hit_max_new_tokens": a.hit_max_new_tokens,
+            }
+            for it, p, a in zip(items, prompts, answers, strict=True)
         ]
         truth = [[it.answer_type, it.answer] for it in items]
         if self.writer is not None:

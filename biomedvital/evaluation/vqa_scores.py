@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 from .metrics import ClosedRule, VQAClosedAccuracy, VQAOpenMetrics
 
@@ -45,3 +46,9 @@ def score_answers(
     if n_chat:
         scores["n_chat"] = n_chat
     return scores
+
+
+def n_hit_max_new_tokens(rows: Sequence[Mapping[str, Any]]) -> int:
+    """How many answers ran to the length limit without ending (their
+    ``hit_max_new_tokens``): a figure that moves with ``max_new_tokens`` says so here."""
+    return sum(1 for row in rows if row.get("hit_max_new_tokens"))

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, fields
+from datetime import date
 from typing import Any, Literal
 
 from biomedvital.llm.keys import BATCH_PRICE_FACTOR
@@ -36,6 +37,20 @@ def check_prices(prices: dict[str, float] | None) -> dict[str, float] | None:
     return {k: float(v) for k, v in prices.items()}
 
 
+def check_price_date(day: Any) -> str | None:
+    """The day prices were read, as ``YYYY-MM-DD`` (YAML reads an unquoted date as a date)."""
+    if day is None:
+        return None
+    text = day.isoformat() if isinstance(day, date) else str(day)
+    try:
+        date.fromisoformat(text)
+    except ValueError:
+        raise ClientConfigError(
+            f"client.prices_as_of must be a day as YYYY-MM-DD, got {day!r}"
+        ) from None
+    return text
+
+
 @dataclass
 class ClientConfig:
     """Connection and politeness settings: the ``client`` block of ``generate``, ``rate``,
@@ -60,6 +75,8 @@ class ClientConfig:
             longer, up to this many seconds.
         price_per_million: ``{"input": $, "output": $}`` per 1M tokens for the cost ledger, and
             optionally ``batch``: the Batch API's price factor (default 0.5).
+        prices_as_of: the day (``YYYY-MM-DD``) those prices were read from the provider's list,
+            recorded with them and printed beside every estimate made from them (prices change).
         mode: ``online`` (one call per request) or ``batch`` (Batch API jobs at about half the
             price; see :mod:`biomedvital.llm.batch`).
         batch_runner: ``openai`` (the endpoint's ``/v1/files`` + ``/v1/batches``) or ``file``
@@ -84,6 +101,7 @@ class ClientConfig:
     backoff_max_s: float = 60.0
     retry_after_max_s: float = 600.0
     price_per_million: dict[str, float] | None = None
+    prices_as_of: str | None = None
     mode: Literal["online", "batch"] = "online"
     batch_runner: Literal["openai", "file"] = "openai"
     batch_poll_s: float = 60.0
@@ -114,6 +132,7 @@ class ClientConfig:
                     f"client.{name} must be > 0 (or null: unpaced), got {value}"
                 )
         self.price_per_million = check_prices(self.price_per_million)
+        self.prices_as_of = check_price_date(self.prices_as_of)
 
     def require_online(self, verb: str) -> None:
         """Refuse batch mode for a verb that only runs online (its requests go out at once)."""

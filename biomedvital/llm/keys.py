@@ -20,6 +20,9 @@ its own ``batch`` factor."""
 TOKENS_PER_IMAGE = 765
 """Input tokens counted for one image in estimates (a high-detail 512 px tile and its base)."""
 
+CHARS_PER_TOKEN = 4
+"""Characters of English text counted as one token in estimates (OpenAI's rule of thumb)."""
+
 
 def canonical_json(obj: Any) -> str:
     """Stable JSON (sorted keys, no spaces) so equal requests hash equally across runs."""
@@ -50,7 +53,8 @@ def cost_of(
 
 
 def estimate_tokens(messages: list[dict[str, Any]], max_tokens: int) -> tuple[int, int]:
-    """Rough (input, output) tokens of a request: 4 characters a token, 765 per image.
+    """Rough (input, output) tokens of a request: :data:`CHARS_PER_TOKEN` characters a token,
+    :data:`TOKENS_PER_IMAGE` per image.
 
     Used to pace tokens per minute and for dry-run cost estimates (an upper bound for output).
     """
@@ -65,4 +69,4 @@ def estimate_tokens(messages: list[dict[str, Any]], max_tokens: int) -> tuple[in
                     chars += len(part.get("text", ""))
                 elif part.get("type") == "image_url":
                     images += 1
-    return chars // 4 + TOKENS_PER_IMAGE * images + 8 * len(messages), int(max_tokens)
+    return chars // CHARS_PER_TOKEN + TOKENS_PER_IMAGE * images + 8 * len(messages), int(max_tokens)

@@ -81,6 +81,19 @@ class Checkpoints(ModelCheckpoint):
             self._set_aside_earlier_run()
         _close_restart(trainer)
         super().on_train_start(trainer, pl_module)
+        self._restored_is_saved(trainer)
+
+    def _restored_is_saved(self, trainer: Trainer) -> None:
+        # A checkpoint of this folder that the run resumed from is this step's save, as it was
+        # for the run that wrote it: nothing is saved again at its step. Otherwise a rerun that
+        # finds training finished (a last checkpoint written at the final batch's end, as step
+        # checkpoints are) closes the epoch and Lightning's ``on_train_end`` writes ``last``
+        # again, with the epoch counted once more.
+        ckpt = trainer.ckpt_path
+        if ckpt is None or Path(ckpt).resolve().parent != Path(self.dirpath).resolve():
+            return
+        self._last_global_step_saved = trainer.global_step
+        self._last_checkpoint_saved = str(ckpt)
 
     def _set_aside_earlier_run(self) -> None:
         # A fit from scratch into a folder holding an earlier run's checkpoints would get

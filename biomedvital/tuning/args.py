@@ -13,20 +13,27 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Literal, TypeVar
 
+from biomedvital.config_keys import ConfigError
+
+KEY = "model.init_args"
+"""Where the groups sit in a config: messages name the key as a config spells it."""
+
 LoraScope = Literal["language_model", "all"]
 FsdpUnit = Literal["layer", "model"]
 
 
 def _one_of(name: str, value: Any, allowed: tuple[Any, ...]) -> None:
     if value not in allowed:
-        raise ValueError(f"{name} must be one of {', '.join(map(repr, allowed))}, got {value!r}")
+        raise ConfigError(
+            f"{KEY}.{name} must be one of {', '.join(map(repr, allowed))}, got {value!r}"
+        )
 
 
 def _within(name: str, value: float, low: float, high: float, *, high_open: bool) -> None:
     ok = low <= value < high if high_open else low <= value <= high
     if not ok:
-        raise ValueError(
-            f"{name} must be in [{low:g}, {high:g}{')' if high_open else ']'}, got {value}"
+        raise ConfigError(
+            f"{KEY}.{name} must be in [{low:g}, {high:g}{')' if high_open else ']'}, got {value}"
         )
 
 
@@ -51,12 +58,14 @@ class LoraArgs:
 
     def __post_init__(self) -> None:
         if self.r < 1:
-            raise ValueError(f"lora.r must be >= 1, got {self.r}")
+            raise ConfigError(f"{KEY}.lora.r must be >= 1, got {self.r}")
         if self.alpha <= 0:
-            raise ValueError(f"lora.alpha must be > 0, got {self.alpha}")
+            raise ConfigError(f"{KEY}.lora.alpha must be > 0, got {self.alpha}")
         _within("lora.dropout", self.dropout, 0.0, 1.0, high_open=True)
         if self.target_modules is not None and not self.target_modules:
-            raise ValueError("lora.target_modules is empty: leave it unset for every Llama linear")
+            raise ConfigError(
+                f"{KEY}.lora.target_modules is empty: leave it unset for every Llama linear"
+            )
         _one_of("lora.scope", self.scope, ("language_model", "all"))
 
 
@@ -103,13 +112,15 @@ class OptimArgs:
     def __post_init__(self) -> None:
         object.__setattr__(self, "betas", tuple(self.betas))  # a list from YAML or a checkpoint
         if self.lr <= 0:
-            raise ValueError(f"optim.lr must be > 0, got {self.lr}")
+            raise ConfigError(f"{KEY}.optim.lr must be > 0, got {self.lr}")
         if self.projector_lr is not None and self.projector_lr <= 0:
-            raise ValueError(f"optim.projector_lr must be > 0 or null, got {self.projector_lr}")
+            raise ConfigError(
+                f"{KEY}.optim.projector_lr must be > 0 or null, got {self.projector_lr}"
+            )
         if self.weight_decay < 0:
-            raise ValueError(f"optim.weight_decay must be >= 0, got {self.weight_decay}")
+            raise ConfigError(f"{KEY}.optim.weight_decay must be >= 0, got {self.weight_decay}")
         if len(self.betas) != 2:
-            raise ValueError(f"optim.betas must be two numbers, got {list(self.betas)}")
+            raise ConfigError(f"{KEY}.optim.betas must be two numbers, got {list(self.betas)}")
         for beta in self.betas:
             _within("optim.betas", beta, 0.0, 1.0, high_open=True)
         _within("optim.warmup_ratio", self.warmup_ratio, 0.0, 1.0, high_open=True)
@@ -147,7 +158,9 @@ class MemoryArgs:
 
     def __post_init__(self) -> None:
         if self.checkpoint_every < 1:
-            raise ValueError(f"memory.checkpoint_every must be >= 1, got {self.checkpoint_every}")
+            raise ConfigError(
+                f"{KEY}.memory.checkpoint_every must be >= 1, got {self.checkpoint_every}"
+            )
         _one_of("memory.fsdp_unit", self.fsdp_unit, ("layer", "model"))
 
 

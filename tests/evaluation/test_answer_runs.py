@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import yaml
 from answer_helpers import (
     CONF,
     echo_api,
@@ -99,7 +100,10 @@ def test_demo_run_writes_tests_layout_and_logs_tests_metrics(
 
     rows = predictions(reference)
     assert [r["question_id"] for r in rows] == [str(i) for i in range(30)]
-    assert all(set(r) == {"question_id", "prompt", "text", "model_id"} for r in rows)
+    assert all(
+        set(r) == {"question_id", "prompt", "text", "model_id", "hit_max_new_tokens"} for r in rows
+    )
+    assert not any(r["hit_max_new_tokens"] for r in rows)
     scores = json.loads((reference / "scores.json").read_text())
     record = json.loads((reference / "run.answer.json").read_text())
     ref = score_vqa("vqa_rad", demo["questions"], reference / "predictions.jsonl")
@@ -108,6 +112,9 @@ def test_demo_run_writes_tests_layout_and_logs_tests_metrics(
         assert scores[key] == pytest.approx(ref[key], rel=1e-12)
         assert run.data.metrics[f"test/demo_vqa/{key}"] == pytest.approx(scores[key])
     assert scores["partial"] is False and scores["answered"] == 30
+    assert scores["n_hit_max_new_tokens"] == 0
+    assert record["decoding"] == {"strategy": "greedy", "temperature": None, "top_p": None,
+                                  "top_k": None, "max_new_tokens": 24, "seed": 0}  # fmt: skip
     tags = run.data.tags
     assert tags["model"] == "m" and tags["endpoint"].startswith("http://127.0.0.1:")
     assert tags["partial"] == "false" and tags["verb"] == "answer"
@@ -158,6 +165,34 @@ def test_a_failed_question_is_counted_never_scored_empty_and_a_rerun_completes(
     assert (out / "predictions.jsonl").read_bytes() == (
         reference / "predictions.jsonl"
     ).read_bytes()
+
+
+def test_the_papers_decoding_asks_each_question_with_its_seed_and_counts_cut_answers(
+    demo: dict[str, Path], api: FakeAPI, tmp_path: Path
+) -> None:
+    """``--config conf/eval/paper_decoding.yaml`` on top: every request samples as released
+    (temperature 0.7, top-k 50, 1024 tokens) with its question's own seed; a reply cut at the
+    limit (``finish_reason: length``) records ``hit_max_new_tokens`` and is counted."""
+    from biomedvital.evaluation.decoding import Decoding
+
+    question = "Which fluid appears bright in this image?"
+    api.arm(question, "length:the fluid that")
+    out = tmp_path / "out"
+    record = _run(demo, api, out, "--config", str(CONF / "paper_decoding.yaml"))
+    paper = Decoding.of(record["decoding"])
+    assert (paper.strategy, paper.temperature, paper.top_k) == ("sample", 0.7, 50)
+    qid_of = _qid_of(demo)
+    for body in api.seen:
+        _, image, text = sent_parts(body)
+        assert (body["temperature"], body["top_p"], body["top_k"]) == (0.7, 1.0, 50)
+        assert body["max_tokens"] == 1024
+        assert body["seed"] == paper.question_seed(qid_of[(image, text)])
+    assert len({body["seed"] for body in api.seen}) == len(api.seen) == 30
+    cut = [r["question_id"] for r in predictions(out) if r["hit_max_new_tokens"]]
+    items = load_vqa_rad(demo["questions"], "test")
+    assert cut == [it.question_id for it in items if it.question == question]
+    assert json.loads((out / "scores.json").read_text())["n_hit_max_new_tokens"] == 1
+    assert record["counts"]["truncated"] == 1
 
 
 def test_kill_9_then_rerun_sends_no_answered_question_again(
@@ -392,9 +427,16 @@ def test_the_demo_images_are_the_files_sent(demo: dict[str, Path], reference: Pa
     assert VICUNA_V1_SYSTEM  # the default system prompt (no export): checked in the benchmarks
 
 
-@pytest.mark.parametrize("config", sorted(CONF.glob("*.yaml")), ids=lambda p: p.name)
+EVAL_OVERLAYS = [CONF / "paper_decoding.yaml"]
+"""Overlays of conf/eval: added to a benchmark config, not one on their own."""
+
+
+@pytest.mark.parametrize(
+    "config", sorted(set(CONF.glob("*.yaml")) - set(EVAL_OVERLAYS)), ids=lambda p: p.name
+)
 def test_every_benchmark_config_parses_for_answer(config: Path) -> None:
-    """The configs of ``test`` as shipped, alone and with the OpenAI endpoint overlay."""
+    """The configs of ``test`` as shipped, alone, with the OpenAI endpoint overlay and with the
+    paper's decoding."""
     from biomedvital.evaluation.answer import build_parser
 
     parser = build_parser()
@@ -404,6 +446,11 @@ def test_every_benchmark_config_parses_for_answer(config: Path) -> None:
     openai = CONF.parent / "endpoints" / "openai.yaml"
     cfg = parser.parse_args(["--config", str(config), "--config", str(openai)])
     assert (cfg.client.base_url, cfg.client.model) == ("https://api.openai.com/v1", "gpt-4o")
+    for overlay in EVAL_OVERLAYS:
+        cfg = parser.parse_args(["--config", str(config), "--config", str(overlay),
+                                 "--config", str(openai)])  # fmt: skip
+        want = yaml.safe_load(overlay.read_text())["model"]["init_args"]["decoding"]
+        assert cfg.model.init_args.decoding.as_dict() == want
 
 
 def test_vllms_offline_batch_runner_file_then_its_results(

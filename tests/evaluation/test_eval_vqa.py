@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,7 @@ from biomedvital.cli import main
 from biomedvital.data.demo import materialize_demo
 from biomedvital.data.report import BadRecordError
 from biomedvital.evaluation.benchmarks import load_vqa_rad, split_stats
+from biomedvital.evaluation.decoding import Decoding
 from biomedvital.evaluation.demo_vqa import demo_vqa_records, write_demo_vqa
 from biomedvital.evaluation.score_vqa import score_vqa
 from biomedvital.evaluation.vqa_eval import VQADataModule, VQAEvaluator, collate_vqa
@@ -267,7 +269,7 @@ def test_padding_fills_a_square_with_the_mean_colour_as_trained(
     image = ImageRoot(root).load(name)
     assert image.width == 3 * image.height
     train = _tuner_pixels(root, name, "pad", tmp_path)
-    ev = VQAEvaluator(model=f"local-dir:{setup['merged']}", max_new_tokens=1)
+    ev = VQAEvaluator(model=f"local-dir:{setup['merged']}", decoding=Decoding(max_new_tokens=1))
     ev.build()
     assert torch.equal(_evaluator_pixels(ev, image), train)
 
@@ -390,7 +392,8 @@ def test_evaluator_asks_with_the_system_prompt_the_model_was_tuned_with(
     questions = [it.question for it in rows["items"]]
 
     def answers(**kwargs: Any) -> list[str]:
-        ev = VQAEvaluator(model=f"local-dir:{tuned_bare / 'merged'}", max_new_tokens=8, **kwargs)
+        merged = f"local-dir:{tuned_bare / 'merged'}"
+        ev = VQAEvaluator(model=merged, decoding=Decoding(max_new_tokens=8), **kwargs)
         ev.build()
         return ev.answer(rows["images"], questions)
 
@@ -436,7 +439,7 @@ def test_lightning_ckpt_path_loads_tuner_checkpoint(
     dm = VQADataModule(
         "vqa_rad", str(setup["questions"]), str(setup["images"]), name="demo_vqa", batch_size=16
     )
-    ev = VQAEvaluator(max_new_tokens=24)
+    ev = VQAEvaluator(decoding=Decoding(max_new_tokens=24))
     trainer = Trainer(
         accelerator="cpu",
         devices=1,
@@ -466,7 +469,7 @@ def test_wrong_layout_names_the_file(setup: dict[str, Path]) -> None:
 def test_batched_generation_matches_single(setup: dict[str, Path]) -> None:
     """Left padding: a question's greedy answer does not depend on its batch neighbours."""
     dm = VQADataModule("vqa_rad", str(setup["questions"]), str(setup["images"]), batch_size=16)
-    ev = VQAEvaluator(model=f"local-dir:{setup['merged']}", max_new_tokens=12)
+    ev = VQAEvaluator(model=f"local-dir:{setup['merged']}", decoding=Decoding(max_new_tokens=12))
     ev.build()
     ds = dm.test_dataloader().dataset
     rows = [ds[i] for i in range(len(ds))]
@@ -596,13 +599,16 @@ def _evaluate(
     root: Path,
     *callbacks: Callback,
     max_new_tokens: int = 24,
+    decoding: Decoding | None = None,
+    batch_size: int = 4,
     **trainer_args: object,
 ):
     from lightning.pytorch import Trainer
 
-    model = VQAEvaluator(model=f"local-dir:{s['merged']}", max_new_tokens=max_new_tokens)
+    decoding = decoding or Decoding(max_new_tokens=max_new_tokens)
+    model = VQAEvaluator(model=f"local-dir:{s['merged']}", decoding=decoding)
     dm = VQADataModule(
-        "vqa_rad", str(s["questions"]), str(s["images"]), name="demo_vqa", batch_size=4
+        "vqa_rad", str(s["questions"]), str(s["images"]), name="demo_vqa", batch_size=batch_size
     )
     trainer = Trainer(
         accelerator="cpu", devices=1, logger=False, default_root_dir=str(root),
@@ -731,3 +737,77 @@ def test_killed_run_resumes_on_two_processes(setup: dict[str, Path], uninterrupt
     _same_outputs(uninterrupted, root)
     assert json.loads((root / "run.test.json").read_text())["resumed"]["batches"] == 3
     assert _journals(root) == []
+
+
+# ----------------------------------------------------------------------------- decoding
+
+SAMPLE = Decoding("sample", temperature=1.0, max_new_tokens=6, seed=3)
+
+
+def test_greedy_is_generate_as_before_and_sampling_is_per_question(
+    setup: dict[str, Path],
+) -> None:
+    """Greedy (the default) answers as plain greedy ``generate`` does. Sampled answers with one
+    seed are the same in batches of 3 and one at a time; another seed gives others. An answer
+    that ends before the limit records ``hit_max_new_tokens: false``, one cut there ``true``."""
+    from biomedvital.tuning.models import prompt
+
+    dm = VQADataModule("vqa_rad", str(setup["questions"]), str(setup["images"]))
+    rows = [dm.test_dataloader().dataset[i] for i in range(6)]
+    images, questions = [r["image"] for r in rows], [r["item"].question for r in rows]
+    ids = [r["item"].question_id for r in rows]
+
+    greedy = VQAEvaluator(model=f"local-dir:{setup['merged']}", decoding=Decoding(max_new_tokens=6))
+    greedy.build()
+    inputs = greedy.processor(
+        text=[prompt(q, greedy.system_prompt()) for q in questions],
+        images=images, return_tensors="pt", padding=True,
+    )  # fmt: skip
+    tok = greedy.processor.tokenizer
+    plain = greedy.model.generate(**inputs, max_new_tokens=6, do_sample=False,
+                                  pad_token_id=tok.pad_token_id)  # fmt: skip
+    plain_texts = tok.batch_decode(
+        plain[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True
+    )
+    assert greedy.answer(images, questions) == [t.strip() for t in plain_texts]
+
+    ev = VQAEvaluator(model=f"local-dir:{setup['merged']}", decoding=SAMPLE)
+    ev.build()
+    threes = ev.answer_batch(images[:3], questions[:3], ids[:3])
+    threes += ev.answer_batch(images[3:], questions[3:], ids[3:])
+    ones = [
+        ev.answer_batch([i], [q], [qid])[0]
+        for i, q, qid in zip(images, questions, ids, strict=True)
+    ]
+    assert threes == ones and len({a.text for a in ones}) > 1  # sampled: not one answer for all
+    with pytest.raises(ValueError, match="question_ids"):
+        ev.answer(images[:1], questions[:1])
+    other = VQAEvaluator(model=f"local-dir:{setup['merged']}", decoding=replace(SAMPLE, seed=4))
+    other.build()
+    assert [a.text for a in other.answer_batch(images, questions, ids)] != [a.text for a in ones]
+
+    # a question's draws do not depend on the budget: an answer that ended is the same with a
+    # larger one, and one cut at the limit goes on
+    ev.decoding = replace(SAMPLE, max_new_tokens=12)
+    longer = ev.answer_batch(images, questions, ids)
+    hits = [a.hit_max_new_tokens for a in ones]
+    assert True in hits and False in hits
+    for short, long in zip(ones, longer, strict=True):
+        assert (
+            (short.text == long.text) if not short.hit_max_new_tokens else long.text != short.text
+        )
+
+
+def test_sampled_run_resumed_or_rebatched_writes_the_same_answers(setup: dict[str, Path]) -> None:
+    """Sampling through ``Trainer.test``: a run killed after 2 batches of 4 and resumed, and a
+    run in batches of 3, write the same predictions; each records ``hit_max_new_tokens`` and
+    ``scores.json`` counts them."""
+    root, rebatched = setup["tmp"] / "sampled-killed", setup["tmp"] / "sampled-by-3"
+    _evaluate(setup, root, _Crash(after=2), decoding=SAMPLE)
+    model = _evaluate(setup, root, decoding=SAMPLE)
+    assert model.resumed is not None and model.resumed["batches"] == 2
+    _evaluate(setup, rebatched, decoding=SAMPLE, batch_size=3)
+    got, want = _predictions(root), _predictions(rebatched)
+    assert got == want and len(got) == 30
+    scores = json.loads((root / "scores.json").read_text())
+    assert scores["n_hit_max_new_tokens"] == sum(r["hit_max_new_tokens"] for r in got) > 0

@@ -155,8 +155,11 @@ def test_rate_first_exchange_sends_the_first_pair_and_keys_it_apart(
 def test_a_bad_unit_is_one_error_naming_the_key(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match=r"unit must be one of conversation, first_exchange"):
         rate(tmp_path / "absent.jsonl", tmp_path / "o", fake_client(FakeAPI()), unit="pair")
-    with pytest.raises(ConfigError, match='"unit"'):
+    with pytest.raises(ConfigError) as err:
         main(["rate", "--config", str(PAPER_RATE), "--unit", "pair", "--dry_run", "true"])
+    assert str(err.value) == (
+        "rate: the command line: unit must be one of 'conversation', 'first_exchange', got 'pair'"
+    )
 
 
 def test_paper_config_dry_run_prints_one_question_and_its_answer(

@@ -117,7 +117,7 @@ def eval_config(merged: Path, questions: Path, images: Path, store: Path) -> dic
         "seed_everything": 0,
         "model": {
             "class_path": "biomedvital.evaluation.vqa_eval.VQAEvaluator",
-            "init_args": {"model": f"local-dir:{merged}", "max_new_tokens": 4},
+            "init_args": {"model": f"local-dir:{merged}", "decoding": {"max_new_tokens": 4}},
         },
         "data": {
             "class_path": "biomedvital.evaluation.vqa_eval.VQADataModule",

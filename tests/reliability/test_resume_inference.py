@@ -74,7 +74,7 @@ def _eval_overlay(merged: Path) -> dict[str, Any]:
     """``conf/eval/vqa_rad.yaml`` at trial size: the demo tuner's export answering the demo VQA
     set (VQA-RAD layout), 8 new tokens, batches of 4; its 4 workers as shipped."""
     return {
-        "model": {"init_args": {"model": f"local-dir:{merged}", "max_new_tokens": 8}},
+        "model": {"init_args": {"model": f"local-dir:{merged}", "decoding": {"max_new_tokens": 8}}},
         "data": {
             "init_args": {
                 "data": "data/demo_vqa/demo_vqa.json",
@@ -245,7 +245,9 @@ def _grid_file(runs: Runs, scores: Path, path: Path) -> Path:
     overlay = _eval_overlay(Path("{cell_dir}/tuner/export/merged"))
     test_args = {
         "model.init_args.model": "local-dir:{cell_dir}/tuner/export/merged",
-        "model.init_args.max_new_tokens": overlay["model"]["init_args"]["max_new_tokens"],
+        "model.init_args.decoding.max_new_tokens": overlay["model"]["init_args"]["decoding"][
+            "max_new_tokens"
+        ],
         **{f"data.init_args.{k}": v for k, v in overlay["data"]["init_args"].items()},
         "trainer.accelerator": "cpu",
         "trainer.enable_progress_bar": False,
@@ -306,8 +308,8 @@ class Grid:
         run.mkdir()
         (run / "data").symlink_to(self.runs.data, target_is_directory=True)
         # make's own files, as in a checkout (its sub-make reads ./Makefile; the venv stamp
-        # depends on ./pyproject.toml)
-        for name in ("Makefile", "pyproject.toml"):
+        # depends on ./pyproject.toml and ./requirements.lock, older than the stand-in's stamp)
+        for name in ("Makefile", "pyproject.toml", "requirements.lock"):
             (run / name).symlink_to(REPO / name)
         return run
 
@@ -347,15 +349,34 @@ def _same_cell(ref: Path, got: Path) -> None:
     )
     for p in sorted((r / "tuner" / "export").rglob("*.safetensors")):
         assert (g / p.relative_to(r)).read_bytes() == p.read_bytes(), p.name
-    assert json.loads((g / "stages.json").read_text()) == json.loads(
-        (r / "stages.json").read_text()
-    )
+    assert _identities(g) == _identities(r)
     cell = json.loads((g / "cell.json").read_text())
     want = json.loads((r / "cell.json").read_text())
     for record in (cell, want):
+        record.pop("finished")
         for stage in record["stages"]:
-            stage.pop("ran")  # the rerun ran only the stages the killed run had not finished
+            # the rerun ran only the stages the killed run had not finished, and says why
+            for key in ("ran", "state", "reasons"):
+                stage.pop(key)
     assert cell == want
+
+
+def _finished_stages(stages: Path) -> dict[str, Any]:
+    """The stages a cell's ``stages.json`` records as finished (none while it is missing)."""
+    text = stages.read_text() if stages.exists() else ""
+    return json.loads(text or "{}").get("stages", {})
+
+
+def _identities(cell: Path) -> dict[str, Any]:
+    """Each finished stage's identity (command, configs, inputs' hashes, library), without
+    what names the run (its time, MLflow run, the inputs' modification times)."""
+    records = _finished_stages(cell / "stages.json")
+    for record in records.values():
+        record.pop("finished")
+        record.pop("mlflow_run_id")
+        for meta in record["inputs"].values():
+            meta.pop("mtime_ns")
+    return records
 
 
 @pytest.mark.parametrize("after", GRID_STAGES[:-1])
@@ -370,7 +391,7 @@ def test_grid_cell_killed_between_stages_reruns_to_the_same_cell(
     proc = g.start(run)
     stages = g.cell(run) / "stages.json"
     deadline = time.monotonic() + 1800
-    while not (stages.exists() and after in json.loads(stages.read_text() or "{}")):
+    while after not in _finished_stages(stages):
         assert proc.poll() is None, f"make ended before the kill:\n{tail(run)}"
         assert time.monotonic() < deadline
         time.sleep(0.01)

@@ -172,3 +172,20 @@ def test_killed_twice_resumes_exactly(setup: Setup, runs: Runs) -> None:
     resumed: the second resume continues that epoch (it starts it over if the first resumed
     epoch is not counted as started, as Lightning leaves it)."""
     _kill_at(runs, setup, *setup.kills)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("setup", [PAPER_TUNER_FSDP2], ids=lambda s: s.name)
+def test_rerun_of_a_finished_fit_changes_nothing(setup: Setup, runs: Runs) -> None:
+    """A fit run to its end, then rerun with ``--ckpt_path last`` (a kill that landed after the
+    end): the rerun trains nothing and its folder, checkpoints included, ends as the
+    uninterrupted run's. FSDP2's ``last`` is written at the final batch's end (a step
+    checkpoint), where the rerun closes the epoch again: it must not save ``last`` once more
+    (with the epoch counted twice)."""
+    ref = runs.baseline(setup)
+    run = runs.new(setup, "rerun-finished")
+    assert runs.server.run(setup.argv(run), run, run / "log.txt", runs.env) == 0, tail(run)
+    assert runs.finished(run, setup, _final_step(ref, setup))
+    rerun = setup.argv(run, "--ckpt_path", "last")
+    assert runs.server.run(rerun, run, run / "log.txt", runs.env) == 0, tail(run)
+    same_fit(ref, run, setup)

@@ -78,6 +78,10 @@ def test_an_old_flat_key_is_refused_through_the_cli(tmp_path: Path) -> None:
         "fit: the command line: model.init_args.checkpoint_every moved to "
         "model.init_args.memory.checkpoint_every"
     )
+    # a group's bad value: one line naming the key and where it was set, nothing loaded
+    with pytest.raises(ConfigError) as err:
+        main(["fit", "--config", conf, "--model.init_args.lora.r=0"])
+    assert str(err.value) == "fit: the command line: model.init_args.lora.r must be >= 1, got 0"
 
 
 def test_a_checkpoint_of_flat_hyper_parameters_is_rebuilt_in_groups() -> None:
