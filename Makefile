@@ -12,7 +12,8 @@ GRID_ROOT = outputs/grids
 GRID_DIR  = $(GRID_ROOT)/$(GRID)
 # make grid REUSE_STALE=true keeps finished cells whose code, configs or inputs changed (the
 # report marks them); make report ALLOW_MIXED=true summarises runs of different library hashes,
-# PUBLISH=true writes the committed, citable copy (experiments/reports/published/GRID/)
+# PUBLISH=true writes the committed, citable copy (experiments/reports/published/GRID/; for
+# make bench, bench/results/published/)
 REUSE_STALE ?= false
 ALLOW_MIXED ?= false
 PUBLISH     ?= false
@@ -181,17 +182,24 @@ UI_PORT ?= 5000
 ui: $(STAMP)  ## open the MLflow UI on the project's store (mlruns/mlflow.db) at http://127.0.0.1:$(UI_PORT)
 	$(BIN)/python -m biomedvital ui --store mlruns --port $(UI_PORT)
 
-bench: $(STAMP)  ## run the benchmarks in bench/ (prints ratios against the reference recipe)
-	$(BIN)/python bench/scoring_throughput.py
-	$(BIN)/python bench/w_grid.py
-	$(BIN)/python bench/streaming_memory.py
-	$(BIN)/python bench/generation_throughput.py
-	$(BIN)/python bench/generation_memory.py
-	$(BIN)/python bench/tuner_padding.py
-	$(BIN)/python bench/tuner_activation_memory.py
-	$(BIN)/python bench/tuner_mfu.py --dry-run
-	$(BIN)/python bench/eval_decode.py
-	$(BIN)/python bench/eval_processes.py
+# the commands docs/performance.md quotes; PUBLISH=true writes each result to
+# bench/results/published/ (committed, cited there; refused with uncommitted code)
+BENCH = $(BIN)/python bench
+BENCH_PUBLISH = --publish $(PUBLISH)
+bench: $(STAMP) $(DEMO)/selected/manifest.json  ## run the benchmarks docs/performance.md quotes, ratios against the reference recipe (PUBLISH=true: the committed copies it cites)
+	$(BENCH)/scoring_throughput.py $(BENCH_PUBLISH)
+	$(BENCH)/scoring_throughput.py --backbone tiny:tiny-clip --copies 8 $(BENCH_PUBLISH)
+	$(BENCH)/w_grid.py $(BENCH_PUBLISH)
+	$(BENCH)/w_grid.py --copies 12 --repeats 2 $(BENCH_PUBLISH)
+	$(BENCH)/streaming_memory.py $(BENCH_PUBLISH)
+	$(BENCH)/generation_throughput.py $(BENCH_PUBLISH)
+	$(BENCH)/generation_memory.py $(BENCH_PUBLISH)
+	$(BENCH)/tuner_padding.py $(BENCH_PUBLISH)
+	$(BENCH)/tuner_activation_memory.py --size 13b $(BENCH_PUBLISH)
+	$(BENCH)/tuner_mfu.py --dry-run
+	$(BENCH)/eval_decode.py $(BENCH_PUBLISH)
+	$(BENCH)/eval_processes.py $(BENCH_PUBLISH)
+	$(BENCH)/eval_endpoint.py --repeat 4 --trials 3 $(BENCH_PUBLISH)
 
 clean:  ## remove demo outputs (keeps .venv and mlruns)
 	rm -rf outputs data/demo data/demo_vqa

@@ -1,13 +1,17 @@
-"""Shared bits of the benchmarks: timing, a results folder, model-name arguments and a larger
-synthetic pool."""
+"""Shared bits of the benchmarks: timing, a results folder (and its published copy), model-name
+arguments and a larger synthetic pool."""
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import resource
 import shutil
+import statistics
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Sequence
 from contextlib import contextmanager
@@ -17,6 +21,28 @@ from biomedvital.data.model_names import parse_model_name
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results"
+PUBLISHED = RESULTS / "published"  # committed: the copies docs/performance.md cites
+# what a result depends on (results themselves left out): a published one is made by committed
+# code
+_CODE = (
+    "biomedvital", "bench", "conf", "pyproject.toml", "requirements.lock",
+    ":(exclude)bench/results",
+)  # fmt: skip
+_LOAD_AT_START = os.getloadavg()  # the benches import this module first
+
+
+def _git(*args: str) -> str:
+    proc = subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True, check=False)
+    return proc.stdout.strip() if proc.returncode == 0 else ""
+
+
+def _uncommitted() -> str:
+    return _git("status", "--porcelain", "--untracked-files=all", "--", *_CODE)
+
+
+# the code as the bench starts (what ran, whatever is committed while it runs)
+_COMMIT_AT_START = _git("rev-parse", "HEAD")
+_DIRTY_AT_START = bool(_uncommitted())
 
 
 @contextmanager
@@ -26,11 +52,75 @@ def timer(store: dict, key: str):
     store[key] = time.perf_counter() - t0
 
 
-def save(name: str, payload: dict) -> Path:
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    path = RESULTS / f"{name}.json"
-    payload = {**payload, "cpus": os.cpu_count(), "when": time.strftime("%Y-%m-%d %H:%M:%S")}
-    path.write_text(json.dumps(payload, indent=2))
+def spread(values: Sequence[float], digits: int = 3) -> dict:
+    """Repeat-by-repeat values with their least, greatest, mean and standard deviation: the
+    uncertainty a quoted figure is stated with."""
+    return {
+        "values": [round(v, digits) for v in values],
+        "min": round(min(values), digits),
+        "max": round(max(values), digits),
+        "mean": round(statistics.fmean(values), digits),
+        "sd": round(statistics.stdev(values), digits) if len(values) > 1 else None,
+    }
+
+
+def publish_flag(text: str) -> bool:
+    """An argparse ``type`` for ``--publish true|false``: true is refused while the code a
+    result depends on has uncommitted changes (the commit recorded would not be what ran)."""
+    value = text.lower()
+    if value not in ("true", "false"):
+        raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+    if value == "true" and (dirty := _uncommitted()):
+        raise argparse.ArgumentTypeError(
+            "a published result is made by committed code; uncommitted changes:\n" + dirty
+        )
+    return value == "true"
+
+
+def add_publish(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--publish",
+        type=publish_flag,
+        default=False,
+        help="write bench/results/published/NAME.json (committed, cited by the docs) instead of "
+        "bench/results/NAME.json; refused while biomedvital/, bench/ or conf/ have uncommitted "
+        "changes",
+    )
+
+
+def _relative(path: str) -> str:
+    p = Path(path).resolve()
+    return p.relative_to(REPO).as_posix() if p.is_relative_to(REPO) else path
+
+
+def conditions() -> dict:
+    """What a timing depends on besides the code: the machine's load around the run (1, 5 and
+    15 minute averages when the bench started and when it saved), the bench's niceness, the
+    commit it started from (and whether the code had uncommitted changes) and the command."""
+    return {
+        "cpus": os.cpu_count(),
+        "when": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "load_average": {
+            "start": [round(x, 2) for x in _LOAD_AT_START],
+            "end": [round(x, 2) for x in os.getloadavg()],
+        },
+        "nice": os.nice(0),
+        "git_commit": _COMMIT_AT_START,
+        "git_dirty": _DIRTY_AT_START,
+        "command": " ".join(["python", _relative(sys.argv[0]), *sys.argv[1:]]),
+    }
+
+
+def save(name: str, payload: dict, publish: bool = False) -> Path:
+    """``payload`` and its :func:`conditions` as ``bench/results/NAME.json``, or the published
+    copy under ``bench/results/published/``."""
+    folder = PUBLISHED if publish else RESULTS
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{name}.json"
+    payload = {**payload, **conditions()}
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(payload, indent=2) + "\n")
+    tmp.replace(path)
     return path
 
 
@@ -46,6 +136,18 @@ def model_name(accepted: Sequence[str], what: str = "model") -> Callable[[str], 
             raise argparse.ArgumentTypeError(str(err)) from None
 
     return parse
+
+
+def cpu_seconds() -> float:
+    """CPU seconds (user + system) of this process and its finished children (DataLoader
+    workers, once joined): the work a run did, which other jobs on a shared machine move far
+    less than its wall time."""
+    gc.collect()  # a finished loader's workers are joined, and counted, when it is collected
+    own, children = (
+        resource.getrusage(resource.RUSAGE_SELF),
+        resource.getrusage(resource.RUSAGE_CHILDREN),
+    )
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
 
 
 def peak_rss_mb() -> float:

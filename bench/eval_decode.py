@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import model_name, save  # noqa: E402
+from _common import add_publish, model_name, save, spread  # noqa: E402
 
 from biomedvital.data.demo import materialize_demo  # noqa: E402
 from biomedvital.evaluation.decoding import Decoding  # noqa: E402
@@ -36,6 +36,7 @@ def main() -> None:
     ap.add_argument("--max_new_tokens", type=int, default=32)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--trials", type=int, default=3, help="best of N (CPUs may be shared)")
+    add_publish(ap)
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -82,11 +83,14 @@ def main() -> None:
         "batched_questions_per_s": round(len(rows) / tb, 2),
         "batch1_questions_per_s": round(len(rows) / t1s, 2),
         "speedup": round(t1s / tb, 2),
+        "speedup_by_trial": spread([a / b for a, b in zip(times_1, times_b, strict=True)], 2),
+        "batched_s_by_trial": spread(times_b, 3),
+        "batch1_s_by_trial": spread(times_1, 3),
         "identical_answers": same,
         "distinct_answers": len(set(out_b)),
         "goal_speedup": 4.0,
     }
-    path = save(f"eval_decode-{args.model.replace(':', '_')}", result)
+    path = save(f"eval_decode-{args.model.replace(':', '_')}", result, publish=args.publish)
     for k, v in result.items():
         print(f"{k:>26}: {v}")
     print(f"written {path}")

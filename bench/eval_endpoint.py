@@ -34,7 +34,7 @@ from pathlib import Path
 # wait alike, and on a shared machine a spinning thread costs the other jobs' CPU
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import save  # noqa: E402
+from _common import add_publish, save, spread  # noqa: E402
 
 from biomedvital.data.demo import materialize_demo  # noqa: E402
 from biomedvital.data.jsonio import write_json  # noqa: E402
@@ -42,16 +42,22 @@ from biomedvital.evaluation.demo_vqa import demo_vqa_records  # noqa: E402
 
 
 def tiny_export(folder: Path) -> Path:
-    """The seeded tiny LLaVA exported as ``ExportTuned`` writes it (merged/ + run.json)."""
+    """The seeded tiny LLaVA exported as ``ExportTuned`` writes it (merged/ + run.json), its
+    processor set and recorded to pad images to a square as the tuner's data module does (the
+    server preprocesses as the export records, ``test`` as the record says)."""
     from biomedvital.tuning.conversation import VICUNA_V1_SYSTEM
     from biomedvital.tuning.export import serving_processor
-    from biomedvital.tuning.models import create_llava
+    from biomedvital.tuning.models import create_llava, set_image_aspect_ratio
 
     bundle = create_llava("tiny:tiny-llava", seed=0)
+    set_image_aspect_ratio(bundle.processor, "pad")
     with serving_processor(bundle.processor, VICUNA_V1_SYSTEM):
         bundle.model.save_pretrained(folder / "merged")
         bundle.processor.save_pretrained(folder / "merged")
-    write_json(folder / "run.json", {"system_prompt": VICUNA_V1_SYSTEM, "mlflow_run_id": None})
+    write_json(
+        folder / "run.json",
+        {"system_prompt": VICUNA_V1_SYSTEM, "image_aspect_ratio": "pad", "mlflow_run_id": None},
+    )
     return folder
 
 
@@ -120,6 +126,7 @@ def main() -> None:
     ap.add_argument("--max_new_tokens", type=int, default=24)
     ap.add_argument("--continuous_batching", action="store_true")
     ap.add_argument("--trials", type=int, default=2, help="best of N, interleaved")
+    add_publish(ap)
     args = ap.parse_args()
 
     from biomedvital.evaluation.answer import Prompting, answer
@@ -191,6 +198,9 @@ def main() -> None:
         "test_questions_per_s": round(n / tt, 2),
         "answer_questions_per_s": round(n / ta, 2),
         "test_over_answer": round(ta / tt, 2),
+        "test_over_answer_by_trial": spread(
+            [a / t for t, a in zip(times_test, times_answer, strict=True)], 2
+        ),
         # CPU seconds a question costs (answer: client and server processes), best trial:
         # a load-independent figure on a shared machine, where wall time is not
         "test_cpu_s_per_question": round(min(cpu_test) / n, 4),
@@ -199,7 +209,6 @@ def main() -> None:
         "same_predictions": sum(a == b for a, b in zip(test_texts, served, strict=True)),
         "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
         "torch_threads": torch.get_num_threads(),
-        "load_average": os.getloadavg()[0],
     }
     print(f"{n} questions on {args.device}, best of {args.trials}:")
     print(f"  test   (batch {args.batch:>2}):      {tt:7.2f} s  {n / tt:7.2f} questions/s")
@@ -211,7 +220,7 @@ def main() -> None:
         f"{result['answer_over_test_cpu']}x"
     )
     print(f"  identical predictions: {result['same_predictions']} of {n}")
-    print(f"written {save('eval_endpoint', result)}")
+    print(f"written {save('eval_endpoint', result, publish=args.publish)}")
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import REPO, save  # noqa: E402
+from _common import REPO, add_publish, save, spread  # noqa: E402
 
 from biomedvital.data.demo import materialize_demo  # noqa: E402
 from biomedvital.evaluation.demo_vqa import write_demo_vqa  # noqa: E402
@@ -58,6 +58,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--max_new_tokens", type=int, default=32)
     ap.add_argument("--trials", type=int, default=2)
+    add_publish(ap)
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
@@ -86,12 +87,13 @@ def main() -> None:
         "speedup": round(one / two, 2),
         "fixed_s": {d: round(t, 2) for d, t in fixed.items()},
         "answering_speedup": round((one - fixed[1]) / (two - fixed[2]), 2),
+        "speedup_by_trial": spread([a / b for a, b in zip(times[1], times[2], strict=True)], 2),
         "identical_predictions": same,
         "times": times,
-        **vars(args),
+        **{k: v for k, v in vars(args).items() if k != "publish"},
     }
     print(json.dumps(result))
-    save("eval_processes", result)
+    print("results:", save("eval_processes", result, publish=args.publish))
 
 
 if __name__ == "__main__":

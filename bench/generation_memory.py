@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import REPO, save  # noqa: E402
+from _common import REPO, add_publish, save  # noqa: E402
 from generation_throughput import KEY_ENV, Server  # noqa: E402
 
 
@@ -82,6 +82,7 @@ def main() -> None:
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--dir", help=argparse.SUPPRESS)
     ap.add_argument("--base_url", help=argparse.SUPPRESS)
+    add_publish(ap)
     args = ap.parse_args()
     if args.child:
         child(args)
@@ -112,7 +113,9 @@ def main() -> None:
     print(f"ratio {large} / {small}: {ratio:.3f} (goal <= 1.3)")
     path = save(
         "generation_memory",
-        {str(n): r for n, r in results.items()} | {"ratio": round(ratio, 3)},
+        {str(n): r for n, r in results.items()}
+        | {"sizes": args.sizes, "ratio": round(ratio, 3), "goal": "<= 1.3x"},
+        publish=args.publish,
     )
     print(f"results: {path}")
 

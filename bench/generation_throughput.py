@@ -2,7 +2,9 @@
 
 1,000 distinct requests at concurrency 32 cannot finish faster than 1000 × 0.2 / 32 = 6.25 s;
 the benchmark prints the wall time as a ratio of that bound (goal ≤ 1.25), then reruns the same
-requests and prints how many reached the server (goal 0: the journal answers them all).
+requests and prints how many reached the server (goal 0: the journal answers them all). Each of
+``--repeats`` repeats starts from an empty journal; the ratio is the best repeat's, given with
+the ratio repeat by repeat.
 ``--verb`` also times the whole ``generate`` verb on 1,000 figures (text only), MLflow included.
 
 The server runs in its own process (``tests/generation/fakeapi.py``) so that its threads do not
@@ -25,7 +27,7 @@ if TYPE_CHECKING:
     from biomedvital.llm.config import ClientConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import REPO, save  # noqa: E402
+from _common import REPO, add_publish, save, spread  # noqa: E402
 
 FAKEAPI = REPO / "tests" / "generation" / "fakeapi.py"
 KEY_ENV = "BIOMEDVITAL_BENCH_KEY"
@@ -125,6 +127,8 @@ def main() -> None:
     ap.add_argument("--concurrency", type=int, default=32)
     ap.add_argument("--delay", type=float, default=0.2)
     ap.add_argument("--verb", action="store_true", help="also time the generate verb")
+    ap.add_argument("--repeats", type=int, default=3, help="each from an empty journal")
+    add_publish(ap)
     args = ap.parse_args()
     os.environ[KEY_ENV] = "sk-bench"
     import openai  # noqa: F401 - the SDK's import (~1 s) is start-up, not throughput
@@ -133,29 +137,48 @@ def main() -> None:
 
     bound = args.requests * args.delay / args.concurrency
     server = Server(args.delay)
+    runs = []
     try:
-        with tempfile.TemporaryDirectory() as tmp:
-            journal = Path(tmp) / "journal.jsonl"
-            wall, ledger = client_run(server.base_url, journal, args.requests, args.concurrency)
-            seen = server.count()
-            server.reset()
-            rerun_wall, rerun_ledger = client_run(
-                server.base_url, journal, args.requests, args.concurrency
-            )
-            rerun_seen = server.count()
-            verb_wall = None
-            if args.verb:
+        for repeat in range(args.repeats):
+            with tempfile.TemporaryDirectory() as tmp:
                 server.reset()
+                journal = Path(tmp) / "journal.jsonl"
+                wall, ledger = client_run(server.base_url, journal, args.requests, args.concurrency)
+                seen = server.count()
+                server.reset()
+                rerun_wall, rerun_ledger = client_run(
+                    server.base_url, journal, args.requests, args.concurrency
+                )
+                runs.append(
+                    {
+                        "wall_s": round(wall, 3),
+                        "ratio": round(wall / bound, 3),
+                        "server_saw": seen,
+                        "ledger": ledger,
+                        "rerun_wall_s": round(rerun_wall, 3),
+                        "rerun_requests": server.count(),
+                        "rerun_ledger": rerun_ledger,
+                    }
+                )
+            print(
+                f"repeat {repeat}: {wall:.2f} s = {wall / bound:.3f} × bound (goal <= 1.25); "
+                f"server saw {seen}; rerun {rerun_wall:.2f} s, "
+                f"{runs[-1]['rerun_requests']} requests reached the server (goal 0)",
+                flush=True,
+            )
+        verb_wall = None
+        if args.verb:
+            server.reset()
+            with tempfile.TemporaryDirectory() as tmp:
                 verb_wall = verb_run(server.base_url, Path(tmp), args.requests, args.concurrency)
     finally:
         server.close()
-    ratio = wall / bound
+    best = min(runs, key=lambda r: r["wall_s"])
     print(
         f"\n{args.requests} requests, {args.delay * 1000:.0f} ms each, concurrency "
-        f"{args.concurrency}: bound {bound:.2f} s"
+        f"{args.concurrency}: bound {bound:.2f} s; best {best['wall_s']:.2f} s = "
+        f"{best['ratio']:.3f} × bound"
     )
-    print(f"first run : {wall:.2f} s = {ratio:.3f} × bound (goal <= 1.25); server saw {seen}")
-    print(f"rerun     : {rerun_wall:.2f} s, requests reaching the server: {rerun_seen} (goal 0)")
     if verb_wall is not None:
         print(f"generate verb, {args.requests} figures (MLflow included): {verb_wall:.2f} s")
     path = save(
@@ -164,19 +187,25 @@ def main() -> None:
             "requests": args.requests,
             "delay_s": args.delay,
             "concurrency": args.concurrency,
+            "repeats": args.repeats,
             "bound_s": bound,
-            "wall_s": round(wall, 3),
-            "ratio": round(ratio, 3),
-            "server_saw": seen,
-            "ledger": ledger,
-            "rerun_wall_s": round(rerun_wall, 3),
-            "rerun_requests": rerun_seen,
-            "rerun_ledger": rerun_ledger,
+            "wall_s": best["wall_s"],
+            "ratio": best["ratio"],
+            "wall_s_by_repeat": spread([r["wall_s"] for r in runs], 3),
+            "ratio_by_repeat": spread([r["ratio"] for r in runs], 3),
+            "rerun_requests": max(r["rerun_requests"] for r in runs),
+            "rerun_wall_s": max(r["rerun_wall_s"] for r in runs),
+            "runs": runs,
             "verb_wall_s": None if verb_wall is None else round(verb_wall, 3),
         },
+        publish=args.publish,
     )
     print(f"results: {path}")
-    print(json.dumps({"ratio": round(ratio, 3), "rerun_requests": rerun_seen}))
+    print(
+        json.dumps(
+            {"ratio": best["ratio"], "rerun_requests": max(r["rerun_requests"] for r in runs)}
+        )
+    )
 
 
 if __name__ == "__main__":

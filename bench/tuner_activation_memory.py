@@ -31,6 +31,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from _common import add_publish, save  # noqa: E402
 from tuner_mfu import TEXT  # noqa: E402  (the 7B / 13B shapes the MFU bench uses)
 
 from biomedvital.tuning.lora_memory import recompute_lora_dropout  # noqa: E402
@@ -91,9 +92,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--project-seq", type=int, default=2048)
     parser.add_argument("--lora-r", type=int, default=128)
     parser.add_argument("--no-compile", action="store_true")
-    parser.add_argument(
-        "--out", type=Path, default=Path("bench/results/tuner_activation_memory.json")
-    )
+    add_publish(parser)
     args = parser.parse_args(argv)
     shape = TEXT[args.size]
     hidden, layers = shape["hidden_size"], shape["num_hidden_layers"]
@@ -130,8 +129,20 @@ def main(argv: list[str] | None = None) -> list[dict]:
             f" {r['gib_per_sample_checkpoint_every_2']:>11.1f}"
             f" {r['gib_per_sample_checkpoint_every_1']:>11.1f}"
         )
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(rows, indent=2))
+    for r in rows:
+        r["ratio_vs_peft"] = round(r["units_per_layer"] / base[False], 3)
+    result = {
+        "size": args.size,
+        "measured_seq": args.seq,
+        "project_seq": args.project_seq,
+        "lora_r": args.lora_r,
+        "layers": layers,
+        "unit": "seq x hidden bf16 elements per layer",
+        # by path: the option, "+compile" when compiled
+        "paths": {r["option"] + ("+compile" if r["compile"] else ""): r for r in rows},
+    }
+    path = save(f"tuner_activation_memory-{args.size}", result, publish=args.publish)
+    print(f"results: {path}")
     return rows
 
 

@@ -14,6 +14,7 @@ fresh process (goal < 8 GB).
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import subprocess
 import sys
@@ -22,7 +23,7 @@ import threading
 import time
 
 import psutil
-from _common import REPO, save
+from _common import REPO, add_publish, save, spread
 
 DATA = REPO / "outputs" / "demo" / "selected" / "selected.json"
 IMAGES = REPO / "data" / "demo" / "images"
@@ -119,6 +120,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--skip-demo-fit", action="store_true")
+    add_publish(parser)
     args = parser.parse_args()
     if not DATA.is_file():
         sys.exit(f"{DATA} not found: run `make demo` first")
@@ -146,12 +148,31 @@ def main() -> None:
         "tokens_per_s_ratio_vs_fixed": round(
             grouped["real_tokens_per_s"] / fixed["real_tokens_per_s"], 3
         ),
+        # pair by pair (the same repeat), the spread other load leaves in the ratio
+        "tokens_per_s_ratio_by_repeat": spread(
+            [
+                g["real_tokens_per_s"] / r["real_tokens_per_s"]
+                for g, r in zip(runs["grouped_min_padding"], runs["random"], strict=True)
+            ]
+        ),
+        "tokens_per_s_ratio_vs_fixed_by_repeat": spread(
+            [
+                g["real_tokens_per_s"] / f["real_tokens_per_s"]
+                for g, f in zip(runs["grouped_min_padding"], runs["grouped_fixed"], strict=True)
+            ]
+        ),
+        "repeats": args.repeats,
+        "data": {
+            "path": DATA.relative_to(REPO).as_posix(),
+            "sha256": hashlib.sha256(DATA.read_bytes()).hexdigest(),
+            "samples": len(json.loads(DATA.read_text())),
+        },
         "padding_goal": "<= 10 % grouped",
     }
     if not args.skip_demo_fit:
         result["demo_fit"] = demo_fit_peak_rss()
     print(json.dumps(result, indent=2))
-    print("results:", save("tuner_padding", result))
+    print("results:", save("tuner_padding", result, publish=args.publish))
 
 
 if __name__ == "__main__":

@@ -5,12 +5,18 @@ report or benchmark result, with a fragment naming the number::
 
     [0.644 ± 0.139](../experiments/reports/published/preference_source/summary.csv#mixed:val/align_rate)
     [14](../experiments/reports/published/preference_source/summary.csv#mixed:pairs/val_clinician)
-    [1.50×](../bench/results/published/w_grid.json#ratio)
+    [1.50×](../bench/results/published/w_grid-open_clip_ViT-B-16-copies6.json#ratio)
 
 For a CSV file the fragment is ``ROW:COLUMN``, ROW the value of the file's first column (the
 cell); ``mean ± sd`` is checked against COLUMN and ``COLUMN sd``. For a JSON file it is a key
 path separated by dots. A number matches when the file's value, rounded to the decimals quoted,
-is the quoted text; a value that is not a number (a count range ``12-16``) must be equal as text.
+is the quoted text (a figure quoted with ``%`` may also be the value as a fraction: ``38.5 %`` for
+0.385); a value that is not a number (a count range ``12-16``) must be equal as text.
+
+A page can also be held to quoting every figure (:func:`unquoted_figures`: a number with a unit
+of time, memory, rate, share or ratio outside a quoted link) and a summary table to citing a
+result in every row (:func:`uncited_rows`); ``tests/test_quoted_figures.py`` holds
+``docs/performance.md`` to both.
 
     python experiments/quoted.py            # README.md and docs/*.md; exit 1 on a mismatch
 """
@@ -31,6 +37,13 @@ CITED = ("experiments/reports/published/", "bench/results/published/")
 _LINK = re.compile(r"\[([^\]\n]+)\]\(([^)\s#]+)#([^)\s]+)\)")
 _CODE = re.compile(r"`[^`]*`")  # inline code
 _NUMBER = re.compile(r"[-+−]?\d[\d,]*(?:\.\d+)?")
+# a measured-looking figure: a number and a unit of time, memory, rate, share or ratio (``4.75×``;
+# ``8 × 40`` is a product); a number after a comparison is a goal, not a measurement
+_FIGURE = re.compile(
+    r"(?<![\w.,])(?<![≤≥<>] )(?<![≤≥<>])\d[\d,]*(?:\.\d+)?"
+    r"(?:×|\s?%|\s(?:s|ms|min|MB|GB|GiB|q/s|cand/s|tokens/s|units?)(?![\w/]))"
+)
+_ANY_LINK = re.compile(r"\[([^\]\n]*)\]\([^)\s]*\)")
 
 
 @dataclass
@@ -115,6 +128,8 @@ def check(c: Citation, tracked: Callable[[Path], bool]) -> str | None:
     except ValueError as err:
         return str(err)
     numbers = _numbers(c.text)
+    if "%" in c.text and isinstance(value, int | float) and not isinstance(value, bool):
+        value = value if any(_matches(n, value) for n in numbers) else value * 100
     if "±" in c.text:
         if len(numbers) != 2 or not (_matches(numbers[0], value) and _matches(numbers[1], sd)):
             return f"{c.where()}: the report says {value} ± {sd}"
@@ -124,6 +139,70 @@ def check(c: Citation, tracked: Callable[[Path], bool]) -> str | None:
     if c.text.strip() == str(value):
         return None
     return f"{c.where()}: the report says {value}"
+
+
+def _prose_lines(doc: Path, skip_sections: tuple[str, ...] = ()):
+    """(line number, line) outside fenced code, headings and the sections named (a heading's
+    text, that section up to the next heading of its level or above)."""
+    fenced, skipping_level = False, 0
+    for n, line in enumerate(doc.read_text(encoding="utf-8").splitlines(), 1):
+        if line.lstrip().startswith(("```", "~~~")):
+            fenced = not fenced
+            continue
+        if fenced:
+            continue
+        if heading := re.match(r"(#+)\s+(.*)", line):
+            level = len(heading.group(1))
+            if skipping_level and level <= skipping_level:
+                skipping_level = 0
+            if not skipping_level and heading.group(2).strip() in skip_sections:
+                skipping_level = level
+            continue
+        if not skipping_level:
+            yield n, line
+
+
+def unquoted_figures(
+    doc: Path, skip_sections: tuple[str, ...] = (), allowed: tuple[str, ...] = ()
+) -> list[str]:
+    """Figures with a unit (``27.2 s``, ``1,126 MB``, ``4.75×``, ``38.5 %``) in ``doc`` that no
+    quoted link carries: outside code, goals (``≥ 3×``), the sections ``skip_sections`` names
+    and the phrases in ``allowed`` (quantities that are not measurements, e.g. a card's
+    memory). Each as ``doc:line: figure``."""
+    found = []
+    for n, line in _prose_lines(doc, skip_sections):
+        text = _CODE.sub("", line)
+        for phrase in allowed:
+            text = text.replace(phrase, "")
+        text = _LINK.sub(lambda m: "" if _is_cited(doc, m.group(2)) else m.group(0), text)
+        text = _ANY_LINK.sub(lambda m: m.group(1), text)  # other links: their text is prose
+        found += [f"{doc}:{n}: {m.group(0)}" for m in _FIGURE.finditer(text)]
+    return found
+
+
+def _is_cited(doc: Path, href: str) -> bool:
+    return any(part in (doc.parent / href).resolve().as_posix() for part in CITED)
+
+
+def uncited_rows(doc: Path) -> list[str]:
+    """The first cells of the rows of ``doc``'s first table that cite no published result."""
+    rows, started = [], False
+    for _, line in _prose_lines(doc):
+        if not line.startswith("|"):
+            if started:
+                break
+            continue
+        started = True
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if all(set(c) <= set("-: ") for c in cells):
+            continue  # the rule under the header
+        rows.append((cells[0], line))
+    body = rows[1:]  # the header is the first
+    return [
+        first
+        for first, line in body
+        if not any(_is_cited(doc, m.group(2)) for m in _LINK.finditer(_CODE.sub("", line)))
+    ]
 
 
 def git_tracked(path: Path) -> bool:

@@ -181,24 +181,3 @@ def test_the_server_is_stopped_and_an_unknown_name_refused(tuned: dict[str, Any]
         pid = server.proc.pid
     with pytest.raises(ProcessLookupError):
         os.kill(pid, 0)
-
-
-def test_the_performance_figures_are_the_committed_bench_result() -> None:
-    """docs/performance.md quotes ``bench/reference/eval_endpoint.cpu.json`` (its best trials,
-    their ratio and the trial-by-trial range)."""
-    result = json.loads((REPO / "bench" / "reference" / "eval_endpoint.cpu.json").read_text())
-    text = (REPO / "docs" / "performance.md").read_text()
-    tt, ta = min(result["test_s"]), min(result["answer_s"])
-    per_trial = [a / t for t, a in zip(result["test_s"], result["answer_s"], strict=True)]
-    quoted = [
-        f"`test`: {tt:.2f} s ({result['test_questions_per_s']:.1f} q/s)",
-        f"`answer`: {ta:.2f} s ({result['answer_questions_per_s']:.1f} q/s)",
-        f"**{ta / tt:.1f}×** faster",
-        f"({min(per_trial):.1f}–{max(per_trial):.1f}× trial by trial)",
-        f"{result['questions']}\ndistinct demo VQA questions",
-        f"**{result['answer_over_test_cpu']:.1f}×**",
-        f"The {result['questions']} predictions are identical",
-    ]
-    assert result["same_predictions"] == result["questions"]
-    for figure in quoted:
-        assert figure in text, figure
