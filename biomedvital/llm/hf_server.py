@@ -18,7 +18,6 @@ process that started it dies; it reads no API key (loopback only) and downloads 
 from __future__ import annotations
 
 import atexit
-import contextlib
 import importlib.util
 import json
 import os
@@ -36,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from biomedvital.llm.llama_server import PARENT_ENV, die_with_parent
-from biomedvital.llm.server_common import LocalServerError, free_port
+from biomedvital.llm.server_common import LocalServerError, free_port, stop_process
 
 LOCAL_HF_PREFIX = "local-hf:"
 SERVED_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)*")
@@ -164,15 +163,7 @@ class HFServer:
     def stop(self, timeout_s: float = 15.0) -> None:
         """Terminate the server (kill it after ``timeout_s``) and remove its scratch folder."""
         proc, self.proc = self.proc, None
-        if proc is not None and proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                proc.terminate()
-            try:
-                proc.wait(timeout_s)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    proc.kill()
-                proc.wait()
+        stop_process(proc, timeout_s)
         _LIVE.discard(self)
         if self._log is not None:
             self._log.close()

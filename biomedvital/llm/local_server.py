@@ -40,7 +40,7 @@ from typing import Any
 
 from biomedvital.llm.config import read_api_key
 from biomedvital.llm.llama_server import PARENT_ENV
-from biomedvital.llm.server_common import LocalServerError, free_port
+from biomedvital.llm.server_common import LocalServerError, free_port, stop_process
 
 LOCAL_PREFIX = "local:"
 
@@ -216,15 +216,7 @@ class LocalServer:
     def stop(self, timeout_s: float = 10.0) -> None:
         """Terminate the server (kill it after ``timeout_s``) and remove its log."""
         proc, self.proc = self.proc, None
-        if proc is not None and proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                proc.terminate()
-            try:
-                proc.wait(timeout_s)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    proc.kill()
-                proc.wait()
+        stop_process(proc, timeout_s)
         _LIVE.discard(self)
         if self._log is not None:
             self._log.close()
