@@ -359,7 +359,9 @@ def ask(
     endpoint = (
         contextlib.nullcontext(None)  # vLLM's offline runner: a request file, no server
         if _offline(client)
-        else hosted_endpoint(client.base_url, client.api_key_env, client.model)
+        else hosted_endpoint(
+            client.base_url, client.api_key_env, client.model, client.local_threads
+        )
     )
     with endpoint as served:
         if served is not None:

@@ -87,6 +87,9 @@ class ClientConfig:
         completion_window: the Batch API's window.
         batch_max_requests: split request files above this many requests (API limit).
         batch_max_bytes: split request files above this many bytes (API limit).
+        local_threads: CPU threads of a ``local:`` llama.cpp server (``null``: every CPU this
+            process may use; fewer leave room for other jobs on a shared machine). Not part of
+            any cache key: the replies do not depend on it.
     """
 
     base_url: str
@@ -109,6 +112,7 @@ class ClientConfig:
     completion_window: str = "24h"
     batch_max_requests: int = 50_000
     batch_max_bytes: int = 190_000_000
+    local_threads: int | None = None
 
     def __post_init__(self) -> None:
         if self.concurrency < 1:
@@ -122,6 +126,10 @@ class ClientConfig:
         if self.batch_runner not in ("openai", "file"):
             raise ClientConfigError(
                 f"client.batch_runner must be 'openai' or 'file', got {self.batch_runner!r}"
+            )
+        if self.local_threads is not None and self.local_threads < 1:
+            raise ClientConfigError(
+                f"client.local_threads must be >= 1 (or null: every CPU), got {self.local_threads}"
             )
         if self.batch_poll_s <= 0:
             raise ClientConfigError(f"client.batch_poll_s must be > 0, got {self.batch_poll_s}")

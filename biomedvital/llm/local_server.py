@@ -139,8 +139,11 @@ class LocalServer:
         model: a name of :data:`LOCAL_MODELS`, ``local:NAME``, or a path to a ``.gguf`` file.
         host / port: where to listen; ``port=0`` picks a free port.
         n_ctx: context length (default: the model's entry, 4096 for a path).
-        n_threads: CPU threads (default: half the CPUs this process may use, as llama.cpp's own
-            default: on a busy 2-core machine a second spinning thread slows it several-fold).
+        n_threads: CPU threads for prompts and decoding (default: every CPU this process may
+            use). The replies do not depend on it (each matrix row is one thread's sum); a
+            server alone on the machine answers about twice as fast on 2 threads as on 1, and
+            one sharing it with another busy process is slowed less than that (its idle threads
+            sleep: OMP_WAIT_POLICY=PASSIVE).
         chat_format: overrides the model's chat format.
         api_key: the key the server requires: ``"random"`` (default) draws one per start, ``None``
             accepts any key.
@@ -163,7 +166,9 @@ class LocalServer:
         self.host, self.port = host, port
         self.n_ctx = n_ctx or spec.n_ctx
         cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-        self.n_threads = n_threads or max(1, (cpus or 1) // 2)
+        if n_threads is not None and n_threads < 1:
+            raise LocalServerError(f"n_threads must be >= 1, got {n_threads}")
+        self.n_threads = n_threads or max(1, cpus or 1)
         self.chat_format = chat_format or spec.chat_format
         self._key_mode = api_key
         self.api_key: str | None = None
@@ -331,11 +336,14 @@ _HOSTED: dict[tuple[str, str | None], Endpoint] = {}
 """Local servers started for a whole verb (:func:`hosted_endpoint`), by (base URL, model)."""
 
 
-def open_endpoint(base_url: str, api_key_env: str, model: str | None = None) -> Endpoint:
-    """The endpoint for a client: ``local:NAME`` starts a llama.cpp server and
-    ``local-hf:DIR`` ``transformers serve`` for ``model`` (stopped by ``close``), unless
-    :func:`hosted_endpoint` runs one for the verb already; any other base URL is used as is,
-    with the key from the ``api_key_env`` variable."""
+def open_endpoint(
+    base_url: str, api_key_env: str, model: str | None = None, local_threads: int | None = None
+) -> Endpoint:
+    """The endpoint for a client: ``local:NAME`` starts a llama.cpp server (on
+    ``local_threads`` CPU threads; ``None``: all) and ``local-hf:DIR`` ``transformers serve``
+    for ``model`` (stopped by ``close``), unless :func:`hosted_endpoint` runs one for the verb
+    already; any other base URL is used as is, with the key from the ``api_key_env``
+    variable."""
     from biomedvital.llm.hf_server import HFServer, is_local_hf
 
     hosted = _HOSTED.get((base_url, model)) or _HOSTED.get((base_url, None))
@@ -348,18 +356,18 @@ def open_endpoint(base_url: str, api_key_env: str, model: str | None = None) -> 
         return Endpoint(hf.base_url, "local", hf)
     if not is_local(base_url):
         return Endpoint(base_url, read_api_key(api_key_env))
-    server = LocalServer(base_url).start()
+    server = LocalServer(base_url, n_threads=local_threads).start()
     return Endpoint(server.base_url, server.api_key or "local", server)
 
 
 @contextlib.contextmanager
 def hosted_endpoint(
-    base_url: str, api_key_env: str, model: str | None = None
+    base_url: str, api_key_env: str, model: str | None = None, local_threads: int | None = None
 ) -> Iterator[Endpoint]:
     """The endpoint for a whole verb: a local server is started once for the block (and stopped
     after it), and every client pass inside uses it rather than starting its own; a remote
     endpoint is only looked up (its key read)."""
-    endpoint = open_endpoint(base_url, api_key_env, model)
+    endpoint = open_endpoint(base_url, api_key_env, model, local_threads)
     if endpoint.server is None:
         yield endpoint
         return
@@ -390,7 +398,7 @@ def serve_local(
         host: where to listen (loopback by default).
         port: the port (0: a free one).
         n_ctx: context length (default: the model's).
-        n_threads: CPU threads (default: half the CPUs).
+        n_threads: CPU threads (default: every CPU this process may use).
         api_key_env: require the key held by this environment variable (default: any key).
         startup_timeout_s: how long to wait for the server to answer.
     """

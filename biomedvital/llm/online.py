@@ -169,7 +169,9 @@ class _Connection:
         from openai import AsyncOpenAI
 
         self.config = config
-        self.endpoint = open_endpoint(config.base_url, config.api_key_env, config.model)
+        self.endpoint = open_endpoint(
+            config.base_url, config.api_key_env, config.model, config.local_threads
+        )
         self.secret = self.endpoint.api_key
         self.url = safe_url(self.endpoint.base_url)
         self.http = AsyncOpenAI(

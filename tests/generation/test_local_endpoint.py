@@ -20,7 +20,7 @@ import pytest
 from biomedvital.data.records import Candidate, Rating, read_demonstrations, read_figures
 from biomedvital.generation.parse import REJECT_REASONS
 from biomedvital.llm import local_server
-from biomedvital.llm.config import ClientConfig
+from biomedvital.llm.config import ClientConfig, ClientConfigError
 from biomedvital.llm.local_server import (
     LocalModel,
     LocalServer,
@@ -44,16 +44,21 @@ def _gone(pid: int) -> bool:
     return False
 
 
+threads: list[int] = []  # n_threads of each server the `started` fixture saw
+
+
 @pytest.fixture
 def started(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, int]]:
     """(pid, port) of every LocalServer started during the test."""
     seen: list[tuple[int, int]] = []
     original = LocalServer.start
+    threads.clear()
 
     def spy(self: LocalServer) -> LocalServer:
         out = original(self)
         assert self.proc is not None
         seen.append((self.proc.pid, self.port))
+        threads.append(self.n_threads)
         return out
 
     monkeypatch.setattr(LocalServer, "start", spy)
@@ -85,6 +90,7 @@ def test_generate_and_rate_against_the_local_server(
         concurrency=1,
         max_attempts=1,
         timeout_s=300,
+        local_threads=1,
     )
     common = dict(client=client, store=mlstore, progress=False)
     gen = generate(
@@ -133,6 +139,7 @@ def test_generate_and_rate_against_the_local_server(
 
     # a server per batch (generate, rate, rate's re-asks if any), each stopped: process, port
     assert 2 <= len(started) <= 3
+    assert threads == [1] * len(started)  # client.local_threads reached every server
     for pid, port in started:
         assert _gone(pid) and port_is_free(port)
     assert not list(local_server._LIVE)
@@ -195,6 +202,18 @@ def test_a_dead_model_fails_clearly(tmp_path: Path, mlstore: str, demo_files) ->
             store=mlstore,
             progress=False,
         )
+
+
+def test_local_threads_default_to_every_cpu_and_reach_the_command_line() -> None:
+    """The server's prompt and decode threads: every CPU this process may use unless the client
+    asks for fewer (its replies do not depend on the count)."""
+    cpus = len(os.sched_getaffinity(0))
+    cmd = LocalServer("smollm2").command()
+    assert cmd[cmd.index("--n_threads") + 1] == cmd[cmd.index("--n_threads_batch") + 1] == str(cpus)
+    cmd = LocalServer("smollm2", n_threads=1).command()
+    assert cmd[cmd.index("--n_threads") + 1] == "1"
+    with pytest.raises(ClientConfigError, match=r"client.local_threads must be >= 1"):
+        ClientConfig(base_url="local:smollm2", model="m", local_threads=0)
 
 
 def test_missing_models_fail_before_anything_starts(
