@@ -44,7 +44,7 @@ from biomedvital.llm.hf_server import LOCAL_HF_PREFIX
 from biomedvital.llm.keys import CHARS_PER_TOKEN, cost_of, estimate_tokens
 from biomedvital.llm.local_server import LOCAL_PREFIX
 
-THROUGHPUT = Path(__file__).resolve().parents[1] / "bench/results/published/tuner_mfu.h100.json"
+THROUGHPUT = Path(__file__).resolve().parents[1] / "bench/results/published/tuner_mfu_h100.json"
 """The committed tuner throughput the GPU-hours are computed from (``grid --throughput``)."""
 
 JUDGE_SOURCE = Path(__file__).resolve().parent / "evaluation" / "judge.py"
@@ -231,10 +231,11 @@ class Throughput:
 
 def load_throughput(path: Path) -> Throughput:
     """Read a ``bench/tuner_mfu.py`` result (``card``, ``date``, ``conditions.image_tokens``,
-    ``runs`` with ``tokens_per_s_per_gpu``)."""
+    ``runs``, a list or named, with ``tokens_per_s_per_gpu``)."""
     try:
         data = json.loads(Path(path).read_text(encoding="utf-8"))
-        runs = [r for r in data["runs"] if float(r["tokens_per_s_per_gpu"]) > 0]
+        runs = data["runs"].values() if isinstance(data["runs"], dict) else data["runs"]
+        runs = [r for r in runs if float(r["tokens_per_s_per_gpu"]) > 0]
         return Throughput(
             Path(path), str(data["card"]), str(data["date"]),
             int(data["conditions"]["image_tokens"]), runs,

@@ -99,7 +99,7 @@ def test_dollars_follow_the_stages_prices_and_gpu_hours_the_committed_bench_file
     bench = json.loads(THROUGHPUT.read_text())
     tuner = yaml.safe_load(Path("conf/paper/tuner.yaml").read_text())
     key = tuner_run_key(tuner)
-    (run,) = [r for r in bench["runs"] if all(r[k] == v for k, v in key.items())]
+    (run,) = [r for r in bench["runs"].values() if all(r[k] == v for k, v in key.items())]
     rate = run["tokens_per_s_per_gpu"]
     assert base["tune"].gpu_hours == pytest.approx(base["tune"].train_tokens / rate / 3600)
     run["tokens_per_s_per_gpu"] /= 2
