@@ -42,7 +42,7 @@ def main() -> None:
     path = save(
         name,
         {
-            "command": f"make {args.target}",
+            "target": f"make {args.target}",  # "command" is the bench's own (conditions)
             "wall_s": round(wall, 1),
             "wall_min": round(wall / 60, 2),
             "pytest_s": float(pytest_s),
