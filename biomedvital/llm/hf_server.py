@@ -17,25 +17,16 @@ process that started it dies; it reads no API key (loopback only) and downloads 
 
 from __future__ import annotations
 
-import atexit
 import importlib.util
 import json
 import os
 import re
-import shutil
-import subprocess
 import sys
-import tempfile
-import threading
-import time
 import urllib.error
 import urllib.request
-import weakref
 from pathlib import Path
-from typing import Any
 
-from biomedvital.llm.llama_server import PARENT_ENV, die_with_parent
-from biomedvital.llm.server_common import LocalServerError, free_port, stop_process
+from biomedvital.llm.server_common import ChildServer, LocalServerError, die_with_parent
 
 LOCAL_HF_PREFIX = "local-hf:"
 SERVED_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)*")
@@ -60,16 +51,7 @@ def model_folder(spec: str | Path) -> Path:
     )
 
 
-_LIVE: weakref.WeakSet[HFServer] = weakref.WeakSet()
-
-
-@atexit.register
-def _stop_all() -> None:
-    for server in list(_LIVE):
-        server.stop()
-
-
-class HFServer:
+class HFServer(ChildServer):
     """``transformers serve`` for one model folder, as a child process.
 
     ``with HFServer(folder, "name") as srv:`` starts it on a free loopback port and waits until
@@ -85,6 +67,10 @@ class HFServer:
             vision models fall back to one request at a time).
         startup_timeout_s: how long to wait for the model to load.
     """
+
+    scratch_prefix = "biomedvital-hf-serve-"
+    stop_timeout_s = 15.0
+    poll_s = 0.2
 
     def __init__(
         self,
@@ -102,30 +88,14 @@ class HFServer:
                 f"client.model {served_name!r}: a {LOCAL_HF_PREFIX} model is served under a name "
                 "of letters, digits, '.', '_', '-' (and '/' between parts)"
             )
+        super().__init__(host, port, startup_timeout_s)
         self.folder = model_folder(folder)
         self.served_name = served_name
-        self.host, self.port = host, port
         self.device, self.dtype = device, dtype
         self.continuous_batching = continuous_batching
-        self.startup_timeout_s = startup_timeout_s
-        self.proc: subprocess.Popen[bytes] | None = None
-        self._scratch: Path | None = None
-        self._log: Any = None
 
-    @property
-    def base_url(self) -> str:
-        """The OpenAI base URL (``http://127.0.0.1:PORT/v1``)."""
-        return f"http://{self.host}:{self.port}/v1"
-
-    @property
-    def alive(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
-    def __enter__(self) -> HFServer:
-        return self.start()
-
-    def __exit__(self, *exc: Any) -> None:
-        self.stop()
+    def describe(self) -> str:
+        return f"transformers serve for {self.folder}"
 
     def command(self) -> list[str]:
         """The server's command line (run in the scratch folder holding the served name)."""
@@ -136,93 +106,31 @@ class HFServer:
             cmd.append("--continuous-batching")
         return cmd
 
-    def start(self) -> HFServer:
-        """Start the server and wait until the model is loaded; a clear error (with the
-        server's last output) if it is not."""
-        if self.alive:
-            return self
+    def check_installed(self) -> None:
         for name in ("fastapi", "uvicorn"):
             if importlib.util.find_spec(name) is None:
                 raise LocalServerError(
                     f"{LOCAL_HF_PREFIX} endpoints run `transformers serve`, which needs {name}: "
                     "pip install -e '.[dev]' (or pip install fastapi uvicorn)"
                 )
-        chosen = self.port
-        for attempt in range(3):  # a free port can be taken between our probe and its bind
-            self.port = chosen or free_port(self.host)
-            try:
-                self._spawn()
-                self._wait_ready()
-                return self
-            except LocalServerError as err:
-                self.stop()
-                if "address already in use" not in str(err).lower() or chosen or attempt == 2:
-                    raise
-        raise AssertionError("unreachable")  # pragma: no cover
 
-    def stop(self, timeout_s: float = 15.0) -> None:
-        """Terminate the server (kill it after ``timeout_s``) and remove its scratch folder."""
-        proc, self.proc = self.proc, None
-        stop_process(proc, timeout_s)
-        _LIVE.discard(self)
-        if self._log is not None:
-            self._log.close()
-            self._log = None
-        if self._scratch is not None:
-            shutil.rmtree(self._scratch, ignore_errors=True)
-            self._scratch = None
-
-    def log_tail(self, n: int = 30) -> str:
-        """The last ``n`` lines the server wrote (stdout and stderr)."""
-        path = self._scratch / "server.log" if self._scratch is not None else None
-        if path is None or not path.is_file():
-            return ""
-        return "\n".join(path.read_text(encoding="utf-8", errors="replace").splitlines()[-n:])
-
-    def _spawn(self) -> None:
-        self._scratch = Path(tempfile.mkdtemp(prefix="biomedvital-hf-serve-"))
-        link = self._scratch / "models" / self.served_name
+    def prepare(self, scratch: Path) -> Path:
+        """``transformers serve`` names a model by its path: the served name is a link to the
+        model folder in the server's working folder."""
+        link = scratch / "models" / self.served_name
         link.parent.mkdir(parents=True, exist_ok=True)
         link.symlink_to(self.folder, target_is_directory=True)
-        env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-        env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-        env.pop(PARENT_ENV, None)
-        if threading.current_thread() is threading.main_thread():
-            env[PARENT_ENV] = str(os.getpid())  # the server dies with this process (Linux)
+        return scratch / "models"
+
+    def child_env(self) -> dict[str, str]:
+        env = {**super().child_env(), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
         # the package must import from the child's folder as from ours (an editable checkout)
         here = str(Path(__file__).resolve().parents[2])
         env["PYTHONPATH"] = os.pathsep.join(p for p in (here, env.get("PYTHONPATH")) if p)
-        self._log = open(self._scratch / "server.log", "wb")  # noqa: SIM115 - the child's output
-        self.proc = subprocess.Popen(
-            self.command(),
-            cwd=self._scratch / "models",
-            stdin=subprocess.DEVNULL,
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-            env=env,
-        )
-        _LIVE.add(self)
+        return env
 
-    def _wait_ready(self) -> None:
-        assert self.proc is not None
-        deadline = time.monotonic() + self.startup_timeout_s
-        while True:
-            code = self.proc.poll()
-            if code is not None:
-                raise LocalServerError(
-                    f"transformers serve for {self.folder} exited with code {code} before the "
-                    f"model was loaded; its last output:\n{self.log_tail()}"
-                )
-            if self._loaded():
-                return
-            if time.monotonic() > deadline:
-                raise LocalServerError(
-                    f"transformers serve did not load {self.folder} within "
-                    f"{self.startup_timeout_s:.0f}s; its last output:\n{self.log_tail()}"
-                )
-            time.sleep(0.2)
-
-    def _loaded(self) -> bool:
+    def ready(self) -> bool:
+        """``/v1/models`` lists the served name as loaded."""
         try:
             with urllib.request.urlopen(f"{self.base_url}/models", timeout=2) as resp:
                 body = json.loads(resp.read())

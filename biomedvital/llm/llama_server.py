@@ -10,30 +10,10 @@ models are text-only: configs use ``vision: false``).
 
 from __future__ import annotations
 
-import os
 import runpy
-import signal
-import sys
 from typing import Any
 
-PARENT_ENV = "BIOMEDVITAL_SERVER_PARENT"
-"""Set for the server process: the pid it must not outlive (:func:`die_with_parent`)."""
-
-
-def die_with_parent() -> None:
-    """On Linux, have the kernel SIGTERM this server when the process that started it dies
-    (``PR_SET_PDEATHSIG``), and leave now if it already has: a killed verb leaves no orphan."""
-    parent = os.environ.get(PARENT_ENV)
-    if not parent or not sys.platform.startswith("linux"):
-        return
-    try:
-        import ctypes
-
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1: PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        return
-    if os.getppid() != int(parent):
-        sys.exit("the process that started this server is gone")
+from biomedvital.llm.server_common import die_with_parent
 
 
 def flatten_content(message: dict[str, Any]) -> dict[str, Any]:

@@ -16,31 +16,24 @@ or fails, at interpreter exit, and (Linux) when the process that started it dies
 
 from __future__ import annotations
 
-import atexit
 import contextlib
 import importlib.util
 import json
 import os
 import secrets
-import shutil
 import signal
 import socket
-import subprocess
 import sys
-import tempfile
-import threading
 import time
 import urllib.error
 import urllib.request
-import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from biomedvital.llm.config import read_api_key
-from biomedvital.llm.llama_server import PARENT_ENV
-from biomedvital.llm.server_common import LocalServerError, free_port, stop_process
+from biomedvital.llm.server_common import ChildServer, LocalServerError
 
 LOCAL_PREFIX = "local:"
 
@@ -119,16 +112,7 @@ def port_is_free(port: int, host: str = "127.0.0.1") -> bool:
         return s.connect_ex((host, port)) != 0
 
 
-_LIVE: weakref.WeakSet[LocalServer] = weakref.WeakSet()
-
-
-@atexit.register
-def _stop_all() -> None:
-    for server in list(_LIVE):
-        server.stop()
-
-
-class LocalServer:
+class LocalServer(ChildServer):
     """llama-cpp-python's OpenAI-compatible server for one GGUF model, as a child process.
 
     ``with LocalServer("smollm2") as srv:`` starts it on a free loopback port and waits until
@@ -150,6 +134,8 @@ class LocalServer:
         startup_timeout_s: how long to wait for the server to answer.
     """
 
+    scratch_prefix = "biomedvital-llama-"
+
     def __init__(
         self,
         model: str = "smollm2",
@@ -161,9 +147,9 @@ class LocalServer:
         api_key: str | None = "random",
         startup_timeout_s: float = 120.0,
     ) -> None:
+        super().__init__(host, port, startup_timeout_s)
         self.model = model
         self.gguf, spec = resolve_model(model)
-        self.host, self.port = host, port
         self.n_ctx = n_ctx or spec.n_ctx
         cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
         if n_threads is not None and n_threads < 1:
@@ -172,73 +158,16 @@ class LocalServer:
         self.chat_format = chat_format or spec.chat_format
         self._key_mode = api_key
         self.api_key: str | None = None
-        self.startup_timeout_s = startup_timeout_s
-        self.proc: subprocess.Popen[bytes] | None = None
-        self._log_dir: Path | None = None
-        self._log: Any = None
 
-    # -- public ------------------------------------------------------------------------------
+    def describe(self) -> str:
+        return f"the local server for {self.model!r} ({self.gguf})"
 
-    @property
-    def base_url(self) -> str:
-        """The OpenAI base URL (``http://127.0.0.1:PORT/v1``)."""
-        return f"http://{self.host}:{self.port}/v1"
-
-    @property
-    def alive(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
-    def __enter__(self) -> LocalServer:
-        self.start()
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.stop()
-
-    def start(self) -> LocalServer:
-        """Start the server and wait until it answers; a clear error (with its log) if not."""
-        if self.alive:
-            return self
+    def check_installed(self) -> None:
         if importlib.util.find_spec("llama_cpp") is None:
             raise LocalServerError(
                 "the local endpoint needs llama-cpp-python: pip install 'llama-cpp-python[server]' "
                 "(see the README: it is built from source with the Makefile's CMAKE_ARGS)"
             )
-        chosen = self.port
-        for attempt in range(3):  # a free port can be taken between our probe and its bind
-            self.port = chosen or free_port(self.host)
-            try:
-                self._spawn()
-                self._wait_ready()
-                return self
-            except LocalServerError as err:
-                self.stop()
-                in_use = "address already in use" in str(err).lower()
-                if not in_use or chosen or attempt == 2:
-                    raise
-        raise AssertionError("unreachable")  # pragma: no cover
-
-    def stop(self, timeout_s: float = 10.0) -> None:
-        """Terminate the server (kill it after ``timeout_s``) and remove its log."""
-        proc, self.proc = self.proc, None
-        stop_process(proc, timeout_s)
-        _LIVE.discard(self)
-        if self._log is not None:
-            self._log.close()
-            self._log = None
-        if self._log_dir is not None:
-            shutil.rmtree(self._log_dir, ignore_errors=True)
-            self._log_dir = None
-
-    def log_tail(self, n: int = 30) -> str:
-        """The last ``n`` lines the server wrote (stdout and stderr)."""
-        if self._log_dir is None:
-            return ""
-        path = self._log_dir / "server.log"
-        if not path.is_file():
-            return ""
-        lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
-        return "\n".join(lines[-n:])
 
     def command(self) -> list[str]:
         """The server's command line (the API key is passed through the environment)."""
@@ -267,56 +196,26 @@ class LocalServer:
             cmd += ["--chat_format", self.chat_format]
         return cmd
 
-    # -- internals ---------------------------------------------------------------------------
-
-    def _spawn(self) -> None:
+    def child_env(self) -> dict[str, str]:
+        """A new random key for each start (or the one asked for), through the environment."""
         self.api_key = secrets.token_urlsafe(24) if self._key_mode == "random" else self._key_mode
-        env = dict(os.environ)
+        env = super().child_env()
         env.pop("API_KEY", None)
-        env.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # idle threads sleep instead of spinning
-        env.pop(PARENT_ENV, None)
-        if threading.current_thread() is threading.main_thread():
-            # the server dies with this process (Linux; not tied to a thread that may end first)
-            env[PARENT_ENV] = str(os.getpid())
         if self.api_key:
             env["API_KEY"] = self.api_key  # llama_cpp.server reads its settings from the env too
-        self._log_dir = Path(tempfile.mkdtemp(prefix="biomedvital-llama-"))
-        self._log = open(self._log_dir / "server.log", "wb")  # noqa: SIM115 - the child's output
-        self.proc = subprocess.Popen(
-            self.command(),
-            stdin=subprocess.DEVNULL,
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-            env=env,
-        )
-        _LIVE.add(self)
+        return env
 
-    def _wait_ready(self) -> None:
-        assert self.proc is not None
-        deadline = time.monotonic() + self.startup_timeout_s
+    def ready(self) -> bool:
+        """``/v1/models`` answers with a model."""
         request = urllib.request.Request(f"{self.base_url}/models")
         if self.api_key:
             request.add_header("Authorization", f"Bearer {self.api_key}")
-        while True:
-            code = self.proc.poll()
-            if code is not None:
-                raise LocalServerError(
-                    f"the local server for {self.model!r} ({self.gguf}) exited with code {code} "
-                    f"before it was ready; its last output:\n{self.log_tail()}"
-                )
-            try:
-                with urllib.request.urlopen(request, timeout=2) as resp:
-                    body = json.loads(resp.read())
-                if isinstance(body, dict) and body.get("data"):
-                    return
-            except (urllib.error.URLError, OSError, ValueError):
-                pass
-            if time.monotonic() > deadline:
-                raise LocalServerError(
-                    f"the local server for {self.model!r} did not answer {self.base_url}/models "
-                    f"within {self.startup_timeout_s:.0f}s; its last output:\n{self.log_tail()}"
-                )
-            time.sleep(0.1)
+        try:
+            with urllib.request.urlopen(request, timeout=2) as resp:
+                body = json.loads(resp.read())
+        except (urllib.error.URLError, OSError, ValueError):
+            return False
+        return isinstance(body, dict) and bool(body.get("data"))
 
 
 @dataclass

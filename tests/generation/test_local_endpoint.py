@@ -19,7 +19,7 @@ import pytest
 
 from biomedvital.data.records import Candidate, Rating, read_demonstrations, read_figures
 from biomedvital.generation.parse import REJECT_REASONS
-from biomedvital.llm import local_server
+from biomedvital.llm import local_server, server_common
 from biomedvital.llm.config import ClientConfig, ClientConfigError
 from biomedvital.llm.local_server import (
     LocalModel,
@@ -142,7 +142,7 @@ def test_generate_and_rate_against_the_local_server(
     assert threads == [1] * len(started)  # client.local_threads reached every server
     for pid, port in started:
         assert _gone(pid) and port_is_free(port)
-    assert not list(local_server._LIVE)
+    assert not list(server_common.LIVE_SERVERS)
 
 
 @needs_llama
@@ -190,7 +190,7 @@ def test_a_dead_model_fails_clearly(tmp_path: Path, mlstore: str, demo_files) ->
     with pytest.raises(LocalServerError, match="exited with code") as err:
         LocalServer(str(bad), startup_timeout_s=60).start()
     assert str(bad) in str(err.value)  # names the model, then the server's last output
-    assert not list(local_server._LIVE)
+    assert not list(server_common.LIVE_SERVERS)
     # the same error through a verb whose base_url names the broken file
     cands = tmp_path / "c.jsonl"
     cands.write_text(demo_files.candidates.read_text().splitlines()[0] + "\n")
