@@ -321,7 +321,7 @@ def test_bad_input_is_one_error_naming_the_key_and_nothing_is_written(
 ) -> None:  # fmt: skip
     """Through ``python -m biomedvital``: one ``biomedvital: error:`` line naming the key."""
     from biomedvital.__main__ import run
-    from biomedvital.llm.local_server import free_port
+    from biomedvital.llm.server_common import free_port
 
     out = tmp_path / "out"
     url, extra, wanted = api.base_url, [], ""
