@@ -68,6 +68,16 @@ def read_predictions(path: Path) -> dict[str, str]:
     return texts
 
 
+def count_hit_max_new_tokens(path: Path) -> int | None:
+    """How many predictions say their answer stopped at the token limit (``hit_max_new_tokens``,
+    as ``test`` and ``answer`` write it); ``None`` for a file that does not say (LLaVA-Med's own
+    answer files), rather than a count of 0 that would claim no answer was cut."""
+    said = [obj.get("hit_max_new_tokens") for _, _, obj in iter_objects(path)]
+    if all(flag is None for flag in said):
+        return None
+    return sum(1 for flag in said if flag is True)
+
+
 def _examples(ids: list[str]) -> str:
     shown = ", ".join(repr(i) for i in ids[:_N_EXAMPLES])
     return shown + (", ..." if len(ids) > _N_EXAMPLES else "")
@@ -171,6 +181,7 @@ def score_vqa(
         result[key] = open_res.pop(key)
     del open_res["n_open"], closed_res["n_closed"]
     result.update(open_res)  # open_exact_normalized, open_hit, LLaVA-Med's single-order BLEU
+    result["n_hit_max_new_tokens"] = count_hit_max_new_tokens(predictions)
     result["predictions"] = {"path": str(predictions), "sha256": sha256_file(predictions)}
     if out is not None:
         write_json(out, result)

@@ -158,6 +158,16 @@ def test_joins_by_id_not_position(tmp_path: Path) -> None:
     assert res["open_recall"] == 100.0 and res["open_exact_normalized"] == 100.0
 
 
+def test_answers_cut_at_the_token_limit_are_counted_when_the_file_says(tmp_path: Path) -> None:
+    """``test`` and ``answer`` mark each answer with ``hit_max_new_tokens``; re-scoring their
+    file counts the cut answers, and a file that does not say (LLaVA-Med's) counts None."""
+    gt, preds = _setup(tmp_path, GOOD)
+    assert score_vqa("vqa_rad", gt, preds)["n_hit_max_new_tokens"] is None
+    marked = [{**p, "hit_max_new_tokens": i in (1, 2)} for i, p in enumerate(GOOD)]
+    _, preds = _setup(tmp_path / "marked", marked)
+    assert score_vqa("vqa_rad", gt, preds)["n_hit_max_new_tokens"] == 2
+
+
 def test_result_is_written_as_json(tmp_path: Path) -> None:
     gt, preds = _setup(tmp_path, GOOD)
     out = tmp_path / "out" / "scores.json"
