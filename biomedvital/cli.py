@@ -410,6 +410,24 @@ def _loaded_path(tb: Any) -> str | None:
 _TRAINER_LOCKS: list[Path] = []  # output folders locked by the trainer verbs now running
 
 
+LIGHTNING_TIP = "💡 Tip:"
+"""How Lightning's advertisements for its cloud packages begin (printed on every run without them)."""
+
+
+def quiet_lightning_tips() -> None:
+    """Drop Lightning's advertisements from the run's output (its other messages stay): a verb's
+    output is what the run did."""
+    import logging
+
+    def no_tip(record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(LIGHTNING_TIP)
+
+    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
+        logger = logging.getLogger(name)
+        if not any(getattr(f, "__name__", "") == "no_tip" for f in logger.filters):  # once
+            logger.addFilter(no_tip)
+
+
 def run_trainer_verb(argv: list[str]) -> None:
     """LightningCLI with model and data chosen by ``class_path`` in the config; the trainer's
     ``default_root_dir`` is locked for the run (``biomedvital.data.outputs``)."""
@@ -422,6 +440,7 @@ def run_trainer_verb(argv: list[str]) -> None:
     from biomedvital.tracking.checkpoints import UnsafeCheckpointError, unsafe_checkpoint_message
 
     LightningCLI = _cli_class()
+    quiet_lightning_tips()
 
     # LightningCLI parses sys.argv, and multi-device launchers re-run it in child processes:
     # it must hold exactly this verb's arguments (also when a grid cell runs in-process)

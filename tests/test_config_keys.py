@@ -113,3 +113,20 @@ def test_other_parser_errors_are_not_taken_for_unknown_keys() -> None:
     assert (
         find_unknown_key('Parser key "trainer.max_epochs":\n  Expected a int. Got "many"') is None
     )
+
+
+def test_lightnings_advertisements_are_dropped_and_its_messages_kept(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Every trainer verb printed Lightning's tips for its cloud packages; they are dropped,
+    Lightning's other messages are not."""
+    from lightning.pytorch.utilities.rank_zero import rank_zero_info
+
+    from biomedvital.cli import LIGHTNING_TIP, quiet_lightning_tips
+
+    quiet_lightning_tips()
+    quiet_lightning_tips()  # idempotent: one filter
+    with caplog.at_level("INFO"):
+        rank_zero_info(f"{LIGHTNING_TIP} try installing something")
+        rank_zero_info("GPU available: False")
+    assert [r.getMessage() for r in caplog.records] == ["GPU available: False"]
