@@ -140,7 +140,7 @@ def _config_error(
 
     import yaml
 
-    from biomedvital.config_keys import bad_choice_message, unknown_key_message
+    from biomedvital.config_keys import bad_choice_message, bad_type_message, unknown_key_message
 
     text = str(err).strip()
     m = re.search(r'(?:Parser key|Key) "([^"]+)"', text)
@@ -157,7 +157,9 @@ def _config_error(
         text = f"'{key}' moved to '{moved}' (in YAML: {moved.split('.')[0]}: {{{key}: ...}})"
     elif message := unknown_key_message(text, files, list(argv), parser, verb):
         return ConfigError(message)
-    elif message := bad_choice_message(text, files, list(argv)):
+    elif message := bad_choice_message(text, files, list(argv)) or bad_type_message(
+        text, files, list(argv)
+    ):
         return ConfigError(f"{verb}: {message}")
     source = None
     for name in reversed(files):  # later files overlay earlier ones

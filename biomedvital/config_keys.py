@@ -36,6 +36,8 @@ _KEY = re.compile(r'Parser key "([^"]+)"')
 _HIDDEN = {"help", "config", "print_config"}
 _CHOICES = re.compile(r"Expected a typing\.Literal\[(.*)\](?:\. Got value: (.*))?$")
 _GIVEN = re.compile(r"^\s*Given value: (.*)$")
+_TYPE_NAMES = {"str": "a string", "int": "an integer", "float": "a number", "bool": "true or false"}
+_EXPECTED = re.compile(r"Expected a <class '([\w.]+)'>(?:\. Got value: (.*))?$")
 
 
 @dataclass(frozen=True)
@@ -231,8 +233,6 @@ def bad_choice_message(text: str, files: list[str], argv: list[str]) -> str | No
     """``SOURCE: KEY must be one of CHOICES, got VALUE`` for a value outside a ``Literal``'s
     choices in jsonargparse's error ``text`` (``None`` for any other error). SOURCE is the
     command line when a flag sets the key, else the last config file that does."""
-    import yaml
-
     lines = text.splitlines()
     hit = next((i for i, line in enumerate(lines) if _CHOICES.search(line)), None)
     if hit is None:
@@ -246,12 +246,49 @@ def bad_choice_message(text: str, files: list[str], argv: list[str]) -> str | No
     path = _key_path(lines, hit)
     if not path or value is None:
         return None
+    return f"{_source(path, files, argv)}: {'.'.join(path)} must be one of {choices}, got {value!r}"
+
+
+def bad_type_message(text: str, files: list[str], argv: list[str]) -> str | None:
+    """``SOURCE: KEY must be TYPE, got VALUE`` for a value of the wrong type in jsonargparse's
+    error ``text`` (``None`` for any other error). A text option given something YAML reads as a
+    list, number or boolean (``[yes, no]`` is ``[True, False]``) is told to quote it."""
+    lines = text.splitlines()
+    hits = [(i, m) for i, line in enumerate(lines) if (m := _EXPECTED.search(line))]
+    if not hits:
+        return None
+    first, _ = next(((i, m) for i, m in hits if m.group(1) != "NoneType"), hits[0])
+    level = _indent(lines[first])
+    group = [m for i, m in hits if _indent(lines[i]) == level]  # one Union's alternatives
+    wanted = [m.group(1).rsplit(".", 1)[-1] for m in group]
+    value = next((m.group(2) for m in group if m.group(2) is not None), None)
+    if value is None:  # a Union's alternatives: the value is given below them
+        below = (_GIVEN.match(line) for line in lines[first + 1 :])
+        value = next((g.group(1) for g in below if g), None)
+    path = _key_path(lines, first)
+    if not path or value is None or wanted == ["NoneType"]:
+        return None
+    kinds = [_TYPE_NAMES.get(w, f"a {w}") for w in wanted if w != "NoneType"]
+    kind = " or ".join(dict.fromkeys(kinds)) + (" (or null)" if "NoneType" in wanted else "")
+    key, source = ".".join(path), _source(path, files, argv)
+    message = f"{source}: {key} must be {kind}, got {value}"
+    if "str" in wanted:  # YAML read the text as something else
+        quoted = f"--{key} '\"[yes, no]\"'" if source == "the command line" else "in quotes"
+        message += f" (the value is read as YAML: give it {quoted})"
+    return message
+
+
+def _source(path: list[str], files: list[str], argv: list[str]) -> str:
+    """Where a key is set: the command line when a flag sets it, else the last config file that
+    does (later files overlay earlier ones)."""
+    import yaml
+
     key = ".".join(path)
     flags = {a.split("=")[0] for a in argv if a.startswith("--")}
-    source = "the command line" if f"--{key}" in flags or not files else None
-    for name in reversed(files if source is None else []):
+    if f"--{key}" in flags or not files:
+        return "the command line"
+    for name in reversed(files):
         with open(name, encoding="utf-8") as f:
             if _locate(yaml.safe_load(f), tuple(path)) is not None:
-                source = name
-                break
-    return f"{source or ', '.join(files)}: {key} must be one of {choices}, got {value!r}"
+                return name
+    return ", ".join(files)

@@ -115,6 +115,31 @@ def test_other_parser_errors_are_not_taken_for_unknown_keys() -> None:
     )
 
 
+def test_a_value_of_the_wrong_type_is_one_line(tmp_path: Path) -> None:
+    """Inside a class_path block, at a pipeline verb's top level, in a config file: the key, the
+    type it takes and the value given; a text option that YAML read as a list is told to quote."""
+    vqa = str(CONF / "eval" / "demo_vqa.yaml")
+    assert _error("test", "--config", vqa, "--model.init_args.seed", "abc") == (
+        "test: the command line: model.init_args.seed must be an integer, got abc"
+    )
+    assert _error(
+        "test", "--config", vqa, "--model.init_args.closed_prompt_suffix", "[yes, no]"
+    ) == (
+        "test: the command line: model.init_args.closed_prompt_suffix must be a string, got "
+        """[True, False] (the value is read as YAML: give it """
+        """--model.init_args.closed_prompt_suffix '"[yes, no]"')"""
+    )
+    msg = _error("select", "--scores", "s", "--candidates", "c", "--out", "o", "--top_percent", "x")
+    assert msg == "select: the command line: top_percent must be a number (or null), got x"
+    cfg = yaml.safe_load((CONF / "demo" / "selector.yaml").read_text())
+    cfg["model"]["init_args"]["w"] = "heavy"
+    config = tmp_path / "selector.yaml"
+    config.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    msg = _error("fit", "--config", str(config))
+    assert msg.startswith(f"fit: {config}: model.init_args.w must be ") and "got heavy" in msg
+    assert "\n" not in msg
+
+
 def test_lightnings_advertisements_are_dropped_and_its_messages_kept(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
