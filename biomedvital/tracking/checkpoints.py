@@ -115,8 +115,12 @@ class Checkpoints(ModelCheckpoint):
             "starts from scratch (pass --ckpt_path last to resume instead)"
         )
 
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "saved_before_validation": self._saved_before_validation}
+
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         super().load_state_dict(state_dict)
+        self._saved_before_validation = state_dict.get("saved_before_validation")
         # Lightning restores the best scores but not the latest one, which its own state holds:
         # a resumed run's checkpoints would say None where an uninterrupted run's hold a score
         if self.dirpath == state_dict.get("dirpath", self.dirpath):
@@ -133,7 +137,30 @@ class Checkpoints(ModelCheckpoint):
         if self._should_save_on_train_epoch_end(trainer):
             self._save_last_anyway(trainer)
 
+    # A step checkpoint at an epoch's last batch is written before that epoch's validation, at
+    # the step the validation ends on; Lightning then saves nothing after the validation (one
+    # save a step), so its results would be neither ranked against the monitor nor kept in
+    # ``last`` (from which a rerun that finds training done writes the run's final metrics).
+    # A save at a batch's end is marked, in the checkpoint too (a run resumed from it validates
+    # that epoch again), and the validation that follows at the same step saves once more.
+    _saved_before_validation: int | None = None
+
+    def on_train_batch_end(
+        self,
+        trainer: Trainer,
+        pl_module: LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+    ) -> None:
+        self._saved_before_validation = trainer.global_step  # in what this batch end may save
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+
     def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if not trainer.sanity_checking:
+            step, self._saved_before_validation = self._saved_before_validation, None
+            if step == trainer.global_step == self._last_global_step_saved:
+                self._last_global_step_saved = -1  # this validation's results are new
         super().on_validation_end(trainer, pl_module)
         if not self._should_save_on_train_epoch_end(trainer):
             self._save_last_anyway(trainer)

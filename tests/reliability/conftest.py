@@ -10,11 +10,8 @@ import pytest
 pytest.register_assert_rewrite("resume_compare")
 
 from kill_harness import ForkServer  # noqa: E402
-from reliability_helpers import KEY_ENVS, SECRET, Chain, build_chain, run_reference  # noqa: E402
+from reliability_helpers import SECRET_ENV, Chain, build_chain, run_reference  # noqa: E402
 from resume_runs import Runs  # noqa: E402
-
-SECRET_ENV: dict[str, str | None] = {k: SECRET for k in KEY_ENVS}
-"""Every run of these tests has a recognisable API key in its environment."""
 
 
 @pytest.fixture(scope="session")

@@ -21,6 +21,8 @@ from biomedvital.evaluation.demo_vqa import write_demo_vqa
 SECRET = "sk-reliability-DO-NOT-LEAK-7d1e0a93c4"
 """A recognisable API key: set in every run's environment, found in no output."""
 KEY_ENVS = ("OPENAI_API_KEY", "BIOMEDVITAL_TEST_KEY", "HF_TOKEN")
+SECRET_ENV: dict[str, str | None] = {k: SECRET for k in KEY_ENVS}
+"""Every run of these tests has a recognisable API key in its environment."""
 
 
 def _logger(store: Path, experiment: str) -> dict[str, Any]:

@@ -65,8 +65,8 @@ def _where(case: dict[str, Any], path: Path) -> str:
         return f"{path.name}:{at.removeprefix('line ')}:"
     if at.startswith("record "):
         return f"{path.name}: record {at.removeprefix('record ')}:"
-    if at.startswith("key "):
-        return f'"{at.removeprefix("key ")}"'
+    if at.startswith("key "):  # the file, then the key's dotted path
+        return f"{path.name}: {at.removeprefix('key ')} "
     return at
 
 

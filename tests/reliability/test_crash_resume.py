@@ -15,9 +15,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import SECRET_ENV
 from kill_harness import ForkServer, kill_and_resume
-from reliability_helpers import Chain, _json, leftovers
+from reliability_helpers import SECRET_ENV, Chain, _json, leftovers
 
 STAGES = ("selector_fit", "predict", "select", "tuner_fit", "test")
 CI_TRIALS = 2

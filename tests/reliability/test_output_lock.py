@@ -11,9 +11,8 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import SECRET_ENV
 from kill_harness import ForkServer
-from reliability_helpers import Chain, leftovers
+from reliability_helpers import SECRET_ENV, Chain, leftovers
 
 from biomedvital.data.outputs import (
     LOCK_NAME,

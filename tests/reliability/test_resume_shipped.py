@@ -25,6 +25,7 @@ from resume_setups import (
     DEMO_TUNER,
     PAPER_SELECTOR,
     PAPER_TUNER_FSDP2,
+    RANKNET,
     SLOW_SETUPS,
     Setup,
 )
@@ -175,7 +176,9 @@ def test_killed_twice_resumes_exactly(setup: Setup, runs: Runs) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("setup", [PAPER_TUNER_FSDP2], ids=lambda s: s.name)
+@pytest.mark.parametrize(
+    "setup", [PAPER_TUNER_FSDP2, PAPER_SELECTOR, RANKNET], ids=lambda s: s.name
+)
 def test_rerun_of_a_finished_fit_changes_nothing(setup: Setup, runs: Runs) -> None:
     """A fit run to its end, then rerun with ``--ckpt_path last`` (a kill that landed after the
     end): the rerun trains nothing and its folder, checkpoints included, ends as the

@@ -356,3 +356,29 @@ def test_resume_mid_epoch_trains_the_rest_of_that_epoch(
     assert a["global_step"] == b["global_step"] == 10
     for key, value in a["state_dict"].items():
         torch.testing.assert_close(b["state_dict"][key], value, msg=key)
+
+
+def test_step_checkpoints_keep_the_validation_that_ends_their_epoch(
+    tmp_path: Path, pool: dict[str, Path]
+) -> None:
+    """With a checkpoint every step, the epoch's last one is written before the epoch's
+    validation, at the step it ends on: ``last`` is written again after it, holding what the
+    validation found (the run record's metrics), and a rerun that finds the fit finished records
+    the same."""
+    import json
+
+    import torch
+
+    cfg = _config(tmp_path, pool, lr=0.05, head_lr=0.5)  # validations that differ
+    raw = yaml.safe_load(cfg.read_text())
+    raw["trainer"]["callbacks"][0]["init_args"].update(
+        every_n_train_steps=1, monitor="val/align_rate", mode="max"
+    )
+    cfg.write_text(yaml.safe_dump(raw))
+    main(["fit", "--config", str(cfg)])
+    out = tmp_path / "out"
+    record = json.loads((out / "run.fit.json").read_text())
+    last = torch.load(out / "checkpoints" / "last.ckpt", weights_only=True)
+    assert last["biomedvital_fit_metrics"] == record["metrics"]
+    main(["fit", "--config", str(cfg), "--ckpt_path", "last"])
+    assert json.loads((out / "run.fit.json").read_text())["metrics"] == record["metrics"]
