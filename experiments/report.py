@@ -56,6 +56,9 @@ SELECTOR = (
 )
 CHAT = ("judge/relative_mean_of_ratios", "judge/relative_ratio_of_means")  # LLaVA-Med-Bench
 WIN = "win_rate_half_ties"
+# beside a win rate, what it counts: a judge that keeps its verdict when the answers swap places
+# (position consistency) is one whose win rate says something about the answers
+TALLIES = ("position_consistency", "wins", "ties", "losses")
 HELD_OUT = ("val_clinician", "val_model")  # a selector fit's held-out pair sets
 COUNTS = tuple(f"pairs/{k}" for k in HELD_OUT)
 # metrics whose differences between cells the summary weighs against the seeds' spread
@@ -65,7 +68,11 @@ AXES = {"w": "clinician-pair weight w", "k": "top k % of the scored pool kept"} 
 
 def _wanted(metric: str) -> bool:
     """An MLflow metric the report keeps."""
-    return metric in SELECTOR + CHAT or metric.startswith(("test/", "win_rate/win", "pairwise/win"))
+    return (
+        metric in SELECTOR + CHAT
+        or metric.startswith(("test/", "win_rate/win", "pairwise/win"))
+        or _column(metric) in TALLIES
+    )
 
 
 def _column(metric: str) -> str:
@@ -75,7 +82,7 @@ def _column(metric: str) -> str:
 
 
 def _is_column(key: str) -> bool:
-    return key in SELECTOR + CHAT or key.startswith(("test/", "win_rate"))
+    return key in SELECTOR + CHAT + TALLIES or key.startswith(("test/", "win_rate"))
 
 
 def collect(grid: str, store: str, page_size: int = 1000) -> list[dict]:

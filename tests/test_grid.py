@@ -245,12 +245,13 @@ def test_report_reads_pairwise_runs(tmp_path: Path) -> None:
             run.log_metrics({"pairwise/win_rate_half_ties": rate,
                              "pairwise/win_rate_half_ties_ci_low": rate - 10,
                              "pairwise/win_rate_half_ties_ci_high": rate + 10,
-                             "pairwise/n": 12})  # fmt: skip
+                             "pairwise/n": 12, "pairwise/position_consistency": 75.0})  # fmt: skip
         tags = {**tags, "stage": "chat"}  # a judge stage: LLaVA-Med-Bench relative score
         with PipelineRun("evaluation", "judge", store, tags) as run:
             run.log_metrics({"judge/relative_mean_of_ratios": rate + 1, "judge/reviewed": 30})
     rows = sorted(report.collect("pw", store), key=lambda r: report._order(r["cell"]))
     assert [(r["cell"], r["win_rate_half_ties"]) for r in rows] == [("k10", 40.0), ("k100", 55.0)]
+    assert rows[0]["position_consistency"] == 75.0  # how far the judge's verdicts can be read
     # runs beyond one page of results (MLflow returns 1,000 at most per call) are read too
     assert report.collect("pw", store, page_size=1) == report.collect("pw", store)
     assert [r["judge/relative_mean_of_ratios"] for r in rows] == [41.0, 56.0]
