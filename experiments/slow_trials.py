@@ -63,7 +63,7 @@ def main() -> None:
         subprocess.run([sys.executable, *command, f"--junitxml={junit}"], cwd=REPO, check=False)
         rows = outcomes(junit)
     record = {
-        "command": "python " + " ".join(command[1:]).replace("-q -p no:cacheprovider ", ""),
+        "command": "python " + " ".join(command).replace("-q -p no:cacheprovider ", ""),
         "made_by": "python experiments/slow_trials.py" + (" --publish true" * (args.publish == "true")),
         "commit": _git("rev-parse", "HEAD"),
         "git_dirty": bool(_git("status", "--porcelain", "--", "biomedvital", "tests")),
