@@ -18,7 +18,6 @@ import json
 import os
 import platform
 import re
-import resource
 import shutil
 import subprocess
 import sys
@@ -26,23 +25,18 @@ import tempfile
 import time
 from pathlib import Path
 
-from _common import REPO, add_publish, save
+from _common import REPO, add_publish, cpu_seconds, save
 
 _VERB = re.compile(r"-m biomedvital ([\w-]+)(?:.*?--config (\S+))?")
-
-
-def _cpu_s() -> float:
-    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return usage.ru_utime + usage.ru_stime
 
 
 def phase(name: str, command: list[str], cwd: Path, env: dict[str, str], log: Path) -> dict:
     """Run one phase; its wall and CPU seconds and the 1-minute load around it."""
     load_before = os.getloadavg()[0]
-    cpu0, t0 = _cpu_s(), time.monotonic()
+    cpu0, t0 = cpu_seconds(), time.monotonic()
     with open(log, "ab") as out:
         done = subprocess.run(command, cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT)
-    wall, cpu = time.monotonic() - t0, _cpu_s() - cpu0
+    wall, cpu = time.monotonic() - t0, cpu_seconds() - cpu0
     if done.returncode != 0:
         sys.exit(f"{name}: {' '.join(command)} exited {done.returncode}; log: {log}")
     return {

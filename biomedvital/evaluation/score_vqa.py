@@ -72,10 +72,18 @@ def count_hit_max_new_tokens(path: Path) -> int | None:
     """How many predictions say their answer stopped at the token limit (``hit_max_new_tokens``,
     as ``test`` and ``answer`` write it); ``None`` for a file that does not say (LLaVA-Med's own
     answer files), rather than a count of 0 that would claim no answer was cut."""
-    said = [obj.get("hit_max_new_tokens") for _, _, obj in iter_objects(path)]
+    said = []
+    for pos, kind, obj in iter_objects(path):
+        flag = obj.get("hit_max_new_tokens") if isinstance(obj, dict) else None
+        if flag is not None and not isinstance(flag, bool):
+            raise BadRecordError(
+                path, pos, f"expected true or false (got {flag!r})", "hit_max_new_tokens",
+                kind=kind,
+            )  # fmt: skip
+        said.append(flag)
     if all(flag is None for flag in said):
         return None
-    return sum(1 for flag in said if flag is True)
+    return sum(1 for flag in said if flag)
 
 
 def _examples(ids: list[str]) -> str:

@@ -125,9 +125,8 @@ class LocalServer(ChildServer):
         n_ctx: context length (default: the model's entry, 4096 for a path).
         n_threads: CPU threads for prompts and decoding (default: every CPU this process may
             use). The replies do not depend on it (each matrix row is one thread's sum); a
-            server alone on the machine answers about twice as fast on 2 threads as on 1, and
-            one sharing it with another busy process is slowed less than that (its idle threads
-            sleep: OMP_WAIT_POLICY=PASSIVE).
+            server alone on the machine answers faster on more threads, and one sharing it with
+            a busy process is slowed little (its idle threads sleep: OMP_WAIT_POLICY=PASSIVE).
         chat_format: overrides the model's chat format.
         api_key: the key the server requires: ``"random"`` (default) draws one per start, ``None``
             accepts any key.

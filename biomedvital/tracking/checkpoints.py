@@ -116,11 +116,11 @@ class Checkpoints(ModelCheckpoint):
         )
 
     def state_dict(self) -> dict[str, Any]:
-        return {**super().state_dict(), "saved_before_validation": self._saved_before_validation}
+        return {**super().state_dict(), "batch_end_step": self._batch_end_step}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         super().load_state_dict(state_dict)
-        self._saved_before_validation = state_dict.get("saved_before_validation")
+        self._batch_end_step = state_dict.get("batch_end_step")
         # Lightning restores the best scores but not the latest one, which its own state holds:
         # a resumed run's checkpoints would say None where an uninterrupted run's hold a score
         if self.dirpath == state_dict.get("dirpath", self.dirpath):
@@ -141,9 +141,9 @@ class Checkpoints(ModelCheckpoint):
     # the step the validation ends on; Lightning then saves nothing after the validation (one
     # save a step), so its results would be neither ranked against the monitor nor kept in
     # ``last`` (from which a rerun that finds training done writes the run's final metrics).
-    # A save at a batch's end is marked, in the checkpoint too (a run resumed from it validates
-    # that epoch again), and the validation that follows at the same step saves once more.
-    _saved_before_validation: int | None = None
+    # Each batch end's step is kept, in the checkpoint too (a run resumed from one validates
+    # that epoch again): a validation ending at the step a batch end saved saves once more.
+    _batch_end_step: int | None = None
 
     def on_train_batch_end(
         self,
@@ -153,12 +153,12 @@ class Checkpoints(ModelCheckpoint):
         batch: Any,
         batch_idx: int,
     ) -> None:
-        self._saved_before_validation = trainer.global_step  # in what this batch end may save
+        self._batch_end_step = trainer.global_step  # in what this batch end may save
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
 
     def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if not trainer.sanity_checking:
-            step, self._saved_before_validation = self._saved_before_validation, None
+            step, self._batch_end_step = self._batch_end_step, None
             if step == trainer.global_step == self._last_global_step_saved:
                 self._last_global_step_saved = -1  # this validation's results are new
         super().on_validation_end(trainer, pl_module)

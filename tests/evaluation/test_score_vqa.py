@@ -166,6 +166,10 @@ def test_answers_cut_at_the_token_limit_are_counted_when_the_file_says(tmp_path:
     marked = [{**p, "hit_max_new_tokens": i in (1, 2)} for i, p in enumerate(GOOD)]
     _, preds = _setup(tmp_path / "marked", marked)
     assert score_vqa("vqa_rad", gt, preds)["n_hit_max_new_tokens"] == 2
+    marked[3]["hit_max_new_tokens"] = "yes"
+    _, preds = _setup(tmp_path / "bad", marked)
+    with pytest.raises(BadRecordError, match=r"answers.jsonl:4: field 'hit_max_new_tokens'.*'yes'"):
+        score_vqa("vqa_rad", gt, preds)
 
 
 def test_result_is_written_as_json(tmp_path: Path) -> None:
